@@ -93,6 +93,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -551,6 +552,16 @@ def serving_configs(num_layers: int, head_dim: int) -> dict[str, list[str]]:
     return configs
 
 
+def select_configs(configs: dict[str, list[str]], patterns: str) -> dict[str, list[str]]:
+    """The configurations whose name matches one of the comma-separated shell ``patterns``, in order;
+    raises ValueError (listing the valid names) if a pattern matches none."""
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    for p in wanted:
+        if not fnmatch.filter(configs, p):
+            raise ValueError(f"--configs pattern {p!r} matches no configuration; valid: {', '.join(configs)}")
+    return {k: v for k, v in configs.items() if any(fnmatch.fnmatchcase(k, p) for p in wanted)}
+
+
 def memory_row(dtypes: list[str] | None, cfg: ModelConfig, block_size: int, budget: int) -> dict:
     """Bytes per token of each layer (``slot_bytes`` x KV heads) and over all layers, and the tokens
     (whole blocks) that fit ``budget`` bytes. ``dtypes=None``: an unquantized bf16 cache."""
@@ -703,10 +714,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-gib", type=float, default=1.0, help="KV-cache budget for max tokens")
     ap.add_argument("--out", default="results/train_to_serve")
+    ap.add_argument("--configs", default="*", help="comma-separated KV-cache configurations to serve, by name or "
+                    "shell pattern (e.g. 'turboquant_4bit_nc,*+boundary'); default: all")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be at least 1")
     run = SIZES[args.size] if args.steps is None else dataclasses.replace(SIZES[args.size], steps=args.steps)
+    try:  # fail before training on a pattern that matches nothing
+        select_configs(serving_configs(run.model.num_layers, run.model.head_dim), args.configs)
+    except ValueError as e:
+        ap.error(str(e))
     out = pathlib.Path(args.out)
     budget = int(args.budget_gib * 2**30)
     t_start = time.time()
@@ -748,7 +765,8 @@ def main(argv: list[str] | None = None) -> dict:
         **memory_row(None, cfg, run.block_size, budget),
     )]
     log(f"exact attention: ppl {rows[0]['ppl']:.3f}, needle {rows[0]['needle_accuracy']:.3f}")
-    for name, dtypes in serving_configs(cfg.num_layers, cfg.head_dim).items():
+    configs = select_configs(serving_configs(cfg.num_layers, cfg.head_dim), args.configs)
+    for name, dtypes in configs.items():
         t0 = time.time()
         res = evaluate_config(with_cache_dtypes(model, cfg, dtypes), data, run)
         cells = needle_cells(data.needles, res.pop("needle"))
@@ -758,6 +776,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = rows[-1]
         log(f"{name}: ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.4f}), top1 {r['top1_agreement']:.3f}, "
             f"gen {r['generation_agreement']:.3f}, needle {r['needle_accuracy']:.3f} ({time.time() - t0:.1f} s)")
+        out.mkdir(parents=True, exist_ok=True)  # rows so far, in case the run is cut short
+        (out / "configs.partial.json").write_text(json.dumps(rows, indent=1))
 
     table = format_table(rows, args.budget_gib)
     print(table)

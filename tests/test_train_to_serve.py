@@ -146,3 +146,14 @@ def test_generation_agreement() -> None:
     ref = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     got = np.array([[1, 2, 0, 4], [5, 6, 7, 8]])
     assert T.generation_agreement(got, ref) == (7 / 8, (2 + 4) / 2)
+
+
+def test_select_configs_by_name_and_pattern() -> None:
+    configs = T.serving_configs(4, 128)
+    assert list(T.select_configs(configs, "*")) == list(configs)
+    picked = T.select_configs(configs, "turboquant_4bit_nc, *+boundary")
+    assert "turboquant_4bit_nc" in picked and "turboquant_k8v4" not in picked
+    assert all(k == "turboquant_4bit_nc" or k.endswith("+boundary") for k in picked)
+    assert any(k.endswith("+boundary") for k in picked)
+    with pytest.raises(ValueError, match="matches no configuration"):
+        T.select_configs(configs, "turboquant_9bit")
