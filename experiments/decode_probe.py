@@ -5,6 +5,7 @@ python -m experiments.decode_probe
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 import jax
@@ -16,6 +17,7 @@ from jax.experimental.pallas import triton as pltriton
 from experiments.device_check import build
 from experiments.timing import copy_bandwidth, device_description, time_fn
 from tqjax.pallas.decode import paged_decode
+from tqjax.reference import paged_decode_reference
 
 
 def read_probe(cache, bt, lens, block_tokens, num_warps, num_stages):
@@ -55,36 +57,48 @@ def read_probe(cache, bt, lens, block_tokens, num_warps, num_stages):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--presets", default="turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_kqjl4v4")
+    args = ap.parse_args()
     print(device_description(), flush=True)
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
-    b, ctx, hq, hk, d, bs = 32, 4096, 32, 8, 128, 16
+    b, ctx, hq, hk, d, bs = args.batch, args.context, 32, 8, 128, 16
     rows = []
-    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4"):
+    for name in args.presets.split(","):
         cfg, cache, bt, lens = build(name, b, ctx, hq, hk, d, bs, rng)
         nbytes = cache.nbytes
         qs = [jnp.asarray(rng.standard_normal((b, hq, d)), jnp.bfloat16) for _ in range(3)]
-        variants = [  # lookup, dot_mode, block_tokens, warps, stages, splits
-            ("select", "mma", 32, 4, 2, None),
-            ("poly", "mma", 32, 4, 2, None),
-            ("poly", "mma", 64, 4, 2, None),
-            ("poly", "mma", 32, 4, 2, 8),
-            ("poly", "fma", 16, 4, 2, None),
-            ("poly", "fma", 32, 4, 2, None),
-            ("poly", "fma", 32, 8, 2, None),
-            ("poly", "fma", 64, 8, 2, 8),
+        ref = paged_decode_reference(qs[0].astype(jnp.float32), cache, bt, lens)
+        if all(x & (x - 1) == 0 for x in (cache.key_codes.shape[-1], cache.value_codes.shape[-1])):
+            rp = read_probe(cache, bt, lens, 32, 4, 2)  # whole-slot loads need power-of-2 word counts
+            t = time_fn(rp, [(bt, lens, cache.key_codes, cache.value_codes)])
+            rows.append((name, "read-only probe", 32, 4, 2, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}",
+                         f"{nbytes/t/bw:.2f}", ""))
+            print(rows[-1], flush=True)
+        variants = [  # lookup, dot_mode, block_tokens, warps, stages
+            ("poly", "mma", 32, 4, 2),
+            ("poly", "mma", 64, 4, 2),
+            ("poly", "mma", 64, 8, 2),
+            ("select", "mma", 32, 4, 2),
+            ("poly", "fma", 32, 4, 2),
         ]
-        for lookup, dm, bt_tok, w, s, sp in variants:
-            label = f"{lookup}/{dm}/splits{sp}"
+        for lookup, dot_mode, bt_tok, w, s in variants:
+            unpack = f"{lookup}/{dot_mode}"
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
-                                              dot_mode=dm, block_tokens=bt_tok, num_warps=w, num_stages=s, num_splits=sp))
+                                              dot_mode=dot_mode, block_tokens=bt_tok, num_warps=w, num_stages=s))
+                err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
-                rows.append((name, label, bt_tok, w, s, "", f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}"))
+                rows.append((name, unpack, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
+                             f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001
-                rows.append((name, label, bt_tok, w, s, "ERR", str(e)[:60]))
+                rows.append((name, unpack, bt_tok, w, s, "ERR", str(e)[:80]))
             print(rows[-1], flush=True)
     print(f"\n{device_description()}; copy bw {bw/1e9:.0f} GB/s; B={b} ctx={ctx} Hq={hq} Hk={hk} D={d} bs={bs}")
+    print("preset variant block_tokens warps stages us GB/s frac_of_copy_bw max_rel_err_vs_reference")
     for r in rows:
         print(" ".join(str(x) for x in r))
 
