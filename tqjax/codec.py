@@ -127,8 +127,12 @@ class KeyCodec:
 
     def decode(self, words: jax.Array, scales: jax.Array | None) -> jax.Array:
         """Dequantize keys to the original domain, float32 ``[..., D]``."""
+        return self.keys_from_score_vectors(self.score_vectors(words, scales), words.shape[:-1])
+
+    def keys_from_score_vectors(self, vecs: list[jax.Array], batch_shape: tuple[int, ...]) -> jax.Array:
+        """Keys in the original domain, float32 ``[*batch_shape, D]``, from :meth:`score_vectors`'
+        per-segment vectors (inverse rotations, QJL projection, channel placement)."""
         cfg = self.config
-        vecs = self.score_vectors(words, scales)
         if cfg.key_format == "fp8":
             return vecs[0]
         if cfg.key_format == "prod":
@@ -136,7 +140,7 @@ class KeyCodec:
             if self.prod.mse is not None:
                 rotated = rotated + vecs[0]
             return self.prod.rotation.apply_inverse(rotated)
-        out = jnp.zeros((*words.shape[:-1], cfg.head_dim), jnp.float32)
+        out = jnp.zeros((*batch_shape, cfg.head_dim), jnp.float32)
         for i, seg in enumerate(self.segments):
             out = out.at[..., np.asarray(seg.channels)].set(self.quantizers[i].rotation.apply_inverse(vecs[i]))
         return out

@@ -36,6 +36,7 @@ from tqjax import reference
 from tqjax.config import PRESETS, KeyFormat, check_head_dim, is_power_of_two
 from tqjax.layout import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PagedKVCache
 from tqjax.pallas import decode as pallas_decode
+from tqjax.pallas import dequant as pallas_dequant
 from tqjax.pallas import store as pallas_store
 from tqjax.pallas.tuning import store_params
 from tqjax.platform import PLATFORM_KINDS, Platform, detect_platform
@@ -199,7 +200,7 @@ def _turboquant_ops(platform: Platform) -> BackendOps:
     return BackendOps(
         store=functools.partial(pallas_store.store, **store_params(platform)),
         paged_decode=pallas_decode.paged_decode,
-        dequantize=reference.dequantize_jit,
+        dequantize=pallas_dequant.dequantize,
     )
 
 
@@ -213,7 +214,8 @@ _GPUS = frozenset({"cuda", "rocm"})
 
 _REGISTRY: dict[BackendId, BackendSpec] = {
     AttentionBackend.TURBOQUANT: BackendSpec(
-        description="TurboQuant Pallas kernels (tqjax.pallas.store.store, tqjax.pallas.decode.paged_decode)",
+        description="TurboQuant Pallas kernels (tqjax.pallas.store.store, tqjax.pallas.decode.paged_decode, "
+        "tqjax.pallas.dequant.dequantize)",
         kv_cache_dtypes=frozenset(PRESETS),
         head_dim_rule=_pallas_head_dim_rule,
         block_sizes=BLOCK_SIZES,

@@ -29,6 +29,13 @@ STORE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": dict(num_warps=4, num_stages=1),
 }
 
+# Dequantization is one pass over the pages, straight-line code per program.
+DEQUANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cuda": dict(block_tokens=64, num_warps=4, num_stages=1),
+    "rocm": dict(block_tokens=64, num_warps=4, num_stages=1),
+    "cpu": dict(block_tokens=64, num_warps=4, num_stages=1),
+}
+
 _TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
 
 
@@ -44,6 +51,11 @@ def _vendor(platform: Platform) -> str:
 def store_params(platform: Platform | None = None) -> dict[str, Any]:
     """Launch parameters of the store kernel on ``platform`` (default: the detected one)."""
     return dict(STORE_DEFAULTS[_vendor(platform or detect_platform())])
+
+
+def dequant_params(platform: Platform | None = None) -> dict[str, Any]:
+    """Launch parameters of the dequantization kernel on ``platform`` (default: the detected one)."""
+    return dict(DEQUANT_DEFAULTS[_vendor(platform or detect_platform())])
 
 
 def decode_params(preset: str, platform: Platform | None = None) -> dict[str, Any]:
