@@ -651,7 +651,7 @@ def resolve_mask(causal: bool = True, window: int | tuple[int | None, int | None
     else:
         raise TypeError(f"window must be an int or a (left, right) tuple, got {window!r}")
     local = LocalMask(left, right)
-    return local & base if causal else local
+    return base & local if causal else local
 
 
 def _check_block(name: str, value: int) -> int:
