@@ -47,6 +47,7 @@ from tqjax.pallas.prefill import (
     dense_masked_attention_reference,
     prefill_attention,
     resolve_mask,
+    visited_blocks,
 )
 from tqjax.pallas.tuning import PREFILL_DEFAULTS, prefill_params
 from tqjax.platform import Platform
@@ -413,3 +414,25 @@ def test_block_lists_skip_empty_blocks():
     index, _, count = compact_table(np.asarray(table))
     assert count.max() == 3 and index.shape[-1] == 3  # a 32-key window touches at most 3 16-key blocks
     assert int((table == FULL).sum()) == 15  # each block just below the diagonal is full: no mask work
+
+
+@pytest.mark.parametrize("mask", [CausalMask(), CausalMask() & LocalMask(20, 0), FullMask(),
+                                  MultiHeadMask((CausalMask(), LocalMask(5, 5)))], ids=repr)
+@pytest.mark.parametrize("qsl", [(0, 200), (0, 1, 70, 75, 190), (0, 33, 97, 130)])
+def test_visited_blocks_cover_exactly_what_is_needed(mask, qsl):
+    """The loop visits every kv block holding a visible (query, key) pair of the q block (brute force
+    over the dense mask with sequences) and, for these masks, nothing else: empty blocks and blocks of
+    other sequences are skipped."""
+    t, bq, bk = 200, 16, 32
+    heads = 2
+    visited = visited_blocks(jnp.asarray(qsl, jnp.int32), t, mask=mask, num_heads=heads, block_q=bq, block_k=bk)
+    rows = np.arange(t)
+    seg = np.searchsorted(np.asarray(qsl), rows, side="right")
+    same = (seg[:, None] == seg[None, :]) & (rows[:, None] < qsl[-1]) & (rows[None, :] < qsl[-1])
+    dense = dense_mask(mask, t, t, heads) & same[None]
+    nq, nk = -(-t // bq), -(-t // bk)
+    padded = np.zeros((dense.shape[0], nq * bq, nk * bk), bool)
+    padded[:, :t, :t] = dense
+    needed = padded.reshape(dense.shape[0], nq, bq, nk, bk).any(axis=(2, 4))
+    assert visited.shape == needed.shape
+    np.testing.assert_array_equal(visited, needed)

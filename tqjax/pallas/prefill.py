@@ -93,7 +93,10 @@ from tqjax.reference import (
     prefill_attention_reference,
 )
 
-__all__ = ["dense_masked_attention_reference", "prefill_attention", "prefill_attention_reference", "resolve_mask"]
+__all__ = [
+    "dense_masked_attention_reference", "prefill_attention", "prefill_attention_reference", "resolve_mask",
+    "visited_blocks",
+]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -624,6 +627,43 @@ def _prefill(query, key, value, query_start_loc, context_key, context_value, con
     out = out[:t, :, :d].astype(query.dtype)
     if return_lse:
         return out, lse[:, :t].T
+    return out
+
+
+def visited_blocks(
+    query_start_loc,
+    num_tokens: int,
+    *,
+    mask: Mask,
+    num_heads: int,
+    block_q: int,
+    block_k: int,
+    context_lens=None,
+    context_len: int = 0,
+) -> np.ndarray:
+    """The kv blocks the forward kernel's loop visits: bool ``[H', nq, nk]`` (H' = 1 when every head
+    shares the mask), from the same static lists and dynamic ranges the kernel uses (computed
+    eagerly). For tests and the benchmark's sparsity column; nothing outside them is ever loaded."""
+    qsl = jnp.asarray(query_start_loc, jnp.int32)
+    has_context = context_lens is not None
+    cfg = _Config(
+        mask=mask, num_heads=num_heads, num_kv_heads=1, scale=1.0, softcap=None, block_q=block_q,
+        block_k=block_k, num_warps=4, num_stages=1, bwd_block_q=block_q, bwd_block_k=block_k, bwd_num_warps=4,
+        bwd_num_stages=1, interpret=True, precision=None, has_context=has_context, num_tokens=num_tokens,
+    )
+    s = qsl.shape[0] - 1
+    tp = _round_up(num_tokens, block_q)
+    kvp = _round_up(s * context_len + num_tokens if has_context else num_tokens, block_k)
+    lens = jnp.asarray(context_lens, jnp.int32) if has_context else None
+    lay = _layout(num_tokens, tp, kvp, qsl, lens)
+    nq, nk = tp // block_q, kvp // block_k
+    index, _, _ = _tables(cfg, nq, nk, block_q, block_k, False)
+    e_lo, e_hi, _ = _q_ranges(lay, cfg, num_tokens, nq, nk, block_q, block_k, index)
+    e_lo, e_hi = np.asarray(e_lo), np.asarray(e_hi)
+    out = np.zeros((index.shape[0], nq, nk), bool)
+    for h in range(index.shape[0]):
+        for i in range(nq):
+            out[h, i, index[h, i, e_lo[h, i] : e_hi[h, i]]] = True
     return out
 
 
