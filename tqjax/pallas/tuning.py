@@ -35,6 +35,19 @@ DEQUANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "rocm": dict(block_tokens=64, num_warps=4, num_stages=1),
     "cpu": dict(block_tokens=64, num_warps=4, num_stages=1),
 }
+# Block-sparse prefill attention (tqjax.pallas.prefill). Forward: one program per (q block, query
+# head) with a [block_q, D] accumulator; at head_dim 256 the tiles are halved so q, k, v, the
+# accumulator and the [block_q, block_k] scores still fit the registers of 4-8 warps. Backward: the
+# dq and dk/dv kernels hold two [block, D] fp32 accumulators, so they use smaller tiles. ROCm: one
+# pipeline stage (the ROCm Triton default). "cpu" is the interpret mode: small tiles keep it fast.
+PREFILL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cuda": {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 3,
+             "bwd_block_q": 64, "bwd_block_k": 64, "bwd_num_warps": 4, "bwd_num_stages": 2},
+    "rocm": {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 1,
+             "bwd_block_q": 64, "bwd_block_k": 64, "bwd_num_warps": 4, "bwd_num_stages": 1},
+    "cpu": {"block_q": 32, "block_k": 32, "num_warps": 4, "num_stages": 2,
+            "bwd_block_q": 32, "bwd_block_k": 32, "bwd_num_warps": 4, "bwd_num_stages": 2},
+}
 
 _TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
 
@@ -66,4 +79,18 @@ def decode_params(preset: str, platform: Platform | None = None) -> dict[str, An
     for entry in _measured():
         if entry["device_kind"] == platform.device_kind and entry["preset"] == preset:
             params.update(entry["params"])
+    return params
+
+
+def prefill_params(head_dim: int = 128, platform: Platform | None = None) -> dict[str, Any]:
+    """Prefill attention kernel parameters for ``head_dim`` on ``platform`` (default: the detected
+    one): the vendor defaults, with tiles shrunk for small / large head dims on GPUs (D <= 64:
+    4 warps in the forward; D >= 256: block_q 64, block_k 32, backward tiles 32)."""
+    vendor = _vendor(platform or detect_platform())
+    params = dict(PREFILL_DEFAULTS[vendor])
+    if vendor != "cpu":
+        if head_dim <= 64:
+            params["num_warps"] = 4
+        if head_dim >= 256:
+            params.update(block_q=64, block_k=32, bwd_block_q=32, bwd_block_k=32, num_stages=min(params["num_stages"], 2))
     return params
