@@ -48,13 +48,14 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tqjax import ops
 from tqjax.backends import backend_ops, select_backend
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
@@ -393,3 +394,25 @@ def collectives_in(hlo_text: str) -> list[str]:
     """The cross-device collective instructions (all-gather, all-to-all, collective-permute,
     all-reduce, reduce-scatter) in compiled HLO text, one line each."""
     return [line.strip() for line in hlo_text.splitlines() if _COLLECTIVE.search(line)]
+
+
+class AttentionOps(NamedTuple):
+    """The four attention ops with the signatures of :func:`tqjax.store`, :func:`tqjax.paged_decode`,
+    :func:`tqjax.dequantize` and :func:`tqjax.prefill_attention`."""
+
+    store: Callable[..., PagedKVCache]
+    paged_decode: Callable[..., jax.Array]
+    dequantize: Callable[..., tuple[jax.Array, jax.Array]]
+    prefill_attention: Callable[..., jax.Array]
+
+
+def attention_ops(mesh: Mesh | None) -> AttentionOps:
+    """The single-device ops (``mesh=None``) or the sharded ops bound to ``mesh``."""
+    if mesh is None:
+        return AttentionOps(ops.store, ops.paged_decode, ops.dequantize, prefill_attention_jit)
+    return AttentionOps(
+        *(
+            functools.partial(f, mesh=mesh)
+            for f in (sharded_store, sharded_paged_decode, sharded_dequantize, sharded_prefill_attention)
+        )
+    )
