@@ -17,6 +17,13 @@ Serving (:meth:`TurboQuantAttention.__call__`) follows vLLM's split (request kin
 Training (:meth:`TurboQuantAttention.attend`) is full causal attention over packed sequences with no
 cache, differentiable end to end.
 
+Several devices (``mesh``, a :func:`tqjax.sharding.make_mesh` mesh whose "data" axis has size 1):
+tensor parallelism over heads. The q/k/v projections are column parallel (their kernels and biases
+split by heads over "model"), the cache is allocated sharded (:func:`tqjax.sharding.allocate_sharded`),
+every attention op runs per device through :mod:`tqjax.sharding` with no cross-device traffic, and
+the row-parallel o_proj (kernel split by input rows over "model") sums the devices' partial outputs:
+the layer's only collective, an all-reduce that XLA inserts.
+
 RoPE uses the half-split ("rotate_half", GPT-NeoX / Llama) convention: channel i < D/2 is paired with
 channel i + D/2 and rotated by ``position * base ** (-2i / D)``.
 """
@@ -26,8 +33,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import tqjax
+from tqjax import sharding
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 from tqjax.nn.metadata import AttentionMetadata, token_requests
@@ -46,6 +55,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def place(variable: nnx.Variable, mesh: Mesh, spec: P) -> None:
+    """Put a parameter's array on ``mesh`` laid out as ``spec`` (in place)."""
+    variable.set_value(jax.device_put(variable.get_value(), NamedSharding(mesh, spec)))
+
+
+def check_model_mesh(mesh: Mesh, **sizes: int) -> None:
+    """Raise ValueError unless ``mesh`` is a ("data", "model") mesh with data size 1 whose "model" size
+    divides every ``sizes`` value (named by its keyword)."""
+    data, model = sharding.mesh_sizes(mesh)
+    if data != 1:
+        raise ValueError(
+            f"tqjax.nn shards over the mesh's 'model' axis only; its 'data' axis must have size 1, got {data}"
+        )
+    for name, n in sizes.items():
+        if n % model:
+            raise ValueError(f"{name} ({n}) must be divisible by the mesh's 'model' axis size ({model})")
 
 
 def packed_positions(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
@@ -76,6 +103,8 @@ class TurboQuantAttention(nnx.Module):
         norm_eps: epsilon of the qk RMSNorms.
         dtype: computation dtype of projections and activations (parameters stay float32).
         rngs: parameter initialisation.
+        mesh: None (one device), or a ("data", "model") mesh with data size 1 and a "model" size that
+            divides ``num_kv_heads``: heads are split over "model" (see the module docstring).
     """
 
     def __init__(
@@ -93,11 +122,14 @@ class TurboQuantAttention(nnx.Module):
         norm_eps: float = 1e-6,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
     ) -> None:
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         if softcap is not None and softcap <= 0:
             raise ValueError(f"softcap must be positive or None, got {softcap}")
+        if mesh is not None:
+            check_model_mesh(mesh, num_kv_heads=num_kv_heads)
         self.cache_config = TurboQuantConfig.from_cache_dtype(kv_cache_dtype, head_dim)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -105,6 +137,7 @@ class TurboQuantAttention(nnx.Module):
         self.rope_base = float(rope_base)
         self.softcap = None if softcap is None else float(softcap)
         self.dtype = dtype
+        self.mesh = mesh
 
         def linear(n_in: int, n_out: int) -> nnx.Linear:
             return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -115,14 +148,27 @@ class TurboQuantAttention(nnx.Module):
         self.o_proj = linear(num_heads * head_dim, d_model)
         self.q_norm = nnx.RMSNorm(head_dim, epsilon=norm_eps, dtype=dtype, rngs=rngs) if qk_norm else None
         self.k_norm = nnx.RMSNorm(head_dim, epsilon=norm_eps, dtype=dtype, rngs=rngs) if qk_norm else None
+        if mesh is not None:
+            for proj in (self.q_proj, self.k_proj, self.v_proj):  # column parallel: output features = heads
+                place(proj.kernel, mesh, P(None, sharding.MODEL))
+                if use_bias:
+                    place(proj.bias, mesh, P(sharding.MODEL))
+            place(self.o_proj.kernel, mesh, P(sharding.MODEL, None))  # row parallel: input features = heads
+            rest = [self.o_proj.bias] if use_bias else []
+            rest += [n.scale for n in (self.q_norm, self.k_norm) if n is not None]
+            for variable in rest:
+                place(variable, mesh, P())
 
     @property
     def kv_cache_dtype(self) -> str:
         return self.cache_config.name
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        """A zeroed cache for this layer: ``num_blocks`` blocks of ``block_size`` token slots per KV head."""
-        return PagedKVCache.allocate(self.cache_config, num_blocks, block_size, self.num_kv_heads)
+        """A zeroed cache for this layer: ``num_blocks`` blocks of ``block_size`` token slots per KV head
+        (with a mesh: created sharded, each device holding its KV heads of every block)."""
+        if self.mesh is None:
+            return PagedKVCache.allocate(self.cache_config, num_blocks, block_size, self.num_kv_heads)
+        return sharding.allocate_sharded(self.cache_config, num_blocks, block_size, self.num_kv_heads, self.mesh)
 
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, d_model], positions [T] -> q [T, Hq, D], k [T, Hk, D], v [T, Hk, D] (RoPE applied)."""
@@ -163,12 +209,13 @@ class TurboQuantAttention(nnx.Module):
         self._check_cache(kv_cache)
         metadata.validate(num_tokens=x.shape[0], block_size=kv_cache.block_size)
         q, k, v = self._project(x, metadata.positions())
-        kv_cache = tqjax.store(kv_cache, k, v, metadata.slot_mapping)
+        ops = sharding.attention_ops(self.mesh)
+        kv_cache = ops.store(kv_cache, k, v, metadata.slot_mapping)
         nd = metadata.num_decode_tokens
         parts = []
         if nd:
             row_tables, row_lens = metadata.decode_rows()
-            parts.append(tqjax.paged_decode(q[:nd], kv_cache, row_tables, row_lens, softcap=self.softcap))
+            parts.append(ops.paged_decode(q[:nd], kv_cache, row_tables, row_lens, softcap=self.softcap))
         if nd < x.shape[0]:
             parts.append(self._prefill(q[nd:], k[nd:], v[nd:], kv_cache, metadata))
         return self._output(jnp.concatenate(parts, axis=0)), kv_cache
@@ -182,17 +229,18 @@ class TurboQuantAttention(nnx.Module):
         continuation chunk when ``metadata.has_prefill_context``; float32 context buffers
         [num_prefills, max_blocks * block_size, Hk, D].
         """
+        ops = sharding.attention_ops(self.mesh)
         nd = metadata.num_decode_tokens
         qsl = metadata.query_start_loc[metadata.num_decodes :] - nd  # [P + 1], relative to row nd
         if metadata.num_prefills == 0:
-            return tqjax.prefill_attention(q, k, v, qsl, softcap=self.softcap)  # only padding rows: zeros
+            return ops.prefill_attention(q, k, v, qsl, softcap=self.softcap)  # only padding rows: zeros
         context_lens = metadata.prefill_context_lens()
         if metadata.has_prefill_context:
-            k_ctx, v_ctx = tqjax.dequantize(kv_cache, metadata.block_tables[metadata.num_decodes :], context_lens)
-            return tqjax.prefill_attention(
+            k_ctx, v_ctx = ops.dequantize(kv_cache, metadata.block_tables[metadata.num_decodes :], context_lens)
+            return ops.prefill_attention(
                 q, k, v, qsl, softcap=self.softcap, context_key=k_ctx, context_value=v_ctx, context_lens=context_lens
             )
-        out = tqjax.prefill_attention(q, k, v, qsl, softcap=self.softcap)
+        out = ops.prefill_attention(q, k, v, qsl, softcap=self.softcap)
         seg = token_requests(qsl, q.shape[0])
         continuation = (context_lens > 0)[jnp.minimum(seg, metadata.num_prefills - 1)] & (seg < metadata.num_prefills)
         return jnp.where(continuation[:, None, None], jnp.nan, out)
@@ -206,4 +254,5 @@ class TurboQuantAttention(nnx.Module):
         differentiable.
         """
         q, k, v = self._project(x, packed_positions(query_start_loc, x.shape[0]))
-        return self._output(tqjax.prefill_attention(q, k, v, query_start_loc, softcap=self.softcap))
+        prefill = sharding.attention_ops(self.mesh).prefill_attention
+        return self._output(prefill(q, k, v, query_start_loc, softcap=self.softcap))

@@ -9,6 +9,11 @@ Two entry points share the weights:
 * :meth:`TransformerLM.train_logits`: packed sequences, no cache, differentiable;
 * :meth:`TransformerLM.serve_step`: one step of a paged-cache serving batch (see
   :mod:`tqjax.nn.metadata`), returning the updated caches.
+
+Given a ``mesh`` (a :func:`tqjax.sharding.make_mesh` mesh with "data" size 1), the model is tensor
+parallel over "model": attention as in :class:`TurboQuantAttention`, the MLP Megatron-style (gate/up
+column parallel, down row parallel), every other parameter (embedding, norms, head) replicated. Each
+block then needs two all-reduces (after o_proj and after down), inserted by XLA.
 """
 
 from __future__ import annotations
@@ -18,19 +23,34 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tqjax.layout import PagedKVCache
-from tqjax.nn.attention import TurboQuantAttention
+from tqjax.nn.attention import TurboQuantAttention, check_model_mesh, place
 from tqjax.nn.metadata import AttentionMetadata
+from tqjax.sharding import MODEL
 
 
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``: [T, d_model] -> [T, d_model], no biases."""
+    """``down(silu(gate(x)) * up(x))``: [T, d_model] -> [T, d_model], no biases.
 
-    def __init__(self, d_model: int, hidden_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    With a ``mesh``: gate/up split by hidden units over "model" (column parallel), down by its input
+    rows (row parallel); ``hidden_dim`` must be divisible by the "model" size.
+    """
+
+    def __init__(
+        self, d_model: int, hidden_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, mesh: Mesh | None = None
+    ) -> None:
+        if mesh is not None:
+            check_model_mesh(mesh, mlp_dim=hidden_dim)
         self.gate = nnx.Linear(d_model, hidden_dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.up = nnx.Linear(d_model, hidden_dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(hidden_dim, d_model, use_bias=False, dtype=dtype, rngs=rngs)
+        if mesh is not None:
+            place(self.gate.kernel, mesh, P(None, MODEL))
+            place(self.up.kernel, mesh, P(None, MODEL))
+            place(self.down.kernel, mesh, P(MODEL, None))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -54,6 +74,7 @@ class DecoderBlock(nnx.Module):
         norm_eps: float,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
     ) -> None:
         self.attn_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.attn = TurboQuantAttention(
@@ -68,9 +89,10 @@ class DecoderBlock(nnx.Module):
             norm_eps=norm_eps,
             dtype=dtype,
             rngs=rngs,
+            mesh=mesh,
         )
         self.mlp_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLU(d_model, mlp_dim, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(d_model, mlp_dim, dtype=dtype, rngs=rngs, mesh=mesh)
 
     def train(self, x: jax.Array, query_start_loc: jax.Array) -> jax.Array:
         """No-cache forward over packed sequences (see :meth:`TurboQuantAttention.attend`)."""
@@ -101,6 +123,9 @@ class TransformerLM(nnx.Module):
         norm_eps: RMSNorm epsilon.
         dtype: computation dtype (parameters stay float32; logits are float32).
         rngs: parameter initialisation.
+        mesh: None (one device) or a ("data", "model") mesh with data size 1: tensor parallel over
+            "model" (see the module docstring); ``num_kv_heads`` and ``mlp_dim`` must be divisible by
+            its "model" size. ``allocate_caches`` then returns sharded caches.
     """
 
     def __init__(
@@ -121,10 +146,13 @@ class TransformerLM(nnx.Module):
         norm_eps: float = 1e-6,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
     ) -> None:
         dtypes = [kv_cache_dtypes] * num_layers if isinstance(kv_cache_dtypes, str) else list(kv_cache_dtypes)
         if len(dtypes) != num_layers:
             raise ValueError(f"kv_cache_dtypes has {len(dtypes)} entries for {num_layers} layers")
+        if mesh is not None:  # before building anything
+            check_model_mesh(mesh, num_kv_heads=num_kv_heads, mlp_dim=mlp_dim)
         self.vocab_size = vocab_size
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List(
@@ -141,11 +169,16 @@ class TransformerLM(nnx.Module):
                 norm_eps=norm_eps,
                 dtype=dtype,
                 rngs=rngs,
+                mesh=mesh,
             )
             for name in dtypes
         )
         self.final_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if tie_embeddings else nnx.Linear(d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        if mesh is not None:  # replicate whatever the blocks did not shard
+            for _, node in nnx.iter_graph(self):
+                if isinstance(node, nnx.Param) and not isinstance(node.get_value().sharding, NamedSharding):
+                    place(node, mesh, P())
 
     @property
     def kv_cache_dtypes(self) -> list[str]:
