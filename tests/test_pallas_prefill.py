@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tqjax
+import tqjax.reference
 from tqjax.masks import (
     EMPTY,
     FULL,
@@ -433,3 +435,18 @@ def test_visited_blocks_cover_exactly_what_is_needed(mask, qsl):
     needed = padded.reshape(dense.shape[0], nq, bq, nk, bk).any(axis=(2, 4))
     assert visited.shape == needed.shape
     np.testing.assert_array_equal(visited, needed)
+
+
+def test_public_dispatch():
+    """tqjax.prefill_attention: the reference on a CPU by default; backend names are checked."""
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((12, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((12, 2, 64)), jnp.float32)
+    qsl = jnp.asarray([0, 5, 12], jnp.int32)
+    ref = tqjax.reference.prefill_attention_reference(q, k, k, qsl)
+    if jax.default_backend() == "cpu":
+        chex.assert_trees_all_equal(tqjax.prefill_attention(q, k, k, qsl), tqjax.prefill_attention(q, k, k, qsl,
+                                                                                                       backend="reference"))
+    chex.assert_trees_all_close(tqjax.prefill_attention(q, k, k, qsl), ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
+    with pytest.raises(ValueError, match="prefill backend"):
+        tqjax.prefill_attention(q, k, k, qsl, backend="flash")

@@ -8,9 +8,8 @@ Public functional API (stable): :class:`TurboQuantConfig`, :data:`PRESETS`, :cla
 from tqjax.codebooks import Codebook, lloyd_max_codebook
 from tqjax.config import PRESETS, TurboQuantConfig
 from tqjax.layout import PagedKVCache, tokens_in_budget
-from tqjax.ops import dequantize, paged_decode, store
+from tqjax.ops import dequantize, paged_decode, prefill_attention, store
 from tqjax.quantizers import TurboQuantMSE, TurboQuantProd, dequantize_values, quantize_values
-from tqjax.reference import prefill_attention_jit as prefill_attention
 from tqjax.rotation import Rotation, rotation
 
 __version__ = "0.1.0"

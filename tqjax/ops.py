@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import jax
 
+from tqjax import reference
 from tqjax.backends import ops_for_cache
 from tqjax.layout import PagedKVCache
-from tqjax.reference import check_cache, check_decode_inputs, check_sequence_inputs, check_store_inputs
+from tqjax.pallas import prefill as pallas_prefill
+from tqjax.platform import detect_platform
+from tqjax.reference import (
+    check_cache,
+    check_decode_inputs,
+    check_sequence_inputs,
+    check_store_inputs,
+)
+
+PREFILL_BACKENDS = ("pallas", "reference")
 
 
 def store(
@@ -55,3 +65,42 @@ def dequantize(
     check_cache(cache)
     check_sequence_inputs(cache, None, block_tables, seq_lens)
     return ops_for_cache(cache, backend).dequantize(cache, block_tables, seq_lens)
+
+
+def prefill_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+    context_key: jax.Array | None = None,
+    context_value: jax.Array | None = None,
+    context_lens: jax.Array | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Packed varlen attention over exact K/V (prefill and training); differentiable.
+
+    query [T, Hq, D], key/value [T, Hk, D], query_start_loc [S + 1] int32 -> [T, Hq, D] in
+    query.dtype; optional cached context ``context_key``/``context_value`` [S, C, Hk, D] with
+    ``context_lens`` [S] int32 (see :func:`tqjax.reference.prefill_attention_reference`).
+
+    ``backend``: "pallas" (the block-sparse kernels of :mod:`tqjax.pallas.prefill`, with a Pallas
+    backward), "reference" (dense jnp), or None: "pallas" on CUDA and ROCm GPUs, "reference"
+    elsewhere (the Pallas kernels run on a CPU only in interpret mode, far slower than XLA there).
+    For sliding windows and other masks call :func:`tqjax.pallas.prefill.prefill_attention`.
+    """
+    if backend is None:
+        backend = "pallas" if detect_platform().kind in ("cuda", "rocm") else "reference"
+    if backend not in PREFILL_BACKENDS:
+        raise ValueError(f"prefill backend must be one of {PREFILL_BACKENDS} or None, got {backend!r}")
+    context = {"context_key": context_key, "context_value": context_value, "context_lens": context_lens}
+    if backend == "pallas":
+        return pallas_prefill.prefill_attention(
+            query, key, value, query_start_loc, scale=scale, softcap=softcap, causal=causal, **context
+        )
+    return reference.prefill_attention_jit(
+        query, key, value, query_start_loc, scale=scale, softcap=softcap, causal=causal, **context
+    )

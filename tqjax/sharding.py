@@ -59,7 +59,7 @@ from tqjax import ops
 from tqjax.backends import backend_ops, select_backend
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
-from tqjax.reference import check_array, check_cache, prefill_attention_jit
+from tqjax.reference import check_array, check_cache
 
 DATA = "data"
 MODEL = "model"
@@ -323,7 +323,7 @@ def sharded_dequantize(
 def _prefill(query, key, value, query_start_loc, context, *, mesh, scale, softcap, causal):
     def body(q, k, v, qsl, ctx):
         ck, cv, cl = ctx if ctx is not None else (None, None, None)
-        return prefill_attention_jit(
+        return ops.prefill_attention(  # the platform's prefill: Pallas on GPUs, the reference elsewhere
             q, k, v, qsl, scale=scale, softcap=softcap, causal=causal, context_key=ck, context_value=cv, context_lens=cl
         )
 
