@@ -45,8 +45,8 @@ def test_every_preset(name):
 @pytest.mark.parametrize("head_dim,block_size,block_tokens", [(64, 32, 32), (256, 16, 64), (128, 64, 16)])
 def test_shapes_and_chunks(head_dim, block_size, block_tokens):
     """max_blocks not a multiple of the chunk (tables padded inside), chunk smaller than a block."""
-    _, cache, tables, lens = make_case("turboquant_k3p5v4", head_dim=head_dim, block_size=block_size, hk=1, group=1,
-                                       lens=[3 * block_size + 5, 17, 0], seed=head_dim)
+    _, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=head_dim, block_size=block_size, hk=1, group=1,
+                                       lens=[block_size + 5, 0], seed=head_dim)
     check(cache, tables, lens, block_tokens=block_tokens)
 
 
