@@ -413,7 +413,7 @@ class AttentionOps(NamedTuple):
 def attention_ops(mesh: Mesh | None) -> AttentionOps:
     """The single-device ops (``mesh=None``) or the sharded ops bound to ``mesh``."""
     if mesh is None:
-        return AttentionOps(ops.store, ops.paged_decode, ops.dequantize, prefill_attention_jit)
+        return AttentionOps(ops.store, ops.paged_decode, ops.dequantize, ops.prefill_attention)
     return AttentionOps(
         *(
             functools.partial(f, mesh=mesh)
