@@ -40,7 +40,7 @@ from tqjax.pallas.decode import _device_cores, choose_num_splits, merge_splits
 from tqjax.pallas.tuning import flash_decode_params
 from tqjax.reference import check_decode_inputs, native_paged_decode_reference
 
-__all__ = ["paged_decode", "native_paged_decode_reference", "check_head_dim", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "MIN_HEAD_DIM", "check_head_dim", "native_paged_decode_reference", "paged_decode"]
 
 _MIN_DOT = 16  # tl.dot needs M, N, K >= 16: the GQA group is padded to this many rows, chunks hold >= 16 tokens
 _LOG2E = math.log2(math.e)
@@ -182,8 +182,8 @@ def _paged_decode(
         softcap=softcap,
         split_dots=split_dots,
     )
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, k: (0,) * len(shape))  # noqa: E731
-    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j, 0, 0, 0))  # noqa: E731
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, k: (0,) * len(shape))
+    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j, 0, 0, 0))
     q_spec = pl.BlockSpec((None, None, gp, d), lambda i, j, k: (i, j, 0, 0))
     in_specs = [
         whole(block_tables.shape),
