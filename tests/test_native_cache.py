@@ -231,9 +231,18 @@ def test_flash_decode_matches_reference(name, hk, group, d, bs, qdtype, softcap,
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
 
 
+def _gpu_target(platform: str):
+    """An abstract GPU to lower for: jax 0.11 asks the default device for the GPU's compute capability
+    when lowering a Triton kernel (a CPU has none), unless an abstract mesh names the target device."""
+    kind = "NVIDIA H100" if platform == "cuda" else "gfx942"
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform=platform)
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
 def test_flash_decode_lowers_to_triton(platform: str) -> None:
-    """The kernel passes the Pallas Triton lowering (runs on CPU: export, no GPU needed)."""
+    """The kernel passes the Pallas Triton lowering (runs on CPU: export for an abstract H100 / MI300,
+    no GPU needed)."""
     for name, d, bs, group, qdtype, split_dots, softcap in [
         ("auto", 128, 16, 4, jnp.float32, True, None),
         ("float16", 256, 64, 1, jnp.float16, False, 30.0),
@@ -248,8 +257,9 @@ def test_flash_decode_lowers_to_triton(platform: str) -> None:
                 num_stages=2, split_dots=split_dots, interpret=False,
             )
 
-        exported = jax.export.export(
-            jax.jit(f), platforms=[platform],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(q, cache, tables, lens)
+        with _gpu_target(platform):
+            exported = jax.export.export(
+                jax.jit(f), platforms=[platform],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(q, cache, tables, lens)
         assert "__gpu$xla.gpu.triton" in exported.mlir_module()
