@@ -22,8 +22,10 @@
 
    The reloaded model's logits must equal the trained model's bit for bit (checked; a mismatch aborts).
 4. Serving, per KV-cache configuration (every preset in :data:`tqjax.PRESETS` on all layers, and
-   "boundary" variants of the low-bit presets, those with at most 3 key bits per channel:
-   ``turboquant_k8v4`` on the first and last layer, the preset in between):
+   "boundary" variants of the low-bit presets, those with at most 3 key bits per channel: the first
+   and last layer unquantized, kv_cache_dtype "auto" (a bfloat16
+   :class:`tqjax.layout.NativePagedKVCache`, :func:`tqjax.backends.boundary_layer_dtypes` with one
+   boundary layer at each end; needs at least 4 layers), the preset in between):
 
    * perplexity on held-out windows of the trained length: the first half is prefilled (attention
      over the exact K/V, which are stored quantized), the second half is scored token by token with
@@ -38,12 +40,13 @@
      trained one; the context is prefilled, the query ``QUERY key NEEDLE_SEP`` is fed by decode
      steps (so retrieval reads the quantized cache, as a question asked after a cached document
      does), then the value is decoded greedily; exact match of all 4 digits;
-   * memory: bytes per token per layer (``slot_bytes`` x KV heads), per token over all layers, and
-     the tokens that fit ``--budget-gib`` (:func:`tqjax.layout.tokens_in_budget`; for the mixed
-     boundary configurations the same whole-block formula over the per-layer sum).
+   * memory: bytes per token per layer (``slot_bytes`` x KV heads; an "auto" layer: the bf16 K and V,
+     ``2 * 2 * head_dim`` x KV heads), per token over all layers, and the tokens that fit
+     ``--budget-gib`` (:func:`tqjax.layout.tokens_in_budget`; for the mixed boundary configurations
+     the same whole-block formula over the per-layer sum).
 
-   Boundary layers at the native dtype ("auto", :mod:`tqjax.backends.layers`) have no servable
-   backend on the CPU, so they are emulated by the per-layer dtype lists described above.
+   The "auto" boundary layers run through the same registry as the others: the FLASH backend (Pallas
+   decode over the bf16 cache) on a GPU, the reference elsewhere.
 
 Sizes (``--size``; the default ``cpu`` finishes in a few minutes on 2 CPU cores):
 
@@ -109,10 +112,11 @@ from flax import nnx
 
 import tqjax
 from experiments import corpus as corpus_lib
+from tqjax.backends import NATIVE_DTYPE, boundary_layer_dtypes
 from tqjax.nn import PagedScheduler, ScheduledBatch, TransformerLM, generate
 
 CHECKPOINT_FORMAT = "tqjax-lm/1"
-HIGH_PRECISION = "turboquant_k8v4"
+HIGH_PRECISION = "turboquant_k8v4"  # the KV-cache dtype the model is built with (training uses no cache)
 NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EXACT_BATCH = 16  # rows per exact-attention (train_logits) call
 
@@ -543,12 +547,13 @@ def evaluate_config(model: TransformerLM, data: EvalData, run: RunConfig) -> dic
 
 def serving_configs(num_layers: int, head_dim: int) -> dict[str, list[str]]:
     """Per-layer KV-cache dtypes of every configuration: each preset on all layers, then each low-bit
-    preset (at most 3 key bits per channel) between ``turboquant_k8v4`` first and last layers (the
-    emulated boundary setting)."""
+    preset (at most 3 key bits per channel) between unquantized "auto" first and last layers
+    (:func:`tqjax.backends.boundary_layer_dtypes`, one boundary layer at each end; only with at least 4
+    layers, since at most half of the layers may stay native)."""
     configs = {name: [name] * num_layers for name in tqjax.PRESETS}
     for name in tqjax.PRESETS:
-        if tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim).key_bits_per_channel <= 3 and num_layers >= 3:
-            configs[f"{name}+boundary"] = [HIGH_PRECISION] + [name] * (num_layers - 2) + [HIGH_PRECISION]
+        if tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim).key_bits_per_channel <= 3 and num_layers >= 4:
+            configs[f"{name}+boundary"] = boundary_layer_dtypes(name, num_layers, 1)
     return configs
 
 
@@ -563,16 +568,14 @@ def select_configs(configs: dict[str, list[str]], patterns: str) -> dict[str, li
 
 
 def memory_row(dtypes: list[str] | None, cfg: ModelConfig, block_size: int, budget: int) -> dict:
-    """Bytes per token of each layer (``slot_bytes`` x KV heads) and over all layers, and the tokens
-    (whole blocks) that fit ``budget`` bytes. ``dtypes=None``: an unquantized bf16 cache."""
-    if dtypes is None:
-        per_layer = [2 * 2 * cfg.head_dim * cfg.num_kv_heads] * cfg.num_layers
-    else:
-        per_layer = [tqjax.TurboQuantConfig.from_cache_dtype(d, cfg.head_dim).slot_bytes * cfg.num_kv_heads
-                     for d in dtypes]
-    if dtypes is not None and len(set(dtypes)) == 1:
-        tq = tqjax.TurboQuantConfig.from_cache_dtype(dtypes[0], cfg.head_dim)
-        tokens = tqjax.tokens_in_budget(tq, budget, block_size, cfg.num_kv_heads, cfg.num_layers)
+    """Bytes per token of each layer (``slot_bytes`` x KV heads: TurboQuant codes and scales, or the
+    bf16 K and V of an "auto" layer) and over all layers, and the tokens (whole blocks) that fit
+    ``budget`` bytes. ``dtypes=None``: an unquantized bf16 cache ("auto") on every layer."""
+    dtypes = [NATIVE_DTYPE] * cfg.num_layers if dtypes is None else dtypes
+    per_layer = [tqjax.cache_config(d, cfg.head_dim).slot_bytes * cfg.num_kv_heads for d in dtypes]
+    if len(set(dtypes)) == 1:
+        one = tqjax.cache_config(dtypes[0], cfg.head_dim)
+        tokens = tqjax.tokens_in_budget(one, budget, block_size, cfg.num_kv_heads, cfg.num_layers)
     else:
         tokens = budget // (sum(per_layer) * block_size) * block_size
     return dict(bytes_per_token_per_layer=per_layer, bytes_per_token=sum(per_layer), max_tokens_in_budget=tokens)
@@ -786,8 +789,9 @@ def main(argv: list[str] | None = None) -> dict:
                   size=args.size, seed=args.seed, budget_bytes=budget, seconds=time.time() - t_start,
                   run=dataclasses.asdict(run), corpus=corpus.summary(), checkpoint=checkpoint,
                   scored_tokens=int(data.exact_logprobs.size), needle_depths=list(NEEDLE_DEPTHS),
-                  boundary_note="boundary layers emulated with turboquant_k8v4 on the first and last layer "
-                                "(native 'auto' layers have no CPU backend in the registry)"),
+                  boundary_note="'+boundary' configurations keep the first and last layer unquantized "
+                                "(kv_cache_dtype 'auto': bf16 K/V, FLASH backend on GPUs, reference "
+                                "elsewhere) and the named preset in between"),
         configurations=rows,
         table=table,
     )

@@ -14,6 +14,7 @@ import pytest
 
 import tqjax
 from tqjax.pallas import decode as pallas_decode
+from tqjax.pallas import flash_decode as pallas_flash_decode
 from tqjax.pallas.tuning import store_params
 from tqjax import PRESETS, PagedKVCache, TurboQuantConfig, reference
 from tqjax.backends import (
@@ -45,7 +46,7 @@ PRESET_NAMES = sorted(PRESETS)
 
 def _expected_valid(platform: Platform, kv_cache_dtype: str) -> list[AttentionBackend]:
     if kv_cache_dtype == "auto":
-        return [FLASH] if platform.is_gpu else []
+        return [FLASH, REF] if platform.is_gpu else [REF]
     if platform.is_gpu and not (platform == MI300 and kv_cache_dtype == "turboquant_k8v4"):
         return [TQ, REF]
     return [REF]
@@ -121,8 +122,12 @@ def test_head_dim_and_block_size_limits() -> None:
     for block_size in (4, 24, 512):
         valid, rejected = get_valid_backends("turboquant_4bit_nc", 128, block_size, platform=CUDA)
         assert valid == [] and all(f"block_size {block_size} not supported" in r[-1] for r in rejected.values())
-    assert get_valid_backends("auto", 72, 8, platform=CUDA)[0] == [FLASH]
-    assert "multiple of 8" in get_valid_backends("auto", 100, 8, platform=CUDA)[1][FLASH][0]
+    # native caches: the flash kernel takes power-of-two head dims in [16, 256], the reference any
+    assert get_valid_backends("auto", 64, 8, platform=CUDA)[0] == [FLASH, REF]
+    assert get_valid_backends("float16", 256, 8, platform=CUDA)[0] == [FLASH, REF]
+    for head_dim in (8, 72, 512):
+        valid, rejected = get_valid_backends("auto", head_dim, 8, platform=CUDA)
+        assert valid == [REF] and "power of two in [16, 256]" in rejected[FLASH][0]
 
 
 def test_need_grad_routes_to_the_reference() -> None:
@@ -249,8 +254,9 @@ def test_boundary_layers_route_to_the_unquantized_backend() -> None:
     assert layer_backends("turboquant_4bit_nc", 128, 16, 8, 2, platform=MI300) == [FLASH] * 2 + [TQ] * 4 + [FLASH] * 2
     assert layer_backends("turboquant_k8v4", 128, 16, 4, 1, platform=MI300) == [FLASH, REF, REF, FLASH]
     assert layer_backends("turboquant_4bit_nc", 128, 16, 4, platform=CPU) == [REF] * 4
+    assert layer_backends("turboquant_4bit_nc", 128, 16, 4, 1, platform=CPU) == [REF] * 4
     with pytest.raises(ValueError, match="no attention backend can serve kv_cache_dtype='auto'"):
-        layer_backends("turboquant_4bit_nc", 128, 16, 4, 1, platform=CPU)
+        layer_backends("turboquant_4bit_nc", 128, 4, 4, 1, platform=CPU)  # block size 4: nobody
 
 
 # ---- platforms and per-vendor parameters ----------------------------------------------------------------
@@ -318,8 +324,9 @@ def test_turboquant_ops_launch_with_the_vendor_parameters() -> None:
         ops = backend_ops("pallas", platform)
         assert ops.store.keywords == store_params(platform)
         assert ops.paged_decode is pallas_decode.paged_decode
-    with pytest.raises(NotImplementedError, match="'flash' .* not implemented yet"):
-        backend_ops(FLASH, CUDA)
+    flash = backend_ops(FLASH, CUDA)
+    assert flash.paged_decode is pallas_flash_decode.paged_decode
+    assert flash.store is reference.store_jit and flash.dequantize is reference.dequantize_jit
 
 
 # ---- the public ops dispatch through the registry ----------------------------------------------------

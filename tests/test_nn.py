@@ -18,6 +18,10 @@ tests/test_reference.py):
 where k^, v^ are the cache contents read back with tqjax.dequantize. The layer output is
 o_proj(concat_h o_h), so its error is at most ||W_o||_2 sqrt(sum_h bound_h^2); float32 rounding adds
 ~1e-6 relative, covered by a 1e-4 * ||out|| slack.
+
+Native ("auto") layers store K/V rounded to bfloat16 (8 significant bits): |k - k^| <= u |k|
+elementwise with the unit roundoff u = 2**-8, so the same bound applies with Delta <= u scale ||q|| ||k|| and
+||v - v^|| <= u ||v||; everything else is float32.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flax import nnx
 
 import tqjax
 from tqjax import reference
+from tqjax.backends import boundary_layer_dtypes
 from tqjax.nn import (
     AttentionMetadata,
     BlockAllocator,
@@ -43,6 +48,7 @@ from tqjax.nn import (
     build_metadata,
     generate,
 )
+from tqjax.nn.scheduler import _serve_step
 
 D_MODEL, HEAD_DIM, HQ, HK, VOCAB, BLOCK, MLP = 64, 32, 4, 2, 50, 8, 96
 EPS = 1e-6
@@ -207,6 +213,7 @@ ATTN_CASES = [
     # preset, qk_norm, softcap, use_bias
     ("turboquant_k8v4", True, None, False),
     ("turboquant_3bit_nc", False, 8.0, True),
+    ("auto", True, 8.0, True),  # an unquantized (bf16) boundary layer
 ]
 
 
@@ -278,6 +285,16 @@ def test_attention_prefill_then_decode(preset: str, qk_norm: bool, softcap: floa
         # fp8 keys + 4-bit values: the error is set by the 4-bit values (tests/test_reference.py measures
         # ~0.10 mean relative error at D=128; here 0.07, and 0.06-0.15 of the bound above).
         assert np.mean(rel_errors) < 0.15, rel_errors
+    if preset == "auto":
+        # bf16 K/V: the cache holds exactly the rounded K/V, and the decode error is of the order of
+        # the unit roundoff u = 2**-8 (the bound above with Delta <= u scale ||q|| ||k||).
+        assert isinstance(cache, tqjax.NativePagedKVCache) and cache.key.dtype == jnp.bfloat16
+        u = 2.0**-8
+        for b, n in enumerate(lens):
+            k_all = np.concatenate([k[starts[b] : starts[b + 1]], k_dec[b : b + 1]])
+            # float32 projections are within ~1e-6 relative of the float64 ones: a small slack
+            assert np.all(np.abs(k_hat[b, : n + 1] - k_all) <= u * np.abs(k_all) * 1.01 + 1e-5)
+        assert np.max(rel_errors) < 4 * u, rel_errors
 
 
 def test_attention_continuation_needs_context_flag() -> None:
@@ -499,6 +516,63 @@ def test_generate_batch_independent_and_matches_recompute() -> None:
     np.testing.assert_allclose(logits, train, rtol=0, atol=1e-5)
     recompute = full_recompute_greedy(model, prompts, steps)
     assert [g[0] for g in recompute] == [g[0] for g in batched]
+
+
+def test_boundary_layers_generate_on_cpu() -> None:
+    """kv_cache_dtypes from boundary_layer_dtypes: bf16 "auto" caches at the first and last layers,
+    TurboQuant in between, all served on the CPU (the registry routes "auto" to the reference)."""
+    dtypes = boundary_layer_dtypes("turboquant_4bit_nc", 4, 1)
+    assert dtypes == ["auto", "turboquant_4bit_nc", "turboquant_4bit_nc", "auto"]
+    model = TransformerLM(
+        VOCAB, D_MODEL, 4, HQ, HK, HEAD_DIM, MLP, kv_cache_dtypes=dtypes, rope_base=ROPE_BASE, qk_norm=True,
+        norm_eps=EPS, rngs=nnx.Rngs(50),
+    )
+    randomize(model, 51)
+    caches = model.allocate_caches(num_blocks=8, block_size=BLOCK)
+    assert [type(c) for c in caches] == [tqjax.NativePagedKVCache, tqjax.PagedKVCache, tqjax.PagedKVCache,
+                                         tqjax.NativePagedKVCache]
+    assert caches[0].bytes_per_token == 2 * 2 * HEAD_DIM * HK
+    rng = np.random.default_rng(52)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (5, 11)]
+    generated, caches = generate(model, caches, prompts, 4)
+    assert [c.config.name for c in caches] == dtypes and caches[0].key.dtype == jnp.bfloat16
+    assert all(len(g) == 4 and all(0 <= t < VOCAB for t in g) for g in generated)
+    assert np.abs(np.asarray(caches[0].key, np.float32)).max() > 0  # the native layers were written
+    # The prompt is prefilled over exact K/V, so the first token is the exact model's.
+    assert [g[0] for g in full_recompute_greedy(model, prompts, 1)] == [g[0] for g in generated]
+
+
+def test_native_cache_logits_match_exact_attention() -> None:
+    """An all-"auto" LM served with chunked prefill (a first chunk, a long continuation chunk over the
+    dequantized bf16 prefix, a short one as decode rows) and teacher-forced decode steps gives the
+    logits of exact attention (train_logits over the whole sequence).
+
+    Only the cached K/V differ from exact attention: rounded to bfloat16 (relative at most 2**-8 =: u
+    per element). Each layer's attention output then moves by O(u) relative (module docstring bound),
+    and the logits by about u of their scale over the 2 layers: measured 2e-3..5.4e-3 of max |logit|
+    (0.5-1.4 u; a turboquant_4bit_nc cache: 8e-2..1.8e-1). Asserted: 4 u = 1.6e-2. The first chunk
+    attends over exact K/V: float32 agreement (6e-7 measured).
+    """
+    model = tiny_lm(40, "auto", softcap=6.0)
+    seq = np.random.default_rng(41).integers(0, VOCAB, 48).tolist()
+    exact = np.asarray(model.train_logits(jnp.asarray(seq, jnp.int32), jnp.asarray([0, 48], jnp.int32)))
+    scale = np.abs(exact).max()
+    caches = model.allocate_caches(num_blocks=8, block_size=BLOCK)
+    sched = PagedScheduler(8, BLOCK, 6, max_prefill_chunk=20)
+    sid = sched.add(seq[:44])  # chunks of 20 (first), 20 (long continuation), 4 (decode rows)
+    done, errors = 0, []
+    while done < len(seq):
+        batch = sched.schedule([sid])
+        logits, caches = _serve_step(model, batch.tokens, caches, batch.metadata)
+        rows = int(batch.metadata.query_start_loc[-1])
+        pos = np.asarray(batch.metadata.positions())[:rows]
+        errors.append(np.abs(np.asarray(logits)[:rows] - exact[pos]).max() / scale)
+        done = int(pos[-1]) + 1
+        if batch.complete[0] and done < len(seq):
+            sched.append(sid, seq[done])  # teacher forcing
+    assert len(errors) == 3 + 4 and isinstance(caches[0], tqjax.NativePagedKVCache)
+    assert errors[0] < 1e-5, errors
+    assert max(errors[1:]) < 4 * 2.0**-8, errors
 
 
 def test_generate_eos_and_sampling() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tqjax
 from experiments import corpus as C
 from experiments import train_to_serve as T
 
@@ -157,3 +158,21 @@ def test_select_configs_by_name_and_pattern() -> None:
     assert any(k.endswith("+boundary") for k in picked)
     with pytest.raises(ValueError, match="matches no configuration"):
         T.select_configs(configs, "turboquant_9bit")
+
+
+def test_boundary_configs_use_native_layers_and_their_bytes() -> None:
+    """'+boundary' configurations keep real unquantized "auto" first/last layers (no emulation), and
+    the memory accounting counts their bf16 K and V: 2 * 2 * head_dim bytes per token per KV head."""
+    configs = T.serving_configs(4, 64)
+    q = "turboquant_3bit_nc"
+    assert configs[f"{q}+boundary"] == ["auto", q, q, "auto"]
+    assert not any(k.endswith("+boundary") for k in T.serving_configs(3, 64))  # at most half stay native
+    cfg = T.SIZES["cpu"].model
+    row = T.memory_row(configs[f"{q}+boundary"], cfg, 16, 2**30)
+    native = 2 * 2 * cfg.head_dim * cfg.num_kv_heads
+    quant = tqjax.TurboQuantConfig.from_cache_dtype(q, cfg.head_dim).slot_bytes * cfg.num_kv_heads
+    assert row["bytes_per_token_per_layer"] == [native, quant, quant, native]
+    assert row["max_tokens_in_budget"] == 2**30 // ((2 * native + 2 * quant) * 16) * 16
+    exact = T.memory_row(None, cfg, 16, 2**30)
+    assert exact["bytes_per_token_per_layer"] == [native] * 4
+    assert exact["max_tokens_in_budget"] == tqjax.tokens_in_budget(tqjax.cache_config("auto", 64), 2**30, 16, 2, 4)

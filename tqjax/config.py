@@ -16,6 +16,10 @@ Key formats:
   norm, norm-corrected), so the key costs b + 0.5 bits per channel.
 
 Values are always asymmetric uniform per vector (b bits, fp16 scale and zero), unrotated.
+
+Native (unquantized) caches: :data:`NATIVE_KV_CACHE_DTYPES` ("auto", "bfloat16", "float16") keep K and
+V as plain 2-byte floats, described by :class:`NativeConfig`; :func:`cache_config` maps any
+``--kv-cache-dtype`` name (native or TurboQuant) to its config.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import ml_dtypes  # a jax dependency: numpy's bfloat16
 import numpy as np
 
 from tqjax.rotation import default_rotation_kind
@@ -269,3 +274,82 @@ def preset_table(head_dim: int = 128) -> list[dict[str, object]]:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+# ---- native (unquantized) caches ---------------------------------------------------------------------
+
+#: Unquantized KV-cache dtypes and the element dtype they store. "auto" is vLLM's "the model's dtype";
+#: tqjax stores it as bfloat16, the dtype real models are served in (a float32 cache would double the
+#: memory and break the 2-byte element rule of :mod:`tqjax.layout`).
+NATIVE_KV_CACHE_DTYPES: dict[str, str] = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeConfig:
+    """Static description of one layer's unquantized cache (K and V stored as 2-byte floats).
+
+    Hashable (a jit static argument), with the accounting properties of :class:`TurboQuantConfig`
+    (``slot_bytes`` etc.) so memory planning treats both kinds alike. Build it with
+    :meth:`from_cache_dtype` or :func:`cache_config`.
+    """
+
+    name: str
+    head_dim: int
+
+    @classmethod
+    def from_cache_dtype(cls, name: str, head_dim: int) -> NativeConfig:
+        """Config for native dtype ``name`` (a key of :data:`NATIVE_KV_CACHE_DTYPES`) at ``head_dim`` (any
+        positive int; backends add their own limits)."""
+        if name not in NATIVE_KV_CACHE_DTYPES:
+            raise ValueError(
+                f"unknown native kv_cache_dtype {name!r}; valid native dtypes: {', '.join(NATIVE_KV_CACHE_DTYPES)}"
+            )
+        if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        return cls(name=name, head_dim=int(head_dim))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Element dtype of the K and V arrays (bfloat16 or float16)."""
+        return np.dtype(ml_dtypes.bfloat16) if NATIVE_KV_CACHE_DTYPES[self.name] == "bfloat16" else np.dtype(np.float16)
+
+    @property
+    def key_bytes(self) -> int:
+        return self.head_dim * self.dtype.itemsize
+
+    @property
+    def value_bytes(self) -> int:
+        return self.head_dim * self.dtype.itemsize
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per token per KV head (K and V): ``2 * 2 * head_dim``."""
+        return self.key_bytes + self.value_bytes
+
+    @property
+    def compression_vs_bf16(self) -> float:
+        return 2 * 2 * self.head_dim / self.slot_bytes
+
+
+CacheConfig = TurboQuantConfig | NativeConfig
+
+
+def kv_cache_dtype_names() -> list[str]:
+    """Every valid ``kv_cache_dtype``: the native ones, then the TurboQuant presets."""
+    return list(NATIVE_KV_CACHE_DTYPES) + list(PRESETS)
+
+
+def cache_config(kv_cache_dtype: str, head_dim: int) -> CacheConfig:
+    """The config of any ``kv_cache_dtype``: a :class:`NativeConfig` for "auto"/"bfloat16"/"float16", a
+    :class:`TurboQuantConfig` (default options) for a TurboQuant preset.
+
+    Raises ValueError for an unknown name (listing every valid one) or an unsupported head_dim.
+    """
+    if kv_cache_dtype in NATIVE_KV_CACHE_DTYPES:
+        return NativeConfig.from_cache_dtype(kv_cache_dtype, head_dim)
+    if kv_cache_dtype in PRESETS:
+        return TurboQuantConfig.from_cache_dtype(kv_cache_dtype, head_dim)
+    raise ValueError(
+        f"unknown kv_cache_dtype {kv_cache_dtype!r}; valid: native {', '.join(NATIVE_KV_CACHE_DTYPES)}; "
+        f"TurboQuant {', '.join(PRESETS)}"
+    )

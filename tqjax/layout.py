@@ -1,4 +1,4 @@
-"""The paged TurboQuant KV-cache format, its memory accounting and int64-exact index helpers.
+"""The paged KV-cache formats (TurboQuant and native), their memory accounting and int64-exact index helpers.
 
 Layout (one layer): structure-of-arrays pages, head-major, ``num_blocks x block_size`` token slots per
 KV head::
@@ -22,6 +22,16 @@ Why this layout:
   program reads for a whole GQA group, and give tensor parallelism over KV heads a free axis.
 * Separate arrays keep every block load a power-of-two, word-aligned tile for Pallas.
 
+Native (unquantized) caches, :class:`NativePagedKVCache` (kv_cache_dtype "auto", "bfloat16",
+"float16"; :class:`tqjax.config.NativeConfig`), use the same paging and head-major layout::
+
+    key    bfloat16 / float16  [Hk, num_blocks, block_size, head_dim]
+    value  bfloat16 / float16  [Hk, num_blocks, block_size, head_dim]
+
+("auto" and "bfloat16" store bfloat16, "float16" float16.) Their elements are 2 bytes as well, so the
+same argument holds: an array of <= 4 GiB has < 2**31 elements and int32 offsets, a larger one gets
+int64 offsets from the lowering. :func:`allocate_kv_cache` builds the right kind for any dtype name.
+
 Allocation refuses configurations the kernels cannot address (see :func:`check_addressable`).
 """
 
@@ -34,7 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tqjax.config import TurboQuantConfig, is_power_of_two
+from tqjax.config import (
+    CacheConfig,
+    NativeConfig,
+    TurboQuantConfig,
+    cache_config,
+    is_power_of_two,
+)
 
 INT32_MAX = 2**31 - 1
 TWO_GIB = 2**31
@@ -42,13 +58,17 @@ FOUR_GIB = 2**32
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 256
 ARRAY_NAMES = ("key_codes", "key_scales", "value_codes", "value_scales")
+NATIVE_ARRAY_NAMES = ("key", "value")
 
 
 def array_specs(
-    config: TurboQuantConfig, num_blocks: int, block_size: int, num_kv_heads: int
+    config: CacheConfig, num_blocks: int, block_size: int, num_kv_heads: int
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every cache array (``key_scales`` omitted for fp8 keys)."""
+    """Shape and dtype of every cache array (``key_scales`` omitted for fp8 keys; ``key`` and ``value``
+    for a native cache)."""
     lead = (num_kv_heads, num_blocks, block_size)
+    if isinstance(config, NativeConfig):
+        return {name: (lead + (config.head_dim,), config.dtype) for name in NATIVE_ARRAY_NAMES}
     specs = {
         "key_codes": (lead + (config.key_words,), np.dtype(np.uint32)),
         "key_scales": (lead + (config.key_scale_count,), np.dtype(np.float16)),
@@ -69,7 +89,7 @@ def array_nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
 
 
 def check_addressable(
-    config: TurboQuantConfig, num_blocks: int, block_size: int, num_kv_heads: int
+    config: CacheConfig, num_blocks: int, block_size: int, num_kv_heads: int
 ) -> None:
     """Raise ValueError if the kernels cannot address a cache of this geometry safely.
 
@@ -125,6 +145,11 @@ class PagedKVCache:
         device: Any = None,
     ) -> PagedKVCache:
         """Zero-filled cache (zeros, never ``jnp.empty``: jax >= 0.11 leaves that uninitialised)."""
+        if not isinstance(config, TurboQuantConfig):
+            raise TypeError(
+                f"config must be a tqjax.TurboQuantConfig, got {type(config).__name__} (native caches: "
+                f"NativePagedKVCache.allocate or allocate_kv_cache)"
+            )
         check_addressable(config, num_blocks, block_size, num_kv_heads)
         specs = array_specs(config, num_blocks, block_size, num_kv_heads)
         arrays = {name: jnp.zeros(shape, dtype, device=device) for name, (shape, dtype) in specs.items()}
@@ -167,17 +192,105 @@ class PagedKVCache:
         return self.config.slot_bytes * self.num_kv_heads
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NativePagedKVCache:
+    """One layer's paged unquantized KV cache (a pytree; ``config`` is static metadata).
+
+    ``key`` / ``value``: ``[Hk, num_blocks, block_size, head_dim]`` bfloat16 ("auto", "bfloat16") or
+    float16 ("float16"); see the module docstring. Build with :meth:`allocate` or
+    :func:`allocate_kv_cache`. Same properties as :class:`PagedKVCache`.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    config: NativeConfig = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def allocate(
+        cls,
+        config: NativeConfig,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        *,
+        device: Any = None,
+    ) -> NativePagedKVCache:
+        """Zero-filled cache (zeros, never ``jnp.empty``: jax >= 0.11 leaves that uninitialised)."""
+        if not isinstance(config, NativeConfig):
+            raise TypeError(f"config must be a tqjax.config.NativeConfig, got {type(config).__name__}")
+        check_addressable(config, num_blocks, block_size, num_kv_heads)
+        specs = array_specs(config, num_blocks, block_size, num_kv_heads)
+        arrays = {name: jnp.zeros(shape, dtype, device=device) for name, (shape, dtype) in specs.items()}
+        return cls(key=arrays["key"], value=arrays["value"], config=config)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {"key": self.key, "value": self.value}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array_nbytes(a.shape, a.dtype) for a in self.arrays().values())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per token slot over all KV heads of the layer (``2 * 2 * head_dim * Hk``)."""
+        return self.config.slot_bytes * self.num_kv_heads
+
+
+#: Either kind of paged cache.
+KVCache = PagedKVCache | NativePagedKVCache
+
+
+def cache_class(config: CacheConfig) -> type[PagedKVCache | NativePagedKVCache]:
+    """The cache type that holds a layer of ``config``."""
+    return NativePagedKVCache if isinstance(config, NativeConfig) else PagedKVCache
+
+
+def allocate_cache(
+    config: CacheConfig, num_blocks: int, block_size: int, num_kv_heads: int, *, device: Any = None
+) -> KVCache:
+    """A zero-filled cache of the kind ``config`` describes."""
+    return cache_class(config).allocate(config, num_blocks, block_size, num_kv_heads, device=device)
+
+
+def allocate_kv_cache(
+    kv_cache_dtype: str, head_dim: int, num_blocks: int, block_size: int, num_kv_heads: int, *, device: Any = None
+) -> KVCache:
+    """A zero-filled cache for any ``kv_cache_dtype``: a :class:`NativePagedKVCache` for "auto",
+    "bfloat16" and "float16", a :class:`PagedKVCache` for a TurboQuant preset (default options).
+
+    Raises ValueError for an unknown dtype name (listing the valid ones) or an unsupported geometry.
+    """
+    return allocate_cache(cache_config(kv_cache_dtype, head_dim), num_blocks, block_size, num_kv_heads, device=device)
+
+
 # ---- memory accounting ---------------------------------------------------------------------------
 
 
-def cache_nbytes(config: TurboQuantConfig, num_blocks: int, block_size: int, num_kv_heads: int) -> int:
+def cache_nbytes(config: CacheConfig, num_blocks: int, block_size: int, num_kv_heads: int) -> int:
     """Bytes of a cache of this geometry (exact; equals ``PagedKVCache.allocate(...).nbytes``)."""
     specs = array_specs(config, num_blocks, block_size, num_kv_heads)
     return sum(array_nbytes(s, d) for s, d in specs.values())
 
 
 def blocks_in_budget(
-    config: TurboQuantConfig, budget_bytes: int, block_size: int, num_kv_heads: int, num_layers: int = 1
+    config: CacheConfig, budget_bytes: int, block_size: int, num_kv_heads: int, num_layers: int = 1
 ) -> int:
     """Largest number of blocks per layer whose caches for ``num_layers`` layers fit ``budget_bytes``."""
     per_block = config.slot_bytes * block_size * num_kv_heads * num_layers
@@ -185,7 +298,7 @@ def blocks_in_budget(
 
 
 def tokens_in_budget(
-    config: TurboQuantConfig, budget_bytes: int, block_size: int, num_kv_heads: int, num_layers: int = 1
+    config: CacheConfig, budget_bytes: int, block_size: int, num_kv_heads: int, num_layers: int = 1
 ) -> int:
     """Tokens (whole blocks) that fit ``budget_bytes`` over ``num_layers`` layers."""
     return blocks_in_budget(config, budget_bytes, block_size, num_kv_heads, num_layers) * block_size
@@ -226,7 +339,7 @@ def flat_element_offset(shape: tuple[int, ...], index: tuple[Any, ...]) -> np.nd
 
 
 def slot_element_offset(
-    config: TurboQuantConfig,
+    config: CacheConfig,
     num_blocks: int,
     block_size: int,
     num_kv_heads: int,
@@ -242,7 +355,7 @@ def slot_element_offset(
 
 
 def slot_byte_offset(
-    config: TurboQuantConfig,
+    config: CacheConfig,
     num_blocks: int,
     block_size: int,
     num_kv_heads: int,
@@ -257,7 +370,7 @@ def slot_byte_offset(
     return elements * np.int64(dtype.itemsize)
 
 
-def needs_int64_offsets(config: TurboQuantConfig, num_blocks: int, block_size: int, num_kv_heads: int) -> bool:
+def needs_int64_offsets(config: CacheConfig, num_blocks: int, block_size: int, num_kv_heads: int) -> bool:
     """Whether any array of this geometry has 2**31 or more elements (its offsets need int64)."""
     for shape, _ in array_specs(config, num_blocks, block_size, num_kv_heads).values():
         if array_nbytes(shape, np.uint8) > INT32_MAX:

@@ -5,6 +5,10 @@ traced, then calls the backend the registry selects for the cache's kv_cache_dty
 block size on this platform (``backend=None``: the best valid one; a name such as ``"reference"`` or
 ``"pallas"``: that one, or a ValueError listing why it cannot serve the cache; see
 :mod:`tqjax.backends`).
+
+The cache is a TurboQuant :class:`~tqjax.layout.PagedKVCache` or an unquantized
+:class:`~tqjax.layout.NativePagedKVCache` (kv_cache_dtype "auto"/"bfloat16"/"float16", served by the
+FLASH backend on GPUs and the reference elsewhere); both have the same contract.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import jax
 
 from tqjax import reference
 from tqjax.backends import ops_for_cache
-from tqjax.layout import PagedKVCache
+from tqjax.layout import KVCache
 from tqjax.pallas import prefill as pallas_prefill
 from tqjax.platform import detect_platform
 from tqjax.reference import (
@@ -27,14 +31,15 @@ PREFILL_BACKENDS = ("pallas", "reference")
 
 
 def store(
-    cache: PagedKVCache,
+    cache: KVCache,
     key: jax.Array,
     value: jax.Array,
     slot_mapping: jax.Array,
     *,
     backend: str | None = None,
-) -> PagedKVCache:
-    """Quantize key/value [N, Hk, D] into ``cache`` at ``slot_mapping`` [N] int32 (slot < 0: padding).
+) -> KVCache:
+    """Write key/value [N, Hk, D] into ``cache`` at ``slot_mapping`` [N] int32 (slot < 0: padding):
+    quantized for a TurboQuant cache, rounded to the cache dtype for a native one.
 
     The input cache is donated and updated in place: do not use it after the call.
     """
@@ -44,7 +49,7 @@ def store(
 
 def paged_decode(
     query: jax.Array,
-    cache: PagedKVCache,
+    cache: KVCache,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     *,
@@ -59,9 +64,10 @@ def paged_decode(
 
 
 def dequantize(
-    cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array, *, backend: str | None = None
+    cache: KVCache, block_tables: jax.Array, seq_lens: jax.Array, *, backend: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Dequantized (K, V) of each sequence, float32 [B, max_blocks * block_size, Hk, D] each."""
+    """Dequantized (K, V) of each sequence, float32 [B, max_blocks * block_size, Hk, D] each (a native
+    cache: its stored values, upcast); zeros at or past ``seq_lens[b]``."""
     check_cache(cache)
     check_sequence_inputs(cache, None, block_tables, seq_lens)
     return ops_for_cache(cache, backend).dequantize(cache, block_tables, seq_lens)

@@ -14,6 +14,13 @@ Conventions shared by every backend:
 * ``block_tables[b, j]`` is the j-th cache block of sequence b; entries at or past
   ``ceil(seq_lens[b] / block_size)`` are never read (they may hold anything, e.g. -1).
 * A sequence with ``seq_lens[b] == 0`` attends to nothing: its output is zeros.
+
+Native (unquantized) caches (:class:`tqjax.layout.NativePagedKVCache`, kv_cache_dtype "auto" /
+"bfloat16" / "float16") follow the same contract: :func:`store_reference`,
+:func:`paged_decode_reference` and :func:`dequantize_reference` dispatch on the cache type (static
+under jit) to :func:`native_store_reference` (K/V rounded to the cache dtype and scattered),
+:func:`native_paged_decode_reference` (float32 logits and softmax over the upcast K/V) and
+:func:`native_dequantize_reference` (the stored K/V, upcast to float32).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tqjax.codec import key_codec, value_codec
-from tqjax.layout import PagedKVCache
+from tqjax.layout import KVCache, NativePagedKVCache, PagedKVCache
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -61,13 +68,37 @@ def _fmt(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
 
 
-def check_cache(cache: object) -> None:
-    if not isinstance(cache, PagedKVCache):
-        raise TypeError(f"cache must be a tqjax.PagedKVCache, got {type(cache).__name__}")
+#: Which cache types a check accepts: "any" (every backend-dispatched op), "turboquant" (the TurboQuant
+#: kernels), "native" (the FLASH kernels).
+CACHE_KINDS: dict[str, tuple[type, ...]] = {
+    "any": (PagedKVCache, NativePagedKVCache),
+    "turboquant": (PagedKVCache,),
+    "native": (NativePagedKVCache,),
+}
 
 
-def check_store_inputs(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array) -> None:
-    check_cache(cache)
+def check_cache(cache: object, name: str = "cache", kind: str = "any") -> None:
+    """Raise TypeError naming ``name`` unless ``cache`` is a cache of ``kind`` (:data:`CACHE_KINDS`)."""
+    types = CACHE_KINDS[kind]
+    if isinstance(cache, types):
+        return
+    want = " or ".join(f"tqjax.{t.__name__}" for t in types)
+    got = type(cache).__name__
+    if isinstance(cache, CACHE_KINDS["any"]):
+        got += f" (kv_cache_dtype {cache.config.name!r})"
+        hint = {
+            "turboquant": ": unquantized caches are served by the FLASH and REFERENCE backends",
+            "native": ": TurboQuant caches are served by the TURBOQUANT and REFERENCE backends",
+        }[kind]
+    else:
+        hint = ""
+    raise TypeError(f"{name} must be a {want}, got {got}{hint}")
+
+
+def check_store_inputs(
+    cache: KVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array, *, kind: str = "any"
+) -> None:
+    check_cache(cache, "cache", kind)
     hk, d = cache.num_kv_heads, cache.config.head_dim
     check_array("key", key, (None, hk, d), "float")
     n = key.shape[0]
@@ -84,7 +115,7 @@ def check_store_inputs(cache: PagedKVCache, key: jax.Array, value: jax.Array, sl
             raise ValueError("slot_mapping has duplicate slots")
 
 
-def check_sequence_inputs(cache: PagedKVCache, batch: int | None, block_tables: jax.Array, seq_lens: jax.Array) -> None:
+def check_sequence_inputs(cache: KVCache, batch: int | None, block_tables: jax.Array, seq_lens: jax.Array) -> None:
     """block_tables [B, max_blocks] int, seq_lens [B] int with 0 <= seq_lens <= max_blocks * block_size."""
     check_array("block_tables", block_tables, (batch, None), "int")
     check_array("seq_lens", seq_lens, (block_tables.shape[0],), "int")
@@ -96,9 +127,9 @@ def check_sequence_inputs(cache: PagedKVCache, batch: int | None, block_tables: 
 
 
 def check_decode_inputs(
-    query: jax.Array, cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array
+    query: jax.Array, cache: KVCache, block_tables: jax.Array, seq_lens: jax.Array, *, kind: str = "any"
 ) -> None:
-    check_cache(cache)
+    check_cache(cache, "cache", kind)
     hk, d = cache.num_kv_heads, cache.config.head_dim
     check_array("query", query, (None, None, d), "float")
     b, hq = query.shape[:2]
@@ -110,21 +141,17 @@ def check_decode_inputs(
 # ---- store --------------------------------------------------------------------------------------
 
 
-def store_reference(
-    cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array
-) -> PagedKVCache:
-    """Quantize ``key``/``value`` [N, Hk, D] and write them at ``slot_mapping`` [N] int32 (slot < 0 skipped)."""
+def store_reference(cache: KVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array) -> KVCache:
+    """Quantize ``key``/``value`` [N, Hk, D] and write them at ``slot_mapping`` [N] int32 (slot < 0 skipped).
+
+    A native cache stores them rounded to its dtype (:func:`native_store_reference`).
+    """
+    if isinstance(cache, NativePagedKVCache):
+        return native_store_reference(cache, key, value, slot_mapping)
     cfg = cache.config
     k_words, k_scales = key_codec(cfg).encode(key)
     v_words, v_scales = value_codec(cfg).encode(value)
-    slot = slot_mapping.astype(jnp.int32)
-    # Padding (and, inside jit, any out-of-range slot) goes to block index num_blocks: dropped.
-    block = jnp.where(slot >= 0, slot // cache.block_size, cache.num_blocks)
-    offset = jnp.where(slot >= 0, slot % cache.block_size, 0)
-
-    def put(dst: jax.Array, src: jax.Array) -> jax.Array:
-        return dst.at[:, block, offset].set(jnp.swapaxes(src, 0, 1).astype(dst.dtype), mode="drop")
-
+    put = _slot_writer(cache, slot_mapping)
     return PagedKVCache(
         key_codes=put(cache.key_codes, k_words),
         key_scales=None if cache.key_scales is None else put(cache.key_scales, k_scales),
@@ -134,23 +161,40 @@ def store_reference(
     )
 
 
+def _slot_writer(cache: KVCache, slot_mapping: jax.Array):
+    """``put(dst [Hk, NB, BS, W], src [N, Hk, W])``: the scatter of new tokens into their slots."""
+    slot = slot_mapping.astype(jnp.int32)
+    # Padding (and, inside jit, any out-of-range slot) goes to block index num_blocks: dropped.
+    block = jnp.where(slot >= 0, slot // cache.block_size, cache.num_blocks)
+    offset = jnp.where(slot >= 0, slot % cache.block_size, 0)
+
+    def put(dst: jax.Array, src: jax.Array) -> jax.Array:
+        return dst.at[:, block, offset].set(jnp.swapaxes(src, 0, 1).astype(dst.dtype), mode="drop")
+
+    return put
+
+
 # ---- reading sequences back ----------------------------------------------------------------------
 
 
-def _gather_sequences(cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array):
-    """Gather each sequence's slots: arrays ``[Hk, B, L, ...]`` with L = max_blocks * block_size, and mask [B, L]."""
-    bs = cache.block_size
+def _sequence_gather(block_size: int, block_tables: jax.Array, seq_lens: jax.Array):
+    """(``gather(a [Hk, NB, BS, W]) -> [Hk, B, L, W]``, mask [B, L]) with L = max_blocks * block_size."""
     b, mb = block_tables.shape
-    used = jnp.arange(mb)[None, :] * bs < seq_lens[:, None]
+    used = jnp.arange(mb)[None, :] * block_size < seq_lens[:, None]
     tables = jnp.where(used, block_tables, 0)  # never follow a block-table entry past the sequence
 
     def gather(a: jax.Array | None) -> jax.Array | None:
         if a is None:
             return None
         g = a[:, tables]  # [Hk, B, MB, BS, W]
-        return g.reshape(g.shape[0], b, mb * bs, g.shape[-1])
+        return g.reshape(g.shape[0], b, mb * block_size, g.shape[-1])
 
-    mask = jnp.arange(mb * bs)[None, :] < seq_lens[:, None]
+    return gather, jnp.arange(mb * block_size)[None, :] < seq_lens[:, None]
+
+
+def _gather_sequences(cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array):
+    """Gather each sequence's slots: arrays ``[Hk, B, L, ...]`` with L = max_blocks * block_size, and mask [B, L]."""
+    gather, mask = _sequence_gather(cache.block_size, block_tables, seq_lens)
     return (
         gather(cache.key_codes),
         gather(cache.key_scales),
@@ -161,12 +205,14 @@ def _gather_sequences(cache: PagedKVCache, block_tables: jax.Array, seq_lens: ja
 
 
 def dequantize_reference(
-    cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array
+    cache: KVCache, block_tables: jax.Array, seq_lens: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Dequantized K and V of each sequence: float32 ``[B, L, Hk, D]`` each, L = max_blocks * block_size.
 
     Positions at or past ``seq_lens[b]`` are zero.
     """
+    if isinstance(cache, NativePagedKVCache):
+        return native_dequantize_reference(cache, block_tables, seq_lens)
     cfg = cache.config
     kw, ks, vw, vs, mask = _gather_sequences(cache, block_tables, seq_lens)
     k = key_codec(cfg).decode(kw, ks)
@@ -196,7 +242,7 @@ def _apply_softcap(logits: jax.Array, softcap: float | None) -> jax.Array:
 
 def paged_decode_reference(
     query: jax.Array,
-    cache: PagedKVCache,
+    cache: KVCache,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     *,
@@ -209,6 +255,8 @@ def paged_decode_reference(
     block_tables [B, max_blocks] int32, seq_lens [B] int32 -> out [B, Hq, D] in query.dtype.
     ``scale`` defaults to 1/sqrt(D); ``softcap`` applies ``softcap * tanh(s / softcap)`` to the logits.
     """
+    if isinstance(cache, NativePagedKVCache):
+        return native_paged_decode_reference(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap)
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
@@ -222,6 +270,56 @@ def paged_decode_reference(
     )
     logits = _apply_softcap(logits * scale, softcap)
     v = value_codec(cfg).decode(vw, vs)  # [Hk, B, L, D]
+    out = _softmax_attend(logits, mask[:, None, None, :], v, "bhgl,hbld->bhgd")
+    return out.reshape(b, hq, d).astype(query.dtype)
+
+
+# ---- native (unquantized) caches -----------------------------------------------------------------
+
+
+def native_store_reference(
+    cache: NativePagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array
+) -> NativePagedKVCache:
+    """Write ``key``/``value`` [N, Hk, D], rounded to the cache dtype, at ``slot_mapping`` (slot < 0 skipped)."""
+    put = _slot_writer(cache, slot_mapping)
+    return NativePagedKVCache(key=put(cache.key, key), value=put(cache.value, value), config=cache.config)
+
+
+def _native_sequences(cache: NativePagedKVCache, block_tables: jax.Array, seq_lens: jax.Array):
+    """float32 K, V ``[Hk, B, L, D]`` of each sequence (zeros past its length) and the mask [B, L]."""
+    gather, mask = _sequence_gather(cache.block_size, block_tables, seq_lens)
+    m = mask[None, :, :, None]
+    k = jnp.where(m, gather(cache.key).astype(jnp.float32), 0.0)
+    v = jnp.where(m, gather(cache.value).astype(jnp.float32), 0.0)
+    return k, v, mask
+
+
+def native_dequantize_reference(
+    cache: NativePagedKVCache, block_tables: jax.Array, seq_lens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The stored K and V of each sequence as float32 ``[B, L, Hk, D]`` (zeros at or past ``seq_lens[b]``)."""
+    k, v, _ = _native_sequences(cache, block_tables, seq_lens)
+    return jnp.transpose(k, (1, 2, 0, 3)), jnp.transpose(v, (1, 2, 0, 3))
+
+
+def native_paged_decode_reference(
+    query: jax.Array,
+    cache: NativePagedKVCache,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """:func:`paged_decode_reference` over a native cache: float32 logits of the float32 query against
+    the upcast keys, float32 softmax, float32 sum of the upcast values."""
+    b, hq, d = query.shape
+    hk = cache.num_kv_heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v, mask = _native_sequences(cache, block_tables, seq_lens)
+    q = query.astype(jnp.float32).reshape(b, hk, hq // hk, d)
+    logits = jnp.einsum("bhgd,hbld->bhgl", q, k, precision=jax.lax.Precision.HIGHEST)
+    logits = _apply_softcap(logits * scale, softcap)
     out = _softmax_attend(logits, mask[:, None, None, :], v, "bhgl,hbld->bhgd")
     return out.reshape(b, hq, d).astype(query.dtype)
 

@@ -32,6 +32,10 @@ dequantized K / V ``[B, L, Hk, D]``                     ``P("data", None, "model
 prefill query_start_loc ``[data * (S + 1)]``            ``P("data")``
 =====================================================  ============================================
 
+Both kinds of cache are sharded alike: a native (unquantized) cache's ``key`` / ``value`` arrays
+``[Hk, num_blocks, block_size, D]`` carry the same :data:`CACHE_SPEC` as the TurboQuant arrays, and
+each shard runs the backend the registry selects for its dtype.
+
 No gathers: attention needs no cross-device traffic at all. The ops are compiled with no collective
 (tests/test_sharding.py checks the compiled HLO of the sharded store, decode, dequantize and prefill
 for any all-gather, all-to-all, collective-permute, all-reduce or reduce-scatter), outputs stay
@@ -57,8 +61,8 @@ from jax.sharding import PartitionSpec as P
 
 from tqjax import ops
 from tqjax.backends import backend_ops, select_backend
-from tqjax.config import TurboQuantConfig
-from tqjax.layout import PagedKVCache
+from tqjax.config import CacheConfig
+from tqjax.layout import KVCache, allocate_cache
 from tqjax.reference import check_array, check_cache
 
 DATA = "data"
@@ -119,14 +123,14 @@ def _check_geometry(mesh: Mesh, num_kv_heads: int, num_blocks: int) -> tuple[int
 # ---- placing caches -------------------------------------------------------------------------------
 
 
-def cache_sharding(cache: PagedKVCache, mesh: Mesh) -> PagedKVCache:
+def cache_sharding(cache: KVCache, mesh: Mesh) -> KVCache:
     """The :class:`NamedSharding` of every array of ``cache`` (a pytree like the cache)."""
     return jax.tree.map(lambda _: NamedSharding(mesh, CACHE_SPEC), cache)
 
 
 def allocate_sharded(
-    config: TurboQuantConfig, blocks_per_shard: int, block_size: int, num_kv_heads: int, mesh: Mesh
-) -> PagedKVCache:
+    config: CacheConfig, blocks_per_shard: int, block_size: int, num_kv_heads: int, mesh: Mesh
+) -> KVCache:
     """A zeroed cache of ``data * blocks_per_shard`` blocks, created directly in its shards (each device
     allocates only its ``[Hk / model, blocks_per_shard, block_size, W]`` pieces).
 
@@ -136,15 +140,15 @@ def allocate_sharded(
     data, _ = mesh_sizes(mesh)
     num_blocks = data * blocks_per_shard
     _check_geometry(mesh, num_kv_heads, num_blocks)
-    shape = jax.eval_shape(lambda: PagedKVCache.allocate(config, num_blocks, block_size, num_kv_heads))
+    shape = jax.eval_shape(lambda: allocate_cache(config, num_blocks, block_size, num_kv_heads))
     make = jax.jit(
-        lambda: PagedKVCache.allocate(config, num_blocks, block_size, num_kv_heads),
+        lambda: allocate_cache(config, num_blocks, block_size, num_kv_heads),
         out_shardings=cache_sharding(shape, mesh),
     )
     return make()
 
 
-def shard_cache(cache: PagedKVCache, mesh: Mesh) -> PagedKVCache:
+def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """Move an existing cache into its shards (:func:`cache_sharding`); its pages become the
     ``data`` consecutive pools of ``num_blocks / data`` blocks."""
     check_cache(cache)
@@ -152,7 +156,7 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh) -> PagedKVCache:
     return jax.device_put(cache, cache_sharding(cache, mesh))
 
 
-def _check_cache_placement(cache: PagedKVCache, mesh: Mesh) -> None:
+def _check_cache_placement(cache: KVCache, mesh: Mesh) -> None:
     """A concrete cache must already be sharded as :data:`CACHE_SPEC` (never moved implicitly)."""
     want = NamedSharding(mesh, CACHE_SPEC)
     for name, a in cache.arrays().items():
@@ -204,7 +208,7 @@ def _check_local_tables(
         )
 
 
-def _check_sequences(cache: PagedKVCache, mesh: Mesh, batch: int | None, block_tables, seq_lens) -> int:
+def _check_sequences(cache: KVCache, mesh: Mesh, batch: int | None, block_tables, seq_lens) -> int:
     """Shapes of block_tables / seq_lens, B divisible by "data", concrete ids local; returns B."""
     data, _ = _check_geometry(mesh, cache.num_kv_heads, cache.num_blocks)
     check_array("block_tables", block_tables, (batch, None), "int")
@@ -219,7 +223,7 @@ def _check_sequences(cache: PagedKVCache, mesh: Mesh, batch: int | None, block_t
     return b
 
 
-def _backend(cache: PagedKVCache, backend: str | None) -> str:
+def _backend(cache: KVCache, backend: str | None) -> str:
     cfg = cache.config
     return select_backend(cfg.name, cfg.head_dim, cache.block_size, backend=backend)
 
@@ -236,14 +240,14 @@ def _store(cache, key, value, slot_mapping, *, mesh, backend):
 
 
 def sharded_store(
-    cache: PagedKVCache,
+    cache: KVCache,
     key: jax.Array,
     value: jax.Array,
     slot_mapping: jax.Array,
     *,
     mesh: Mesh,
     backend: str | None = None,
-) -> PagedKVCache:
+) -> KVCache:
     """:func:`tqjax.store` on every shard: key/value [N, Hk, D] float, slot_mapping [N] int32 of LOCAL
     slots (token group i of ``N / data`` tokens goes to data shard i's pages; slot < 0: padding).
 
@@ -273,7 +277,7 @@ def _paged_decode(query, cache, block_tables, seq_lens, *, mesh, backend, scale,
 
 def sharded_paged_decode(
     query: jax.Array,
-    cache: PagedKVCache,
+    cache: KVCache,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     *,
@@ -308,7 +312,7 @@ def _dequantize(cache, block_tables, seq_lens, *, mesh, backend):
 
 
 def sharded_dequantize(
-    cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array, *, mesh: Mesh, backend: str | None = None
+    cache: KVCache, block_tables: jax.Array, seq_lens: jax.Array, *, mesh: Mesh, backend: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`tqjax.dequantize` on every shard: block_tables [B, max_blocks] int32 of LOCAL block ids,
     seq_lens [B] int32 -> (K, V) float32 [B, max_blocks * block_size, Hk, D] each, sharded
@@ -400,7 +404,7 @@ class AttentionOps(NamedTuple):
     """The four attention ops with the signatures of :func:`tqjax.store`, :func:`tqjax.paged_decode`,
     :func:`tqjax.dequantize` and :func:`tqjax.prefill_attention`."""
 
-    store: Callable[..., PagedKVCache]
+    store: Callable[..., KVCache]
     paged_decode: Callable[..., jax.Array]
     dequantize: Callable[..., tuple[jax.Array, jax.Array]]
     prefill_attention: Callable[..., jax.Array]

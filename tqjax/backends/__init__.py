@@ -3,7 +3,8 @@
 * :mod:`tqjax.platform`: :func:`detect_platform` -> :class:`Platform` (cuda / rocm / cpu / tpu and
   the arch). Kernel launch parameters per vendor and device: :mod:`tqjax.pallas.tuning`.
 * :mod:`tqjax.backends.registry`: :class:`AttentionBackend` (TURBOQUANT: the Pallas kernels, alias
-  ``"pallas"``; FLASH: unquantized cache, declared, not implemented yet; REFERENCE: pure jnp), their
+  ``"pallas"``; FLASH: unquantized "auto"/bf16/fp16 caches, Pallas decode; REFERENCE: pure jnp, both
+  kinds of cache), their
   declared capabilities (:class:`BackendSpec`), :func:`get_valid_backends` (valid backends in the
   platform's priority order plus every rejection reason), :func:`select_backend` and
   :func:`register_backend` for out-of-tree backends.

@@ -2,8 +2,10 @@
 
 The first and last layers of a transformer are the most sensitive to KV-cache quantization, so a
 serving stack may keep ``n`` boundary layers at each end at the model's native dtype ("auto", vLLM's
-name for it) and quantize the rest. Those layers then route to a non-quantized backend (FLASH on a
-GPU) through the same registry as every other layer (:func:`layer_backends`).
+name for it; a bfloat16 :class:`tqjax.layout.NativePagedKVCache`) and quantize the rest. Those layers
+then route to a non-quantized backend (FLASH on a GPU, REFERENCE elsewhere) through the same registry
+as every other layer (:func:`layer_backends`); :class:`tqjax.nn.TransformerLM` takes the list of
+:func:`boundary_layer_dtypes` as its ``kv_cache_dtypes``.
 
 Cap: at most half of the layers may stay native (``4 * n <= num_layers``: ``n`` at each end).
 Asking for more raises ValueError rather than clamping: the cache would silently be much larger than

@@ -17,6 +17,11 @@ cpu        REFERENCE                           TURBOQUANT is rejected: interpret
 tpu        REFERENCE                           the kernels target Triton, not Mosaic TPU
 =========  ==================================  ==========================================
 
+KV-cache dtypes: TURBOQUANT serves the TurboQuant presets (:class:`tqjax.layout.PagedKVCache`), FLASH
+the native dtypes "auto" / "bfloat16" / "float16" (:class:`tqjax.layout.NativePagedKVCache`), REFERENCE
+both. So on a GPU a model with native boundary layers runs them on FLASH and the others on TURBOQUANT;
+on a CPU or TPU everything runs on REFERENCE.
+
 Backend ids: a built-in is an :class:`AttentionBackend` member, an out-of-tree backend the name it was
 registered under. ``AttentionBackend`` is a ``StrEnum``, so ``AttentionBackend.TURBOQUANT ==
 "turboquant"``; lookups are case-insensitive and accept the alias ``"pallas"`` for TURBOQUANT.
@@ -33,10 +38,17 @@ from typing import NamedTuple
 import jax
 
 from tqjax import reference
-from tqjax.config import PRESETS, KeyFormat, check_head_dim, is_power_of_two
-from tqjax.layout import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PagedKVCache
+from tqjax.config import (
+    NATIVE_KV_CACHE_DTYPES,
+    PRESETS,
+    KeyFormat,
+    check_head_dim,
+    is_power_of_two,
+)
+from tqjax.layout import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, KVCache
 from tqjax.pallas import decode as pallas_decode
 from tqjax.pallas import dequant as pallas_dequant
+from tqjax.pallas import flash_decode as pallas_flash_decode
 from tqjax.pallas import store as pallas_store
 from tqjax.pallas.tuning import store_params
 from tqjax.platform import PLATFORM_KINDS, Platform, detect_platform
@@ -48,10 +60,13 @@ class AttentionBackend(enum.StrEnum):
     * TURBOQUANT: the Pallas kernels (``tqjax.pallas.store.store``: fused quantize+store;
       ``tqjax.pallas.decode.paged_decode``: split-KV paged decode) over a TurboQuant cache; CUDA and
       ROCm. Dequantization uses the XLA path.
-    * FLASH: plain attention over an unquantized ("auto"/bf16/fp16) cache, the route of layers kept at
-      the native dtype. Declared with its capabilities; not implemented yet.
-    * REFERENCE: the pure-jnp XLA path (``tqjax.reference``); every platform, differentiable, the
-      ground truth.
+    * FLASH: plain attention over an unquantized ("auto"/bf16/fp16) cache
+      (:class:`tqjax.layout.NativePagedKVCache`), the route of layers kept at the native dtype; CUDA
+      and ROCm. Store: the XLA scatter of the reference (in place, the cache donated); decode:
+      ``tqjax.pallas.flash_decode.paged_decode`` (split-KV, bf16/fp16 tensor-core products, fp32
+      online softmax); dequantize: the reference (a gather and an upcast).
+    * REFERENCE: the pure-jnp XLA path (``tqjax.reference``) for TurboQuant and native caches; every
+      platform, differentiable, the ground truth.
     """
 
     TURBOQUANT = "turboquant"
@@ -71,7 +86,8 @@ BLOCK_SIZES = frozenset(1 << k for k in range(MIN_BLOCK_SIZE.bit_length() - 1, M
 class BackendOps(NamedTuple):
     """A backend's functions, with the signatures and semantics of :mod:`tqjax.reference`:
 
-    * ``store(cache, key [N, Hk, D], value [N, Hk, D], slot_mapping [N] int32) -> PagedKVCache``
+    * ``store(cache, key [N, Hk, D], value [N, Hk, D], slot_mapping [N] int32) -> cache`` (a
+      :class:`~tqjax.layout.PagedKVCache` or :class:`~tqjax.layout.NativePagedKVCache`, as given)
       (the cache is donated);
     * ``paged_decode(query [B, Hq, D], cache, block_tables [B, max_blocks] int32, seq_lens [B] int32,
       *, scale, softcap) -> [B, Hq, D]`` in the query's dtype;
@@ -79,7 +95,7 @@ class BackendOps(NamedTuple):
       Hk, D]`` each.
     """
 
-    store: Callable[..., PagedKVCache]
+    store: Callable[..., KVCache]
     paged_decode: Callable[..., jax.Array]
     dequantize: Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -152,7 +168,12 @@ def _key_format(kv_cache_dtype: str) -> KeyFormat:
 
 
 def _packing_rule(kv_cache_dtype: str, head_dim: int) -> str | None:
-    """The cache format's own head_dim rule (:func:`tqjax.config.check_head_dim`)."""
+    """The cache format's own head_dim rule (:func:`tqjax.config.check_head_dim`; a native cache takes
+    any positive head_dim)."""
+    if kv_cache_dtype in NATIVE_KV_CACHE_DTYPES:
+        if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim > 0:
+            return None
+        return f"head_dim {head_dim!r} not supported: must be a positive int"
     try:
         check_head_dim(head_dim, _key_format(kv_cache_dtype))
     except ValueError as exc:
@@ -171,9 +192,7 @@ def _pallas_head_dim_rule(kv_cache_dtype: str, head_dim: int) -> str | None:
 
 
 def _flash_head_dim_rule(kv_cache_dtype: str, head_dim: int) -> str | None:
-    if isinstance(head_dim, int) and head_dim % 8 == 0 and 8 <= head_dim <= 256:
-        return None
-    return f"head_dim {head_dim!r} not supported: flash attention needs a multiple of 8 in [8, 256]"
+    return pallas_flash_decode.head_dim_problem(head_dim)
 
 
 def _pallas_fp8_rule(platform: Platform, kv_cache_dtype: str) -> str | None:
@@ -204,6 +223,16 @@ def _turboquant_ops(platform: Platform) -> BackendOps:
     )
 
 
+def _flash_ops(platform: Platform) -> BackendOps:
+    # The decode kernel takes its launch parameters from tqjax.pallas.tuning when it is called. The
+    # store is a plain scatter (nothing to quantize): XLA's, jitted with the cache donated.
+    return BackendOps(
+        store=reference.store_jit,
+        paged_decode=pallas_flash_decode.paged_decode,
+        dequantize=reference.dequantize_jit,
+    )
+
+
 def _reference_ops(platform: Platform) -> BackendOps:
     return BackendOps(
         store=reference.store_jit, paged_decode=reference.paged_decode_jit, dequantize=reference.dequantize_jit
@@ -230,16 +259,23 @@ _REGISTRY: dict[BackendId, BackendSpec] = {
         },
     ),
     AttentionBackend.FLASH: BackendSpec(
-        description="plain attention over an unquantized (auto/bf16/fp16) cache",
-        kv_cache_dtypes=frozenset({"auto", "bfloat16", "float16"}),
+        description="plain attention over an unquantized (auto/bf16/fp16) cache (XLA store, "
+        "tqjax.pallas.flash_decode.paged_decode, reference dequantize)",
+        kv_cache_dtypes=frozenset(NATIVE_KV_CACHE_DTYPES),
         head_dim_rule=_flash_head_dim_rule,
         block_sizes=BLOCK_SIZES,
         platforms=_GPUS,
         differentiable=False,
+        ops=_flash_ops,
+        platform_notes={
+            "cpu": "the Pallas decode runs on a CPU only in interpret mode (for tests, not speed); call "
+            "tqjax.pallas.flash_decode.paged_decode with interpret=True",
+            "tpu": "the kernel is written for Pallas' Triton lowering, not Mosaic TPU",
+        },
     ),
     AttentionBackend.REFERENCE: BackendSpec(
         description="pure-jnp XLA reference (tqjax.reference)",
-        kv_cache_dtypes=frozenset(PRESETS),
+        kv_cache_dtypes=frozenset(PRESETS) | frozenset(NATIVE_KV_CACHE_DTYPES),
         head_dim_rule=_packing_rule,
         block_sizes=BLOCK_SIZES,
         platforms=frozenset(PLATFORM_KINDS),
@@ -395,7 +431,7 @@ def select_backend(
 def backend_ops(backend: BackendId, platform: Platform | None = None) -> BackendOps:
     """The functions of ``backend`` on ``platform`` (default: this machine's).
 
-    Raises NotImplementedError for a backend that is declared but not implemented yet (FLASH).
+    Raises NotImplementedError for a backend that is declared but not implemented (``ops=None``).
     """
     key = resolve_backend(backend)
     spec = _REGISTRY[key]
@@ -404,7 +440,7 @@ def backend_ops(backend: BackendId, platform: Platform | None = None) -> Backend
     return spec.ops(detect_platform() if platform is None else platform)
 
 
-def ops_for_cache(cache: PagedKVCache, backend: str | None = None, *, platform: Platform | None = None) -> BackendOps:
+def ops_for_cache(cache: KVCache, backend: str | None = None, *, platform: Platform | None = None) -> BackendOps:
     """Select (``backend=None``: the best valid) and return the functions that serve ``cache``."""
     platform = detect_platform() if platform is None else platform
     cfg = cache.config

@@ -1,5 +1,11 @@
 """Grouped-query self-attention whose KV cache is a paged TurboQuant cache (Flax NNX).
 
+A layer may instead keep an unquantized cache (``kv_cache_dtype`` "auto", "bfloat16" or "float16": a
+:class:`tqjax.layout.NativePagedKVCache`, e.g. the boundary layers of
+:func:`tqjax.backends.boundary_layer_dtypes`); it is served by the same code path, the registry routing
+its ops to the FLASH backend on GPUs and to the reference elsewhere. Below, "quantized" then means
+"rounded to the cache dtype".
+
 Serving (:meth:`TurboQuantAttention.__call__`) follows vLLM's split (request kinds: see
 :mod:`tqjax.nn.metadata`; ``c`` tokens cached before the step, ``n`` new):
 
@@ -37,8 +43,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tqjax import sharding
-from tqjax.config import TurboQuantConfig
-from tqjax.layout import PagedKVCache
+from tqjax.config import cache_config
+from tqjax.layout import KVCache, NativePagedKVCache, PagedKVCache, allocate_cache
 from tqjax.nn.metadata import AttentionMetadata, token_requests
 
 
@@ -94,8 +100,11 @@ class TurboQuantAttention(nnx.Module):
         d_model: model width.
         num_heads: query heads Hq.
         num_kv_heads: key/value heads Hk (Hq a multiple of Hk; query head h reads KV head h // (Hq/Hk)).
-        head_dim: D, a head dimension the cache supports (multiples of 32, 32..512).
-        kv_cache_dtype: this layer's TurboQuant preset (a key of :data:`tqjax.PRESETS`).
+        head_dim: D, a head dimension the cache supports (TurboQuant: multiples of 32, 32..512; native:
+            any even D, the FLASH kernel taking powers of two in 16..256).
+        kv_cache_dtype: this layer's KV-cache dtype: a TurboQuant preset (a key of :data:`tqjax.PRESETS`)
+            or a native dtype, "auto" (bfloat16), "bfloat16" or "float16" (see
+            :func:`tqjax.config.cache_config`).
         rope_base: RoPE frequency base.
         qk_norm: RMSNorm (learned scale over D, shared by the heads) on q and k before RoPE.
         softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
@@ -130,7 +139,7 @@ class TurboQuantAttention(nnx.Module):
             raise ValueError(f"softcap must be positive or None, got {softcap}")
         if mesh is not None:
             check_model_mesh(mesh, num_kv_heads=num_kv_heads)
-        self.cache_config = TurboQuantConfig.from_cache_dtype(kv_cache_dtype, head_dim)
+        self.cache_config = cache_config(kv_cache_dtype, head_dim)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -163,11 +172,12 @@ class TurboQuantAttention(nnx.Module):
     def kv_cache_dtype(self) -> str:
         return self.cache_config.name
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        """A zeroed cache for this layer: ``num_blocks`` blocks of ``block_size`` token slots per KV head
-        (with a mesh: created sharded, each device holding its KV heads of every block)."""
+    def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        """A zeroed cache for this layer (a :class:`PagedKVCache`, or a :class:`NativePagedKVCache` for a
+        native dtype): ``num_blocks`` blocks of ``block_size`` token slots per KV head (with a mesh:
+        created sharded, each device holding its KV heads of every block)."""
         if self.mesh is None:
-            return PagedKVCache.allocate(self.cache_config, num_blocks, block_size, self.num_kv_heads)
+            return allocate_cache(self.cache_config, num_blocks, block_size, self.num_kv_heads)
         return sharding.allocate_sharded(self.cache_config, num_blocks, block_size, self.num_kv_heads, self.mesh)
 
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -184,9 +194,11 @@ class TurboQuantAttention(nnx.Module):
         """o [T, Hq, D] -> [T, d_model]."""
         return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim).astype(self.dtype))
 
-    def _check_cache(self, cache: PagedKVCache) -> None:
-        if not isinstance(cache, PagedKVCache):
-            raise TypeError(f"kv_cache must be a tqjax.PagedKVCache, got {type(cache).__name__}")
+    def _check_cache(self, cache: KVCache) -> None:
+        if not isinstance(cache, (PagedKVCache, NativePagedKVCache)):
+            raise TypeError(
+                f"kv_cache must be a tqjax.PagedKVCache or tqjax.NativePagedKVCache, got {type(cache).__name__}"
+            )
         cfg = cache.config
         if cfg.name != self.kv_cache_dtype or cfg.head_dim != self.head_dim or cache.num_kv_heads != self.num_kv_heads:
             raise ValueError(
@@ -195,8 +207,8 @@ class TurboQuantAttention(nnx.Module):
             )
 
     def __call__(
-        self, x: jax.Array, kv_cache: PagedKVCache, metadata: AttentionMetadata
-    ) -> tuple[jax.Array, PagedKVCache]:
+        self, x: jax.Array, kv_cache: KVCache, metadata: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
         """One serving step: x [T, d_model] -> (out [T, d_model] in ``dtype``, updated cache).
 
         ``kv_cache`` is donated to :func:`tqjax.store`: use only the returned cache afterwards. Rows
@@ -221,7 +233,7 @@ class TurboQuantAttention(nnx.Module):
         return self._output(jnp.concatenate(parts, axis=0)), kv_cache
 
     def _prefill(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: PagedKVCache, metadata: AttentionMetadata
+        self, q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache, metadata: AttentionMetadata
     ) -> jax.Array:
         """Prefill rows (and padding) after the decode rows: q [P_T, Hq, D], k/v [P_T, Hk, D] -> [P_T, Hq, D].
 

@@ -2,7 +2,8 @@
 
 ``TransformerLM`` = token embedding, ``num_layers`` pre-norm blocks (RMSNorm -> :class:`TurboQuantAttention`
 -> residual, RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and a tied or untied output head.
-Each layer has its own ``kv_cache_dtype`` (e.g. higher precision at the first/last layers).
+Each layer has its own ``kv_cache_dtype``, e.g. unquantized "auto" first and last layers
+(:func:`tqjax.backends.boundary_layer_dtypes`) around TurboQuant layers.
 
 Two entry points share the weights:
 
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tqjax.layout import PagedKVCache
+from tqjax.layout import KVCache
 from tqjax.nn.attention import TurboQuantAttention, check_model_mesh, place
 from tqjax.nn.metadata import AttentionMetadata
 from tqjax.sharding import MODEL
@@ -100,8 +101,8 @@ class DecoderBlock(nnx.Module):
         return h + self.mlp(self.mlp_norm(h))
 
     def serve(
-        self, x: jax.Array, kv_cache: PagedKVCache, metadata: AttentionMetadata
-    ) -> tuple[jax.Array, PagedKVCache]:
+        self, x: jax.Array, kv_cache: KVCache, metadata: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
         """Paged-cache forward of one serving step; returns the output and the updated cache."""
         a, kv_cache = self.attn(self.attn_norm(x), kv_cache, metadata)
         h = x + a
@@ -117,7 +118,8 @@ class TransformerLM(nnx.Module):
         num_layers: number of blocks.
         num_heads / num_kv_heads / head_dim: attention geometry (GQA; head_dim a multiple of 32).
         mlp_dim: SwiGLU hidden width.
-        kv_cache_dtypes: one TurboQuant preset for every layer, or a list with one per layer.
+        kv_cache_dtypes: one KV-cache dtype for every layer, or a list with one per layer: TurboQuant
+            presets or native dtypes ("auto", "bfloat16", "float16"; see :class:`TurboQuantAttention`).
         rope_base, qk_norm, softcap: see :class:`TurboQuantAttention`.
         tie_embeddings: the head reuses the embedding matrix (``logits = h @ E^T``).
         norm_eps: RMSNorm epsilon.
@@ -182,11 +184,12 @@ class TransformerLM(nnx.Module):
 
     @property
     def kv_cache_dtypes(self) -> list[str]:
-        """The per-layer TurboQuant presets."""
+        """The per-layer KV-cache dtypes."""
         return [block.attn.kv_cache_dtype for block in self.blocks]
 
-    def allocate_caches(self, num_blocks: int, block_size: int) -> list[PagedKVCache]:
-        """One zeroed paged cache per layer, each ``num_blocks`` x ``block_size`` slots per KV head."""
+    def allocate_caches(self, num_blocks: int, block_size: int) -> list[KVCache]:
+        """One zeroed paged cache per layer (of the layer's kind: TurboQuant or native), each
+        ``num_blocks`` x ``block_size`` slots per KV head."""
         return [block.attn.allocate_cache(num_blocks, block_size) for block in self.blocks]
 
     def _logits(self, h: jax.Array) -> jax.Array:
@@ -210,8 +213,8 @@ class TransformerLM(nnx.Module):
         return self._logits(h)
 
     def serve_step(
-        self, tokens: jax.Array, kv_caches: Sequence[PagedKVCache], metadata: AttentionMetadata
-    ) -> tuple[jax.Array, list[PagedKVCache]]:
+        self, tokens: jax.Array, kv_caches: Sequence[KVCache], metadata: AttentionMetadata
+    ) -> tuple[jax.Array, list[KVCache]]:
         """One serving step: tokens [T] int32 -> (logits float32 [T, V], updated per-layer caches).
 
         ``kv_caches`` (one per layer) are donated: use only the returned list afterwards.

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tqjax.layout import PagedKVCache
+from tqjax.layout import KVCache
 from tqjax.nn.metadata import SHORT_CHUNK_TOKENS, AttentionMetadata, build_metadata
 from tqjax.nn.model import TransformerLM
 
@@ -182,7 +182,7 @@ _serve_step = nnx.jit(TransformerLM.serve_step, donate_argnames="kv_caches")
 
 def generate(
     model: TransformerLM,
-    caches: list[PagedKVCache],
+    caches: list[KVCache],
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     greedy: bool = True,
@@ -190,7 +190,7 @@ def generate(
     key: jax.Array | None = None,
     eos_id: int | None = None,
     max_prefill_chunk: int | None = None,
-) -> tuple[list[list[int]], list[PagedKVCache]]:
+) -> tuple[list[list[int]], list[KVCache]]:
     """Prefill every prompt (in one step, or in chunks), then decode them together one token per step.
 
     Args:

@@ -38,7 +38,7 @@ from tqjax.packing import WORD_BITS, bit_fields
 from tqjax.pallas.tuning import decode_params
 from tqjax.reference import check_decode_inputs, paged_decode_reference
 
-__all__ = ["paged_decode", "paged_decode_reference", "choose_num_splits", "centroid_lookup"]
+__all__ = ["paged_decode", "paged_decode_reference", "choose_num_splits", "centroid_lookup", "merge_splits"]
 
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the GQA group is padded to this many rows
 _LOG2E = math.log2(math.e)
@@ -406,13 +406,18 @@ def _paged_decode(
         cache.value_codes,
         cache.value_scales,
     )
-    # log-sum-exp merge of the splits; a sequence with no tokens gets zeros
+    return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+
+
+def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
+    """Log-sum-exp merge of split-KV partial results: ``o`` [S, ...rows, D] (each split's output,
+    normalised within the split), ``lse`` [S, ...rows] (-inf for an empty split) -> [...rows, D]
+    float32; a row whose splits are all empty (a sequence with no tokens) gets zeros."""
     m = jnp.max(lse, axis=0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse - m_safe[None])  # [S, B, Hk, Gp]
+    w = jnp.exp(lse - m_safe[None])
     denom = jnp.sum(w, axis=0)
-    out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    return out[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+    return jnp.sum(w[..., None] * o, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
 LOOKUPS = ("poly", "select")
@@ -447,7 +452,7 @@ def paged_decode(
     CUDA-core float32), ``precision`` of the "mma" score product (default TF32x3 on GPU, HIGHEST in
     interpret mode).
     """
-    check_decode_inputs(query, cache, block_tables, seq_lens)
+    check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
     tuned = decode_params(cache.config.name)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens
     num_warps = tuned["num_warps"] if num_warps is None else num_warps

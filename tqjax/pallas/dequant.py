@@ -169,7 +169,7 @@ def dequantize(
     :func:`tqjax.pallas.tuning.dequant_params`): ``block_tokens`` (tokens per program, at least one
     block), ``num_warps``, ``num_stages``.
     """
-    check_cache(cache)
+    check_cache(cache, "cache", "turboquant")
     check_sequence_inputs(cache, None, block_tables, seq_lens)
     tuned = dequant_params()
     return _dequantize(

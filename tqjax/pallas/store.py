@@ -424,7 +424,7 @@ def store(
     ``interpret=True`` runs the kernel through the Pallas interpreter (the CPU path). ``block_tokens``
     (tokens per program), ``num_warps`` and ``num_stages`` tune the Triton kernel.
     """
-    check_store_inputs(cache, key, value, slot_mapping)
+    check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
     check_kernel_config(cache.config, block_tokens, num_warps, num_stages)
     if not interpret and jax.default_backend() != "gpu":
         raise RuntimeError(

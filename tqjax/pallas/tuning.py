@@ -1,4 +1,5 @@
-"""Tuning parameters of the Pallas decode kernel, per device kind and preset, from measured data.
+"""Tuning parameters of the Pallas kernels: decode per device kind and preset (from measured data),
+store, dequantize, prefill and the native-cache (FLASH) decode per vendor.
 
 ``tuning.json`` beside this module holds entries measured on a device (each names its measurement);
 anything not listed falls back to :data:`DEFAULTS` for the platform's vendor. On AMD GPUs Triton's
@@ -52,6 +53,18 @@ PREFILL_DEFAULTS: dict[str, dict[str, Any]] = {
             "bwd_block_q": 32, "bwd_block_k": 32, "bwd_num_warps": 4, "bwd_num_stages": 2},
 }
 
+# Paged decode over a native (bf16/fp16) cache (tqjax.pallas.flash_decode). Not measured yet: chosen by
+# analogy with the TurboQuant decode (4 warps; 2 pipeline stages on CUDA, 1 on ROCm) with a larger
+# chunk, since a bf16 page needs no unpacking (64 tokens x D bf16 per K and V tile; halved at
+# head_dim 256 to keep the tiles in shared memory / registers). ``split_dots``: the fp32 query and the
+# fp32 probabilities enter the tensor-core products as hi + lo pairs in the cache dtype (two products
+# each, fp32-accurate to ~2**-16 relative) instead of being rounded to the cache dtype once.
+FLASH_DECODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cuda": {"block_tokens": 64, "num_warps": 4, "num_stages": 2, "split_dots": True},
+    "rocm": {"block_tokens": 64, "num_warps": 4, "num_stages": 1, "split_dots": True},
+    "cpu": {"block_tokens": 32, "num_warps": 4, "num_stages": 2, "split_dots": True},
+}
+
 _TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
 
 
@@ -96,4 +109,14 @@ def prefill_params(head_dim: int = 128, platform: Platform | None = None) -> dic
             params["num_warps"] = 4
         if head_dim >= 256:
             params.update(block_q=64, block_k=32, bwd_block_q=32, bwd_block_k=32, num_stages=min(params["num_stages"], 2))
+    return params
+
+
+def flash_decode_params(head_dim: int = 128, platform: Platform | None = None) -> dict[str, Any]:
+    """Launch parameters of the native-cache decode kernel for ``head_dim`` on ``platform`` (default:
+    the detected one): the vendor defaults, with ``block_tokens`` halved at head_dim >= 256 on GPUs."""
+    vendor = _vendor(platform or detect_platform())
+    params = dict(FLASH_DECODE_DEFAULTS[vendor])
+    if vendor != "cpu" and head_dim >= 256:
+        params["block_tokens"] = params["block_tokens"] // 2
     return params
