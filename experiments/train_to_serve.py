@@ -58,9 +58,11 @@ size          d_model  layers  heads (q / kv)  head_dim  mlp      context  train
 ============  =======  ======  ==============  ========  =======  =======  ==================
 
 ``cpu``: 1.0M parameters; 64 held-out windows (8,192 scored tokens per configuration), 80 needles
-(4 per length x depth cell), 8 generation prompts x 64 tokens. ``gpu``: 29M parameters, about one
-epoch of the ~29 MB training split, meant for one H100 (not run yet: its step counts and timings are
-estimates); 128 windows of 1024 (65,536 scored tokens), 160 needles, 16 prompts x 256 tokens.
+(4 per length x depth cell), 8 generation prompts x 64 tokens. ``gpu``: 29.5M parameters, 32.8M training
+tokens (1.1 to 3.7 epochs: the stdlib's size depends on the Python build); 128 windows of 1024 (65,536
+scored tokens), 160 needles, 16 prompts x 256 tokens. Measured on one H200 (docs/RESULTS.md):
+training 3.2 minutes (0.09 s/step), then 33-65 s per serving configuration, so all configurations
+take longer than one 10-minute device call: split them with ``--configs``.
 ``--steps`` overrides the training steps; ``--load DIR`` serves a saved checkpoint without training
 (e.g. to train and serve in separate jobs).
 
