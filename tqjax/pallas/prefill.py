@@ -439,6 +439,21 @@ def _table_inputs(cfg, index, full, lo, hi, q_uni, kv_uni):
     return arrays, [_whole(a.shape) for a in arrays]
 
 
+def _q_major_specs(bq: int, dp: int, kvp: int, group: int, kv_seg, kv_pos) -> list:
+    """BlockSpecs shared by the q-major kernels (forward, dq) on grid (q block i, query head j): the q
+    block's segment ids and positions, the whole KV stream's, the q tile, and kv head j // group's
+    whole K and V."""
+    return [
+        pl.BlockSpec((bq,), lambda i, j: (i,)),
+        pl.BlockSpec((bq,), lambda i, j: (i,)),
+        _whole(kv_seg.shape),
+        _whole(kv_pos.shape),
+        pl.BlockSpec((bq, None, dp), lambda i, j: (i, j, 0)),
+        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, group), 0)),
+        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, group), 0)),
+    ]
+
+
 def _forward(cfg: _Config, q, k, v, meta):
     """q [Tp, Hq, Dp], k/v [KVp, Hk, Dp] -> out [Tp, Hq, Dp] in q.dtype, lse2 [Hq, Tp] fp32 (base 2)."""
     tp, hq, dp = q.shape
@@ -449,16 +464,7 @@ def _forward(cfg: _Config, q, k, v, meta):
     lo, hi, q_uni, kv_uni = meta["fwd"]
     arrays, specs = _table_inputs(cfg, index, full, lo, hi, q_uni, kv_uni)
     q_seg, q_pos, kv_seg, kv_pos = meta["q_seg"], meta["q_pos"], meta["kv_seg"], meta["kv_pos"]
-    g = cfg.group
-    specs += [
-        pl.BlockSpec((bq,), lambda i, j: (i,)),
-        pl.BlockSpec((bq,), lambda i, j: (i,)),
-        _whole(kv_seg.shape),
-        _whole(kv_pos.shape),
-        pl.BlockSpec((bq, None, dp), lambda i, j: (i, j, 0)),
-        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, g), 0)),
-        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, g), 0)),
-    ]
+    specs += _q_major_specs(bq, dp, kvp, cfg.group, kv_seg, kv_pos)
     out, lse2 = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, table_per_head=index.shape[0] > 1),
         grid=(nq, hq),
@@ -487,14 +493,7 @@ def _backward(cfg: _Config, q, k, v, meta, out, lse2, do, dlse):
 
     index, full, _ = _tables(cfg, nq, nk, bq, bk, False)
     arrays, specs = _table_inputs(cfg, index, full, e_lo, e_hi, q_uni, kv_uni)
-    specs += [
-        pl.BlockSpec((bq,), lambda i, j: (i,)),
-        pl.BlockSpec((bq,), lambda i, j: (i,)),
-        _whole(kv_seg.shape),
-        _whole(kv_pos.shape),
-        pl.BlockSpec((bq, None, dp), lambda i, j: (i, j, 0)),
-        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, g), 0)),
-        pl.BlockSpec((kvp, None, dp), lambda i, j: (0, jax.lax.div(j, g), 0)),
+    specs += _q_major_specs(bq, dp, kvp, g, kv_seg, kv_pos) + [
         pl.BlockSpec((bq, None, dp), lambda i, j: (i, j, 0)),
         pl.BlockSpec((None, bq), lambda i, j: (j, i)),
         pl.BlockSpec((None, bq), lambda i, j: (j, i)),
