@@ -120,9 +120,46 @@ def check_addressable(
             )
 
 
+class _PagedArrays:
+    """Sizes shared by both paged cache kinds, derived from their ``[Hk, num_blocks, block_size, W]``
+    arrays (:meth:`arrays`) and ``config.slot_bytes``."""
+
+    def arrays(self) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    @property
+    def _first(self) -> jax.Array:
+        return next(iter(self.arrays().values()))
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._first.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self._first.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self._first.shape[2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array_nbytes(a.shape, a.dtype) for a in self.arrays().values())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per token slot over all KV heads of the layer (``config.slot_bytes * Hk``)."""
+        return self.config.slot_bytes * self.num_kv_heads
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PagedKVCache:
+class PagedKVCache(_PagedArrays):
     """One layer's paged TurboQuant KV cache (a pytree; ``config`` is static metadata).
 
     Shapes: see the module docstring. Build with :meth:`allocate`.
@@ -161,40 +198,15 @@ class PagedKVCache:
             config=config,
         )
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self.key_codes.shape[0]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.key_codes.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.key_codes.shape[2]
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
     def arrays(self) -> dict[str, jax.Array]:
         """The cache arrays by name (``key_scales`` absent for fp8 keys)."""
         out = {name: getattr(self, name) for name in ARRAY_NAMES}
         return {k: v for k, v in out.items() if v is not None}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(array_nbytes(a.shape, a.dtype) for a in self.arrays().values())
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes per token slot over all KV heads of the layer."""
-        return self.config.slot_bytes * self.num_kv_heads
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NativePagedKVCache:
+class NativePagedKVCache(_PagedArrays):
     """One layer's paged unquantized KV cache (a pytree; ``config`` is static metadata).
 
     ``key`` / ``value``: ``[Hk, num_blocks, block_size, head_dim]`` bfloat16 ("auto", "bfloat16") or
@@ -224,33 +236,9 @@ class NativePagedKVCache:
         arrays = {name: jnp.zeros(shape, dtype, device=device) for name, (shape, dtype) in specs.items()}
         return cls(key=arrays["key"], value=arrays["value"], config=config)
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self.key.shape[0]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.key.shape[2]
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
     def arrays(self) -> dict[str, jax.Array]:
+        """The cache arrays by name."""
         return {"key": self.key, "value": self.value}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(array_nbytes(a.shape, a.dtype) for a in self.arrays().values())
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes per token slot over all KV heads of the layer (``2 * 2 * head_dim * Hk``)."""
-        return self.config.slot_bytes * self.num_kv_heads
 
 
 #: Either kind of paged cache.
