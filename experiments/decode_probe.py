@@ -17,6 +17,7 @@ from jax.experimental.pallas import triton as pltriton
 from experiments.device_check import build
 from experiments.timing import copy_bandwidth, device_description, time_fn
 from tqjax.pallas.decode import paged_decode
+from tqjax.pallas.tuning import decode_params
 from tqjax.reference import paged_decode_reference
 
 
@@ -61,6 +62,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--presets", default="turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_kqjl4v4")
+    ap.add_argument("--opts", default="base,magic,magic+split,magic+split+ptx,magic+ptx",
+                    help="comma-separated kernel option sets ('+'-joined names of paged_decode's opts; 'base': none), "
+                         "each timed with the tuned launch parameters")
+    ap.add_argument("--no-read-probe", action="store_true")
     args = ap.parse_args()
     print(device_description(), flush=True)
     bw = copy_bandwidth()
@@ -72,24 +77,19 @@ def main() -> None:
         nbytes = cache.nbytes
         qs = [jnp.asarray(rng.standard_normal((b, hq, d)), jnp.bfloat16) for _ in range(3)]
         ref = paged_decode_reference(qs[0].astype(jnp.float32), cache, bt, lens)
-        if all(x & (x - 1) == 0 for x in (cache.key_codes.shape[-1], cache.value_codes.shape[-1])):
+        if not args.no_read_probe and all(x & (x - 1) == 0 for x in (cache.key_codes.shape[-1], cache.value_codes.shape[-1])):
             rp = read_probe(cache, bt, lens, 32, 4, 2)  # whole-slot loads need power-of-2 word counts
             t = time_fn(rp, [(bt, lens, cache.key_codes, cache.value_codes)])
             rows.append((name, "read-only probe", 32, 4, 2, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}",
                          f"{nbytes/t/bw:.2f}", ""))
             print(rows[-1], flush=True)
-        variants = [  # lookup, dot_mode, block_tokens, warps, stages
-            ("poly", "mma", 32, 4, 2),
-            ("poly", "mma", 64, 4, 2),
-            ("poly", "mma", 64, 8, 2),
-            ("select", "mma", 32, 4, 2),
-            ("poly", "fma", 32, 4, 2),
-        ]
-        for lookup, dot_mode, bt_tok, w, s in variants:
-            unpack = f"{lookup}/{dot_mode}"
+        tuned = decode_params(name)
+        bt_tok, w, s = tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"]
+        for opt in args.opts.split(","):
+            unpack = opt
+            opts = frozenset() if opt == "base" else frozenset(opt.split("+"))
             try:
-                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
-                                              dot_mode=dot_mode, block_tokens=bt_tok, num_warps=w, num_stages=s))
+                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, opts=opts))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
                 rows.append((name, unpack, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",

@@ -8,8 +8,9 @@ the kernel must read (the compressed cache of the batch's tokens), and reports G
 the device's copy bandwidth measured in the same run, plus the output error against float32 attention
 on the unquantized K/V. Peers at the same shapes: JAX's Pallas GPU ``paged_attention`` over bf16 pages
 and over int8 pages with per-token scales, tqjax's XLA reference decode over the same quantized cache,
-and cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) over a contiguous
-bf16 cache. The store kernel is timed for decode-sized and prefill-sized N.
+cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) over a contiguous
+bf16 cache, and tqjax's own FLASH backend (:mod:`tqjax.pallas.flash_decode`) over the same bf16 pages,
+fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op. The store kernel is timed for decode-sized and prefill-sized N.
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings
@@ -34,6 +35,8 @@ import numpy as np
 
 import tqjax
 from experiments.timing import copy_bandwidth, device_description, time_fn
+from tqjax.config import NativeConfig
+from tqjax.layout import NativePagedKVCache
 from tqjax.reference import paged_decode_jit, store_jit
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -164,6 +167,14 @@ def peer_systems(q_sets, k, v, tables, lens, batch, context, block_size):
     dense = jax.jit(lambda q, kc, vc: jax.nn.dot_product_attention(q[:, None], kc, vc, implementation="cudnn")[:, 0])
     f_cudnn = functools.partial(dense, kc=kc, vc=vc)
     systems.append(("cudnn_dense_bf16", f_cudnn, bf16_bytes))
+    # tqjax's own FLASH backend (Pallas split-KV decode over the same bf16 pages, fp32-accurate hi/lo
+    # products by default; split_dots=False rounds the query/probabilities to bf16 like JAX's op)
+    from tqjax.pallas.flash_decode import paged_decode as flash_decode
+
+    native = NativePagedKVCache(key=kp, value=vp, config=NativeConfig.from_cache_dtype("auto", d))
+    for name, split in (("tqjax_flash_bf16", True), ("tqjax_flash_bf16_rounded", False)):
+        fl = jax.jit(functools.partial(flash_decode, split_dots=split))
+        systems.append((name, functools.partial(lambda q, c, fl=fl: fl(q, c, tables, lens), c=native), bf16_bytes))
     return systems
 
 
@@ -182,7 +193,7 @@ def main(argv=None) -> None:
     configs = [(b, c) for b in a.batch for c in a.context if b * c <= a.max_tokens and c % a.block_size == 0]
     if a.no_decode:
         configs = []
-    total = len(configs) * (len(a.presets) + (0 if a.no_peers or not ON_GPU else 3))
+    total = len(configs) * (len(a.presets) + (0 if a.no_peers or not ON_GPU else 5))
     done = 0
     decode = decode_fn()
     t_start = time.time()

@@ -51,7 +51,7 @@ from tqjax.pallas.prefill import (
     resolve_mask,
     visited_blocks,
 )
-from tqjax.pallas.tuning import PREFILL_DEFAULTS, prefill_params
+from tqjax.pallas.tuning import PREFILL_DEFAULTS, prefill_params, prefill_smem_bytes
 from tqjax.platform import Platform
 from tqjax.reference import prefill_attention_jit
 
@@ -145,6 +145,29 @@ def test_prefill_params():
     assert prefill_params(64, Platform("cuda", "sm90"))["num_warps"] == 4
     assert prefill_params(128, Platform("rocm", "gfx942"))["num_stages"] == 1
     assert set(cuda) <= set(prefill_attention.__code__.co_varnames)
+
+
+@pytest.mark.parametrize("arch", ["cuda sm80", "cuda sm86", "cuda sm90", "cuda sm100", "cuda sm120", "cuda None",
+                                  "rocm gfx90a", "rocm gfx942", "rocm gfx950"])
+def test_prefill_params_fit_shared_memory(arch):
+    """Default tiles, shrunk per GPU, fit its shared memory for every head dim and input width; on the
+    H100/H200 the measured bf16 tiles stay, float32 (training) gets smaller ones (the measured 3-stage
+    128 x 128 float32 forward asked for 385 KiB of the 227 KiB there)."""
+    kind, a = arch.split()
+    platform = Platform(kind, None if a == "None" else a)
+    budget = platform.shared_memory_per_block
+    assert budget is not None and budget >= 64 * 1024
+    for d in (64, 128, 256):
+        for itemsize in (2, 4):
+            p = prefill_params(d, platform, itemsize=itemsize)
+            fwd, bwd = prefill_smem_bytes(p, d, itemsize)
+            assert fwd <= budget and bwd <= budget, (d, itemsize, p, fwd, bwd, budget)
+            assert all(p[k] >= 16 and p[k] & (p[k] - 1) == 0 for k in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"))
+    if arch == "cuda sm90":
+        assert prefill_params(128, platform, itemsize=2) == PREFILL_DEFAULTS["cuda"]
+        f32 = prefill_params(128, platform, itemsize=4)
+        assert prefill_smem_bytes(f32, 128, 4)[0] < prefill_smem_bytes(PREFILL_DEFAULTS["cuda"], 128, 4)[0]
+    assert Platform("cpu").shared_memory_per_block is None
 
 
 # ---- forward ---------------------------------------------------------------------------------------
@@ -248,11 +271,11 @@ def test_context_with_window_and_bf16_chunk():
 # ---- gradients ----------------------------------------------------------------------------------------
 
 
-def check_grads(q, k, v, qsl, kw, mask, *, seed=0):
+def check_grads(q, k, v, qsl, kw, mask, *, seed=0, blocks=BLOCKS):
     w = jnp.asarray(np.random.default_rng(seed).standard_normal(q.shape), jnp.float32)
 
     def loss_kernel(q, k, v):
-        return jnp.sum(prefill_attention(q, k, v, qsl, interpret=INTERPRET, **BLOCKS, **kw) * w)
+        return jnp.sum(prefill_attention(q, k, v, qsl, interpret=INTERPRET, **blocks, **kw) * w)
 
     def loss_ref(q, k, v):
         return jnp.sum(dense_masked_attention_reference(q, k, v, qsl, mask=mask, scale=kw.get("scale"),
@@ -309,6 +332,19 @@ def test_grads_per_head_window_softcap_gqa4():
     q, k, v = make_inputs(10, t=70, hq=4, hk=1, d=128)
     qsl = jnp.asarray([0, 33, 64], jnp.int32)
     check_grads(q, k, v, qsl, {"mask": mask, "softcap": 5.0}, mask, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_default_tiles_forward_and_grads(dtype):
+    """The tuned default tiles (not the small test tiles above): 300 tokens so that 128-token tiles
+    have full, partial and padded blocks; head_dim 128 as in training (float32) and serving (bf16).
+    On a GPU this compiles the tiles each device actually runs with, shared-memory fit included."""
+    q, k, v = make_inputs(13, t=300, hq=4, hk=2, d=128, dtype=dtype)
+    qsl = jnp.asarray([0, 7, 140, 290], jnp.int32)
+    out = prefill_attention(q, k, v, qsl, interpret=INTERPRET)
+    assert_close_to(out, dense_ref(q, k, v, qsl, mask=CausalMask()), v, dtype)
+    if dtype == jnp.float32:
+        check_grads(q, k, v, qsl, {}, CausalMask(), seed=3, blocks={})
 
 
 # ---- tracing, errors, lowering ------------------------------------------------------------------------

@@ -69,6 +69,27 @@ class Platform:
         return None
 
 
+    @property
+    def shared_memory_per_block(self) -> int | None:
+        """Bytes of shared memory (LDS on AMD) one kernel program may use, None off GPUs.
+
+        From the vendors' tables (CUDA programming guide, "maximum shared memory per thread block",
+        opt-in; AMD CDNA ISA guides): sm80/sm87 163 KiB, sm86/sm89/sm12x 99 KiB, sm90/sm10x 227 KiB;
+        gfx950 160 KiB, other AMD GPUs 64 KiB. An arch not in the table gets the smallest value of its
+        vendor's recent GPUs (99 KiB / 64 KiB), so tiles sized by it fit everywhere.
+        """
+        if self.kind == "cuda":
+            sm = int(self.arch[2:]) if self.arch and re.fullmatch(r"sm\d+", self.arch) else 0
+            if sm in (80, 87):
+                return 163 * 1024
+            if sm == 90 or 100 <= sm < 120:
+                return 227 * 1024
+            return 99 * 1024
+        if self.kind == "rocm":
+            return 160 * 1024 if self.arch == "gfx950" else 64 * 1024
+        return None
+
+
 def _cuda_arch(compute_capability: object) -> str | None:
     match = re.fullmatch(r"(\d+)\.(\d+)", str(compute_capability or ""))
     return f"sm{match.group(1)}{match.group(2)}" if match else None

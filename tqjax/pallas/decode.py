@@ -44,6 +44,40 @@ _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the GQA group is padded to this many
 _LOG2E = math.log2(math.e)
 
 
+_MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
+
+
+def codes_to_f32(codes: jax.Array, magic: bool = True) -> jax.Array:
+    """Exact float32 values of small non-negative integer ``codes`` (< 2**23, int32 or uint32).
+
+    ``magic``: with the bits of 2**23 OR-ed in, the float is ``2**23 + code`` exactly, and one float
+    subtraction removes 2**23: an integer logic op and an add at full rate, instead of an int-to-float
+    conversion (which GPUs issue at 1/8 the rate of an FMA, once per cache element here).
+    """
+    if not magic:
+        return codes.astype(jnp.float32)
+    bits = codes.astype(jnp.uint32) | np.uint32(_MAGIC)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - np.float32(2.0**23)
+
+
+def centered_codes_x2(codes: jax.Array, n: int, magic: bool = True) -> jax.Array:
+    """``2 * code - (n - 1)`` (twice the code centred on the codebook's middle) as exact float32.
+
+    With ``magic`` the one constant subtracted is exactly representable (``2**23 + n``), so no
+    compiler reassociation of float constants (XLA does fold ``(x - a) - b``) can change the result.
+    """
+    if not magic:
+        return codes.astype(jnp.float32) * 2.0 - np.float32(n - 1)
+    bits = (codes.astype(jnp.uint32) << np.uint32(1)) | np.uint32(_MAGIC | 1)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - np.float32(2.0**23 + n)
+
+
+def sign_bits_to_f32(bits: jax.Array) -> jax.Array:
+    """QJL sign bits (1 -> +1.0, 0 -> -1.0) as float32, by integer ops only (no conversion)."""
+    neg = (bits.astype(jnp.uint32) ^ np.uint32(1)) << np.uint32(31)
+    return jax.lax.bitcast_convert_type(neg | np.uint32(0x3F800000), jnp.float32)
+
+
 def _unpack(load_words, bits: int, n: int, t: int) -> jax.Array:
     """In-kernel unpack of tqjax.packing fields into int32 codes [T, n].
 
@@ -115,20 +149,49 @@ def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
 
 def _poly_eval_f32(codes, n: int, scale, offset, coefs):
     """``s * P(scale * s**2 + offset)`` with ``s = code - (n - 1) / 2``, float32 Horner (numpy or jnp)."""
-    s = codes.astype(np.float32) - np.float32((n - 1) / 2)
-    u = s * s * scale + offset
+    return _poly_eval_x2((2 * codes - (n - 1)).astype(np.float32), scale, offset, coefs)
+
+
+def _poly_eval_x2(x2, scale, offset, coefs):
+    """:func:`_poly_eval_f32` of ``x2 = 2 * s`` (float32): the same float32 operations, scaled by exact
+    powers of two (``x2 * x2 * (scale / 4)`` is ``s * s * scale``, ``x2 * acc / 2`` is ``s * acc``)."""
+    u = x2 * x2 * np.float32(np.float32(scale) / 4) + offset
     acc = coefs[-1] + 0 * u
     for cf in coefs[-2::-1]:
         acc = acc * u + cf
-    return s * acc
+    return x2 * acc * np.float32(0.5)
 
 
-def _lookup(codes: jax.Array, lk: CentroidLookup) -> jax.Array:
+def _f32_hex(x: float) -> str:
+    return f"0f{int(np.float32(x).view(np.uint32)):08X}"
+
+
+def _poly_ptx(x: jax.Array, lk: CentroidLookup) -> jax.Array:
+    """The "poly" lookup of ``x = 2 * s`` (float32, :func:`centered_codes_x2`) as one PTX block with
+    FMA-contracted Horner steps (CUDA only; Pallas' Triton lowering emits separate multiplies and adds
+    otherwise)."""
+    lines = [
+        "{", ".reg .f32 u, a;",
+        "mul.rn.f32 u, $1, $1;",
+        f"fma.rn.f32 u, u, {_f32_hex(np.float32(lk.scale) / 4)}, {_f32_hex(lk.offset)};",
+        f"mov.f32 a, {_f32_hex(lk.coefs[-1])};",
+    ]
+    lines += [f"fma.rn.f32 a, a, u, {_f32_hex(c)};" for c in lk.coefs[-2::-1]]
+    lines += ["mul.rn.f32 a, $1, a;", "mul.rn.f32 $0, a, 0f3F000000;", "}"]
+    (out,) = pltriton.elementwise_inline_asm(
+        "\n".join(lines), args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return out
+
+
+def _lookup(codes: jax.Array, lk: CentroidLookup, opts: frozenset = frozenset()) -> jax.Array:
     """Centroid values (float32) of int32 ``codes``."""
     if lk.method == "poly":
-        return _poly_eval_f32(
-            codes, len(lk.centroids), np.float32(lk.scale), np.float32(lk.offset), [np.float32(c) for c in lk.coefs]
-        )
+        x2 = centered_codes_x2(codes, len(lk.centroids), "magic" in opts)
+        if "ptx" in opts:
+            return _poly_ptx(x2, lk)
+        return _poly_eval_x2(x2, np.float32(lk.scale), np.float32(lk.offset), [np.float32(c) for c in lk.coefs])
     out = jnp.full(codes.shape, np.float32(lk.centroids[0]))
     for k in range(1, len(lk.centroids)):
         out = jnp.where(codes == k, np.float32(lk.centroids[k]), out)
@@ -170,6 +233,7 @@ def _decode_kernel(
     dot_mode: str,
     precision,
     interpret: bool,
+    opts: frozenset = frozenset(),
 ):
     b = pl.program_id(0)
     split = pl.program_id(2)
@@ -207,11 +271,12 @@ def _decode_kernel(
                 kv = jnp.where(valid[:, None], kv.reshape(t, d).astype(jnp.float32), 0.0)
                 terms.append((q_offsets[si], kv, None))
             elif seg.kind == "qjl":
-                signs = _unpack(load_words, 1, seg.dim, t).astype(jnp.float32) * 2.0 - 1.0
+                bits = _unpack(load_words, 1, seg.dim, t)
+                signs = sign_bits_to_f32(bits) if "magic" in opts else bits.astype(jnp.float32) * 2.0 - 1.0
                 factor = column(key_scales_ref, 0) * column(key_scales_ref, 1) * qjl_scale
                 terms.append((q_offsets[si], signs, factor))
             else:
-                c = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si])
+                c = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si], opts)
                 factor = column(key_scales_ref, si if config.key_format == "split" else 0)
                 if config.norm_correction:
                     factor = factor * jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), 1e-30))
@@ -220,7 +285,7 @@ def _decode_kernel(
         def load_value_words(start, count):
             return value_codes_ref[pages, :, pl.ds(start, count)].reshape(t, count)
 
-        vcodes = _unpack(load_value_words, config.value_bits, d, t).astype(jnp.float32)  # [T, D]
+        vcodes = codes_to_f32(_unpack(load_value_words, config.value_bits, d, t), "magic" in opts)  # [T, D]
         return terms, column(value_scales_ref, 0), column(value_scales_ref, 1), vcodes
 
     def finish_logits(logits, valid):
@@ -258,8 +323,20 @@ def _decode_kernel(
             pages, valid = chunk(i)
             terms, vscale, vzero, vcodes = score_terms(pages, valid)
             logits = jnp.zeros((gp, t), jnp.float32)
-            for off, kvec, factor in terms:
-                sc = mm(q_ref[:, pl.ds(off, kvec.shape[1])], kvec, ((1,), (1,)), precision)
+            for (off, kvec, factor), kind in zip(terms, [s.kind for s in segments]):
+                qs = q_ref[:, pl.ds(off, kvec.shape[1])]
+                if "split" in opts and not interpret:
+                    # TF32x3 by hand with the split done by bit masking (no cvt.rna per element); fp8
+                    # values and +-1 signs are exact in tf32, so their keys need no low part.
+                    tf32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+                    qh, ql = _split_tf32(qs)
+                    if kind == "mse":
+                        kh, kl = _split_tf32(kvec)
+                        sc = mm(qh, kh, ((1,), (1,)), tf32) + (mm(ql, kh, ((1,), (1,)), tf32) + mm(qh, kl, ((1,), (1,)), tf32))
+                    else:
+                        sc = mm(qh, kvec, ((1,), (1,)), tf32) + mm(ql, kvec, ((1,), (1,)), tf32)
+                else:
+                    sc = mm(qs, kvec, ((1,), (1,)), precision)
                 logits += sc if factor is None else sc * factor[None, :]
             p, alpha, m_next, l_next = softmax_step(finish_logits(logits, valid[None, :]), m_prev, l_prev)
             pw = p * vscale[None, :]
@@ -325,12 +402,12 @@ def _device_cores() -> int:
     jax.jit,
     static_argnames=(
         "scale", "softcap", "num_splits", "block_tokens", "num_warps", "num_stages", "lookup", "dot_mode",
-        "interpret", "precision",
+        "interpret", "precision", "opts",
     ),
 )
 def _paged_decode(
     query, cache, block_tables, seq_lens, *, scale, softcap, num_splits, block_tokens, num_warps, num_stages,
-    lookup, dot_mode, interpret, precision,
+    lookup, dot_mode, interpret, precision, opts=frozenset(),
 ):
     cfg = cache.config
     b, hq, d = query.shape
@@ -368,6 +445,7 @@ def _paged_decode(
         dot_mode=dot_mode,
         precision=precision,
         interpret=interpret,
+        opts=opts,
     )
     whole = lambda shape: pl.BlockSpec(shape, lambda i, j, k: (0,) * len(shape))  # noqa: E731
     per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j, 0, 0, 0))  # noqa: E731
@@ -440,6 +518,7 @@ def paged_decode(
     dot_mode: str | None = None,
     interpret: bool = False,
     precision=None,
+    opts: frozenset = frozenset(),
 ) -> jax.Array:
     """Pallas paged decode; same contract as :func:`tqjax.reference.paged_decode_reference`.
 
@@ -474,5 +553,5 @@ def paged_decode(
     return _paged_decode(
         query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=num_splits,
         block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
-        dot_mode=dot_mode, interpret=interpret, precision=precision,
+        dot_mode=dot_mode, interpret=interpret, precision=precision, opts=frozenset(opts),
     )

@@ -788,12 +788,12 @@ def prefill_attention(
     the_mask = resolve_mask(causal, window, mask)
     if isinstance(the_mask, MultiHeadMask) and the_mask.num_heads != hq:
         raise ValueError(f"mask has {the_mask.num_heads} heads, query has {hq}")
-    tuned = prefill_params(head_dim=d)
+    dtype = jnp.result_type(*(x.dtype for x in (query, key, value, context_key, context_value) if x is not None))
+    tuned = prefill_params(head_dim=d, itemsize=jnp.dtype(dtype).itemsize)
 
     def pick(name, x):
         return _check_block(name, tuned[name] if x is None else x)
 
-    dtype = jnp.result_type(*(x.dtype for x in (query, key, value, context_key, context_value) if x is not None))
     if precision is None:
         if dtype == jnp.float32:
             precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3

@@ -98,17 +98,68 @@ def decode_params(preset: str, platform: Platform | None = None) -> dict[str, An
     return params
 
 
-def prefill_params(head_dim: int = 128, platform: Platform | None = None) -> dict[str, Any]:
-    """Prefill attention kernel parameters for ``head_dim`` on ``platform`` (default: the detected
-    one): the vendor defaults, with tiles shrunk for small / large head dims on GPUs (D <= 64:
-    4 warps in the forward; D >= 256: block_q 64, block_k 32, backward tiles 32)."""
-    vendor = _vendor(platform or detect_platform())
+def prefill_smem_bytes(params: dict[str, Any], head_dim: int, itemsize: int) -> tuple[int, int]:
+    """Shared memory the prefill kernels need with ``params``: (forward, backward) bytes.
+
+    Forward: the software pipeline keeps ``num_stages`` K and V tiles ``[block_k, D]`` in flight
+    beside the ``[block_q, D]`` query tile. Backward: the dq kernel holds q and dO ``[bwd_block_q, D]``
+    and pipelines K and V tiles, the dk/dv kernel the transpose; the larger of the two counts.
+    An upper bound in practice: on the H200 (227 KiB), 128 x 128 tiles with 3 stages at D=128 are
+    estimated at 224 KiB in bf16 and compile; in float32 (estimated 448 KiB) the compiler asked for
+    385 KiB and the launch failed.
+    """
+    d = head_dim * itemsize
+    fwd = (params["num_stages"] * 2 * params["block_k"] + params["block_q"]) * d
+    bq, bk, st = params["bwd_block_q"], params["bwd_block_k"], params["bwd_num_stages"]
+    bwd = max(st * 2 * bk + 2 * bq, st * 2 * bq + 2 * bk) * d
+    return fwd, bwd
+
+
+def _fit_prefill(params: dict[str, Any], head_dim: int, itemsize: int, budget: int) -> dict[str, Any]:
+    """Shrink the prefill tiles until both kernels fit ``budget`` bytes of shared memory: forward
+    stages down to 2, then block_k down to 32, then one stage, then block_q (>= 16); backward stages
+    down to 1, then both blocks (>= 16)."""
+    p = dict(params)
+
+    def fits() -> tuple[int, int]:
+        return prefill_smem_bytes(p, head_dim, itemsize)
+
+    while fits()[0] > budget:
+        if p["num_stages"] > 2:
+            p["num_stages"] -= 1
+        elif p["block_k"] > 32:
+            p["block_k"] //= 2
+        elif p["num_stages"] > 1:
+            p["num_stages"] = 1
+        elif p["block_q"] > 16 or p["block_k"] > 16:
+            p["block_q"], p["block_k"] = max(16, p["block_q"] // 2), max(16, p["block_k"] // 2)
+        else:
+            break
+    while fits()[1] > budget:
+        if p["bwd_num_stages"] > 1:
+            p["bwd_num_stages"] -= 1
+        elif p["bwd_block_q"] > 16 or p["bwd_block_k"] > 16:
+            p["bwd_block_q"], p["bwd_block_k"] = max(16, p["bwd_block_q"] // 2), max(16, p["bwd_block_k"] // 2)
+        else:
+            break
+    return p
+
+
+def prefill_params(head_dim: int = 128, platform: Platform | None = None, itemsize: int = 2) -> dict[str, Any]:
+    """Prefill attention kernel parameters for ``head_dim`` and inputs of ``itemsize`` bytes (2 for
+    bf16/fp16, 4 for float32) on ``platform`` (default: the detected one): the vendor defaults, with
+    tiles shrunk for small / large head dims on GPUs (D <= 64: 4 warps in the forward; D >= 256:
+    block_q 64, block_k 32, backward tiles 32), then until the kernels fit the GPU's shared memory
+    (:attr:`tqjax.platform.Platform.shared_memory_per_block`, :func:`prefill_smem_bytes`)."""
+    platform = platform or detect_platform()
+    vendor = _vendor(platform)
     params = dict(PREFILL_DEFAULTS[vendor])
     if vendor != "cpu":
         if head_dim <= 64:
             params["num_warps"] = 4
         if head_dim >= 256:
             params.update(block_q=64, block_k=32, bwd_block_q=32, bwd_block_k=32, num_stages=min(params["num_stages"], 2))
+        params = _fit_prefill(params, head_dim, itemsize, platform.shared_memory_per_block)
     return params
 
 
