@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--presets", default="turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_kqjl4v4")
-    ap.add_argument("--opts", default="base,magic,magic+split,magic+split+ptx,magic+ptx",
-                    help="comma-separated kernel option sets ('+'-joined names of paged_decode's opts; 'base': none), "
-                         "each timed with the tuned launch parameters")
+    ap.add_argument("--lookups", default="poly,poly_fma",
+                    help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
+                         "launch parameters")
     ap.add_argument("--no-read-probe", action="store_true")
     args = ap.parse_args()
     print(device_description(), flush=True)
@@ -85,11 +85,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         tuned = decode_params(name)
         bt_tok, w, s = tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"]
-        for opt in args.opts.split(","):
-            unpack = opt
-            opts = frozenset() if opt == "base" else frozenset(opt.split("+"))
+        for unpack in args.lookups.split(","):
             try:
-                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, opts=opts))
+                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=unpack))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
                 rows.append((name, unpack, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",

@@ -90,8 +90,11 @@ def test_splits_and_chunks(num_splits, block_tokens):
     check(*case, num_splits=num_splits, block_tokens=block_tokens)
 
 
-@pytest.mark.parametrize("lookup,dot_mode", [("select", "mma"), ("poly", "fma"), ("select", "fma")])
+@pytest.mark.parametrize("lookup,dot_mode", [("select", "mma"), ("poly", "fma"), ("select", "fma"), ("poly", "mma"),
+                                             ("poly_fma", "mma")])
 def test_lookup_and_dot_modes(lookup, dot_mode):
+    if lookup == "poly_fma" and INTERPRET:
+        pytest.skip("inline PTX runs only in a compiled CUDA kernel (its lowering is tested below)")
     check(*make_case("turboquant_kqjl3v4", head_dim=128, block_size=16, hk=2, group=4, lens=[70, 9], seed=3),
           lookup=lookup, dot_mode=dot_mode)
 
@@ -142,6 +145,14 @@ def test_polynomial_centroids_match_table(bits, dim):
     got = _poly_eval_f32(np.arange(c.size), c.size, np.float32(lk.scale), np.float32(lk.offset),
                          np.asarray(lk.coefs, np.float32))
     assert np.max(np.abs(got - c)) <= 8 * 2.0**-24 * np.max(np.abs(c))
+    # the FMA form (emulated exactly on the host) is as accurate and keeps the same coefficients
+    from tqjax.pallas.decode import _poly_fma_host
+
+    fma = centroid_lookup(c, "poly_fma")
+    assert fma.method == "poly_fma" and fma.coefs == lk.coefs
+    got = _poly_fma_host(np.arange(c.size), c.size, np.float32(fma.scale), np.float32(fma.offset),
+                         np.asarray(fma.coefs, np.float32))
+    assert np.max(np.abs(got - c)) <= 8 * 2.0**-24 * np.max(np.abs(c))
 
 
 def test_num_splits_heuristic():
@@ -155,6 +166,8 @@ def test_bad_arguments():
                                        lens=[4], seed=0)
     with pytest.raises(ValueError, match="lookup"):
         paged_decode(q, cache, tables, lens, lookup="table", interpret=INTERPRET)
+    with pytest.raises(ValueError, match="PTX"):
+        paged_decode(q, cache, tables, lens, lookup="poly_fma", interpret=True)
     with pytest.raises(ValueError, match="dot_mode"):
         paged_decode(q, cache, tables, lens, dot_mode="wgmma", interpret=INTERPRET)
     with pytest.raises(ValueError, match="query"):
@@ -179,7 +192,7 @@ def test_lowers_to_triton_for_cuda(name, dot_mode):
     def f(q, cache, tables, lens):
         return decode._paged_decode(
             q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
-            num_stages=2, lookup="poly", dot_mode=dot_mode, interpret=False,
+            num_stages=2, lookup="poly_fma" if dot_mode == "mma" else "poly", dot_mode=dot_mode, interpret=False,
             precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
         )
 

@@ -51,7 +51,7 @@ from tqjax.pallas.prefill import (
     resolve_mask,
     visited_blocks,
 )
-from tqjax.pallas.tuning import PREFILL_DEFAULTS, prefill_params, prefill_smem_bytes
+from tqjax.pallas.tuning import PREFILL_DEFAULTS, SMEM_MARGIN, prefill_params, prefill_problem, prefill_smem_bytes
 from tqjax.platform import Platform
 from tqjax.reference import prefill_attention_jit
 
@@ -161,7 +161,11 @@ def test_prefill_params_fit_shared_memory(arch):
         for itemsize in (2, 4):
             p = prefill_params(d, platform, itemsize=itemsize)
             fwd, bwd = prefill_smem_bytes(p, d, itemsize)
-            assert fwd <= budget and bwd <= budget, (d, itemsize, p, fwd, bwd, budget)
+            fits = fwd <= budget - SMEM_MARGIN and bwd <= budget - SMEM_MARGIN
+            why = prefill_problem(d, itemsize, platform)
+            assert fits == (why is None), (d, itemsize, p, fwd, bwd, budget)
+            # only float32 at head_dim 256 on a 64 KiB AMD GPU cannot fit (the dispatcher then uses the reference)
+            assert fits or (budget == 64 * 1024 and d == 256 and itemsize == 4), (d, itemsize, p, fwd, bwd, budget)
             assert all(p[k] >= 16 and p[k] & (p[k] - 1) == 0 for k in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"))
     if arch == "cuda sm90":
         assert prefill_params(128, platform, itemsize=2) == PREFILL_DEFAULTS["cuda"]
@@ -334,12 +338,14 @@ def test_grads_per_head_window_softcap_gqa4():
     check_grads(q, k, v, qsl, {"mask": mask, "softcap": 5.0}, mask, seed=2)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_default_tiles_forward_and_grads(dtype):
+@pytest.mark.parametrize("dtype,d", [(jnp.float32, 128), (jnp.bfloat16, 128), (jnp.float32, 256), (jnp.bfloat16, 256)],
+                         ids=["f32-d128", "bf16-d128", "f32-d256", "bf16-d256"])
+def test_default_tiles_forward_and_grads(dtype, d):
     """The tuned default tiles (not the small test tiles above): 300 tokens so that 128-token tiles
-    have full, partial and padded blocks; head_dim 128 as in training (float32) and serving (bf16).
-    On a GPU this compiles the tiles each device actually runs with, shared-memory fit included."""
-    q, k, v = make_inputs(13, t=300, hq=4, hk=2, d=128, dtype=dtype)
+    have full, partial and padded blocks; float32 as in training, bf16 as in serving. On a GPU this
+    compiles the tiles each device actually runs with, shared-memory fit included (float32 at D=128
+    once asked the H200 for more than its 227 KiB)."""
+    q, k, v = make_inputs(13, t=300, hq=4, hk=2, d=d, dtype=dtype)
     qsl = jnp.asarray([0, 7, 140, 290], jnp.int32)
     out = prefill_attention(q, k, v, qsl, interpret=INTERPRET)
     assert_close_to(out, dense_ref(q, k, v, qsl, mask=CausalMask()), v, dtype)

@@ -14,11 +14,13 @@ FLASH backend on GPUs and the reference elsewhere); both have the same contract.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from tqjax import reference
 from tqjax.backends import ops_for_cache
 from tqjax.layout import KVCache
 from tqjax.pallas import prefill as pallas_prefill
+from tqjax.pallas.tuning import prefill_problem
 from tqjax.platform import detect_platform
 from tqjax.reference import (
     check_cache,
@@ -94,12 +96,16 @@ def prefill_attention(
     ``context_lens`` [S] int32 (see :func:`tqjax.reference.prefill_attention_reference`).
 
     ``backend``: "pallas" (the block-sparse kernels of :mod:`tqjax.pallas.prefill`, with a Pallas
-    backward), "reference" (dense jnp), or None: "pallas" on CUDA and ROCm GPUs, "reference"
-    elsewhere (the Pallas kernels run on a CPU only in interpret mode, far slower than XLA there).
+    backward), "reference" (dense jnp), or None: "pallas" on CUDA and ROCm GPUs where its tiles fit
+    the shared memory (:func:`tqjax.pallas.tuning.prefill_problem`), "reference" elsewhere (the
+    Pallas kernels run on a CPU only in interpret mode, far slower than XLA there).
     For sliding windows and other masks call :func:`tqjax.pallas.prefill.prefill_attention`.
     """
     if backend is None:
-        backend = "pallas" if detect_platform().kind in ("cuda", "rocm") else "reference"
+        platform = detect_platform()
+        itemsize = jnp.result_type(query, key, value).itemsize
+        gpu_fits = platform.is_gpu and prefill_problem(query.shape[-1], itemsize, platform) is None
+        backend = "pallas" if gpu_fits else "reference"
     if backend not in PREFILL_BACKENDS:
         raise ValueError(f"prefill backend must be one of {PREFILL_BACKENDS} or None, got {backend!r}")
     context = {"context_key": context_key, "context_value": context_value, "context_lens": context_lens}

@@ -85,7 +85,7 @@ from tqjax.masks import (
     compact_table,
     head_bands,
 )
-from tqjax.pallas.tuning import prefill_params
+from tqjax.pallas.tuning import prefill_params, prefill_problem
 from tqjax.reference import (
     _apply_softcap,
     _softmax_attend,
@@ -790,6 +790,11 @@ def prefill_attention(
         raise ValueError(f"mask has {the_mask.num_heads} heads, query has {hq}")
     dtype = jnp.result_type(*(x.dtype for x in (query, key, value, context_key, context_value) if x is not None))
     tuned = prefill_params(head_dim=d, itemsize=jnp.dtype(dtype).itemsize)
+    if not interpret and block_q is None and block_k is None and bwd_block_q is None and bwd_block_k is None:
+        why = prefill_problem(d, jnp.dtype(dtype).itemsize)
+        if why is not None:
+            raise ValueError(f"prefill_attention: {why}; pass smaller tiles or use the reference "
+                             "(tqjax.prefill_attention(..., backend='reference'))")
 
     def pick(name, x):
         return _check_block(name, tuned[name] if x is None else x)

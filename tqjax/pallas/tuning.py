@@ -19,7 +19,7 @@ from typing import Any
 from tqjax.platform import Platform, detect_platform
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma"),
+    "cuda": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly_fma", dot_mode="mma"),
     "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
     "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma"),
 }
@@ -99,20 +99,27 @@ def decode_params(preset: str, platform: Platform | None = None) -> dict[str, An
 
 
 def prefill_smem_bytes(params: dict[str, Any], head_dim: int, itemsize: int) -> tuple[int, int]:
-    """Shared memory the prefill kernels need with ``params``: (forward, backward) bytes.
+    """Shared memory the prefill kernels need with ``params``: (forward, backward) bytes, estimated.
 
     Forward: the software pipeline keeps ``num_stages`` K and V tiles ``[block_k, D]`` in flight
-    beside the ``[block_q, D]`` query tile. Backward: the dq kernel holds q and dO ``[bwd_block_q, D]``
-    and pipelines K and V tiles, the dk/dv kernel the transpose; the larger of the two counts.
-    An upper bound in practice: on the H200 (227 KiB), 128 x 128 tiles with 3 stages at D=128 are
-    estimated at 224 KiB in bf16 and compile; in float32 (estimated 448 KiB) the compiler asked for
-    385 KiB and the launch failed.
+    beside the resident ``[block_q, D]`` query tile. Backward: the dq kernel holds q and dO
+    ``[bwd_block_q, D]`` and pipelines K and V tiles, the dk/dv kernel the transpose; the larger of the
+    two counts. Float32 inputs go through TF32x3 products, which stage the resident operand twice (its
+    tf32 high and low parts). Measured on the H200 (227 KiB): bf16 128 x 128 tiles, 3 stages, D=128:
+    estimated 224 KiB, compiles; float32 128 x 64 tiles, 2 stages, D=128: the compiler asked for
+    256.5 KiB, estimated 256 KiB (so :func:`_fit_prefill` keeps a margin).
     """
     d = head_dim * itemsize
-    fwd = (params["num_stages"] * 2 * params["block_k"] + params["block_q"]) * d
+    resident = 2 if itemsize == 4 else 1
+    fwd = (params["num_stages"] * 2 * params["block_k"] + resident * params["block_q"]) * d
     bq, bk, st = params["bwd_block_q"], params["bwd_block_k"], params["bwd_num_stages"]
-    bwd = max(st * 2 * bk + 2 * bq, st * 2 * bq + 2 * bk) * d
+    bwd = max(st * 2 * bk + resident * 2 * bq, st * 2 * bq + resident * 2 * bk) * d
     return fwd, bwd
+
+
+#: Shared memory left free beside :func:`prefill_smem_bytes`' estimate (barriers, reduction scratch:
+#: 0.5-1 KiB measured).
+SMEM_MARGIN = 2048
 
 
 def _fit_prefill(params: dict[str, Any], head_dim: int, itemsize: int, budget: int) -> dict[str, Any]:
@@ -120,6 +127,7 @@ def _fit_prefill(params: dict[str, Any], head_dim: int, itemsize: int, budget: i
     stages down to 2, then block_k down to 32, then one stage, then block_q (>= 16); backward stages
     down to 1, then both blocks (>= 16)."""
     p = dict(params)
+    budget -= SMEM_MARGIN
 
     def fits() -> tuple[int, int]:
         return prefill_smem_bytes(p, head_dim, itemsize)
@@ -161,6 +169,21 @@ def prefill_params(head_dim: int = 128, platform: Platform | None = None, itemsi
             params.update(block_q=64, block_k=32, bwd_block_q=32, bwd_block_k=32, num_stages=min(params["num_stages"], 2))
         params = _fit_prefill(params, head_dim, itemsize, platform.shared_memory_per_block)
     return params
+
+
+def prefill_problem(head_dim: int, itemsize: int, platform: Platform | None = None) -> str | None:
+    """None if the prefill kernels' tiles (:func:`prefill_params`) fit the shared memory of
+    ``platform`` (default: the detected one) at ``head_dim`` with ``itemsize``-byte inputs, else why
+    not (e.g. float32 at head_dim 256 on a 64 KiB AMD GPU, even with 16 x 16 tiles)."""
+    platform = platform or detect_platform()
+    budget = platform.shared_memory_per_block
+    if budget is None:
+        return None
+    need = max(prefill_smem_bytes(prefill_params(head_dim, platform, itemsize), head_dim, itemsize))
+    if need <= budget - SMEM_MARGIN:
+        return None
+    return (f"the prefill kernels need about {need // 1024} KiB of shared memory at head_dim {head_dim} with "
+            f"{itemsize}-byte inputs even with their smallest tiles; {platform} has {budget // 1024} KiB")
 
 
 def flash_decode_params(head_dim: int = 128, platform: Platform | None = None) -> dict[str, Any]:
