@@ -103,17 +103,20 @@ def prefill_smem_bytes(params: dict[str, Any], head_dim: int, itemsize: int) -> 
 
     Forward: the software pipeline keeps ``num_stages`` K and V tiles ``[block_k, D]`` in flight
     beside the resident ``[block_q, D]`` query tile. Backward: the dq kernel holds q and dO
-    ``[bwd_block_q, D]`` and pipelines K and V tiles, the dk/dv kernel the transpose; the larger of the
-    two counts. Float32 inputs go through TF32x3 products, which stage the resident operand twice (its
-    tf32 high and low parts). Measured on the H200 (227 KiB): bf16 128 x 128 tiles, 3 stages, D=128:
-    estimated 224 KiB, compiles; float32 128 x 64 tiles, 2 stages, D=128: the compiler asked for
-    256.5 KiB, estimated 256 KiB (so :func:`_fit_prefill` keeps a margin).
+    ``[bwd_block_q, D]`` and pipelines K and V tiles, the dk/dv kernel the transpose (the larger of
+    the two counts), plus the ``[bwd_block_q, bwd_block_k]`` probabilities and their gradient, which
+    pass through shared memory as transposed operands. Float32 inputs go through TF32x3 products,
+    which stage operands twice (their tf32 high and low parts): the forward's query tile and every
+    backward tile. Fitted to what the compiler asked for on the H200 at D=128 in float32: forward
+    128 x 64, 2 stages: 256.5 KiB (estimate 256 KiB); backward 64 x 64, 1 stage: 288 KiB (estimate
+    288 KiB); bf16 forward 128 x 128, 3 stages: estimate 224 KiB, compiles within 227 KiB.
     """
     d = head_dim * itemsize
-    resident = 2 if itemsize == 4 else 1
-    fwd = (params["num_stages"] * 2 * params["block_k"] + resident * params["block_q"]) * d
+    twice = 2 if itemsize == 4 else 1
+    fwd = (params["num_stages"] * 2 * params["block_k"] + twice * params["block_q"]) * d
     bq, bk, st = params["bwd_block_q"], params["bwd_block_k"], params["bwd_num_stages"]
-    bwd = max(st * 2 * bk + resident * 2 * bq, st * 2 * bq + resident * 2 * bk) * d
+    tiles = max(st * 2 * bk + 2 * bq, st * 2 * bq + 2 * bk) * d
+    bwd = twice * tiles + 2 * bq * bk * itemsize
     return fwd, bwd
 
 
