@@ -31,6 +31,9 @@ from tqjax.pallas import decode as pallas_decode
 from tqjax.pallas import flash_decode
 from tqjax.platform import Platform
 
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU  # compiled kernels on a GPU, the Pallas interpreter elsewhere
+
 NATIVE = ("auto", "bfloat16", "float16")
 
 
@@ -193,7 +196,7 @@ def test_dispatch_and_input_checks() -> None:
     assert ops.paged_decode is flash_decode.paged_decode and ops.store is reference.store_jit
 
 
-# ---- the Pallas flash decode (interpret mode) ------------------------------------------------------
+# ---- the Pallas flash decode (interpret mode on CPU, compiled on a GPU) ------------------------------------------------------
 
 FLASH_CASES = [
     # name, Hk, group, head_dim, block_size, query dtype, softcap, split_dots, num_splits
@@ -207,7 +210,7 @@ FLASH_CASES = [
 
 @pytest.mark.parametrize("name,hk,group,d,bs,qdtype,softcap,split_dots,num_splits", FLASH_CASES)
 def test_flash_decode_matches_reference(name, hk, group, d, bs, qdtype, softcap, split_dots, num_splits) -> None:
-    """Interpret mode vs the reference on the same cache. Tolerances: with split_dots the query and the
+    """The kernel (interpret mode on CPU, compiled on a GPU) vs the reference on the same cache. Tolerances: with split_dots the query and the
     probabilities enter the products as hi + lo in the cache dtype (~2**-16 relative for bf16, 2**-22
     for fp16), so float32-level agreement (measured 1.9e-6..2.4e-6 absolute, outputs up to ~1); without
     it the probabilities are rounded to bf16 once (2**-8 relative): 2.7e-3 measured. A bf16/fp16 query
@@ -222,7 +225,7 @@ def test_flash_decode_matches_reference(name, hk, group, d, bs, qdtype, softcap,
     q = jnp.asarray(rng.standard_normal((3, hk * group, d)), qdtype)
     tables, lens = jnp.asarray(tables), jnp.asarray(lens, jnp.int32)
     out = flash_decode.paged_decode(
-        q, cache, tables, lens, softcap=softcap, split_dots=split_dots, num_splits=num_splits, interpret=True
+        q, cache, tables, lens, softcap=softcap, split_dots=split_dots, num_splits=num_splits, interpret=INTERPRET
     )
     ref = reference.paged_decode_jit(q, cache, tables, lens, softcap=softcap)
     assert out.shape == q.shape and out.dtype == q.dtype
