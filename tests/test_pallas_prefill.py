@@ -47,6 +47,7 @@ from tqjax.masks import (
 )
 from tqjax.pallas.prefill import (
     dense_masked_attention_reference,
+    float32_precision,
     prefill_attention,
     resolve_mask,
     visited_blocks,
@@ -354,6 +355,33 @@ def test_default_tiles_forward_and_grads(dtype, d):
         check_grads(q, k, v, qsl, {}, CausalMask(), seed=3, blocks={})
 
 
+def test_float32_precision_follows_jax_default_matmul_precision():
+    x3, tf32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+    assert float32_precision() == x3  # unset: float32-accurate
+    for name, want in [("float32", x3), ("highest", x3), ("tensorfloat32", tf32), ("bfloat16", tf32),
+                       ("default", tf32), ("high", tf32)]:
+        with jax.default_matmul_precision(name):
+            assert float32_precision() == want, name
+
+
+def test_tensorfloat32_forward_and_grads():
+    """Under jax.default_matmul_precision("tensorfloat32") (how train_to_serve trains) float32 inputs go
+    through one TF32 pass on a GPU (interpret mode computes HIGHEST). Tolerance: TF32 rounds each
+    product input to 11 significant bits (2**-11 relative), so logits of these inputs (|q|, |k| ~ 1.5
+    * sqrt(D)) move by up to ~1e-2 and outputs/gradients by ~1% of their largest value."""
+    q, k, v = make_inputs(14, t=150, hq=4, hk=2, d=128)
+    qsl = jnp.asarray(QSL, jnp.int32)
+    with jax.default_matmul_precision("tensorfloat32"):
+        out = prefill_attention(q, k, v, qsl, interpret=INTERPRET)
+        w = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+        grads = jax.grad(lambda *a: jnp.sum(prefill_attention(*a, qsl, interpret=INTERPRET) * w), (0, 1, 2))(q, k, v)
+    ref = dense_ref(q, k, v, qsl, mask=CausalMask())
+    ref_grads = jax.grad(lambda *a: jnp.sum(dense_ref(*a, qsl, mask=CausalMask()) * w), (0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(out, ref, atol=1e-2 * float(jnp.max(jnp.abs(ref))), rtol=0)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        chex.assert_trees_all_close(a, b, atol=2e-2 * float(jnp.max(jnp.abs(b))), rtol=0, custom_message=name)
+
+
 # ---- tracing, errors, lowering ------------------------------------------------------------------------
 
 
@@ -409,6 +437,7 @@ LOWERING_CASES = {
     "causal-bf16-d128-g4": ({}, 4, 1, 128, jnp.bfloat16),
     "perhead-window-softcap-f32-d64": (
         {"mask": MultiHeadMask((CausalMask(), LocalMask(32, 0))), "softcap": 10.0}, 2, 2, 64, jnp.float32),
+    "causal-f32-tensorfloat32": ({"_matmul_precision": "tensorfloat32"}, 4, 2, 128, jnp.float32),
 }
 
 
@@ -416,6 +445,8 @@ LOWERING_CASES = {
 def test_lowers_to_triton_for_cuda(name):
     """Forward and backward pass the Pallas Triton lowering for CUDA (runs on CPU: export, no GPU)."""
     kw, hq, hk, d, dtype = LOWERING_CASES[name]
+    kw = dict(kw)
+    matmul_precision = kw.pop("_matmul_precision", None)
     shapes = (jax.ShapeDtypeStruct((300, hq, d), dtype), jax.ShapeDtypeStruct((300, hk, d), dtype),
               jax.ShapeDtypeStruct((300, hk, d), dtype), jax.ShapeDtypeStruct((4,), jnp.int32))
     kw = dict(kw, block_q=64, block_k=32, bwd_block_q=32, bwd_block_k=32, interpret=False)
@@ -427,10 +458,11 @@ def test_lowers_to_triton_for_cuda(name):
         return jax.grad(lambda *a: jnp.sum(fwd(*a, qsl).astype(jnp.float32)), (0, 1, 2))(q, k, v)
 
     for f, calls in ((fwd, 1), (bwd, 3)):
-        exported = jax.export.export(
-            jax.jit(f), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*shapes)
+        with jax.default_matmul_precision(matmul_precision):
+            exported = jax.export.export(
+                jax.jit(f), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(*shapes)
         assert exported.mlir_module().count("__gpu$xla.gpu.triton") == calls
 
 

@@ -249,6 +249,22 @@ def _kv_ranges(lay, kv_seg, cfg, nq, nk, bq, bk, index):
 # ---- in-kernel pieces ----------------------------------------------------------------------------------
 
 
+#: ``jax_default_matmul_precision`` values that ask for full float32 products.
+_FLOAT32_NAMES = frozenset({"float32", "highest", "f32_f32_f32", "tf32_tf32_f32_x3", "bf16_bf16_f32_x6"})
+
+
+def float32_precision() -> jax.lax.DotAlgorithmPreset:
+    """The product algorithm for float32 inputs on a GPU: TF32x3 (float32-accurate), unless
+    ``jax.default_matmul_precision`` (context manager, flag or ``JAX_DEFAULT_MATMUL_PRECISION``) names
+    a lower precision, then one TF32 pass (about 3x fewer tensor-core operations, 2**-11 relative
+    input rounding; what XLA computes for float32 matmuls on Ampere and later by default). Read at
+    trace time; jit caches key on the setting."""
+    setting = jax.config.jax_default_matmul_precision
+    if setting is None or str(setting).lower() in _FLOAT32_NAMES:
+        return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+
+
 def _dot(a, b, ca, cb, precision):
     return jax.lax.dot_general(
         a, b, (((ca,), (cb,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -749,8 +765,11 @@ def prefill_attention(
 
     Tuning (static; None takes :func:`tqjax.pallas.tuning.prefill_params`): ``block_q`` / ``block_k``
     (powers of two >= 16) with ``num_warps`` / ``num_stages`` for the forward, ``bwd_*`` for the two
-    backward kernels; ``precision`` of the products (default: HIGHEST for float32 in interpret mode,
-    TF32x3 for float32 on a GPU, the input dtype's tensor-core product for 16-bit inputs).
+    backward kernels; ``precision`` of the products (default: HIGHEST for float32 in interpret mode;
+    for float32 on a GPU, TF32x3 (float32-accurate) unless ``jax.default_matmul_precision`` is set to
+    anything below float32 ("tensorfloat32", "bfloat16", "default", ...), which selects one TF32 pass,
+    what XLA itself computes for float32 matmuls on these GPUs by default (:func:`float32_precision`);
+    the input dtype's tensor-core product for 16-bit inputs).
     ``interpret`` runs the kernels in the Pallas interpreter (CPU).
     """
     check_array("query", query, (None, None, None), "float")
@@ -801,7 +820,7 @@ def prefill_attention(
 
     if precision is None:
         if dtype == jnp.float32:
-            precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+            precision = jax.lax.Precision.HIGHEST if interpret else float32_precision()
         else:
             precision = jax.lax.Precision.DEFAULT
     cfg = _Config(
