@@ -525,3 +525,17 @@ def test_public_dispatch():
     chex.assert_trees_all_close(tqjax.prefill_attention(q, k, k, qsl), ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
     with pytest.raises(ValueError, match="prefill backend"):
         tqjax.prefill_attention(q, k, k, qsl, backend="flash")
+
+
+def test_no_fitting_tile_falls_back_to_the_reference(monkeypatch):
+    """On a simulated MI300 (64 KiB of LDS) float32 at head_dim 128 fits no tile: the dispatcher uses the
+    reference, and the Pallas entry point refuses with the reason before tracing a kernel."""
+    gfx942 = Platform("rocm", "gfx942")
+    monkeypatch.setattr(tqjax.ops, "detect_platform", lambda: gfx942)
+    monkeypatch.setattr(tqjax.pallas.tuning, "detect_platform", lambda: gfx942)
+    q, k, v = make_inputs(15, t=40, hq=2, hk=1, d=128)
+    qsl = jnp.asarray([0, 40], jnp.int32)
+    chex.assert_trees_all_equal(tqjax.prefill_attention(q, k, v, qsl), prefill_attention_jit(q, k, v, qsl))
+    with pytest.raises(ValueError, match=r"shared memory .* rocm gfx942 has 64 KiB"):
+        prefill_attention(q, k, v, qsl)
+    assert prefill_problem(128, 2, gfx942) is None  # bf16 fits
