@@ -52,7 +52,13 @@ from tqjax.pallas.prefill import (
     resolve_mask,
     visited_blocks,
 )
-from tqjax.pallas.tuning import PREFILL_DEFAULTS, SMEM_MARGIN, prefill_params, prefill_problem, prefill_smem_bytes
+from tqjax.pallas.tuning import (
+    PREFILL_DEFAULTS,
+    SMEM_MARGIN,
+    prefill_params,
+    prefill_problem,
+    prefill_smem_bytes,
+)
 from tqjax.platform import Platform
 from tqjax.reference import prefill_attention_jit
 
