@@ -470,6 +470,8 @@ def test_lowers_to_triton_for_cuda(name):
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
             )(*shapes)
         assert exported.mlir_module().count("__gpu$xla.gpu.triton") == calls
+        # the metadata prep before the kernels has no while loop (a GPU may sync with the host per trip)
+        assert "stablehlo.while" not in exported.mlir_module()
 
 
 def test_context_lowers_to_triton_for_cuda():

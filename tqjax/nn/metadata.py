@@ -239,7 +239,8 @@ def _check_int_array(name: str, x: object, ndim: int) -> None:
 def token_requests(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
     """Request index of every row: int32 [num_tokens]; padding rows get B = len(query_start_loc) - 1."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    return (jnp.searchsorted(query_start_loc, t, side="right") - 1).astype(jnp.int32)
+    # "scan_unrolled": no while loop in the serving step (XLA's GPU runtime may sync with the host every trip)
+    return (jnp.searchsorted(query_start_loc, t, side="right", method="scan_unrolled") - 1).astype(jnp.int32)
 
 
 def build_metadata(

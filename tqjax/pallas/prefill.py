@@ -183,7 +183,8 @@ def _layout(t, t_pad, kv_pad, qsl, context_lens):
     cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ctx_e, dtype=jnp.int32)])  # [S+2]
     rows = jnp.arange(t, dtype=jnp.int32)
     valid = rows < qsl[s]
-    e = jnp.minimum(jnp.searchsorted(qsl, rows, side="right").astype(jnp.int32), s)
+    # "scan_unrolled": same results, no while loop (XLA's GPU runtime may sync with the host every trip)
+    e = jnp.minimum(jnp.searchsorted(qsl, rows, side="right", method="scan_unrolled").astype(jnp.int32), s)
     pos = ctx_e[e] + rows - ext_start[e]
     self_idx = jnp.where(valid, cum[e + 1] + rows, kv_pad + rows)  # increasing in t
     region_start = cum[:-1] + ext_start[:-1]  # [S+1]
@@ -236,8 +237,10 @@ def _kv_ranges(lay, kv_seg, cfg, nq, nk, bq, bk, index):
     fi, la = jnp.clip(first, 0, kv_len - 1), jnp.clip(last, 0, kv_len - 1)
     ke_first, ke_last = jnp.maximum(kv_seg[fi], 0), jnp.maximum(kv_seg[la], 0)
     self_idx = lay["self_idx"]
-    t_lo = jnp.maximum(lay["ext_start"][ke_first], jnp.searchsorted(self_idx, fi - hi_max, side="left"))
-    t_hi = jnp.minimum(lay["ext_start"][ke_last + 1], jnp.searchsorted(self_idx, la - lo_min, side="right"))
+    t_lo = jnp.maximum(lay["ext_start"][ke_first],
+                       jnp.searchsorted(self_idx, fi - hi_max, side="left", method="scan_unrolled"))
+    t_hi = jnp.minimum(lay["ext_start"][ke_last + 1],
+                       jnp.searchsorted(self_idx, la - lo_min, side="right", method="scan_unrolled"))
     ok = any_valid & (t_lo < t_hi)
     qb_lo = jnp.where(ok, t_lo // bq, 0).astype(jnp.int32)
     qb_hi = jnp.where(ok, (t_hi + bq - 1) // bq, 0).astype(jnp.int32)
