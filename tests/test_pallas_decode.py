@@ -168,6 +168,23 @@ def test_bad_arguments():
         paged_decode(q, cache, tables, lens, lookup="table", interpret=INTERPRET)
     with pytest.raises(ValueError, match="PTX"):
         paged_decode(q, cache, tables, lens, lookup="poly_fma", interpret=True)
+
+
+def test_poly_fma_is_the_cuda_default_only(monkeypatch):
+    """The inline-PTX lookup is the tuned default on CUDA; ROCm and the interpreter get "poly", and an
+    explicit "poly_fma" on ROCm is refused before any kernel is traced."""
+    from tqjax.pallas import decode as decode_module
+    from tqjax.pallas.tuning import decode_params
+    from tqjax.platform import Platform
+
+    assert decode_params("turboquant_4bit_nc", Platform("cuda", "sm90"))["lookup"] == "poly_fma"
+    assert decode_params("turboquant_4bit_nc", Platform("rocm", "gfx942"))["lookup"] == "poly"
+    assert decode_params("turboquant_4bit_nc", Platform("cpu"))["lookup"] == "poly"
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[4], seed=0)
+    monkeypatch.setattr(decode_module, "detect_platform", lambda: Platform("rocm", "gfx942"))
+    with pytest.raises(ValueError, match="not ROCm"):
+        paged_decode(q, cache, tables, lens, lookup="poly_fma")
     with pytest.raises(ValueError, match="dot_mode"):
         paged_decode(q, cache, tables, lens, dot_mode="wgmma", interpret=INTERPRET)
     with pytest.raises(ValueError, match="query"):
