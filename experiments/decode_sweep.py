@@ -10,7 +10,8 @@ on the unquantized K/V. Peers at the same shapes: JAX's Pallas GPU ``paged_atten
 and over int8 pages with per-token scales, tqjax's XLA reference decode over the same quantized cache,
 cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) over a contiguous
 bf16 cache, and tqjax's own FLASH backend (:mod:`tqjax.pallas.flash_decode`) over the same bf16 pages,
-fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op. The store kernel is timed for decode-sized and prefill-sized N.
+fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op. The store kernel is
+timed for decode-sized and prefill-sized N.
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings
