@@ -107,7 +107,8 @@ def prefill_smem_bytes(params: dict[str, Any], head_dim: int, itemsize: int) -> 
     the two counts), plus the ``[bwd_block_q, bwd_block_k]`` probabilities and their gradient, which
     pass through shared memory as transposed operands. Float32 inputs go through TF32x3 products,
     which stage operands twice (their tf32 high and low parts): the forward's query tile and every
-    backward tile. Fitted to what the compiler asked for on the H200 at D=128 in float32: forward
+    backward tile (one TF32 pass, under a lower ``jax.default_matmul_precision``, needs less; the
+    estimate keeps the TF32x3 figure for every float32 input). Fitted to what the compiler asked for on the H200 at D=128 in float32: forward
     128 x 64, 2 stages: 256.5 KiB (estimate 256 KiB); backward 64 x 64, 1 stage: 288 KiB (estimate
     288 KiB); bf16 forward 128 x 128, 3 stages: estimate 224 KiB, compiles within 227 KiB.
     """
@@ -127,8 +128,8 @@ SMEM_MARGIN = 2048
 
 def _fit_prefill(params: dict[str, Any], head_dim: int, itemsize: int, budget: int) -> dict[str, Any]:
     """Shrink the prefill tiles until both kernels fit ``budget`` bytes of shared memory: forward
-    stages down to 2, then block_k down to 32, then one stage, then block_q (>= 16); backward stages
-    down to 1, then both blocks (>= 16)."""
+    stages down to 2, then block_k down to 32, then one stage, then both blocks (>= 16); backward
+    stages down to 1, then both blocks (>= 16)."""
     p = dict(params)
     budget -= SMEM_MARGIN
 
@@ -177,7 +178,7 @@ def prefill_params(head_dim: int = 128, platform: Platform | None = None, itemsi
 def prefill_problem(head_dim: int, itemsize: int, platform: Platform | None = None) -> str | None:
     """None if the prefill kernels' tiles (:func:`prefill_params`) fit the shared memory of
     ``platform`` (default: the detected one) at ``head_dim`` with ``itemsize``-byte inputs, else why
-    not (e.g. float32 at head_dim 256 on a 64 KiB AMD GPU, even with 16 x 16 tiles)."""
+    not (e.g. float32 at head_dim >= 128 on a 64 KiB AMD GPU, even with 16 x 16 tiles)."""
     platform = platform or detect_platform()
     budget = platform.shared_memory_per_block
     if budget is None:
