@@ -402,7 +402,6 @@ def _paged_decode(
     q_offsets = tuple(int(x) for x in np.cumsum([0] + [p.shape[-1] for p in q_parts])[:-1])
     qcat = jnp.concatenate(q_parts, axis=-1)
     qcat = jnp.pad(qcat, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    dq = qcat.shape[-1]
     lookups = tuple(
         centroid_lookup(codec.quantizers[i].codebook.centroids, lookup) if seg.kind == "mse" else None
         for i, seg in enumerate(segments)
@@ -423,44 +422,53 @@ def _paged_decode(
         precision=precision,
         interpret=interpret,
     )
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, k: (0,) * len(shape))  # noqa: E731
-    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j, 0, 0, 0))  # noqa: E731
-    in_specs = [
-        whole(block_tables.shape),
-        whole(seq_lens.shape),
-        pl.BlockSpec((None, None, gp, dq), lambda i, j, k: (i, j, 0, 0)),
-        per_head(cache.key_codes),
-        None if cache.key_scales is None else per_head(cache.key_scales),
-        per_head(cache.value_codes),
-        per_head(cache.value_scales),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, None, gp, d), lambda i, j, k: (k, i, j, 0, 0)),
-        pl.BlockSpec((None, None, None, gp), lambda i, j, k: (k, i, j, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((num_splits, b, hk, gp, d), jnp.float32),
-        jax.ShapeDtypeStruct((num_splits, b, hk, gp), jnp.float32),
-    ]
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(b, hk, num_splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    o, lse = split_kv_call(
+        kernel, block_tables, seq_lens, [qcat],
+        [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales],
+        num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name=f"tq_decode_{cfg.name}",
-    )(
-        block_tables.astype(jnp.int32),
-        seq_lens.astype(jnp.int32),
-        qcat,
-        cache.key_codes,
-        cache.key_scales,
-        cache.value_codes,
-        cache.value_scales,
     )
     return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+
+
+def split_kv_call(
+    kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
+    num_splits: int, out_dim: int, num_warps: int, num_stages: int, interpret: bool, name: str,
+) -> tuple[jax.Array, jax.Array]:
+    """The launch shared by the split-KV decode kernels (this module's and :mod:`tqjax.pallas.flash_decode`):
+    one program per (sequence b, KV head h, split s), the kernel's refs in the order block_tables
+    [B, max_blocks] int32, seq_lens [B] int32 (whole), ``queries`` (each [B, Hk, Gp, Dq]: the (b, h)
+    slice [Gp, Dq]; None entries stay None refs), ``cache_arrays`` (each [Hk, ...]: head h's slice).
+    Returns each split's output [S, B, Hk, Gp, out_dim] float32 (normalised within the split) and its
+    log-sum-exp [S, B, Hk, Gp] float32, for :func:`merge_splits`."""
+    b, hk, gp = queries[0].shape[:3]
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda i, j, k: (0,) * a.ndim)
+
+    def per_query(q):
+        return None if q is None else pl.BlockSpec((None, None, gp, q.shape[-1]), lambda i, j, k: (i, j, 0, 0))
+
+    def per_head(a):
+        return None if a is None else pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j,) + (0,) * (a.ndim - 1))
+
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hk, num_splits),
+        in_specs=[whole(block_tables), whole(seq_lens)] + [per_query(q) for q in queries]
+        + [per_head(a) for a in cache_arrays],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, out_dim), lambda i, j, k: (k, i, j, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, j, k: (k, i, j, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_splits, b, hk, gp, out_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, hk, gp), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=name,
+    )(block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32), *queries, *cache_arrays)
 
 
 def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:

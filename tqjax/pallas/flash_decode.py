@@ -36,7 +36,12 @@ from jax.experimental.pallas import triton as pltriton
 
 from tqjax.config import is_power_of_two
 from tqjax.layout import NativePagedKVCache
-from tqjax.pallas.decode import _device_cores, choose_num_splits, merge_splits
+from tqjax.pallas.decode import (
+    _device_cores,
+    choose_num_splits,
+    merge_splits,
+    split_kv_call,
+)
 from tqjax.pallas.tuning import flash_decode_params
 from tqjax.reference import check_decode_inputs, native_paged_decode_reference
 
@@ -182,41 +187,10 @@ def _paged_decode(
         softcap=softcap,
         split_dots=split_dots,
     )
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, k: (0,) * len(shape))
-    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j, 0, 0, 0))
-    q_spec = pl.BlockSpec((None, None, gp, d), lambda i, j, k: (i, j, 0, 0))
-    in_specs = [
-        whole(block_tables.shape),
-        whole(seq_lens.shape),
-        q_spec,
-        None if q_lo is None else q_spec,
-        per_head(cache.key),
-        per_head(cache.value),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, None, gp, d), lambda i, j, k: (k, i, j, 0, 0)),
-        pl.BlockSpec((None, None, None, gp), lambda i, j, k: (k, i, j, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((num_splits, b, hk, gp, d), jnp.float32),
-        jax.ShapeDtypeStruct((num_splits, b, hk, gp), jnp.float32),
-    ]
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(b, hk, num_splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    o, lse = split_kv_call(
+        kernel, block_tables, seq_lens, [q_hi, q_lo], [cache.key, cache.value],
+        num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name=f"flash_decode_{cache.config.name}",
-    )(
-        block_tables.astype(jnp.int32),
-        seq_lens.astype(jnp.int32),
-        q_hi,
-        q_lo,
-        cache.key,
-        cache.value,
     )
     return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
 
