@@ -811,9 +811,10 @@ def prefill_attention(
     if isinstance(the_mask, MultiHeadMask) and the_mask.num_heads != hq:
         raise ValueError(f"mask has {the_mask.num_heads} heads, query has {hq}")
     dtype = jnp.result_type(*(x.dtype for x in (query, key, value, context_key, context_value) if x is not None))
-    tuned = prefill_params(head_dim=d, itemsize=jnp.dtype(dtype).itemsize)
+    itemsize = jnp.dtype(dtype).itemsize
+    tuned = prefill_params(head_dim=d, itemsize=itemsize)
     if not interpret and block_q is None and block_k is None and bwd_block_q is None and bwd_block_k is None:
-        why = prefill_problem(d, jnp.dtype(dtype).itemsize)
+        why = prefill_problem(d, itemsize)
         if why is not None:
             raise ValueError(f"prefill_attention: {why}; pass smaller tiles or use the reference "
                              "(tqjax.prefill_attention(..., backend='reference'))")
