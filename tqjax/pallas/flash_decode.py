@@ -70,7 +70,8 @@ def check_head_dim(head_dim: int) -> None:
 
 
 def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded to ``dtype``."""
+    """``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded to ``dtype``
+    (in the kernel: Triton keeps the round trip through ``dtype``)."""
     hi = x.astype(dtype)
     return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
@@ -175,7 +176,11 @@ def _paged_decode(
 
     q = jnp.pad(query.reshape(b, hk, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     if split_dots and query.dtype != cdt:
-        q_hi, q_lo = _split(q.astype(jnp.float32), cdt)
+        # The barrier keeps XLA from folding the f32 -> cache dtype -> f32 round trip in `lo` away (on GPUs
+        # XLA drops such conversion pairs by default, "excess precision"), which would make lo zero.
+        q32 = q.astype(jnp.float32)
+        q_hi = jax.lax.optimization_barrier(q32.astype(cdt))
+        q_lo = (q32 - q_hi.astype(jnp.float32)).astype(cdt)
     else:
         q_hi, q_lo = q.astype(cdt), None
 
