@@ -65,8 +65,21 @@ def main() -> None:
     ap.add_argument("--lookups", default="poly,poly_fma",
                     help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
                          "launch parameters")
+    ap.add_argument("--variants", default="",
+                    help="comma-separated lookup/block_tokens/num_warps/num_stages variants (e.g. poly_fma/64/8/2), "
+                         "timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
+    ap.add_argument("--once", action="store_true",
+                    help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
+                         "ncu -k regex:tq_decode -c 1 ...)")
     args = ap.parse_args()
+    if args.once:
+        rng = np.random.default_rng(0)
+        name = args.presets.split(",")[0]
+        _, cache, bt, lens = build(name, args.batch, args.context, 32, 8, 128, 16, rng)
+        q = jnp.asarray(rng.standard_normal((args.batch, 32, 128)), jnp.float32)
+        paged_decode(q, cache, bt, lens).block_until_ready()
+        return
     print(device_description(), flush=True)
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
@@ -84,16 +97,23 @@ def main() -> None:
                          f"{nbytes/t/bw:.2f}", ""))
             print(rows[-1], flush=True)
         tuned = decode_params(name)
-        bt_tok, w, s = tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"]
-        for unpack in args.lookups.split(","):
+        if args.variants:
+            variants = [v.split("/") for v in args.variants.split(",")]
+        else:
+            variants = [(lk, tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"])
+                        for lk in args.lookups.split(",")]
+        for lookup, bt_tok, w, s in variants:
+            bt_tok, w, s = int(bt_tok), int(w), int(s)
+            label = lookup
             try:
-                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=unpack))
+                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
+                                              block_tokens=bt_tok, num_warps=w, num_stages=s))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
-                rows.append((name, unpack, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
+                rows.append((name, label, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
                              f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001
-                rows.append((name, unpack, bt_tok, w, s, "ERR", str(e)[:80]))
+                rows.append((name, label, bt_tok, w, s, "ERR", str(e)[:80]))
             print(rows[-1], flush=True)
     print(f"\n{device_description()}; copy bw {bw/1e9:.0f} GB/s; B={b} ctx={ctx} Hq={hq} Hk={hk} D={d} bs={bs}")
     print("preset variant block_tokens warps stages us GB/s frac_of_copy_bw max_rel_err_vs_reference")

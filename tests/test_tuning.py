@@ -35,6 +35,8 @@ def test_measured_entry_applies_only_to_its_device_and_preset():
     assert tuning.decode_params("turboquant_k8v4", h100)["block_tokens"] == 64
     assert tuning.decode_params("turboquant_k8v4", Platform("cuda", "sm90", "NVIDIA H200")) == tuning.DEFAULTS["cuda"]
     assert tuning.decode_params("turboquant_4bit_nc", h100) == tuning.DEFAULTS["cuda"]
+    h200 = tuning.decode_params("turboquant_4bit_nc", Platform("cuda", "sm90", "NVIDIA H200"))
+    assert h200 == dict(tuning.DEFAULTS["cuda"], block_tokens=16, num_warps=2, num_stages=1)
 
 
 def test_vendor_defaults():
