@@ -61,8 +61,9 @@ size          d_model  layers  heads (q / kv)  head_dim  mlp      context  train
 (4 per length x depth cell), 8 generation prompts x 64 tokens. ``gpu``: 29.5M parameters, 32.8M training
 tokens (1.1 to 3.7 epochs: the stdlib's size depends on the Python build); 128 windows of 1024 (65,536
 scored tokens), 160 needles, 16 prompts x 256 tokens. Measured on one H200 (docs/RESULTS.md):
-training 3.2 minutes (0.09 s/step), then 33-65 s per serving configuration, so all configurations
-take longer than one 10-minute device call: split them with ``--configs``.
+training 1.3 minutes (0.04 s/step through the Pallas prefill kernels, one TF32 pass per product; 3.2
+minutes with the earlier XLA attention), then 31-65 s per serving configuration, so all 13
+configurations take longer than one 10-minute device call: split them with ``--configs``.
 ``--steps`` overrides the training steps; ``--load DIR`` serves a saved checkpoint without training
 (e.g. to train and serve in separate jobs).
 
