@@ -1,6 +1,11 @@
 """Device experiment: where does the Pallas decode kernel's time go? (variants of one shape)
 
-python -m experiments.decode_probe
+python -m experiments.decode_probe [--presets ...] [--lookups poly,poly_fma | --variants poly_fma/16/2/1,...]
+python -m experiments.decode_probe --once --presets turboquant_4bit_nc --context 4096   # under ncu
+
+Times each preset's decode (B=32, 16k by default) with each variant's centroid lookup and launch
+parameters (tokens per step / warps / stages), next to a read-only probe with the same access pattern;
+``--once`` runs one decode and exits, for a profiler (docs/PERFORMANCE.md has the ncu command).
 """
 
 from __future__ import annotations
