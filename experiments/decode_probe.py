@@ -28,7 +28,7 @@ from tqjax.reference import paged_decode_reference
 
 def read_probe(cache, bt, lens, block_tokens, num_warps, num_stages):
     """Reads every used page of key/value codes with the decode kernel's access pattern, no math."""
-    b, mb = bt.shape
+    b = bt.shape[0]
     bs = cache.block_size
     ppc = max(1, block_tokens // bs)
     t = ppc * bs
@@ -49,7 +49,7 @@ def read_probe(cache, bt, lens, block_tokens, num_warps, num_stages):
         acc = jax.lax.fori_loop(0, n, body, jnp.zeros((1, wk), jnp.uint32))
         o_ref[...] = jnp.sum(acc, axis=1)
 
-    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j: (j, 0, 0, 0))  # noqa: E731
+    per_head = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, j: (j, 0, 0, 0))
     f = pl.pallas_call(
         kernel,
         grid=(b, cache.num_kv_heads),
@@ -91,7 +91,7 @@ def main() -> None:
     b, ctx, hq, hk, d, bs = args.batch, args.context, 32, 8, 128, 16
     rows = []
     for name in args.presets.split(","):
-        cfg, cache, bt, lens = build(name, b, ctx, hq, hk, d, bs, rng)
+        _, cache, bt, lens = build(name, b, ctx, hq, hk, d, bs, rng)
         nbytes = cache.nbytes
         qs = [jnp.asarray(rng.standard_normal((b, hq, d)), jnp.bfloat16) for _ in range(3)]
         ref = paged_decode_reference(qs[0].astype(jnp.float32), cache, bt, lens)
@@ -109,16 +109,15 @@ def main() -> None:
                         for lk in args.lookups.split(",")]
         for lookup, bt_tok, w, s in variants:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
-            label = lookup
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
                                               block_tokens=bt_tok, num_warps=w, num_stages=s))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
-                rows.append((name, label, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
+                rows.append((name, lookup, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
                              f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001
-                rows.append((name, label, bt_tok, w, s, "ERR", str(e)[:80]))
+                rows.append((name, lookup, bt_tok, w, s, "ERR", str(e)[:80]))
             print(rows[-1], flush=True)
     print(f"\n{device_description()}; copy bw {bw/1e9:.0f} GB/s; B={b} ctx={ctx} Hq={hq} Hk={hk} D={d} bs={bs}")
     print("preset variant block_tokens warps stages us GB/s frac_of_copy_bw max_rel_err_vs_reference")

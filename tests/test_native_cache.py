@@ -266,3 +266,6 @@ def test_flash_decode_lowers_to_triton(platform: str) -> None:
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
             )(q, cache, tables, lens)
         assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+        # XLA on GPUs folds the float32 query's round trip through the cache dtype unless a barrier
+        # keeps it (found on the H200: the low part became zero); only a GPU run checks the numbers.
+        assert ("optimization_barrier" in exported.mlir_module()) == (split_dots and qdtype == jnp.float32)

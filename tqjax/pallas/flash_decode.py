@@ -69,10 +69,15 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(why)
 
 
-def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded to ``dtype``
-    (in the kernel: Triton keeps the round trip through ``dtype``)."""
+def _split(x: jax.Array, dtype, *, in_xla: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded to ``dtype``.
+
+    ``in_xla``: for a split computed by XLA rather than in the kernel. On GPUs XLA drops float32 ->
+    ``dtype`` -> float32 conversion pairs by default ("excess precision"), which would make ``lo``
+    zero; an optimization barrier on ``hi`` keeps the rounding. Triton keeps it as written."""
     hi = x.astype(dtype)
+    if in_xla:
+        hi = jax.lax.optimization_barrier(hi)
     return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
@@ -176,11 +181,7 @@ def _paged_decode(
 
     q = jnp.pad(query.reshape(b, hk, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     if split_dots and query.dtype != cdt:
-        # The barrier keeps XLA from folding the f32 -> cache dtype -> f32 round trip in `lo` away (on GPUs
-        # XLA drops such conversion pairs by default, "excess precision"), which would make lo zero.
-        q32 = q.astype(jnp.float32)
-        q_hi = jax.lax.optimization_barrier(q32.astype(cdt))
-        q_lo = (q32 - q_hi.astype(jnp.float32)).astype(cdt)
+        q_hi, q_lo = _split(q.astype(jnp.float32), cdt, in_xla=True)
     else:
         q_hi, q_lo = q.astype(cdt), None
 
