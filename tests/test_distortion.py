@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from once_per_run import computed_once
 
 from experiments import distortion as dist
 
@@ -26,9 +27,12 @@ def sphere() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def haar_rows(sphere) -> dict[tuple[str, int], dist.Row]:
+def haar_rows(sphere, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dist.Row]:
     """TurboQuant_mse and _prod with fresh Haar rotations, b = 1..5, on uniform unit vectors."""
-    return {(m, b): dist.measure("sphere", "haar", m, b, *sphere) for m in dist.METHODS for b in range(1, 6)}
+    return computed_once(
+        tmp_path_factory, "haar_rows",
+        lambda: {(m, b): dist.measure("sphere", "haar", m, b, *sphere) for m in dist.METHODS for b in range(1, 6)},
+    )
 
 
 def test_inputs_unit_and_queries_correlated() -> None:

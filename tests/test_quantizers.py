@@ -18,10 +18,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from once_per_run import computed_once
 from scipy import integrate
 
 from tqjax import TurboQuantMSE, TurboQuantProd, lloyd_max_codebook
-from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, dequantize_values, quantize_fp8, quantize_values
+from tqjax.quantizers import (
+    FP8_E4M3_MAX,
+    FP16_MAX,
+    dequantize_values,
+    quantize_fp8,
+    quantize_values,
+)
 
 D = 128
 U32 = 2.0**-24  # float32 unit roundoff
@@ -152,7 +159,11 @@ def test_mse_shrinkage_regression_slope(bits: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def prod_errors() -> dict[int, dict[str, np.ndarray]]:
+def prod_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, np.ndarray]]:
+    return computed_once(tmp_path_factory, "prod_errors", _prod_errors)
+
+
+def _prod_errors() -> dict[int, dict[str, np.ndarray]]:
     """Inner-product errors of P fixed (x, q) pairs over S independent seeds (rotation Pi and QJL S).
 
     q = 2x + 0.25 noise, so <q, x> ~ 2 is large: a multiplicative bias (like the MSE quantizer's shrinkage

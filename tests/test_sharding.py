@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from once_per_run import computed_once
 from sharding_worker import CHECKS
 
 TESTS = Path(__file__).resolve().parent
@@ -28,6 +29,10 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    return computed_once(tmp_path_factory, "sharding_results", lambda: _run_worker(tmp_path_factory))
+
+
+def _run_worker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("sharding") / "results.json"
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
