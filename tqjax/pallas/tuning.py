@@ -108,9 +108,10 @@ def prefill_smem_bytes(params: dict[str, Any], head_dim: int, itemsize: int) -> 
     pass through shared memory as transposed operands. Float32 inputs go through TF32x3 products,
     which stage operands twice (their tf32 high and low parts): the forward's query tile and every
     backward tile (one TF32 pass, under a lower ``jax.default_matmul_precision``, needs less; the
-    estimate keeps the TF32x3 figure for every float32 input). Fitted to what the compiler asked for on the H200 at D=128 in float32: forward
-    128 x 64, 2 stages: 256.5 KiB (estimate 256 KiB); backward 64 x 64, 1 stage: 288 KiB (estimate
-    288 KiB); bf16 forward 128 x 128, 3 stages: estimate 224 KiB, compiles within 227 KiB.
+    estimate keeps the TF32x3 figure for every float32 input). Fitted to what the compiler asked for
+    on the H200 at D=128 in float32: forward 128 x 64, 2 stages: 256.5 KiB (estimate 256 KiB);
+    backward 64 x 64, 1 stage: 288 KiB (estimate 288 KiB); bf16 forward 128 x 128, 3 stages: estimate
+    224 KiB, compiles within 227 KiB.
     """
     d = head_dim * itemsize
     twice = 2 if itemsize == 4 else 1
