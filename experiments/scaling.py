@@ -131,9 +131,14 @@ def measure(mode: str, n: int, a: argparse.Namespace, rng: np.random.Generator) 
     cache = fill_cache(cfg, a, mesh, blocks_per_shard, jax.random.key(int(rng.integers(1 << 31))))
     # each data shard's requests get a random permutation of its own (local) blocks
     tables = np.concatenate([rng.permutation(blocks_per_shard).reshape(local_batch, blocks_per_seq) for _ in range(data)])
-    tables = jnp.asarray(tables.astype(np.int32))
-    lens = jnp.full((batch,), a.context, jnp.int32)
-    queries = [jnp.asarray(rng.standard_normal((batch, a.hq, a.head_dim)), jnp.bfloat16) for _ in range(3)]
+    # Inputs live where the sharded decode reads them (rows over "data", query heads over "model"), as a
+    # server's would: left on one device, every step would first copy them to the others.
+    by_rows = NamedSharding(mesh, P(sharding.DATA))
+    tables = jax.device_put(jnp.asarray(tables.astype(np.int32)), by_rows)
+    lens = jax.device_put(jnp.full((batch,), a.context, jnp.int32), by_rows)
+    by_heads = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL, None))
+    queries = [jax.device_put(jnp.asarray(rng.standard_normal((batch, a.hq, a.head_dim)), jnp.bfloat16), by_heads)
+               for _ in range(3)]
 
     out = sharding.sharded_paged_decode(queries[0], cache, tables, lens, mesh=mesh, backend=a.backend)  # checked once
     if not bool(jnp.isfinite(out.astype(jnp.float32)).all()):

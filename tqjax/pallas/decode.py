@@ -517,7 +517,8 @@ def paged_decode(
     interpret mode).
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
-    tuned = decode_params(cache.config.name)
+    platform = detect_platform()
+    tuned = decode_params(cache.config.name, platform)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
     num_stages = tuned["num_stages"] if num_stages is None else num_stages
@@ -526,7 +527,7 @@ def paged_decode(
     dot_mode = tuned["dot_mode"] if dot_mode is None else dot_mode
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
-    if lookup == "poly_fma" and (interpret or detect_platform().kind == "rocm"):
+    if lookup == "poly_fma" and (interpret or platform.kind == "rocm"):
         raise ValueError("lookup 'poly_fma' is inline PTX: compiled CUDA kernels only (not interpret mode, not "
                          "ROCm); use 'poly'")
     if dot_mode not in DOT_MODES:
