@@ -206,6 +206,38 @@ def test_store_round_trip(name: str, head_dim: int) -> None:
     assert np.mean(rel) < 0.6
 
 
+NORM_CORRECTED = [name for name in PRESET_NAMES if PRESETS[name].norm_correction]
+
+
+@pytest.mark.parametrize("name", NORM_CORRECTED)
+def test_stored_norm_is_norm_corrected(name: str) -> None:
+    """With norm correction the cache stores ``||k_seg|| / ||c[codes]||`` per key segment, so a decoded
+    key segment has the input segment's norm. Checked against float64 numpy from the stored codes.
+
+    The stored value is float32 arithmetic (two norms of <= D terms and a division: relative error
+    <= (2 (D + 2) + 1) u ~ 1.6e-5) rounded to fp16 (half an ulp = 2**-11 relative at most), so it is the
+    float64 value's fp16 rounding or an fp16 neighbour of it; a neighbour only when the float64 value
+    lies within 1.6e-5 relative of a rounding midpoint (fp16 ulps are >= 2**-11 relative: a few percent
+    of the values at most).
+    """
+    cfg = config(name)
+    rng = np.random.default_rng([17, PRESET_NAMES.index(name)])
+    key, value = random_kv(rng, 64, D)
+    out = jax.tree.map(np.asarray, codec_round_trip(cfg)(f32(key), f32(value)))
+    kc = key_codec(cfg)
+    for i, seg in enumerate(cfg.key_segments):
+        codes = np.asarray(kc.segment_codes(jnp.asarray(out["key_codes"]), seg))
+        centroids = kc.quantizers[i].centroids.astype(np.float64)
+        k_seg = key[..., np.asarray(seg.channels)]
+        want = np.linalg.norm(k_seg, axis=-1) / np.linalg.norm(centroids[codes], axis=-1)
+        got = out["key_scales"][..., i]
+        ulps = np.abs(got.view(np.uint16).astype(np.int32) - want.astype(np.float16).view(np.uint16).astype(np.int32))
+        assert ulps.max() <= 1 and np.mean(ulps == 0) > 0.9, (seg, ulps.max(), np.mean(ulps == 0))
+        # the decoded segment (centroids times the stored norm) has the input's norm, to fp16 precision
+        decoded = np.linalg.norm(out["score"][i].astype(np.float64), axis=-1)
+        np.testing.assert_allclose(decoded, np.linalg.norm(k_seg, axis=-1), rtol=2.0**-11 + 1e-5)
+
+
 def test_store_rejects_duplicate_and_out_of_range_slots() -> None:
     cfg = config("turboquant_4bit_nc")
     rng = np.random.default_rng(2)

@@ -33,10 +33,13 @@ def test_entries_are_valid_and_cite_a_measurement(entry):
 def test_measured_entry_applies_only_to_its_device_and_preset():
     h100 = Platform("cuda", "sm90", H100)
     assert tuning.decode_params("turboquant_k8v4", h100)["block_tokens"] == 64
-    assert tuning.decode_params("turboquant_k8v4", Platform("cuda", "sm90", "NVIDIA H200")) == tuning.DEFAULTS["cuda"]
     assert tuning.decode_params("turboquant_4bit_nc", h100) == tuning.DEFAULTS["cuda"]
-    h200 = tuning.decode_params("turboquant_4bit_nc", Platform("cuda", "sm90", "NVIDIA H200"))
-    assert h200 == dict(tuning.DEFAULTS["cuda"], block_tokens=16, num_warps=2, num_stages=1)
+    h200 = Platform("cuda", "sm90", "NVIDIA H200")
+    for preset in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc"):
+        assert tuning.decode_params(preset, h200) == dict(tuning.DEFAULTS["cuda"], block_tokens=16, num_warps=2,
+                                                          num_stages=1), preset
+    assert tuning.decode_params("turboquant_k8v4", h200) == dict(tuning.DEFAULTS["cuda"], num_warps=2, num_stages=1)
+    assert tuning.decode_params("turboquant_kqjl4v4", h200) == tuning.DEFAULTS["cuda"]  # not measured there
 
 
 def test_vendor_defaults():

@@ -86,7 +86,7 @@ class KeyCodec:
         for i, seg in enumerate(self.segments):
             code = self.quantizers[i].quantize(take_channels(key, seg))
             parts.append(pack_codes(code.codes, seg.bits))
-            norms.append(fp16_norm(code.norm))
+            norms.append(fp16_norm(self.quantizers[i].stored_norm(code)))
         words = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         return words, jnp.stack(norms, axis=-1)
 

@@ -7,8 +7,10 @@ Key formats:
 
 * ``fp8``   -- raw float8 e4m3 keys (no rotation, no norm), 4 per uint32 word. vLLM's ``k8v4``.
 * ``mse``   -- TurboQuant_mse (paper Alg. 1): rotate the unit key, one Lloyd--Max code per coordinate,
-  fp16 key norm. With norm correction (vLLM's ``_nc``) the decoded centroid vector is renormalised to
-  unit norm before it is scaled by the stored norm.
+  fp16 key norm. With norm correction (vLLM's ``_nc``) the decoded vector gets the key's norm: the
+  cache stores ``||k|| / ||c[codes]||`` in place of ``||k||`` (computed once, when the key is stored),
+  so decoding is ``c[codes] * stored`` everywhere. vLLM stores ``||k||`` and renormalises at decode
+  time; :mod:`tqjax.vllm_interop` converts between the two.
 * ``prod``  -- TurboQuant_prod (paper Alg. 2): (b-1)-bit ``mse`` codes plus a 1-bit QJL sign sketch of
   the rotated residual, fp16 key norm and fp16 residual norm. Inner products are unbiased.
 * ``split`` -- the paper's outlier-channel split: half of the channels (``outlier_channels``) at b+1

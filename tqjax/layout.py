@@ -4,7 +4,7 @@ Layout (one layer): structure-of-arrays pages, head-major, ``num_blocks x block_
 KV head::
 
     key_codes    uint32  [Hk, num_blocks, block_size, key_words]     packed codes (tqjax.packing)
-    key_scales   float16 [Hk, num_blocks, block_size, key_scales]    norms (None for fp8 keys)
+    key_scales   float16 [Hk, num_blocks, block_size, key_scales]    norms, norm-corrected (None for fp8 keys)
     value_codes  uint32  [Hk, num_blocks, block_size, value_words]   packed value codes
     value_scales float16 [Hk, num_blocks, block_size, 2]             [scale, zero] per vector
 

@@ -67,7 +67,8 @@ class TurboQuantMSE:
     """TurboQuant_mse over the last axis of ``[..., dim]`` arrays.
 
     ``quantize(x)`` stores ``||x||`` and the codes of ``Pi x / ||x||``; ``dequantize`` returns
-    ``||x|| Pi^T c[codes]`` (with ``norm_correction``: ``||x|| Pi^T c / ||c||``).
+    ``||x|| Pi^T c[codes]`` (with ``norm_correction``: ``||x|| Pi^T c / ||c||``, computed as
+    ``Pi^T c * stored_norm``, the norm a cache stores: see :meth:`stored_norm`).
     """
 
     def __init__(
@@ -112,14 +113,22 @@ class TurboQuantMSE:
         return MSECode(bucketize(y, self.boundaries), norm)
 
     def centroid_vectors(self, codes: jax.Array) -> jax.Array:
-        """Rotated-domain unit-scale reconstruction ``c[codes]`` (normalised if norm-corrected)."""
-        c = jnp.asarray(self.centroids)[codes.astype(jnp.int32)]
-        if self.norm_correction:
-            c = c / jnp.maximum(_norm(c), _TINY)[..., None]
-        return c
+        """The codebook's centroids ``c[codes]``, float32 ``[..., dim]`` (never normalised)."""
+        return jnp.asarray(self.centroids)[codes.astype(jnp.int32)]
+
+    def stored_norm(self, code: MSECode) -> jax.Array:
+        """The scale that multiplies ``c[codes]``, float32 ``[...]``: ``||x||``, or with
+        ``norm_correction`` ``||x|| / ||c[codes]||`` (the reconstruction gets the input's norm).
+
+        A cache stores this (rounded to fp16), so that decoding is one multiply per vector and the
+        attention kernels never sum ``c**2`` (measured 28-30% of a decode step on the H200).
+        """
+        if not self.norm_correction:
+            return code.norm
+        return code.norm / jnp.maximum(_norm(self.centroid_vectors(code.codes)), _TINY)
 
     def dequantize_rotated(self, code: MSECode) -> jax.Array:
-        return self.centroid_vectors(code.codes) * code.norm[..., None]
+        return self.centroid_vectors(code.codes) * self.stored_norm(code)[..., None]
 
     def dequantize(self, code: MSECode) -> jax.Array:
         return self.rotation.apply_inverse(self.dequantize_rotated(code))

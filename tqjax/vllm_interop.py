@@ -1,4 +1,4 @@
-"""Byte-exact conversion between a tqjax :class:`~tqjax.layout.PagedKVCache` and vLLM's TurboQuant cache.
+"""Conversion between a tqjax :class:`~tqjax.layout.PagedKVCache` and vLLM's TurboQuant cache (byte-exact but for key norms).
 
 vLLM stores one layer's TurboQuant KV cache as a single uint8 tensor
 ``[num_blocks, block_size, num_kv_heads, slot_bytes]``: one **slot** of ``slot_bytes`` bytes per token
@@ -22,9 +22,16 @@ packed by :mod:`tqjax.packing`, whose field decomposition differs from the strea
 so conversion unpacks to codes and repacks. For every supported head dimension tqjax spends exactly
 ``vllm_slot_bytes(config)`` bytes per slot, too.
 
-The conversion is exact in both directions: ``to_vllm(from_vllm(data, cfg))`` reproduces every byte of
-``data`` (pad bytes excepted, which vLLM writes as 0) and ``from_vllm(to_vllm(cache), cache.config)``
-reproduces every code, norm, scale and zero bit for bit. Only the four presets vLLM ships convert.
+Key norms follow two conventions of norm correction: vLLM stores ``||k||`` and renormalises the
+centroid vector at decode time; tqjax stores ``||k|| / ||c[codes]||`` (computed once by the store, so
+no attention kernel sums ``c**2``; see :mod:`tqjax.config`). The conversion rescales them by
+``||c[codes]||`` (float64, tqjax's codebook) and rounds once to fp16.
+
+Everything else converts exactly in both directions: ``to_vllm(from_vllm(data, cfg))`` reproduces every
+byte of ``data`` except the key norms (pad bytes excepted, which vLLM writes as 0), and
+``from_vllm(to_vllm(cache), cache.config)`` every code, scale and zero bit for bit; a key norm comes
+back within one fp16 ulp (two roundings of relative error <= 2**-11). Only the four presets vLLM ships
+convert.
 
 A converted cache is bit-identical but only *meaningful* in the other system if both encode with the
 same rotation and the same codebook: tqjax's random rotation (``config.rotation``, ``config.seed``)
@@ -37,9 +44,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from tqjax.codec import key_codec
 from tqjax.config import PRESETS, TurboQuantConfig
 from tqjax.layout import PagedKVCache, check_addressable
 from tqjax.packing import pack_bytes_le, pack_codes, unpack_bytes_le, unpack_codes
+from tqjax.quantizers import FP16_MAX
 
 _FP16_BYTES = 2
 
@@ -132,6 +141,21 @@ def _bytes_to_fp16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view("<f2").astype(np.float16)
 
 
+def _rescale_norms(norms: np.ndarray, codes: np.ndarray, config: TurboQuantConfig, *, to_vllm: bool) -> np.ndarray:
+    """Key norms between the two conventions of norm correction, float16 ``[..., 1]`` -> float16.
+
+    vLLM stores ``||k||`` and renormalises ``c[codes]`` at decode time; tqjax stores
+    ``||k|| / ||c[codes]||`` (see :mod:`tqjax.config`). The factor ``||c[codes]||`` (tqjax's codebook)
+    is computed in float64 and the result rounded once to fp16 (saturating like the store).
+    """
+    if not config.norm_correction:
+        return norms
+    centroids = key_codec(config).quantizers[0].centroids.astype(np.float64)
+    length = np.maximum(np.linalg.norm(centroids[codes], axis=-1, keepdims=True), 1e-30)
+    x = norms.astype(np.float64) * length if to_vllm else norms.astype(np.float64) / length
+    return np.minimum(x, FP16_MAX).astype(np.float16)
+
+
 def to_vllm(cache: PagedKVCache) -> np.ndarray:
     """tqjax cache -> vLLM slot tensor, uint8 ``[num_blocks, block_size, num_kv_heads, slot_bytes]``.
 
@@ -146,7 +170,7 @@ def to_vllm(cache: PagedKVCache) -> np.ndarray:
     else:
         (segment,) = config.key_segments
         key_codes = unpack_codes(key_words, segment.bits, segment.dim, xp=np)
-        key_norm = np.asarray(cache.key_scales)[..., :1]
+        key_norm = _rescale_norms(np.asarray(cache.key_scales)[..., :1], key_codes, config, to_vllm=True)
         parts = [codes_to_vllm_stream(key_codes, segment.bits), _fp16_to_bytes(key_norm)]
     value_codes = unpack_codes(np.asarray(cache.value_codes), config.value_bits, d, xp=np)
     value_scale_zero = np.asarray(cache.value_scales)  # float16 [Hk, NB, BS, 2]
@@ -194,7 +218,7 @@ def from_vllm(data: np.ndarray, config: TurboQuantConfig) -> PagedKVCache:
         (segment,) = config.key_segments
         codes = vllm_stream_to_codes(key_part, segment.bits, segment.dim)
         key_codes = pack_codes(codes, segment.bits, xp=np)
-        key_scales = jnp.asarray(_bytes_to_fp16(key_norm))
+        key_scales = jnp.asarray(_rescale_norms(_bytes_to_fp16(key_norm), codes, config, to_vllm=False))
     value_codes = pack_codes(vllm_stream_to_codes(value_part, config.value_bits, d), config.value_bits, xp=np)
     return PagedKVCache(
         key_codes=jnp.asarray(key_codes),

@@ -4,7 +4,7 @@ One program per (sequence b, KV head h, split s) handles the whole GQA group of 
 KV head h, so every cache byte is read once per step. The program walks its split's pages of the
 sequence ``block_tokens`` tokens at a time: it gathers the pages through the block table (masked
 loads: no block-table entry at or past the sequence's last used block is ever read), unpacks the key
-codes field by field, looks the centroids up, applies the norm (and norm correction), scores the
+codes field by field, looks the centroids up, applies the stored (norm-corrected) norm, scores the
 pre-rotated query against them with one matrix product per key segment, dequantizes the values
 (folding scale and zero into the probabilities) and runs an fp32 online softmax. No dequantized K/V
 buffer is ever materialised. The splits are merged by their log-sum-exp in XLA.
@@ -266,9 +266,7 @@ def _decode_kernel(
                 terms.append((q_offsets[si], signs, factor))
             else:
                 c = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si])
-                factor = column(key_scales_ref, si if config.key_format == "split" else 0)
-                if config.norm_correction:
-                    factor = factor * jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), 1e-30))
+                factor = column(key_scales_ref, si if config.key_format == "split" else 0)  # norm-corrected
                 terms.append((q_offsets[si], c, factor))
 
         def load_value_words(start, count):

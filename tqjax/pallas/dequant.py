@@ -4,7 +4,7 @@ Chunked prefill needs a continuation chunk's cached context as dense K/V: the ch
 prefill kernel over [context; chunk] with the right causal offset (see :mod:`tqjax.nn.attention`).
 One program per (sequence b, KV head h, chunk of ``block_tokens`` tokens) gathers its pages through
 the block table (masked: no block-table entry at or past the sequence's last used block is read),
-unpacks the key codes, looks the centroids up and applies the norms (and norm correction), exactly as
+unpacks the key codes, looks the centroids up and applies the stored (norm-corrected) norms, exactly as
 the decode kernel does, and writes the keys in the rotated *score domain* together with the
 dequantized values. The inverse rotations (and, for the QJL presets, the sketch projection) are dense
 matrix products that XLA runs after the kernel on the tensor cores, like the query rotation of the
@@ -84,10 +84,7 @@ def _dequant_kernel(
             vec = signs * (column(key_scales_ref, 0) * column(key_scales_ref, 1) * qjl_scale)
         else:
             cvec = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si])
-            factor = column(key_scales_ref, si if config.key_format == "split" else 0)
-            if config.norm_correction:
-                factor = factor * jax.lax.rsqrt(jnp.maximum(jnp.sum(cvec * cvec, axis=1, keepdims=True), 1e-30))
-            vec = cvec * factor
+            vec = cvec * column(key_scales_ref, si if config.key_format == "split" else 0)  # norm-corrected
         k_ref[:, pl.ds(offsets[si], seg.dim)] = jnp.where(valid, vec, 0.0)
 
     def load_value_words(start, count):

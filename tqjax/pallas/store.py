@@ -85,7 +85,13 @@ from tqjax.codec import fp16_norm, key_codec, take_channels
 from tqjax.config import TurboQuantConfig, is_power_of_two
 from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
-from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, fp16_reciprocals
+from tqjax.quantizers import (
+    FP8_E4M3_MAX,
+    FP16_MAX,
+    MSECode,
+    bucketize,
+    fp16_reciprocals,
+)
 from tqjax.reference import check_store_inputs
 
 __all__ = [
@@ -218,9 +224,11 @@ def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Ar
         return ([f.rotated] if codec.prod.mse is not None else []) + [f.sketch], scales
     features, norms = [], []
     for i, seg in enumerate(codec.segments):
-        y, norm = codec.quantizers[i].rotate_unit(take_channels(x, seg))
+        quantizer = codec.quantizers[i]
+        y, norm = quantizer.rotate_unit(take_channels(x, seg))
         features.append(y)
-        norms.append(fp16_norm(norm))
+        # the norm correction needs the codes: bucketized here as well (the kernel packs its own)
+        norms.append(fp16_norm(quantizer.stored_norm(MSECode(bucketize(y, quantizer.boundaries), norm))))
     return features, jnp.stack(norms, axis=-1)
 
 
