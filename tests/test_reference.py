@@ -214,10 +214,11 @@ def test_stored_norm_is_norm_corrected(name: str) -> None:
     """With norm correction the cache stores ``||k_seg|| / ||c[codes]||`` per key segment, so a decoded
     key segment has the input segment's norm. Checked against float64 numpy from the stored codes.
 
-    The stored value is float32 arithmetic (two norms of <= D terms and a division: relative error
-    <= (2 (D + 2) + 1) u ~ 1.6e-5) rounded to fp16 (half an ulp = 2**-11 relative at most), so it is the
-    float64 value's fp16 rounding or an fp16 neighbour of it; a neighbour only when the float64 value
-    lies within 1.6e-5 relative of a rounding midpoint (fp16 ulps are >= 2**-11 relative: a few percent
+    The stored value is ``||k||`` in float32 (a norm of D terms: relative error <= (D + 2) u ~ 8e-6)
+    over ``sqrt`` of a fixed-point sum of squares (D roundings of 0.5 in units of 2**-27 at D=128 on a
+    sum near 2**27: ~5e-7), then rounded to fp16 (half an ulp = 2**-11 relative at most); so it is the
+    float64 value's fp16 rounding or an fp16 neighbour of it, a neighbour only when the float64 value
+    lies within ~1e-5 relative of a rounding midpoint (fp16 ulps are >= 2**-11 relative: a few percent
     of the values at most).
     """
     cfg = config(name)

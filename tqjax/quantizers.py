@@ -36,6 +36,14 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
 
+def _fixed_point_squares(centroids: np.ndarray, dim: int) -> tuple[int, np.ndarray]:
+    """``(s, round(c**2 * 2**s))`` as int32, with the largest ``s`` for which a sum of ``dim`` of them
+    stays below 2**31 (at D=128, 4 bits: s = 27, each square to ~5e-7 relative)."""
+    squares = np.asarray(centroids, np.float64) ** 2
+    shift = int(np.floor(np.log2(2.0**30 / (dim * max(squares.max(), 1e-300)))))
+    return shift, np.round(squares * 2.0**shift).astype(np.int32)
+
+
 def bucketize(u: jax.Array, boundaries: np.ndarray) -> jax.Array:
     """Index of the Lloyd--Max cell of each element: number of boundaries strictly below it. uint8."""
     return jnp.sum(u[..., None] > jnp.asarray(boundaries), axis=-1, dtype=jnp.int32).astype(jnp.uint8)
@@ -89,6 +97,7 @@ class TurboQuantMSE:
         # numpy constants (not jax arrays: a quantizer may first be built inside a trace)
         self.centroids = self.codebook.centroids.astype(np.float32)
         self.boundaries = self.codebook.boundaries.astype(np.float32)
+        self._square_shift, self._squares = _fixed_point_squares(self.centroids, dim)
 
     def _check(self, x: jax.Array, name: str) -> None:
         if x.shape[-1:] != (self.dim,):
@@ -125,7 +134,11 @@ class TurboQuantMSE:
         """
         if not self.norm_correction:
             return code.norm
-        return code.norm / jnp.maximum(_norm(self.centroid_vectors(code.codes)), _TINY)
+        # ||c||^2 as an integer sum of fixed-point squares: exact in any summation order, so every XLA
+        # program that stores keys (the reference, the Pallas store's XLA half) gets the same bits.
+        total = jnp.sum(jnp.asarray(self._squares)[code.codes.astype(jnp.int32)], axis=-1, dtype=jnp.int32)
+        length = jnp.sqrt(total.astype(jnp.float32) * np.float32(2.0**-self._square_shift))
+        return code.norm / jnp.maximum(length, _TINY)
 
     def dequantize_rotated(self, code: MSECode) -> jax.Array:
         return self.centroid_vectors(code.codes) * self.stored_norm(code)[..., None]
