@@ -25,6 +25,7 @@ from tqjax import TurboQuantMSE, TurboQuantProd, lloyd_max_codebook
 from tqjax.quantizers import (
     FP8_E4M3_MAX,
     FP16_MAX,
+    MSECode,
     dequantize_values,
     quantize_fp8,
     quantize_values,
@@ -490,3 +491,25 @@ def test_fp16_reciprocal_table_is_correctly_rounded() -> None:
         err = abs(Fraction(float(r)) - exact)
         # nearest: no float32 neighbour is closer, and a tie never occurs (1/x = 2**-e/m, m odd)
         assert err < abs(Fraction(float(lo)) - exact) and err < abs(Fraction(float(hi)) - exact), i
+
+
+@pytest.mark.parametrize("bits,dim", [(1, 64), (3, 128), (4, 128), (4, 512)])
+def test_stored_norm_is_order_independent(bits: int, dim: int) -> None:
+    """The norm-corrected stored norm sums fixed-point integer squares: any permutation of a vector's
+    codes gives the same bits (a float32 sum need not: XLA may order it differently per program), the
+    worst case (every code the largest centroid) stays below 2**31, and the result is within ~1e-6 of
+    float64."""
+    q = TurboQuantMSE(dim, bits, seed=3, norm_correction=True)
+    shift, squares = q._square_shift, q._squares
+    assert dim * int(squares.max()) < 2**31
+    np.testing.assert_allclose(squares * 2.0**-shift, q.centroids.astype(np.float64) ** 2, rtol=0,
+                               atol=2.0 ** -(shift + 1))
+    rng = np.random.default_rng(bits * dim)
+    codes = jnp.asarray(rng.integers(0, 2**bits, size=(256, dim)), jnp.uint8)
+    norm = f32(rng.uniform(0.5, 2.0, 256))
+    perm = rng.permutation(dim)
+    a = np.asarray(jax.jit(q.stored_norm)(MSECode(codes, norm)))
+    b = np.asarray(jax.jit(q.stored_norm)(MSECode(codes[:, perm], norm)))
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    want = np.asarray(norm, np.float64) / np.linalg.norm(q.centroids.astype(np.float64)[np.asarray(codes)], axis=-1)
+    np.testing.assert_allclose(a, want, rtol=1e-6)
