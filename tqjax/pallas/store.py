@@ -13,7 +13,8 @@ What runs where
   and, for ``prod`` keys, the QJL residual and its sketch ``S r`` plus the residual norm. These come
   from the very functions the reference's quantizers call (``TurboQuantMSE.rotate_unit``,
   ``TurboQuantProd.quantize_features``) on the same shapes, so XLA computes the reference's bits. The fp16 key norms are
-  also formed here (a few bytes per vector). Outputs: the rotated unit keys ``y`` per key segment
+  also formed here (a few bytes per vector); with norm correction that is ``TurboQuantMSE.stored_norm``,
+  which bucketizes ``y`` for ``||c[codes]||`` (an integer sum, exact in any order). Outputs: the rotated unit keys ``y`` per key segment
   (float32 ``[N, Hk, dim]``), the sketch, and the new key scales ``[N, Hk, nk]`` fp16.
 * **The kernel, everything that dominates bytes and is order independent:** bucketizing ``y``
   against the Lloyd--Max boundaries (a count of strict comparisons), the sign of the sketch, float8
