@@ -11,7 +11,6 @@ parameters (tokens per step / warps / stages), next to a read-only probe with th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 
 import jax
@@ -73,8 +72,7 @@ def main() -> None:
                          "launch parameters")
     ap.add_argument("--variants", default="",
                     help="comma-separated lookup/block_tokens/num_warps/num_stages variants (e.g. poly_fma/64/8/2), "
-                         "timed instead of --lookups; a lookup suffixed '-nonc' (poly_fma-nonc/16/2/1) runs the "
-                         "kernel with the norm correction switched off (compared with the reference likewise)")
+                         "timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
@@ -111,23 +109,15 @@ def main() -> None:
                         for lk in args.lookups.split(",")]
         for lookup, bt_tok, w, s in variants:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
-            label = lookup
-            lookup, _, suffix = lookup.partition("-")
-            run_cache, run_ref = cache, ref
-            if suffix == "nonc":  # the same codes read without the norm correction (and its own reference)
-                run_cache = dataclasses.replace(cache, config=dataclasses.replace(cache.config, norm_correction=False))
-                run_ref = paged_decode_reference(qs[0].astype(jnp.float32), run_cache, bt, lens)
-            elif suffix:
-                raise SystemExit(f"unknown variant suffix {suffix!r} (known: nonc)")
             try:
-                f = jax.jit(functools.partial(paged_decode, cache=run_cache, block_tables=bt, seq_lens=lens,
-                                              lookup=lookup, block_tokens=bt_tok, num_warps=w, num_stages=s))
-                err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - run_ref)) / jnp.max(jnp.abs(run_ref)))
+                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
+                                              block_tokens=bt_tok, num_warps=w, num_stages=s))
+                err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
-                rows.append((name, label, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
+                rows.append((name, lookup, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
                              f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001
-                rows.append((name, label, bt_tok, w, s, "ERR", str(e)[:80]))
+                rows.append((name, lookup, bt_tok, w, s, "ERR", str(e)[:80]))
             print(rows[-1], flush=True)
     print(f"\n{device_description()}; copy bw {bw/1e9:.0f} GB/s; B={b} ctx={ctx} Hq={hq} Hk={hk} D={d} bs={bs}")
     print("preset variant block_tokens warps stages us GB/s frac_of_copy_bw max_rel_err_vs_reference")
