@@ -195,6 +195,33 @@ def test_poly_fma_is_the_cuda_default_only(monkeypatch):
         paged_decode(q, cache, tables, lens + 100, interpret=INTERPRET)
 
 
+def test_tuned_launch_follows_the_detected_platform(monkeypatch):
+    """The tuned launch parameters and the lookup checks come from the same platform detection: with
+    the platform reported as an H200, a 4bit_nc decode launches with the H200 entry of tuning.json,
+    and the CUDA default lookup becomes "poly" in interpret mode."""
+    from tqjax.pallas import decode as decode_module
+    from tqjax.pallas.tuning import decode_params
+    from tqjax.platform import Platform
+
+    h200 = decode_params("turboquant_4bit_nc", Platform("cuda", "sm90", "NVIDIA H200"))
+    launch = lambda p: (p["block_tokens"], p["num_warps"], p["num_stages"])
+    assert launch(h200) != launch(decode_params("turboquant_4bit_nc", Platform("cpu")))  # else the test is void
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return jnp.zeros(args[0].shape, jnp.float32)
+
+    monkeypatch.setattr(decode_module, "detect_platform", lambda: Platform("cuda", "sm90", "NVIDIA H200"))
+    monkeypatch.setattr(decode_module, "_paged_decode", spy)
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[4], seed=0)
+    paged_decode(q, cache, tables, lens, interpret=True)
+    assert launch(seen) == launch(h200)
+    assert seen["lookup"] == "poly"
+
+
 @functools.lru_cache(maxsize=None)
 def _lowering_case(name):
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
