@@ -118,7 +118,10 @@ class TurboQuantMSE:
         return self.rotate(x / jnp.maximum(norm, _TINY)[..., None]), norm
 
     def quantize(self, x: jax.Array) -> MSECode:
-        y, norm = self.rotate_unit(x)
+        return self.code_of(*self.rotate_unit(x))
+
+    def code_of(self, y: jax.Array, norm: jax.Array) -> MSECode:
+        """The code of a rotated unit vector ``y`` ``[..., dim]`` (from :meth:`rotate_unit`) and its norm."""
         return MSECode(bucketize(y, self.boundaries), norm)
 
     def centroid_vectors(self, codes: jax.Array) -> jax.Array:

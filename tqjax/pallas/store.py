@@ -86,13 +86,7 @@ from tqjax.codec import fp16_norm, key_codec, take_channels
 from tqjax.config import TurboQuantConfig, is_power_of_two
 from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
-from tqjax.quantizers import (
-    FP8_E4M3_MAX,
-    FP16_MAX,
-    MSECode,
-    bucketize,
-    fp16_reciprocals,
-)
+from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, fp16_reciprocals
 from tqjax.reference import check_store_inputs
 
 __all__ = [
@@ -229,7 +223,7 @@ def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Ar
         y, norm = quantizer.rotate_unit(take_channels(x, seg))
         features.append(y)
         # the norm correction needs the codes: bucketized here as well (the kernel packs its own)
-        norms.append(fp16_norm(quantizer.stored_norm(MSECode(bucketize(y, quantizer.boundaries), norm))))
+        norms.append(fp16_norm(quantizer.stored_norm(quantizer.code_of(y, norm))))
     return features, jnp.stack(norms, axis=-1)
 
 
