@@ -71,8 +71,9 @@ def main() -> None:
                     help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
                          "launch parameters")
     ap.add_argument("--variants", default="",
-                    help="comma-separated lookup/block_tokens/num_warps/num_stages variants (e.g. poly_fma/64/8/2), "
-                         "timed instead of --lookups")
+                    help="comma-separated lookup/block_tokens/num_warps/num_stages[/x3] variants (e.g. poly_fma/64/8/2; "
+                         "a trailing /x3 runs the score product as one TF32x3 product instead of the default "
+                         "split query), timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
@@ -103,21 +104,23 @@ def main() -> None:
             print(rows[-1], flush=True)
         tuned = decode_params(name)
         if args.variants:
-            variants = [v.split("/") for v in args.variants.split(",")]
+            variants = [(v.split("/") + [""])[:5] for v in args.variants.split(",")]
         else:
-            variants = [(lk, tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"])
+            variants = [(lk, tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"], "")
                         for lk in args.lookups.split(",")]
-        for lookup, bt_tok, w, s in variants:
+        for lookup, bt_tok, w, s, prec in variants:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
+            precision = {"": None, "x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[prec]
+            lookup_name = f"{lookup}/{prec}" if prec else lookup
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
-                                              block_tokens=bt_tok, num_warps=w, num_stages=s))
+                                              block_tokens=bt_tok, num_warps=w, num_stages=s, precision=precision))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
-                rows.append((name, lookup, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}", f"{nbytes/t/bw:.2f}",
-                             f"{err:.1e}"))
+                rows.append((name, lookup_name, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}",
+                             f"{nbytes/t/bw:.2f}", f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001
-                rows.append((name, lookup, bt_tok, w, s, "ERR", str(e)[:80]))
+                rows.append((name, lookup_name, bt_tok, w, s, "ERR", str(e)[:80]))
             print(rows[-1], flush=True)
     print(f"\n{device_description()}; copy bw {bw/1e9:.0f} GB/s; B={b} ctx={ctx} Hq={hq} Hk={hk} D={d} bs={bs}")
     print("preset variant block_tokens warps stages us GB/s frac_of_copy_bw max_rel_err_vs_reference")

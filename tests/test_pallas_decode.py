@@ -134,27 +134,26 @@ def test_no_retrace_across_steps():
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_polynomial_centroids_match_table(bits, dim):
-    """The in-kernel polynomial reproduces every float32 centroid within 8 ulps of max|c|, so it is
-    used (not the select fallback) for every codebook a preset uses (1..5 bits)."""
-    c = tqjax.lloyd_max_codebook(bits, dim).centroids
-    lk = centroid_lookup(c, "poly")
+    """The in-kernel polynomial, rounded to tf32, gives every decode-table entry exactly (so it is used,
+    not the select fallback, for every codebook a preset uses: 1..5 bits), in both its forms."""
+    from tqjax.pallas.decode import _poly_eval_f32, _poly_fma_host
+
+    c = tqjax.TurboQuantMSE(dim, bits).centroids  # the decode table the reference uses
+    lk = centroid_lookup(tqjax.lloyd_max_codebook(bits, dim).centroids, "poly")
+    assert lk.centroids == tuple(float(x) for x in c)
     if bits == 1:
-        assert lk.method == "poly" or lk.method == "select"
+        assert lk.method in ("poly", "select")
         return
     assert lk.method == "poly"
-    from tqjax.pallas.decode import _poly_eval_f32
-
     got = _poly_eval_f32(np.arange(c.size), c.size, np.float32(lk.scale), np.float32(lk.offset),
                          np.asarray(lk.coefs, np.float32))
-    assert np.max(np.abs(got - c)) <= 8 * 2.0**-24 * np.max(np.abs(c))
-    # the FMA form (emulated exactly on the host) is as accurate and keeps the same coefficients
-    from tqjax.pallas.decode import _poly_fma_host
-
-    fma = centroid_lookup(c, "poly_fma")
+    np.testing.assert_array_equal(got, c)
+    # the FMA form (emulated exactly on the host) keeps the same coefficients and is exact too
+    fma = centroid_lookup(tqjax.lloyd_max_codebook(bits, dim).centroids, "poly_fma")
     assert fma.method == "poly_fma" and fma.coefs == lk.coefs
     got = _poly_fma_host(np.arange(c.size), c.size, np.float32(fma.scale), np.float32(fma.offset),
                          np.asarray(fma.coefs, np.float32))
-    assert np.max(np.abs(got - c)) <= 8 * 2.0**-24 * np.max(np.abs(c))
+    np.testing.assert_array_equal(got, c)
 
 
 def test_num_splits_heuristic():
@@ -239,7 +238,7 @@ def test_lowers_to_triton_for_cuda(name, dot_mode):
         return decode._paged_decode(
             q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
             num_stages=2, lookup="poly_fma" if dot_mode == "mma" else "poly", dot_mode=dot_mode, interpret=False,
-            precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+            precision=decode.SPLIT_QUERY,
         )
 
     exported = jax.export.export(

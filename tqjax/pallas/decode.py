@@ -37,6 +37,7 @@ from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
 from tqjax.pallas.tuning import decode_params
 from tqjax.platform import detect_platform
+from tqjax.quantizers import tf32_table
 from tqjax.reference import check_decode_inputs, paged_decode_reference
 
 __all__ = ["paged_decode", "paged_decode_reference", "choose_num_splits", "centroid_lookup", "merge_splits"]
@@ -71,16 +72,22 @@ def _unpack(load_words, bits: int, n: int, t: int) -> jax.Array:
 class CentroidLookup:
     """How the kernel turns b-bit codes into centroid values (static, hashable).
 
+    Every lookup returns the decode table's values exactly: the table (``TurboQuantMSE.centroids``) is
+    exact in tf32 (11 significant bits, :func:`tqjax.quantizers.tf32_table`), so a result within a few
+    float32 ulps of it rounds back onto it, and the decoded keys enter tensor-core products unrounded.
+
     ``"poly"``: Lloyd--Max codebooks are odd and sorted, so with ``s = code - (2**b - 1) / 2`` the
     centroid is ``s * P(a * s**2 + c)`` for the degree ``2**(b-1) - 1`` polynomial P interpolating the
-    positive half. Evaluated by Horner in float32 it reproduces every float32 centroid to within a few
-    ulps of the largest (checked on the host, else ``"select"`` is used): about 12 operations per
-    element at 4 bits and 8 at 3 bits, against 2 * 2**b for a compare/select chain.
-    ``"poly_fma"``: the same polynomial with every Horner step one fused multiply-add, written as
-    one inline PTX block (CUDA GPUs only: Pallas' Triton lowering emits a separate multiply and add
-    for ``a * u + c``, and offers no FMA otherwise): at 4 bits the Horner steps are 7 FMAs instead
-    of 7 multiplies and 7 adds; measured 10-12% faster decode on the H200 (``4bit_nc`` and
-    ``3bit_nc``, B=32, 16k). Checked on the host the same way, with the FMAs emulated exactly.
+    positive half. Evaluated by Horner in float32 and rounded to the nearest tf32 value (ties away from
+    zero, two integer operations) it gives every table entry exactly (checked on the host, else
+    ``"select"`` is used): about 12 operations per element at 4 bits and 8 at 3 bits, against
+    2 * 2**b for a compare/select chain.
+    ``"poly_fma"``: the same polynomial with every Horner step one fused multiply-add and the rounding
+    one ``cvt.rna.tf32.f32``, written as one inline PTX block (CUDA GPUs only, sm_80 and later: Pallas'
+    Triton lowering emits a separate multiply and add for ``a * u + c``, and offers no FMA otherwise):
+    at 4 bits the Horner steps are 7 FMAs instead of 7 multiplies and 7 adds; measured 10-12% faster
+    decode on the H200 (``4bit_nc`` and ``3bit_nc``, B=32, 16k). Checked on the host the same way, with
+    the FMAs emulated exactly.
     ``"select"``: a compare/select chain over the table (any codebook).
     """
 
@@ -88,47 +95,62 @@ class CentroidLookup:
     centroids: tuple[float, ...]
     scale: float = 0.0
     offset: float = 0.0
-    coefs: tuple[float, ...] = ()
+    coefs: tuple[float, ...] = ()  # of P / 2 (the kernel evaluates x2 * P(u) / 2 with x2 = 2 * s)
 
 
 _POLY_MAX_BITS = 5
-_POLY_MAX_ULPS = 8.0
 
 
 def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
-    """Build the static lookup for a codebook; ``method`` "poly" or "poly_fma" falls back to "select"
-    when the polynomial would not reproduce the float32 centroids (more than 5 bits, or too inexact)."""
+    """Build the static lookup for a Lloyd--Max codebook (float64 [2**b], odd and ascending); its decode
+    table is :func:`tqjax.quantizers.tf32_table` of it (``TurboQuantMSE.centroids``). The polynomial
+    is fitted to the exact codebook (a smooth function of the code); ``method`` "poly" or "poly_fma"
+    falls back to "select" when the rounded polynomial would not give every table entry exactly (more
+    than 5 bits, or too inexact)."""
     c64 = np.asarray(centroids, np.float64)
-    table = tuple(float(x) for x in c64.astype(np.float32))
+    table = tf32_table(c64)
+    entries = tuple(float(x) for x in table)
     n = c64.size
     if method == "select" or n > 1 << _POLY_MAX_BITS or n < 2:
-        return CentroidLookup("select", table)
+        return CentroidLookup("select", entries)
     half = n // 2
     s = np.arange(half, n) - (n - 1) / 2
     u2 = s * s
     lo, hi = u2.min(), u2.max()
     scale = 2.0 / (hi - lo) if hi > lo else 0.0
     offset = -(hi + lo) / (hi - lo) if hi > lo else 0.0
-    coefs = np.polynomial.polynomial.polyfit(scale * u2 + offset, c64[half:] / s, half - 1)
+    coefs = (np.polynomial.polynomial.polyfit(scale * u2 + offset, c64[half:] / s, half - 1) / 2).astype(np.float32)
     evaluate = _poly_fma_host if method == "poly_fma" else _poly_eval_f32
-    got = evaluate(np.arange(n), n, np.float32(scale), np.float32(offset), coefs.astype(np.float32))
-    err_ulps = np.max(np.abs(got.astype(np.float64) - c64)) / (np.max(np.abs(c64)) * 2.0**-24)
-    if not err_ulps <= _POLY_MAX_ULPS:
-        return CentroidLookup("select", table)
+    if not np.array_equal(evaluate(np.arange(n), n, np.float32(scale), np.float32(offset), coefs), table):
+        return CentroidLookup("select", entries)
     return CentroidLookup(
-        method, table, float(np.float32(scale)), float(np.float32(offset)), tuple(float(x) for x in coefs.astype(np.float32))
+        method, entries, float(np.float32(scale)), float(np.float32(offset)), tuple(float(x) for x in coefs)
     )
 
 
-def _poly_eval_f32(codes, n: int, scale, offset, coefs):
-    """``s * P(scale * s**2 + offset)`` with ``s = code - (n - 1) / 2``, float32 Horner (numpy or jnp)."""
-    return _poly_eval_x2((2 * codes - (n - 1)).astype(np.float32), scale, offset, coefs)
+def _round_tf32_host(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to the nearest tf32 value, ties away from zero (``cvt.rna.tf32.f32``)."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _round_tf32(x: jax.Array) -> jax.Array:
+    """:func:`_round_tf32_host` in jnp (two integer operations per element)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), jnp.float32)
+
+
+def _poly_eval_f32(codes, n: int, scale, offset, coefs) -> np.ndarray:
+    """The "poly" lookup on the host: ``s * P(scale * s**2 + offset)`` with ``s = code - (n - 1) / 2``
+    (``coefs`` of P / 2), float32 Horner, rounded to tf32."""
+    return _round_tf32_host(_poly_eval_x2((2 * np.asarray(codes) - (n - 1)).astype(np.float32), scale, offset, coefs))
 
 
 def _poly_fma_host(codes, n: int, scale, offset, coefs) -> np.ndarray:
     """:func:`_poly_ptx`'s arithmetic on the host: each ``fma.rn.f32`` as an exact float64 product and
     sum rounded once to float32 (a product of two float32 values is exact in float64; the sum's double
-    rounding is below the tolerance this check applies)."""
+    rounding is below half a tf32 ulp, which the final rounding absorbs: the host check compares the
+    rounded results exactly)."""
     f32 = np.float32
 
     def fma(a, b, c):
@@ -139,19 +161,19 @@ def _poly_fma_host(codes, n: int, scale, offset, coefs) -> np.ndarray:
     acc = np.full_like(u, coefs[-1])
     for cf in coefs[-2::-1]:
         acc = fma(acc, u, cf)
-    return x2 * acc * f32(0.5)
+    return _round_tf32_host(x2 * acc)
 
 
 def _poly_eval_x2(x2, scale, offset, coefs):
-    """:func:`_poly_eval_f32` of ``x2 = 2 * s`` (float32): the same float32 operations, scaled by exact
-    powers of two (``x2 * x2 * (scale / 4)`` is ``s * s * scale``, ``x2 * acc / 2`` is ``s * acc``)."""
+    """``x2 * P(u) / 2`` with ``u = (x2 / 2)**2 * scale + offset`` (``coefs`` of P / 2), the float32
+    operations of the "poly" lookup before its rounding (numpy or jnp)."""
     u = x2 * x2 * np.float32(np.float32(scale) / 4) + offset
     if len(coefs) == 1:
-        return x2 * (coefs[0] + 0 * u) * np.float32(0.5)
+        return x2 * (coefs[0] + 0 * u)
     acc = coefs[-1] * u + coefs[-2]  # the first Horner step on the constant leading coefficient
     for cf in coefs[-3::-1]:
         acc = acc * u + cf
-    return x2 * acc * np.float32(0.5)
+    return x2 * acc
 
 
 def _f32_hex(x: float) -> str:
@@ -160,15 +182,15 @@ def _f32_hex(x: float) -> str:
 
 def _poly_ptx(x: jax.Array, lk: CentroidLookup) -> jax.Array:
     """The "poly_fma" lookup of ``x = 2 * s`` (float32) as one PTX block: :func:`_poly_eval_x2` with
-    each Horner step one ``fma.rn.f32`` (CUDA only)."""
+    each Horner step one ``fma.rn.f32``, then ``cvt.rna.tf32.f32`` (CUDA only, sm_80 and later)."""
     lines = [
-        "{", ".reg .f32 u, a;",
+        "{", ".reg .f32 u, a;", ".reg .b32 r;",
         "mul.rn.f32 u, $1, $1;",
         f"fma.rn.f32 u, u, {_f32_hex(np.float32(lk.scale) / 4)}, {_f32_hex(lk.offset)};",
         f"mov.f32 a, {_f32_hex(lk.coefs[-1])};",
     ]
     lines += [f"fma.rn.f32 a, a, u, {_f32_hex(c)};" for c in lk.coefs[-2::-1]]
-    lines += ["mul.rn.f32 a, $1, a;", "mul.rn.f32 $0, a, 0f3F000000;", "}"]
+    lines += ["mul.rn.f32 a, $1, a;", "cvt.rna.tf32.f32 r, a;", "mov.b32 $0, r;", "}"]
     (out,) = pltriton.elementwise_inline_asm(
         "\n".join(lines), args=[x], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
@@ -177,12 +199,13 @@ def _poly_ptx(x: jax.Array, lk: CentroidLookup) -> jax.Array:
 
 
 def _lookup(codes: jax.Array, lk: CentroidLookup) -> jax.Array:
-    """Centroid values (float32) of int32 ``codes``."""
+    """Centroid values (float32, exact table entries) of int32 ``codes``."""
     if lk.method in ("poly", "poly_fma"):
         x2 = codes.astype(jnp.float32) * 2.0 - np.float32(len(lk.centroids) - 1)  # 2 * s, exact
         if lk.method == "poly_fma":
             return _poly_ptx(x2, lk)
-        return _poly_eval_x2(x2, np.float32(lk.scale), np.float32(lk.offset), [np.float32(c) for c in lk.coefs])
+        return _round_tf32(_poly_eval_x2(x2, np.float32(lk.scale), np.float32(lk.offset),
+                                         [np.float32(c) for c in lk.coefs]))
     out = jnp.full(codes.shape, np.float32(lk.centroids[0]))
     for k in range(1, len(lk.centroids)):
         out = jnp.where(codes == k, np.float32(lk.centroids[k]), out)
@@ -202,7 +225,8 @@ def _decode_kernel(
     # scalar-ish inputs
     block_tables_ref,  # [B, max_blocks] int32
     seq_lens_ref,  # [B] int32
-    q_ref,  # [Gp, Dq] float32: prepared query of this (b, h)
+    q_ref,  # [Gp, Dq] float32: prepared query of this (b, h) (its tf32 high part with SPLIT_QUERY)
+    q_lo_ref,  # [Gp, Dq] float32: the exact remainder q - q_hi with SPLIT_QUERY, else None
     # cache (this KV head)
     key_codes_ref,  # [NB, BS, Wk] uint32
     key_scales_ref,  # [NB, BS, nk] float16 (None for fp8)
@@ -299,11 +323,22 @@ def _decode_kernel(
         return pages, valid
 
     if dot_mode == "mma":
-        # The GQA group as the rows of tensor-core products (padded to gp >= 16 rows). Scores: TF32x3
-        # (fp32-accurate). Values: p' @ codes with p' split into tf32 hi + lo and exact integer codes.
+        # The GQA group as the rows of tensor-core products (padded to gp >= 16 rows). Scores: with
+        # SPLIT_QUERY, q_hi @ k + q_lo @ k, two TF32 products against the tf32-exact key tile (decode
+        # tables, fp8 values and QJL signs all are), as accurate as TF32x3, which also splits the keys;
+        # else one product at ``precision``. Values: p' @ codes with p' split into tf32 hi + lo and
+        # exact integer codes.
+        tf32 = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+
         def mm(a, bmat, contract, prec):
             return jax.lax.dot_general(a, bmat, (contract, ((), ())), precision=prec,
                                        preferred_element_type=jnp.float32)
+
+        def score(off, kvec):
+            cols = pl.ds(off, kvec.shape[1])
+            if q_lo_ref is None:
+                return mm(q_ref[:, cols], kvec, ((1,), (1,)), precision)
+            return mm(q_ref[:, cols], kvec, ((1,), (1,)), tf32) + mm(q_lo_ref[:, cols], kvec, ((1,), (1,)), tf32)
 
         def body(i, carry):
             acc, m_prev, l_prev = carry
@@ -311,15 +346,14 @@ def _decode_kernel(
             terms, vscale, vzero, vcodes = score_terms(pages, valid)
             logits = jnp.zeros((gp, t), jnp.float32)
             for off, kvec, factor in terms:
-                sc = mm(q_ref[:, pl.ds(off, kvec.shape[1])], kvec, ((1,), (1,)), precision)
+                sc = score(off, kvec)
                 logits += sc if factor is None else sc * factor[None, :]
             p, alpha, m_next, l_next = softmax_step(finish_logits(logits, valid[None, :]), m_prev, l_prev)
             pw = p * vscale[None, :]
             if interpret:
-                pv = mm(pw, vcodes, ((1,), (0,)), jax.lax.Precision.HIGHEST)
+                pv = mm(pw, vcodes, ((1,), (0,)), tf32)
             else:
                 hi, lo = _split_tf32(pw)
-                tf32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
                 pv = mm(hi, vcodes, ((1,), (0,)), tf32) + mm(lo, vcodes, ((1,), (0,)), tf32)
             acc = acc * alpha + pv + jnp.sum(p * vzero[None, :], axis=1, keepdims=True)
             return acc, m_next, l_next
@@ -400,6 +434,9 @@ def _paged_decode(
     q_offsets = tuple(int(x) for x in np.cumsum([0] + [p.shape[-1] for p in q_parts])[:-1])
     qcat = jnp.concatenate(q_parts, axis=-1)
     qcat = jnp.pad(qcat, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    q_lo = None
+    if precision == SPLIT_QUERY and dot_mode == "mma":
+        qcat, q_lo = _split_tf32(qcat)
     lookups = tuple(
         centroid_lookup(codec.quantizers[i].codebook.centroids, lookup) if seg.kind == "mse" else None
         for i, seg in enumerate(segments)
@@ -421,7 +458,7 @@ def _paged_decode(
         interpret=interpret,
     )
     o, lse = split_kv_call(
-        kernel, block_tables, seq_lens, [qcat],
+        kernel, block_tables, seq_lens, [qcat, q_lo],
         [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales],
         num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name=f"tq_decode_{cfg.name}",
@@ -481,6 +518,7 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 
 
 LOOKUPS = ("poly", "poly_fma", "select")
+SPLIT_QUERY = "split_query"  # the default score product of the "mma" mode (see paged_decode)
 DOT_MODES = ("mma", "fma")
 
 
@@ -510,9 +548,12 @@ def paged_decode(
     ``lookup`` (:data:`LOOKUPS`, see :class:`CentroidLookup`; "poly_fma", the CUDA default, needs
     compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "poly_fma" is
     refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core
-    products, fp32-accurate through TF32x3 for scores and an exact hi/lo split for values; "fma":
-    CUDA-core float32), ``precision`` of the "mma" score product (default TF32x3 on GPU, HIGHEST in
-    interpret mode).
+    products, fp32-accurate for scores and values; "fma": CUDA-core float32), ``precision`` of the
+    "mma" score product: :data:`SPLIT_QUERY` (the default) splits the query into tf32 high and low
+    parts outside the kernel and runs two TF32 products against the key tile, which is exact in tf32
+    (fp32-accurate like TF32x3, one product and the split of every key fewer; in interpret mode both
+    products run at HIGHEST); any jax precision runs one product at it (e.g.
+    ``DotAlgorithmPreset.TF32_TF32_F32_X3``).
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
     platform = detect_platform()
@@ -537,7 +578,7 @@ def paged_decode(
     if num_splits is None:
         num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
     if precision is None:
-        precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        precision = SPLIT_QUERY
     return _paged_decode(
         query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=num_splits,
         block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
