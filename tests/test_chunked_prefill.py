@@ -159,7 +159,7 @@ def independent_chunk_output(
         bt = jnp.asarray([table], jnp.int32)
         for i in range(n):
             lens = jnp.asarray([c + i + 1], jnp.int32)
-            row = reference.paged_decode_reference(f32(q[i : i + 1]), cache, bt, lens, softcap=softcap)
+            row = reference.paged_decode_jit(f32(q[i : i + 1]), cache, bt, lens, softcap=softcap)
             o[i] = np.asarray(row[0], np.float64)
     else:
         # First or long chunk: [dequantized prefix (c tokens); exact K/V of the chunk], causal in the chunk.

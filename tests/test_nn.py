@@ -257,7 +257,7 @@ def test_attention_prefill_then_decode(preset: str, qk_norm: bool, softcap: floa
     q_dec, k_dec, v_dec = np_qkv(p, x_dec, np.asarray(lens))
 
     # (a) the layer's decode == the reference decode on the same cache (same query, to float32 rounding).
-    ref = reference.paged_decode_reference(
+    ref = reference.paged_decode_jit(
         jnp.asarray(q_dec, jnp.float32), cache, md_dec.block_tables, md_dec.seq_lens, softcap=softcap
     )
     ref = np_linear(p["o_proj"], np.asarray(ref, np.float64).reshape(len(lens), -1))

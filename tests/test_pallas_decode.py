@@ -18,7 +18,7 @@ import pytest
 
 import tqjax
 from tqjax.pallas.decode import centroid_lookup, choose_num_splits, paged_decode
-from tqjax.reference import paged_decode_reference, store_reference
+from tqjax.reference import paged_decode_jit, store_jit
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -36,7 +36,7 @@ def make_case(name: str, *, head_dim: int, block_size: int, hk: int, group: int,
     n = num_blocks * block_size
     k = jnp.asarray(rng.standard_normal((n, hk, head_dim)) * rng.uniform(0.5, 2.0, (n, hk, 1)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((n, hk, head_dim)), jnp.float32)
-    cache = store_reference(cache, k, v, jnp.arange(n, dtype=jnp.int32))
+    cache = store_jit(cache, k, v, jnp.arange(n, dtype=jnp.int32))  # jitted: one compile per shape, not one per op
     perm = rng.permutation(num_blocks)
     tables = np.full((b, max_blocks), -7, np.int32)
     tables[:, 1::2] = 2**30  # garbage the kernel must never follow
@@ -48,7 +48,7 @@ def make_case(name: str, *, head_dim: int, block_size: int, hk: int, group: int,
 
 
 def check(q, cache, tables, lens, **kw):
-    ref = paged_decode_reference(q, cache, tables, lens, scale=kw.get("scale"), softcap=kw.get("softcap"))
+    ref = paged_decode_jit(q, cache, tables, lens, scale=kw.get("scale"), softcap=kw.get("softcap"))
     out = paged_decode(q, cache, tables, lens, interpret=INTERPRET, **kw)
     chex.assert_shape(out, q.shape)
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -112,7 +112,7 @@ def test_bf16_query():
     q16 = q.astype(jnp.bfloat16)
     out = paged_decode(q16, cache, tables, lens, interpret=INTERPRET)
     assert out.dtype == jnp.bfloat16
-    ref = paged_decode_reference(q16, cache, tables, lens)
+    ref = paged_decode_jit(q16, cache, tables, lens)
     # both round the same float32 result to bfloat16: at most one bf16 ulp (2**-8 relative) apart
     chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32),
                                 atol=2**-7 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))), rtol=0)
