@@ -43,9 +43,8 @@ def tf32_table(values: np.ndarray) -> np.ndarray:
     The decode table of every Lloyd--Max codebook is rounded so: a relative change of at most 2**-11 per
     centroid (the distortion grows by ``E[(c' - c)**2] <= 2**-22 E[c**2]``: by 4e-6 of itself at 4 bits
     and d=128, 2e-5 at 5 bits, 0.1% at 8 bits), which makes a decoded key exact in a tf32 tensor-core
-    operand. The Pallas decode
-    then needs only the query split into tf32 high and low parts (two products) for float32-accurate
-    scores, where TF32x3 splits both operands (three products).
+    operand. The Pallas decode then needs only the query split into tf32 high and low parts (two
+    products) for float32-accurate scores, where TF32x3 splits both operands (three products).
     """
     m, e = np.frexp(np.asarray(values, np.float64))
     return np.ldexp(np.rint(m * 2.0**11), e - 11).astype(np.float32)
