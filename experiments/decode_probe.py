@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from experiments.device_check import build
 from experiments.timing import copy_bandwidth, device_description, time_fn
-from tqjax.pallas.decode import paged_decode
+from tqjax.pallas.decode import SPLIT_F16, paged_decode
 from tqjax.pallas.tuning import decode_params
 from tqjax.reference import paged_decode_reference
 
@@ -71,9 +71,9 @@ def main() -> None:
                     help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
                          "launch parameters")
     ap.add_argument("--variants", default="",
-                    help="comma-separated lookup/block_tokens/num_warps/num_stages[/x3] variants (e.g. poly_fma/64/8/2; "
+                    help="comma-separated lookup/block_tokens/num_warps/num_stages[/x3|/f16] variants (e.g. poly_fma/64/8/2; "
                          "a trailing /x3 runs the score product as one TF32x3 product instead of the default "
-                         "split query), timed instead of --lookups")
+                         "split query, /f16 both products on float16 operands), timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
@@ -110,7 +110,7 @@ def main() -> None:
                         for lk in args.lookups.split(",")]
         for lookup, bt_tok, w, s, prec in variants:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
-            precision = {"": None, "x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[prec]
+            precision = {"": None, "x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "f16": SPLIT_F16}[prec]
             lookup_name = f"{lookup}/{prec}" if prec else lookup
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,

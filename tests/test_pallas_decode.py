@@ -65,6 +65,37 @@ def test_every_preset(name):
     check(*make_case(name, head_dim=128, block_size=16, hk=2, group=4, lens=[0, 1, 37, 90], seed=1), num_splits=2)
 
 
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_kqjl3v4", "turboquant_k3p5v4"])
+def test_tf32_score_products(name):
+    """The tf32 split (SPLIT_QUERY), the alternative to the default float16 operands, is as accurate."""
+    from tqjax.pallas.decode import SPLIT_QUERY
+
+    check(*make_case(name, head_dim=128, block_size=16, hk=2, group=4, lens=[3, 70], seed=5), precision=SPLIT_QUERY)
+
+
+def test_f16_split_keeps_small_and_large_magnitudes():
+    """SPLIT_F16 (the default) scales query rows and each step's probabilities by powers of 2 into
+    float16's range before splitting them. KV head 0: queries of ~5e-4 against keys of norm ~1e4 (the
+    query's low part would be float16-subnormal unscaled) and value scales of ~1e-6 (so would the
+    probabilities times them); KV head 1: queries of ~3e4 (float16 overflow unscaled) against keys of
+    norm ~1e-3, value scales ~1e2. Both heads' logits stay O(1), and each head's output is checked at
+    float32 accuracy against its own max|out|."""
+    import dataclasses
+
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=4,
+                                       lens=[40, 21], seed=6)
+    per_head = lambda a, x: (a.astype(jnp.float32) * jnp.asarray(x)[:, None, None, None]).astype(a.dtype)
+    q = q * jnp.repeat(jnp.asarray([5e-4, 3e4]), 4)[None, :, None]
+    cache = dataclasses.replace(cache, key_scales=per_head(cache.key_scales, [2e3, 1e-4]),
+                                value_scales=per_head(cache.value_scales, [1e-5, 1e3]))
+    assert bool(jnp.all(jnp.isfinite(cache.key_scales.astype(jnp.float32))))
+    ref = paged_decode_jit(q, cache, tables, lens)
+    out = paged_decode(q, cache, tables, lens, interpret=INTERPRET)
+    for h in range(2):
+        rows = slice(4 * h, 4 * h + 4)
+        chex.assert_trees_all_close(out[:, rows], ref[:, rows], atol=RTOL * float(jnp.max(jnp.abs(ref[:, rows]))), rtol=0)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k3v4_nc"])
 def test_gqa_ratios(name, group):
@@ -157,6 +188,34 @@ def test_polynomial_centroids_match_table(bits, dim):
     np.testing.assert_array_equal(got, c)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("method", ["poly", "poly_fma", "select"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_kernel_lookup_gives_the_table(bits, method, dtype):
+    """The in-kernel lookup (compiled on the GPU, where "poly_fma" is inline PTX and may round straight
+    to float16) returns exactly the decode-table entry of every code, in float32 and in float16."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    from tqjax.pallas.decode import _lookup
+
+    if method == "poly_fma" and INTERPRET:
+        pytest.skip("inline PTX: compiled CUDA kernels only")
+    table = tqjax.TurboQuantMSE(128, bits).centroids
+    lk = centroid_lookup(tqjax.lloyd_max_codebook(bits, 128).centroids, method)
+    assert lk.method == method
+    codes = np.random.default_rng(bits).permutation(np.arange(32 * 32) % table.size).reshape(32, 32).astype(np.int32)
+
+    def kernel(c_ref, o_ref):
+        o_ref[...] = _lookup(c_ref[...], lk, dtype)
+
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(codes.shape, dtype), interpret=INTERPRET,
+        compiler_params=pltriton.CompilerParams(num_warps=2, num_stages=1),
+    )(jnp.asarray(codes))
+    np.testing.assert_array_equal(np.asarray(out, np.float64), table[codes])
+
+
 def test_num_splits_heuristic():
     assert choose_num_splits(1, 8, 256, 2, 132) == 33  # 8 programs -> ~2 waves over 132 cores
     assert choose_num_splits(128, 8, 256, 2, 132) == 1  # 1024 programs already fill the device
@@ -229,7 +288,7 @@ def _lowering_case(name):
     return (jnp.zeros((2, 8, 128), jnp.bfloat16), cache, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 100, jnp.int32))
 
 
-@pytest.mark.parametrize("dot_mode", ["mma", "fma"])
+@pytest.mark.parametrize("dot_mode", ["mma_f16", "mma_tf32", "fma"])
 @pytest.mark.parametrize("name", list(tqjax.PRESETS))
 def test_lowers_to_triton_for_cuda(name, dot_mode):
     """The kernel passes the Pallas Triton lowering for CUDA (runs on CPU: export, no GPU needed)."""
@@ -238,8 +297,8 @@ def test_lowers_to_triton_for_cuda(name, dot_mode):
     def f(q, cache, tables, lens):
         return decode._paged_decode(
             q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
-            num_stages=2, lookup="poly_fma" if dot_mode == "mma" else "poly", dot_mode=dot_mode, interpret=False,
-            precision=decode.SPLIT_QUERY,
+            num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma", dot_mode=dot_mode[:3], interpret=False,
+            precision=decode.SPLIT_QUERY if dot_mode == "mma_tf32" else decode.SPLIT_F16,
         )
 
     exported = jax.export.export(

@@ -77,17 +77,18 @@ class CentroidLookup:
     float32 ulps of it rounds back onto it, and the decoded keys enter tensor-core products unrounded.
 
     ``"poly"``: Lloyd--Max codebooks are odd and sorted, so with ``s = code - (2**b - 1) / 2`` the
-    centroid is ``s * P(a * s**2 + c)`` for the degree ``2**(b-1) - 1`` polynomial P interpolating the
-    positive half. Evaluated by Horner in float32 and rounded to the nearest tf32 value (ties away from
-    zero, two integer operations) it gives every table entry exactly (checked on the host, else
-    ``"select"`` is used): about 12 operations per element at 4 bits and 8 at 3 bits, against
-    2 * 2**b for a compare/select chain.
-    ``"poly_fma"``: the same polynomial with every Horner step one fused multiply-add and the rounding
-    one ``cvt.rna.tf32.f32``, written as one inline PTX block (CUDA GPUs only, sm_80 and later: Pallas'
-    Triton lowering emits a separate multiply and add for ``a * u + c``, and offers no FMA otherwise):
-    at 4 bits the Horner steps are 7 FMAs instead of 7 multiplies and 7 adds; measured 10-12% faster
-    decode on the H200 (``4bit_nc`` and ``3bit_nc``, B=32, 16k). Checked on the host the same way, with
-    the FMAs emulated exactly.
+    centroid is ``s * P(a * s**2 + c)`` for a polynomial P fitted to the positive half: the lowest
+    degree (at most ``2**(b-1) - 1``, which interpolates) whose values, evaluated by Horner in float32
+    and rounded to the nearest tf32 value (ties away from zero, two integer operations), are every
+    table entry exactly in both forms below (checked on the host, else ``"select"`` is used). Degrees
+    (d=128): 1 at 2 bits, 3 at 3 bits, 5 at 4 bits, 7 at 5 bits (interpolation: 1, 3, 7, 15). Against
+    2 * 2**b operations per element for a compare/select chain.
+    ``"poly_fma"``: the same polynomial with the code's conversion and every Horner step fused
+    multiply-adds and the rounding one ``cvt.rna.tf32.f32`` (or ``cvt.rn.f16.f32`` for a float16
+    result), written as one inline PTX block (CUDA GPUs only, sm_80 and later: Pallas' Triton lowering
+    emits a separate multiply and add for ``a * u + c``, and offers no FMA otherwise); measured 10-12%
+    faster decode on the H200 than "poly" (``4bit_nc`` and ``3bit_nc``, B=32, 16k). Checked on the host
+    the same way, with the FMAs emulated exactly.
     ``"select"``: a compare/select chain over the table (any codebook).
     """
 
@@ -96,6 +97,7 @@ class CentroidLookup:
     scale: float = 0.0
     offset: float = 0.0
     coefs: tuple[float, ...] = ()  # of P / 2 (the kernel evaluates x2 * P(u) / 2 with x2 = 2 * s)
+    f16_direct: bool = False  # "poly_fma" only: rounding the FMA result to float16 (cvt.rn) gives the table too
 
 
 _POLY_MAX_BITS = 5
@@ -119,12 +121,19 @@ def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
     lo, hi = u2.min(), u2.max()
     scale = 2.0 / (hi - lo) if hi > lo else 0.0
     offset = -(hi + lo) / (hi - lo) if hi > lo else 0.0
-    coefs = (np.polynomial.polynomial.polyfit(scale * u2 + offset, c64[half:] / s, half - 1) / 2).astype(np.float32)
-    evaluate = _poly_fma_host if method == "poly_fma" else _poly_eval_f32
-    if not np.array_equal(evaluate(np.arange(n), n, np.float32(scale), np.float32(offset), coefs), table):
+    x, y = scale * u2 + offset, c64[half:] / s
+    for degree in range(half):  # the lowest degree whose rounded values are the table, both forms
+        coefs = (np.polynomial.polynomial.polyfit(x, y, degree, w=1 / np.abs(y)) / 2).astype(np.float32)
+        args = (np.arange(n), n, np.float32(scale), np.float32(offset), coefs)
+        if np.array_equal(_poly_eval_f32(*args), table) and np.array_equal(_poly_fma_host(*args), table):
+            break
+    else:
         return CentroidLookup("select", entries)
+    raw = _poly_fma_raw(np.arange(n), n, np.float32(scale), np.float32(offset), coefs)
+    f16_direct = method == "poly_fma" and _exact_in_f16(table) and np.array_equal(raw.astype(np.float16), table)
     return CentroidLookup(
-        method, entries, float(np.float32(scale)), float(np.float32(offset)), tuple(float(x) for x in coefs)
+        method, entries, float(np.float32(scale)), float(np.float32(offset)), tuple(float(x) for x in coefs),
+        f16_direct,
     )
 
 
@@ -147,10 +156,15 @@ def _poly_eval_f32(codes, n: int, scale, offset, coefs) -> np.ndarray:
 
 
 def _poly_fma_host(codes, n: int, scale, offset, coefs) -> np.ndarray:
-    """:func:`_poly_ptx`'s arithmetic on the host: each ``fma.rn.f32`` as an exact float64 product and
-    sum rounded once to float32 (a product of two float32 values is exact in float64; the sum's double
-    rounding is below half a tf32 ulp, which the final rounding absorbs: the host check compares the
-    rounded results exactly)."""
+    """:func:`_poly_ptx`'s arithmetic on the host, rounded to tf32 like the PTX block."""
+    return _round_tf32_host(_poly_fma_raw(codes, n, scale, offset, coefs))
+
+
+def _poly_fma_raw(codes, n: int, scale, offset, coefs) -> np.ndarray:
+    """:func:`_poly_ptx`'s float32 arithmetic before its final rounding, on the host: each
+    ``fma.rn.f32`` as an exact float64 product and sum rounded once to float32 (a product of two
+    float32 values is exact in float64; the sum's double rounding is below half a tf32 ulp, which the
+    final rounding absorbs: the host checks compare the rounded results exactly)."""
     f32 = np.float32
 
     def fma(a, b, c):
@@ -161,7 +175,7 @@ def _poly_fma_host(codes, n: int, scale, offset, coefs) -> np.ndarray:
     acc = np.full_like(u, coefs[-1])
     for cf in coefs[-2::-1]:
         acc = fma(acc, u, cf)
-    return _round_tf32_host(x2 * acc)
+    return x2 * acc
 
 
 def _poly_eval_x2(x2, scale, offset, coefs):
@@ -180,36 +194,48 @@ def _f32_hex(x: float) -> str:
     return f"0f{int(np.float32(x).view(np.uint32)):08X}"
 
 
-def _poly_ptx(x: jax.Array, lk: CentroidLookup) -> jax.Array:
-    """The "poly_fma" lookup of ``x = 2 * s`` (float32) as one PTX block: :func:`_poly_eval_x2` with
-    each Horner step one ``fma.rn.f32``, then ``cvt.rna.tf32.f32`` (CUDA only, sm_80 and later)."""
+def _poly_ptx(codes: jax.Array, lk: CentroidLookup, f16_out: bool = False) -> jax.Array:
+    """The "poly_fma" lookup of int32 ``codes`` as one PTX block: ``x2 = 2 * code - (n - 1)`` (exact),
+    then :func:`_poly_eval_x2` with each Horner step one ``fma.rn.f32``, then ``cvt.rna.tf32.f32``
+    (CUDA only, sm_80 and later); with ``f16_out`` (needs ``lk.f16_direct``) ``cvt.rn.f16.f32`` to a
+    float16 result instead."""
     lines = [
-        "{", ".reg .f32 u, a;", ".reg .b32 r;",
-        "mul.rn.f32 u, $1, $1;",
+        "{", ".reg .f32 x, u, a;", ".reg .b32 r;", ".reg .b16 h;",
+        "cvt.rn.f32.s32 x, $1;",
+        f"fma.rn.f32 x, x, 0f40000000, {_f32_hex(1 - len(lk.centroids))};",
+        "mul.rn.f32 u, x, x;",
         f"fma.rn.f32 u, u, {_f32_hex(np.float32(lk.scale) / 4)}, {_f32_hex(lk.offset)};",
         f"mov.f32 a, {_f32_hex(lk.coefs[-1])};",
     ]
     lines += [f"fma.rn.f32 a, a, u, {_f32_hex(c)};" for c in lk.coefs[-2::-1]]
-    lines += ["mul.rn.f32 a, $1, a;", "cvt.rna.tf32.f32 r, a;", "mov.b32 $0, r;", "}"]
+    lines.append("mul.rn.f32 a, x, a;")
+    if f16_out:
+        lines += ["cvt.rn.f16.f32 h, a;", "mov.b16 $0, h;", "}"]
+    else:
+        lines += ["cvt.rna.tf32.f32 r, a;", "mov.b32 $0, r;", "}"]
+    dtype = jnp.float16 if f16_out else jnp.float32
     (out,) = pltriton.elementwise_inline_asm(
-        "\n".join(lines), args=[x], constraints="=f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+        "\n".join(lines), args=[codes], constraints="=h,r" if f16_out else "=f,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, dtype)],
     )
     return out
 
 
-def _lookup(codes: jax.Array, lk: CentroidLookup) -> jax.Array:
-    """Centroid values (float32, exact table entries) of int32 ``codes``."""
-    if lk.method in ("poly", "poly_fma"):
+def _lookup(codes: jax.Array, lk: CentroidLookup, dtype=jnp.float32) -> jax.Array:
+    """Centroid values (exact table entries; ``dtype`` float32, or float16 for a table exact in it)
+    of int32 ``codes``."""
+    if lk.method == "poly_fma":
+        if dtype == jnp.float16 and lk.f16_direct:
+            return _poly_ptx(codes, lk, f16_out=True)
+        return _poly_ptx(codes, lk).astype(dtype)
+    if lk.method == "poly":
         x2 = codes.astype(jnp.float32) * 2.0 - np.float32(len(lk.centroids) - 1)  # 2 * s, exact
-        if lk.method == "poly_fma":
-            return _poly_ptx(x2, lk)
         return _round_tf32(_poly_eval_x2(x2, np.float32(lk.scale), np.float32(lk.offset),
-                                         [np.float32(c) for c in lk.coefs]))
+                                         [np.float32(c) for c in lk.coefs])).astype(dtype)
     out = jnp.full(codes.shape, np.float32(lk.centroids[0]))
     for k in range(1, len(lk.centroids)):
         out = jnp.where(codes == k, np.float32(lk.centroids[k]), out)
-    return out
+    return out.astype(dtype)
 
 
 def _split_tf32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -221,12 +247,41 @@ def _split_tf32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi, x - hi
 
 
+_F16_TOP = 15  # split operands are scaled by powers of 2 to |x| < 2**15 (float16's largest finite value is 65504)
+
+
+def _split_f16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 ``x`` [..., n] -> (hi, lo, inv): float16 ``hi + lo = x * 2**e`` per row (last axis) to
+    about 2**-23 of the row's max|x| (``2**e`` puts the row's max in [2**14, 2**15): hi carries 11
+    significant bits, lo the next 11), and ``inv = 2**-e`` [..., 1] float32 to undo the scaling."""
+    _, ex = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))  # max|x| < 2**ex
+    ex = jnp.clip(ex, -100, 100)
+    hi, lo = _split_f16(jnp.ldexp(x, _F16_TOP - ex))
+    return hi, lo, jnp.ldexp(jnp.ones_like(x[..., :1]), ex - _F16_TOP)
+
+
+def _split_f16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 ``x`` (|x| < 2**15) -> float16 (hi, lo), ``hi + lo`` within 2**-22 |x| of ``x`` (plus
+    2**-25 absolute, float16's subnormal spacing). hi is rounded to 11 significant bits by integer
+    operations, not by a float16 round trip, which XLA may fold away (it allows excess precision)."""
+    hi = _round_tf32(x)
+    return hi.astype(jnp.float16), (x - hi).astype(jnp.float16)
+
+
+def _exact_in_f16(values) -> bool:
+    """Every value exactly representable in float16 (then a float16 tensor-core operand holds it unrounded)."""
+    v = np.asarray(values, np.float64)
+    return bool(np.all(v.astype(np.float16).astype(np.float64) == v))
+
+
 def _decode_kernel(
     # scalar-ish inputs
     block_tables_ref,  # [B, max_blocks] int32
     seq_lens_ref,  # [B] int32
-    q_ref,  # [Gp, Dq] float32: prepared query of this (b, h) (its tf32 high part with SPLIT_QUERY)
-    q_lo_ref,  # [Gp, Dq] float32: the exact remainder q - q_hi with SPLIT_QUERY, else None
+    q_ref,  # [Gp, Dq] prepared query of this (b, h): float32 (its tf32 high part with SPLIT_QUERY) or, with
+    #         SPLIT_F16, the float16 high part of the query scaled per row by a power of 2
+    q_lo_ref,  # [Gp, Dq]: the remainder q - q_hi with SPLIT_QUERY (float32) and SPLIT_F16 (float16), else None
+    q_inv_ref,  # [Gp, 1] float32: per-row 2**-e undoing SPLIT_F16's scaling of the query, else None
     # cache (this KV head)
     key_codes_ref,  # [NB, BS, Wk] uint32
     key_scales_ref,  # [NB, BS, nk] float16 (None for fp8)
@@ -256,6 +311,8 @@ def _decode_kernel(
     d = config.head_dim
     t = pages_per_chunk * block_size
     qjl_scale = math.sqrt(math.pi / 2) / d
+    f16 = precision == SPLIT_F16
+    opd = jnp.float16 if f16 else jnp.float32  # tensor-core operand dtype of the key and value tiles
 
     seq_len = seq_lens_ref[b]
     used_pages = (seq_len + block_size - 1) // block_size
@@ -282,21 +339,21 @@ def _decode_kernel(
                 byte = jax.lax.broadcasted_iota(jnp.uint32, (t, seg.num_words, 4), 2) * np.uint32(8)
                 raw = (jax.lax.broadcast_in_dim(w, (t, seg.num_words, 4), (0, 1)) >> byte) & np.uint32(0xFF)
                 kv = jax.lax.bitcast_convert_type(raw.astype(jnp.uint8), jnp.float8_e4m3fn)
-                kv = jnp.where(valid[:, None], kv.reshape(t, d).astype(jnp.float32), 0.0)
+                kv = jnp.where(valid[:, None], kv.reshape(t, d).astype(opd), 0.0)
                 terms.append((q_offsets[si], kv, None))
             elif seg.kind == "qjl":
-                signs = _unpack(load_words, 1, seg.dim, t).astype(jnp.float32) * 2.0 - 1.0
+                signs = _unpack(load_words, 1, seg.dim, t).astype(opd) * 2.0 - 1.0
                 factor = column(key_scales_ref, 0) * column(key_scales_ref, 1) * qjl_scale
                 terms.append((q_offsets[si], signs, factor))
             else:
-                c = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si])
+                c = _lookup(_unpack(load_words, seg.bits, seg.dim, t), lookups[si], opd)
                 factor = column(key_scales_ref, si if config.key_format == "split" else 0)  # norm-corrected
                 terms.append((q_offsets[si], c, factor))
 
         def load_value_words(start, count):
             return value_codes_ref[pages, :, pl.ds(start, count)].reshape(t, count)
 
-        vcodes = _unpack(load_value_words, config.value_bits, d, t).astype(jnp.float32)  # [T, D]
+        vcodes = _unpack(load_value_words, config.value_bits, d, t).astype(opd)  # [T, D], exact
         return terms, column(value_scales_ref, 0), column(value_scales_ref, 1), vcodes
 
     def finish_logits(logits, valid):
@@ -326,9 +383,14 @@ def _decode_kernel(
         # The GQA group as the rows of tensor-core products (padded to gp >= 16 rows). Scores: with
         # SPLIT_QUERY, q_hi @ k + q_lo @ k, two TF32 products against the tf32-exact key tile (decode
         # tables, fp8 values and QJL signs all are), as accurate as TF32x3, which also splits the keys;
-        # else one product at ``precision``. Values: p' @ codes with p' split into tf32 hi + lo and
-        # exact integer codes.
+        # with SPLIT_F16 the same two products in float16 (the key tile is exact in float16 too, and
+        # the query was scaled per row by a power of 2 into float16's range); else one product at
+        # ``precision``. Values: p' @ codes with p' = p * scale split into hi + lo (tf32, or float16
+        # after scaling the step's p' by a power of 2 into float16's range) and exact integer codes.
         tf32 = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+        half = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.F16_F16_F32
+        split_prec = half if f16 else tf32
+        q_inv = q_inv_ref[...] if f16 else None  # [Gp, 1]
 
         def mm(a, bmat, contract, prec):
             return jax.lax.dot_general(a, bmat, (contract, ((), ())), precision=prec,
@@ -338,7 +400,26 @@ def _decode_kernel(
             cols = pl.ds(off, kvec.shape[1])
             if q_lo_ref is None:
                 return mm(q_ref[:, cols], kvec, ((1,), (1,)), precision)
-            return mm(q_ref[:, cols], kvec, ((1,), (1,)), tf32) + mm(q_lo_ref[:, cols], kvec, ((1,), (1,)), tf32)
+            return (mm(q_ref[:, cols], kvec, ((1,), (1,)), split_prec)
+                    + mm(q_lo_ref[:, cols], kvec, ((1,), (1,)), split_prec))
+
+        def value_product(p, vscale, vcodes):
+            """(p [Gp, T] * vscale [T]) @ vcodes [T, D] (exact small integers in the operand dtype),
+            fp32-accurate (float32 inputs, 0 <= p <= 1, vscale >= 0)."""
+            pw = p * vscale[None, :]
+            if interpret and not f16:
+                return mm(pw, vcodes, ((1,), (0,)), tf32)
+            if not f16:
+                hi, lo = _split_tf32(pw)
+                return mm(hi, vcodes, ((1,), (0,)), tf32) + mm(lo, vcodes, ((1,), (0,)), tf32)
+            # pw <= vmax = max(vscale). With vmax in [2**k, 2**(k+1)), pw * 2**(14 - k) < 2**15 fits
+            # float16; both powers of 2 are built from exponent bits (clipped: normal float32 values).
+            vbits = jax.lax.bitcast_convert_type(jnp.max(vscale), jnp.int32) >> 23  # biased exponent k + 127
+            vbits = jnp.clip(vbits, 15, 254)
+            up = jax.lax.bitcast_convert_type((268 - vbits) << 23, jnp.float32)  # 2**(141 - vbits)
+            down = jax.lax.bitcast_convert_type((vbits - 14) << 23, jnp.float32)  # its inverse
+            hi, lo = _split_f16(pw * up)
+            return (mm(hi, vcodes, ((1,), (0,)), half) + mm(lo, vcodes, ((1,), (0,)), half)) * down
 
         def body(i, carry):
             acc, m_prev, l_prev = carry
@@ -348,13 +429,10 @@ def _decode_kernel(
             for off, kvec, factor in terms:
                 sc = score(off, kvec)
                 logits += sc if factor is None else sc * factor[None, :]
+            if f16:
+                logits = logits * q_inv
             p, alpha, m_next, l_next = softmax_step(finish_logits(logits, valid[None, :]), m_prev, l_prev)
-            pw = p * vscale[None, :]
-            if interpret:
-                pv = mm(pw, vcodes, ((1,), (0,)), tf32)
-            else:
-                hi, lo = _split_tf32(pw)
-                pv = mm(hi, vcodes, ((1,), (0,)), tf32) + mm(lo, vcodes, ((1,), (0,)), tf32)
+            pv = value_product(p, vscale, vcodes)
             acc = acc * alpha + pv + jnp.sum(p * vzero[None, :], axis=1, keepdims=True)
             return acc, m_next, l_next
 
@@ -434,13 +512,17 @@ def _paged_decode(
     q_offsets = tuple(int(x) for x in np.cumsum([0] + [p.shape[-1] for p in q_parts])[:-1])
     qcat = jnp.concatenate(q_parts, axis=-1)
     qcat = jnp.pad(qcat, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    q_lo = None
-    if precision == SPLIT_QUERY and dot_mode == "mma":
-        qcat, q_lo = _split_tf32(qcat)
     lookups = tuple(
         centroid_lookup(codec.quantizers[i].codebook.centroids, lookup) if seg.kind == "mse" else None
         for i, seg in enumerate(segments)
     )
+    if precision == SPLIT_F16 and not all(_exact_in_f16(lk.centroids) for lk in lookups if lk is not None):
+        precision = SPLIT_QUERY  # a decode table outside float16's range: the tf32 split instead
+    q_lo = q_inv = None
+    if precision == SPLIT_QUERY and dot_mode == "mma":
+        qcat, q_lo = _split_tf32(qcat)
+    elif precision == SPLIT_F16 and dot_mode == "mma":
+        qcat, q_lo, q_inv = _split_f16_rows(qcat)
 
     kernel = functools.partial(
         _decode_kernel,
@@ -458,7 +540,7 @@ def _paged_decode(
         interpret=interpret,
     )
     o, lse = split_kv_call(
-        kernel, block_tables, seq_lens, [qcat, q_lo],
+        kernel, block_tables, seq_lens, [qcat, q_lo, q_inv],
         [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales],
         num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name=f"tq_decode_{cfg.name}",
@@ -519,6 +601,7 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 
 LOOKUPS = ("poly", "poly_fma", "select")
 SPLIT_QUERY = "split_query"  # the default score product of the "mma" mode (see paged_decode)
+SPLIT_F16 = "split_f16"  # both products of the "mma" mode on float16 operands (see paged_decode)
 DOT_MODES = ("mma", "fma")
 
 
@@ -549,11 +632,14 @@ def paged_decode(
     compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "poly_fma" is
     refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core
     products, fp32-accurate for scores and values; "fma": CUDA-core float32), ``precision`` of the
-    "mma" score product: :data:`SPLIT_QUERY` (the default) splits the query into tf32 high and low
-    parts outside the kernel and runs two TF32 products against the key tile, which is exact in tf32
-    (fp32-accurate like TF32x3, one product and the split of every key fewer; in interpret mode both
-    products run at HIGHEST); any jax precision runs one product at it (e.g.
-    ``DotAlgorithmPreset.TF32_TF32_F32_X3``).
+    "mma" products: :data:`SPLIT_F16` (the default) runs the score and value products on float16
+    operands: the key tile (decode tables, fp8 keys, QJL signs) and the value codes are exact in
+    float16, and the query rows and each step's probabilities are scaled by powers of 2 into
+    float16's range and split into float16 hi + lo parts, two products each, fp32-accurate (a decode
+    table not exact in float16 falls back to :data:`SPLIT_QUERY`); :data:`SPLIT_QUERY` does the same
+    with tf32 hi + lo parts and TF32 products (the key tile is exact in tf32 too); in interpret mode
+    the products of either run at HIGHEST. Any jax precision runs one score product at it (e.g.
+    ``DotAlgorithmPreset.TF32_TF32_F32_X3``) and the tf32 split for the values.
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
     platform = detect_platform()
@@ -578,7 +664,7 @@ def paged_decode(
     if num_splits is None:
         num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
     if precision is None:
-        precision = SPLIT_QUERY
+        precision = SPLIT_F16
     return _paged_decode(
         query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=num_splits,
         block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
