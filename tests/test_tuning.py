@@ -35,12 +35,12 @@ def test_measured_entry_applies_only_to_its_device_and_preset():
     assert tuning.decode_params("turboquant_k8v4", h100)["block_tokens"] == 64
     assert tuning.decode_params("turboquant_4bit_nc", h100) == tuning.DEFAULTS["cuda"]
     h200 = Platform("cuda", "sm90", "NVIDIA H200")
-    assert tuning.decode_params("turboquant_k3v4_nc", h200) == dict(tuning.DEFAULTS["cuda"], block_tokens=16,
-                                                                    num_warps=2, num_stages=1)
-    for preset in ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_3bit_nc", "turboquant_kqjl4v4"):
+    for preset in ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_3bit_nc", "turboquant_k3v4_nc"):
         assert tuning.decode_params(preset, h200) == dict(tuning.DEFAULTS["cuda"], block_tokens=32, num_warps=2,
                                                           num_stages=1), preset
-    assert tuning.decode_params("turboquant_kqjl3v4", h200) == tuning.DEFAULTS["cuda"]  # not measured there
+    for preset in ("turboquant_kqjl4v4", "turboquant_kqjl3v4"):  # measured: the CUDA default launch is best
+        assert tuning.decode_params(preset, h200) == tuning.DEFAULTS["cuda"], preset
+    assert tuning.decode_params("turboquant_k3p5v4", h200) == tuning.DEFAULTS["cuda"]  # not measured there
 
 
 def test_vendor_defaults():
