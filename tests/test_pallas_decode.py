@@ -3,8 +3,7 @@
 Tolerance: the kernel and the reference compute the same float32 function in a different order
 (split-KV log-sum-exp merge, online softmax, products of float16 (default) or tf32 hi/lo splits of
 the query and of the probabilities on the GPU; the polynomial centroids round onto the table exactly),
-so they agree
-to float32 accumulation error: relative errors of a few 1e-7 per operation over sums of O(seq_len)
+so they agree to float32 accumulation error: relative errors of a few 1e-7 per operation over sums of O(seq_len)
 terms, checked at 2e-5 of max|out|.
 """
 
