@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
-from experiments.timing import copy_bandwidth, device_description, time_fn
+from experiments.timing import copy_bandwidth, device_description, launch_floor, time_fn
 from tqjax.config import NativeConfig
 from tqjax.layout import NativePagedKVCache
 from tqjax.reference import paged_decode_jit, store_jit
@@ -190,6 +190,8 @@ def main(argv=None) -> None:
               "interpret mode, checked once for correctness). These are NOT GPU timings.")
     bw = copy_bandwidth(1 << 30 if ON_GPU else 1 << 27)
     print(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    floor = launch_floor()
+    print(f"launch floor: {floor * 1e6:.1f} us per jitted call of one empty Pallas kernel")
     rows: list[Row] = []
     configs = [(b, c) for b in a.batch for c in a.context if b * c <= a.max_tokens and c % a.block_size == 0]
     if a.no_decode:
@@ -246,7 +248,7 @@ def main(argv=None) -> None:
                 _progress(done, total, t_start, rows[-1])
                 write_csv(a, rows)
     store_rows = [] if a.no_store else sweep_store(a, rng, bw)
-    report(a, rows, store_rows, dev, bw)
+    report(a, rows, store_rows, dev, bw, floor)
 
 
 def sweep_store(a, rng, bw):
@@ -285,18 +287,19 @@ def write_csv(a, rows):
         w.writerows(dataclasses.asdict(r) for r in rows)
 
 
-def report(a, rows, store_rows, dev, bw):
+def report(a, rows, store_rows, dev, bw, floor):
     write_csv(a, rows)
-    meta = dict(device=dev, jax=jax.__version__, copy_bandwidth_gbps=bw / 1e9, argv=sys.argv[1:],
-                hq=a.hq, hk=a.hk, head_dim=a.head_dim, block_size=a.block_size)
+    meta = dict(device=dev, jax=jax.__version__, copy_bandwidth_gbps=bw / 1e9, launch_floor_us=floor * 1e6,
+                argv=sys.argv[1:], hq=a.hq, hk=a.hk, head_dim=a.head_dim, block_size=a.block_size)
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump(dict(meta=meta, decode=[dataclasses.asdict(r) for r in rows], store=store_rows), f, indent=1)
     print(f"\n== decode: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
-          f"block={a.block_size}" + ("" if ON_GPU else "  [CPU: not GPU timings]"))
-    print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s}")
+          f"block={a.block_size}, launch floor {floor * 1e6:.1f} us" + ("" if ON_GPU else "  [CPU: not GPU timings]"))
+    print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s} {'x floor':>8s}")
     for r in rows:
         e = "" if r.rel_err is None else f"{r.rel_err:.3f}"
-        print(f"{r.system:26s} {r.batch:4d} {r.context:7d} {r.time_us:10.1f} {r.gbps:7.0f} {r.bw_frac:6.0%} {e:>8s}")
+        print(f"{r.system:26s} {r.batch:4d} {r.context:7d} {r.time_us:10.1f} {r.gbps:7.0f} {r.bw_frac:6.0%} {e:>8s} "
+              f"{r.time_us / (floor * 1e6):8.1f}")
     speedups = speedup_table(rows)
     if speedups:
         print("\n== speed-up of each preset over each peer (same B, ctx)")

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 
 def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, iters: int = 20, reps: int = 5, warmup: int = 3) -> float:
@@ -34,6 +36,22 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     f = jax.jit(lambda x: x * 1.000001)
     t = time_fn(f, [(x,) for x in xs], iters=10, reps=5)
     return 2 * n * 4 / t
+
+
+def launch_floor() -> float:
+    """Seconds per call of a jitted step that launches one empty Pallas kernel (one program, one warp,
+    writing 16 floats), timed like the kernels (:func:`time_fn`): the least any Pallas decode step can
+    cost on this device with this timing. Interpret mode without a GPU (then not a GPU figure)."""
+
+    def kernel(o_ref):
+        o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), interpret=jax.default_backend() != "gpu",
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+    )
+    f = jax.jit(lambda i: call())
+    return time_fn(f, [(i,) for i in range(3)], iters=50, reps=5)
 
 
 def device_description() -> str:

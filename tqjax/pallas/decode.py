@@ -311,8 +311,8 @@ def _decode_kernel(
     d = config.head_dim
     t = pages_per_chunk * block_size
     qjl_scale = math.sqrt(math.pi / 2) / d
-    f16 = precision == SPLIT_F16
-    opd = jnp.float16 if f16 else jnp.float32  # tensor-core operand dtype of the key and value tiles
+    f16 = precision == SPLIT_F16 and dot_mode == "mma"
+    opd = jnp.float16 if f16 else jnp.float32  # operand dtype of the key and value tiles
 
     seq_len = seq_lens_ref[b]
     used_pages = (seq_len + block_size - 1) // block_size
