@@ -188,6 +188,18 @@ def test_polynomial_centroids_match_table(bits, dim):
     np.testing.assert_array_equal(got, c)
 
 
+def test_every_decode_table_is_exact_in_float16():
+    """SPLIT_F16 (the default) feeds the decoded key tile to float16 products unrounded: every table
+    (1-8 bits, head_dim 32-512) must be exact in float16, else the decode falls back to the tf32 split."""
+    from tqjax.pallas.decode import _exact_in_f16
+
+    assert not _exact_in_f16([0.1, 1e-6])  # below float16's subnormal spacing: the check can fail
+    assert not _exact_in_f16([0.1, 1.0 + 2.0**-12])  # 13 significant bits
+    for bits in range(1, 9):
+        for dim in (32, 64, 128, 256, 512):
+            assert _exact_in_f16(tqjax.TurboQuantMSE(dim, bits).centroids), (bits, dim)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("method", ["poly", "poly_fma", "select"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
