@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from experiments.device_check import build
 from experiments.timing import copy_bandwidth, device_description, time_fn
-from tqjax.pallas.decode import SPLIT_F16, paged_decode
+from tqjax.pallas.decode import SPLIT_F16, SPLIT_QUERY, paged_decode
 from tqjax.pallas.tuning import decode_params
 from tqjax.reference import paged_decode_reference
 
@@ -71,9 +71,10 @@ def main() -> None:
                     help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
                          "launch parameters")
     ap.add_argument("--variants", default="",
-                    help="comma-separated lookup/block_tokens/num_warps/num_stages[/x3|/f16] variants (e.g. poly_fma/64/8/2; "
-                         "a trailing /x3 runs the score product as one TF32x3 product instead of the default "
-                         "split query, /f16 both products on float16 operands), timed instead of --lookups")
+                    help="comma-separated lookup/block_tokens/num_warps/num_stages[/flag...] variants (e.g. "
+                         "poly_fma/64/8/2/t); flags: x3 (one TF32x3 score product), tf32 (the tf32 split, "
+                         "SPLIT_QUERY), f16 (float16 operands, SPLIT_F16, the default), t (dot_mode mma_t: "
+                         "transposed products); timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
@@ -104,17 +105,20 @@ def main() -> None:
             print(rows[-1], flush=True)
         tuned = decode_params(name)
         if args.variants:
-            variants = [(v.split("/") + [""])[:5] for v in args.variants.split(",")]
+            variants = [v.split("/") for v in args.variants.split(",")]
         else:
-            variants = [(lk, tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"], "")
+            variants = [(lk, tuned["block_tokens"], tuned["num_warps"], tuned["num_stages"])
                         for lk in args.lookups.split(",")]
-        for lookup, bt_tok, w, s, prec in variants:
+        for lookup, bt_tok, w, s, *flags in variants:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
-            precision = {"": None, "x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "f16": SPLIT_F16}[prec]
-            lookup_name = f"{lookup}/{prec}" if prec else lookup
+            precisions = {"x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "tf32": SPLIT_QUERY, "f16": SPLIT_F16}
+            precision = next((precisions[f] for f in flags if f in precisions), None)
+            dot_mode = "mma_t" if "t" in flags else None
+            lookup_name = "/".join([lookup, *flags])
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
-                                              block_tokens=bt_tok, num_warps=w, num_stages=s, precision=precision))
+                                              block_tokens=bt_tok, num_warps=w, num_stages=s, precision=precision,
+                                              dot_mode=dot_mode))
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
                 rows.append((name, lookup_name, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}",

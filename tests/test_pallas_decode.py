@@ -123,7 +123,7 @@ def test_splits_and_chunks(num_splits, block_tokens):
 
 
 @pytest.mark.parametrize("lookup,dot_mode", [("select", "mma"), ("poly", "fma"), ("select", "fma"), ("poly", "mma"),
-                                             ("poly_fma", "mma")])
+                                             ("poly_fma", "mma"), ("poly", "mma_t"), ("poly_fma", "mma_t")])
 def test_lookup_and_dot_modes(lookup, dot_mode):
     if lookup == "poly_fma" and INTERPRET:
         pytest.skip("inline PTX runs only in a compiled CUDA kernel (its lowering is tested below)")
@@ -131,6 +131,15 @@ def test_lookup_and_dot_modes(lookup, dot_mode):
         pytest.skip("the interpret-mode default: every other test here runs it (on CUDA GPUs the default is poly_fma)")
     check(*make_case("turboquant_kqjl3v4", head_dim=128, block_size=16, hk=2, group=4, lens=[70, 9], seed=3),
           lookup=lookup, dot_mode=dot_mode)
+
+
+@pytest.mark.parametrize("precision", ["split_f16", "split_query"])
+@pytest.mark.parametrize("group", [1, 8])
+def test_transposed_products(group, precision):
+    """dot_mode "mma_t" (tokens as the rows of the products, the GQA group padded to 8 columns) for
+    a group smaller than 8 and one that fills it, ragged lengths, softcap, both splits."""
+    check(*make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=group, lens=[77, 0, 16],
+                     seed=group), dot_mode="mma_t", precision=precision, softcap=20.0, num_splits=2)
 
 
 def test_softcap_and_scale():
@@ -300,7 +309,7 @@ def _lowering_case(name):
     return (jnp.zeros((2, 8, 128), jnp.bfloat16), cache, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 100, jnp.int32))
 
 
-@pytest.mark.parametrize("dot_mode", ["mma_f16", "mma_tf32", "fma"])
+@pytest.mark.parametrize("dot_mode", ["mma_f16", "mma_tf32", "mma_t", "fma"])
 @pytest.mark.parametrize("name", list(tqjax.PRESETS))
 def test_lowers_to_triton_for_cuda(name, dot_mode):
     """The kernel passes the Pallas Triton lowering for CUDA (runs on CPU: export, no GPU needed)."""
@@ -309,7 +318,8 @@ def test_lowers_to_triton_for_cuda(name, dot_mode):
     def f(q, cache, tables, lens):
         return decode._paged_decode(
             q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
-            num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma", dot_mode=dot_mode[:3], interpret=False,
+            num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma",
+            dot_mode=dot_mode if dot_mode in ("mma_t", "fma") else "mma", interpret=False,
             precision=decode.SPLIT_QUERY if dot_mode == "mma_tf32" else decode.SPLIT_F16,
         )
 

@@ -42,7 +42,8 @@ from tqjax.reference import check_decode_inputs, paged_decode_reference
 
 __all__ = ["paged_decode", "paged_decode_reference", "choose_num_splits", "centroid_lookup", "merge_splits"]
 
-_MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the GQA group is padded to this many rows
+_MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the GQA group is padded to this many rows ("mma")
+_MIN_DOT_COLS = 8  # and N >= 8 (mma.m16n8k16): the group is padded to this many columns ("mma_t")
 _LOG2E = math.log2(math.e)
 
 
@@ -307,11 +308,11 @@ def _decode_kernel(
     b = pl.program_id(0)
     split = pl.program_id(2)
     block_size = key_codes_ref.shape[1]
-    gp = q_ref.shape[0]
+    gp = o_ref.shape[0]
     d = config.head_dim
     t = pages_per_chunk * block_size
     qjl_scale = math.sqrt(math.pi / 2) / d
-    f16 = precision == SPLIT_F16 and dot_mode == "mma"
+    f16 = precision == SPLIT_F16 and dot_mode != "fma"
     opd = jnp.float16 if f16 else jnp.float32  # operand dtype of the key and value tiles
 
     seq_len = seq_lens_ref[b]
@@ -362,13 +363,13 @@ def _decode_kernel(
             logits = softcap * jnp.tanh(logits / softcap)
         return jnp.where(valid, logits, -jnp.inf)
 
-    def softmax_step(logits, m_prev, l_prev):
-        """Online softmax over the last axis (base 2); stats keep a trailing axis of size 1."""
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=-1, keepdims=True))
+    def softmax_step(logits, m_prev, l_prev, axis=-1):
+        """Online softmax over the token axis (base 2); stats keep that axis with size 1."""
+        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=axis, keepdims=True))
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
         alpha = jnp.exp2((m_prev - m_safe) * _LOG2E)
         p = jnp.exp2((logits - m_safe) * _LOG2E)  # exactly 0 where invalid
-        return p, alpha, m_next, alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+        return p, alpha, m_next, alpha * l_prev + jnp.sum(p, axis=axis, keepdims=True)
 
     def chunk(i):
         page0 = first_page + i * pages_per_chunk
@@ -379,8 +380,11 @@ def _decode_kernel(
         valid = (tok < seq_len) & (tok < end_page * block_size)  # [T]: this split's tokens only
         return pages, valid
 
-    if dot_mode == "mma":
-        # The GQA group as the rows of tensor-core products (padded to gp >= 16 rows). Scores: with
+    if dot_mode in ("mma", "mma_t"):
+        # "mma": the GQA group as the rows of tensor-core products (padded to gp >= 16 rows), tokens
+        # as the columns: logits [Gp, T], accumulator [Gp, D]. "mma_t": the transposed products
+        # (logits^T = K @ q^T, out^T = V^T @ p^T): tokens as the rows, the group as the columns (padded
+        # to gp >= 8, the n8 of mma.m16n8k16): logits [T, Gp], accumulator [D, Gp]. Scores: with
         # SPLIT_QUERY, q_hi @ k + q_lo @ k, two TF32 products against the tf32-exact key tile (decode
         # tables, fp8 values and QJL signs all are), as accurate as TF32x3, which also splits the keys;
         # with SPLIT_F16 the same two products in float16 (the key tile is exact in float16 too, and
@@ -390,28 +394,42 @@ def _decode_kernel(
         tf32 = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
         half = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.F16_F16_F32
         split_prec = half if f16 else tf32
-        q_inv = q_inv_ref[...] if f16 else None  # [Gp, 1]
+        tr = dot_mode == "mma_t"
+        tok_axis = 0 if tr else 1  # the token axis of logits and probabilities
+        q_inv = q_inv_ref[...] if f16 else None  # [Gp, 1] ([1, Gp] with "mma_t")
+
+        def per_token(x):  # [T] -> broadcastable along the token axis
+            return x[:, None] if tr else x[None, :]
 
         def mm(a, bmat, contract, prec):
             return jax.lax.dot_general(a, bmat, (contract, ((), ())), precision=prec,
                                        preferred_element_type=jnp.float32)
 
         def score(off, kvec):
+            """The query's columns [off, off + dim) against the key tile kvec [T, dim]."""
             cols = pl.ds(off, kvec.shape[1])
+
+            def times(qref, prec):
+                if tr:  # kvec @ q^T: the query part is stored transposed, [Dq, Gp]
+                    return mm(kvec, qref[cols, :], ((1,), (0,)), prec)
+                return mm(qref[:, cols], kvec, ((1,), (1,)), prec)
+
             if q_lo_ref is None:
-                return mm(q_ref[:, cols], kvec, ((1,), (1,)), precision)
-            return (mm(q_ref[:, cols], kvec, ((1,), (1,)), split_prec)
-                    + mm(q_lo_ref[:, cols], kvec, ((1,), (1,)), split_prec))
+                return times(q_ref, precision)
+            return times(q_ref, split_prec) + times(q_lo_ref, split_prec)
+
+        def pv_mm(pw, vcodes, prec):  # [Gp, T] @ [T, D] (or vcodes^T @ pw^T for "mma_t")
+            return mm(vcodes, pw, ((0,), (0,)), prec) if tr else mm(pw, vcodes, ((1,), (0,)), prec)
 
         def value_product(p, vscale, vcodes):
-            """(p [Gp, T] * vscale [T]) @ vcodes [T, D] (exact small integers in the operand dtype),
-            fp32-accurate (float32 inputs, 0 <= p <= 1, vscale >= 0)."""
-            pw = p * vscale[None, :]
+            """(p * vscale) @ vcodes (p [Gp, T], vscale [T], vcodes [T, D] exact small integers in the
+            operand dtype; transposed with "mma_t"), fp32-accurate (0 <= p <= 1, vscale >= 0)."""
+            pw = p * per_token(vscale)
             if interpret and not f16:
-                return mm(pw, vcodes, ((1,), (0,)), tf32)
+                return pv_mm(pw, vcodes, tf32)
             if not f16:
                 hi, lo = _split_tf32(pw)
-                return mm(hi, vcodes, ((1,), (0,)), tf32) + mm(lo, vcodes, ((1,), (0,)), tf32)
+                return pv_mm(hi, vcodes, tf32) + pv_mm(lo, vcodes, tf32)
             # pw <= vmax = max(vscale). With vmax in [2**k, 2**(k+1)), pw * 2**(14 - k) < 2**15 fits
             # float16; both powers of 2 are built from exponent bits (clipped: normal float32 values).
             vbits = jax.lax.bitcast_convert_type(jnp.max(vscale), jnp.int32) >> 23  # biased exponent k + 127
@@ -419,31 +437,33 @@ def _decode_kernel(
             up = jax.lax.bitcast_convert_type((268 - vbits) << 23, jnp.float32)  # 2**(141 - vbits)
             down = jax.lax.bitcast_convert_type((vbits - 14) << 23, jnp.float32)  # its inverse
             hi, lo = _split_f16(pw * up)
-            return (mm(hi, vcodes, ((1,), (0,)), half) + mm(lo, vcodes, ((1,), (0,)), half)) * down
+            return (pv_mm(hi, vcodes, half) + pv_mm(lo, vcodes, half)) * down
 
         def body(i, carry):
             acc, m_prev, l_prev = carry
             pages, valid = chunk(i)
             terms, vscale, vzero, vcodes = score_terms(pages, valid)
-            logits = jnp.zeros((gp, t), jnp.float32)
+            logits = jnp.zeros((t, gp) if tr else (gp, t), jnp.float32)
             for off, kvec, factor in terms:
                 sc = score(off, kvec)
-                logits += sc if factor is None else sc * factor[None, :]
+                logits += sc if factor is None else sc * per_token(factor)
             if f16:
                 logits = logits * q_inv
-            p, alpha, m_next, l_next = softmax_step(finish_logits(logits, valid[None, :]), m_prev, l_prev)
+            p, alpha, m_next, l_next = softmax_step(
+                finish_logits(logits, per_token(valid)), m_prev, l_prev, axis=tok_axis)
             pv = value_product(p, vscale, vcodes)
-            acc = acc * alpha + pv + jnp.sum(p * vzero[None, :], axis=1, keepdims=True)
+            acc = acc * alpha + pv + jnp.sum(p * per_token(vzero), axis=tok_axis, keepdims=True)
             return acc, m_next, l_next
 
+        stat_shape = (1, gp) if tr else (gp, 1)
         init = (
-            jnp.zeros((gp, d), jnp.float32),
-            jnp.full((gp, 1), -jnp.inf, jnp.float32),
-            jnp.zeros((gp, 1), jnp.float32),
+            jnp.zeros((d, gp) if tr else (gp, d), jnp.float32),
+            jnp.full(stat_shape, -jnp.inf, jnp.float32),
+            jnp.zeros(stat_shape, jnp.float32),
         )
         acc, m, l = jax.lax.fori_loop(0, n_chunks, body, init)
         l_safe = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = acc / l_safe
+        o_ref[...] = (acc / l_safe).T if tr else acc / l_safe
         lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(gp)
     else:
         # CUDA-core float32: each query head of the group keeps its own row of state.
@@ -500,7 +520,8 @@ def _paged_decode(
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
-    gp = pl.next_power_of_2(g) if dot_mode == "fma" else max(_MIN_DOT_ROWS, pl.next_power_of_2(g))
+    min_rows = {"fma": 1, "mma": _MIN_DOT_ROWS, "mma_t": _MIN_DOT_COLS}[dot_mode]
+    gp = max(min_rows, pl.next_power_of_2(g))
     max_blocks = block_tables.shape[1]
     pages_per_chunk = max(1, block_tokens // cache.block_size)
     pages_per_split = -(-max_blocks // num_splits)
@@ -519,10 +540,12 @@ def _paged_decode(
     if precision == SPLIT_F16 and not all(_exact_in_f16(lk.centroids) for lk in lookups if lk is not None):
         precision = SPLIT_QUERY  # a decode table outside float16's range: the tf32 split instead
     q_lo = q_inv = None
-    if precision == SPLIT_QUERY and dot_mode == "mma":
+    if precision == SPLIT_QUERY and dot_mode != "fma":
         qcat, q_lo = _split_tf32(qcat)
-    elif precision == SPLIT_F16 and dot_mode == "mma":
+    elif precision == SPLIT_F16 and dot_mode != "fma":
         qcat, q_lo, q_inv = _split_f16_rows(qcat)
+    if dot_mode == "mma_t":  # the kernel reads the query parts transposed: [Dq, Gp] per (b, h)
+        qcat, q_lo, q_inv = (None if x is None else jnp.swapaxes(x, -1, -2) for x in (qcat, q_lo, q_inv))
 
     kernel = functools.partial(
         _decode_kernel,
@@ -543,7 +566,7 @@ def _paged_decode(
         kernel, block_tables, seq_lens, [qcat, q_lo, q_inv],
         [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales],
         num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name=f"tq_decode_{cfg.name}",
+        name=f"tq_decode_{cfg.name}", rows=gp,
     )
     return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
 
@@ -551,20 +574,23 @@ def _paged_decode(
 def split_kv_call(
     kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
     num_splits: int, out_dim: int, num_warps: int, num_stages: int, interpret: bool, name: str,
+    rows: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The launch shared by the split-KV decode kernels (this module's and :mod:`tqjax.pallas.flash_decode`):
     one program per (sequence b, KV head h, split s), the kernel's refs in the order block_tables
-    [B, max_blocks] int32, seq_lens [B] int32 (whole), ``queries`` (each [B, Hk, Gp, Dq]: the (b, h)
-    slice [Gp, Dq]; None entries stay None refs), ``cache_arrays`` (each [Hk, ...]: head h's slice).
-    Returns each split's output [S, B, Hk, Gp, out_dim] float32 (normalised within the split) and its
-    log-sum-exp [S, B, Hk, Gp] float32, for :func:`merge_splits`."""
-    b, hk, gp = queries[0].shape[:3]
+    [B, max_blocks] int32, seq_lens [B] int32 (whole), ``queries`` (each [B, Hk, ...]: the (b, h)
+    slice, e.g. [Gp, Dq]; None entries stay None refs), ``cache_arrays`` (each [Hk, ...]: head h's
+    slice). ``rows``: Gp, the output rows per program (default: ``queries[0].shape[2]``). Returns each
+    split's output [S, B, Hk, Gp, out_dim] float32 (normalised within the split) and its log-sum-exp
+    [S, B, Hk, Gp] float32, for :func:`merge_splits`."""
+    b, hk = queries[0].shape[:2]
+    gp = queries[0].shape[2] if rows is None else rows
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i, j, k: (0,) * a.ndim)
 
     def per_query(q):
-        return None if q is None else pl.BlockSpec((None, None, gp, q.shape[-1]), lambda i, j, k: (i, j, 0, 0))
+        return None if q is None else pl.BlockSpec((None, None) + q.shape[2:], lambda i, j, k: (i, j, 0, 0))
 
     def per_head(a):
         return None if a is None else pl.BlockSpec((None,) + a.shape[1:], lambda i, j, k: (j,) + (0,) * (a.ndim - 1))
@@ -602,7 +628,7 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 LOOKUPS = ("poly", "poly_fma", "select")
 SPLIT_QUERY = "split_query"  # the default score product of the "mma" mode (see paged_decode)
 SPLIT_F16 = "split_f16"  # both products of the "mma" mode on float16 operands (see paged_decode)
-DOT_MODES = ("mma", "fma")
+DOT_MODES = ("mma", "mma_t", "fma")
 
 
 def paged_decode(
@@ -631,7 +657,10 @@ def paged_decode(
     ``lookup`` (:data:`LOOKUPS`, see :class:`CentroidLookup`; "poly_fma", the CUDA default, needs
     compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "poly_fma" is
     refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core
-    products, fp32-accurate for scores and values; "fma": CUDA-core float32), ``precision`` of the
+    products, fp32-accurate for scores and values, the GQA group as their rows, padded to 16; "mma_t":
+    the same products transposed, tokens as the rows and the group as the columns, padded to 8 only,
+    which halves the per-step softmax and accumulator work of a group of <= 8; "fma": CUDA-core
+    float32), ``precision`` of the
     "mma" products: :data:`SPLIT_F16` (the default) runs the score and value products on float16
     operands: the key tile (decode tables, fp8 keys, QJL signs) and the value codes are exact in
     float16, and the query rows and each step's probabilities are scaled by powers of 2 into
