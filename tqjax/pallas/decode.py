@@ -279,6 +279,7 @@ def _decode_kernel(
     # scalar-ish inputs
     block_tables_ref,  # [B, max_blocks] int32
     seq_lens_ref,  # [B] int32
+    # the query refs are transposed with dot_mode "mma_t": [Dq, Gp] and [1, Gp]
     q_ref,  # [Gp, Dq] prepared query of this (b, h): float32 (its tf32 high part with SPLIT_QUERY) or, with
     #         SPLIT_F16, the float16 high part of the query scaled per row by a power of 2
     q_lo_ref,  # [Gp, Dq]: the remainder q - q_hi with SPLIT_QUERY (float32) and SPLIT_F16 (float16), else None
