@@ -257,16 +257,23 @@ def _split_f16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     significant bits, lo the next 11), and ``inv = 2**-e`` [..., 1] float32 to undo the scaling."""
     _, ex = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))  # max|x| < 2**ex
     ex = jnp.clip(ex, -100, 100)
-    hi, lo = _split_f16(jnp.ldexp(x, _F16_TOP - ex))
+    hi, lo = split_hi_lo(jnp.ldexp(x, _F16_TOP - ex), jnp.float16, in_xla=True)
     return hi, lo, jnp.ldexp(jnp.ones_like(x[..., :1]), ex - _F16_TOP)
 
 
-def _split_f16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 ``x`` (|x| < 2**15) -> float16 (hi, lo), ``hi + lo`` within 2**-22 |x| of ``x`` (plus
-    2**-25 absolute, float16's subnormal spacing). hi is rounded to 11 significant bits by integer
-    operations, not by a float16 round trip, which XLA may fold away (it allows excess precision)."""
-    hi = _round_tf32(x)
-    return hi.astype(jnp.float16), (x - hi).astype(jnp.float16)
+def split_hi_lo(x: jax.Array, dtype, *, in_xla: bool = False) -> tuple[jax.Array, jax.Array]:
+    """float32 ``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded
+    to ``dtype`` (float16: within about 2**-22 |x|, plus float16's subnormal spacing 2**-24, for
+    |x| < 65504; bfloat16: about 2**-16 |x|).
+
+    ``in_xla``: for a split computed by XLA rather than in a kernel. On GPUs XLA drops float32 ->
+    ``dtype`` -> float32 conversion pairs by default ("excess precision"), which would make ``lo``
+    zero (measured: a float16 query split gave 3e-4 errors on the H200); an optimization barrier on
+    ``hi`` keeps the rounding. Triton keeps it as written."""
+    hi = x.astype(dtype)
+    if in_xla:
+        hi = jax.lax.optimization_barrier(hi)
+    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
 def _exact_in_f16(values) -> bool:
@@ -437,7 +444,7 @@ def _decode_kernel(
             vbits = jnp.clip(vbits, 15, 254)
             up = jax.lax.bitcast_convert_type((268 - vbits) << 23, jnp.float32)  # 2**(141 - vbits)
             down = jax.lax.bitcast_convert_type((vbits - 14) << 23, jnp.float32)  # its inverse
-            hi, lo = _split_f16(pw * up)
+            hi, lo = split_hi_lo(pw * up, jnp.float16)
             return (pv_mm(hi, vcodes, half) + pv_mm(lo, vcodes, half)) * down
 
         def body(i, carry):

@@ -40,6 +40,7 @@ from tqjax.pallas.decode import (
     _device_cores,
     choose_num_splits,
     merge_splits,
+    split_hi_lo,
     split_kv_call,
 )
 from tqjax.pallas.tuning import flash_decode_params
@@ -67,18 +68,6 @@ def check_head_dim(head_dim: int) -> None:
     why = head_dim_problem(head_dim)
     if why is not None:
         raise ValueError(why)
-
-
-def _split(x: jax.Array, dtype, *, in_xla: bool = False) -> tuple[jax.Array, jax.Array]:
-    """``x ~= hi + lo`` with ``hi = x`` rounded to ``dtype`` and ``lo`` the remainder rounded to ``dtype``.
-
-    ``in_xla``: for a split computed by XLA rather than in the kernel. On GPUs XLA drops float32 ->
-    ``dtype`` -> float32 conversion pairs by default ("excess precision"), which would make ``lo``
-    zero; an optimization barrier on ``hi`` keeps the rounding. Triton keeps it as written."""
-    hi = x.astype(dtype)
-    if in_xla:
-        hi = jax.lax.optimization_barrier(hi)
-    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
 def _flash_decode_kernel(
@@ -145,7 +134,7 @@ def _flash_decode_kernel(
         p = jnp.exp2((logits - m_safe) * _LOG2E)  # exactly 0 where invalid
         l_next = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
         if split_dots:
-            p_hi, p_lo = _split(p, cdt)
+            p_hi, p_lo = split_hi_lo(p, cdt)
             pv = mm(p_hi, v, ((1,), (0,))) + mm(p_lo, v, ((1,), (0,)))
         else:
             pv = mm(p.astype(cdt), v, ((1,), (0,)))
@@ -181,7 +170,7 @@ def _paged_decode(
 
     q = jnp.pad(query.reshape(b, hk, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     if split_dots and query.dtype != cdt:
-        q_hi, q_lo = _split(q.astype(jnp.float32), cdt, in_xla=True)
+        q_hi, q_lo = split_hi_lo(q.astype(jnp.float32), cdt, in_xla=True)
     else:
         q_hi, q_lo = q.astype(cdt), None
 
