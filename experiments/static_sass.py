@@ -1,0 +1,136 @@
+"""Static view of the decode kernel's machine code, without a GPU: registers, spills and SASS counts.
+
+    pip install triton            # into a separate environment (its LLVM stays out of jax's process)
+    python -m experiments.static_sass --triton-python /path/to/that/env/bin/python \
+        --variants turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2
+
+Each variant is preset/dot_mode/block_tokens/num_warps[/tf32] (the float16 split is the default
+precision; ``tf32`` takes SPLIT_QUERY). This process lowers the kernel with jax's Pallas Triton
+lowering (export for CUDA, as on a machine without a GPU) and keeps the Triton IR; the other Python
+compiles that IR with its Triton for sm_90 (floating-point contraction off, like the kernel's
+explicit FMAs) and counts, from the cubin: registers, local memory (spills), shared memory, SASS
+instructions by opcode, and ``/elem``: the count times the threads over one step's tokens x head_dim
+(the loop body dominates the counts: the kernel is one loop over the sequence's pages), i.e. static
+instructions per key element per step, comparable across launches.
+
+A proxy, not a measurement: the Triton here is PyPI's, not the one XLA bundles on the GPU machine
+(on the H200 with jax 0.11.2 the tuned 4bit_nc kernel used 240 registers; Triton 3.9 here gives
+about 165), and counts are static, not executed. Time the variants that look better on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def capture(variants: list[str], out_dir: str) -> list[dict]:
+    """Lower each variant's decode kernel for CUDA and write its Triton IR; returns the manifest."""
+    import jax
+    import jax._src.pallas.triton.lowering as lowering
+    import jax.numpy as jnp
+
+    import tqjax
+    from tqjax.pallas import decode
+
+    captured: list[str] = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def keep(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = keep
+    manifest = []
+    try:
+        for v in variants:
+            name, dot_mode, block_tokens, num_warps, *flags = v.split("/")
+            precision = decode.SPLIT_QUERY if "tf32" in flags else decode.SPLIT_F16
+            cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+            cache = tqjax.PagedKVCache.allocate(cfg, 64, 16, 8)
+            args = (jnp.zeros((4, 32, 128), jnp.bfloat16), cache, jnp.zeros((4, 16), jnp.int32),
+                    jnp.full((4,), 100, jnp.int32))
+
+            def f(q, cache, tables, lens, dot_mode=dot_mode, block_tokens=int(block_tokens),
+                  num_warps=int(num_warps), precision=precision):
+                return decode._paged_decode(
+                    q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=block_tokens,
+                    num_warps=num_warps, num_stages=1, lookup="poly" if dot_mode == "fma" else "poly_fma",
+                    dot_mode=dot_mode, interpret=False, precision=precision)
+
+            captured.clear()
+            jax.export.export(
+                jax.jit(f), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(*args)
+            path = os.path.join(out_dir, f"k{len(manifest)}.ttir")
+            with open(path, "w") as fh:
+                fh.write(captured[-1])
+            manifest.append(dict(variant=v, path=path, num_warps=int(num_warps), block_tokens=int(block_tokens)))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return manifest
+
+
+def compile_and_count(manifest: list[dict]) -> None:
+    """(Runs under the Triton environment.) Compile each IR for sm_90 and print one row per variant."""
+    import collections
+    import pathlib
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    print(f"triton {triton.__version__}, target sm_90, counts from cuobjdump of the cubin")
+    print(f"{'variant':36s} {'regs':>5s} {'local':>6s} {'smem':>6s} {'sass':>6s} {'/elem':>6s}  top opcodes")
+    for item in manifest:
+        kernel = triton.compile(item["path"], target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": item["num_warps"], "num_stages": 1, "enable_fp_fusion": False})
+        cubin = item["path"][:-5] + ".cubin"
+        pathlib.Path(cubin).write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        ops = collections.Counter(
+            m.group(1).split(".")[0]
+            for m in (re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln) for ln in sass.splitlines())
+            if m
+        )
+        regs = re.search(r"REG:(\d+)", usage).group(1)
+        local = re.search(r"LOCAL:(\d+)", usage).group(1)
+        top = " ".join(f"{o}:{c}" for o, c in ops.most_common(12))
+        total = sum(ops.values())
+        per_elem = total * 32 * item["num_warps"] / (item["block_tokens"] * 128)  # all threads / one step's T x D
+        print(f"{item['variant']:36s} {regs:>5s} {local:>6s} {kernel.metadata.shared:>6d} {total:>6d} {per_elem:6.1f}  {top}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2")
+    ap.add_argument("--triton-python", help="a Python with `triton` installed (compiles the captured IR)")
+    ap.add_argument("--compile-manifest", help=argparse.SUPPRESS)  # the second process's entry
+    args = ap.parse_args()
+    if args.compile_manifest:
+        with open(args.compile_manifest) as fh:
+            compile_and_count(json.load(fh))
+        return
+    if not args.triton_python:
+        ap.error("--triton-python is required (a separate environment with `pip install triton`)")
+    out_dir = tempfile.mkdtemp(prefix="tq_sass_")
+    manifest = capture(args.variants.split(","), out_dir)
+    path = os.path.join(out_dir, "manifest.json")
+    with open(path, "w") as fh:
+        json.dump(manifest, fh)
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([args.triton_python, os.path.join(here, "static_sass.py"), "--compile-manifest", path], check=True)
+    print(f"IR and cubins: {out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
