@@ -31,8 +31,8 @@ import tempfile
 def capture(variants: list[str], out_dir: str) -> list[dict]:
     """Lower each variant's decode kernel for CUDA and write its Triton IR; returns the manifest."""
     import jax
-    import jax._src.pallas.triton.lowering as lowering
     import jax.numpy as jnp
+    from jax._src.pallas.triton import lowering
 
     import tqjax
     from tqjax.pallas import decode
@@ -71,7 +71,7 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
             path = os.path.join(out_dir, f"k{len(manifest)}.ttir")
             with open(path, "w") as fh:
                 fh.write(captured[-1])
-            manifest.append(dict(variant=v, path=path, num_warps=int(num_warps), block_tokens=int(block_tokens)))
+            manifest.append({"variant": v, "path": path, "num_warps": int(num_warps), "block_tokens": int(block_tokens)})
     finally:
         lowering.lower_jaxpr_to_triton_module = original
     return manifest
