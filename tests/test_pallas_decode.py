@@ -133,8 +133,7 @@ def test_lookup_and_dot_modes(lookup, dot_mode):
           lookup=lookup, dot_mode=dot_mode)
 
 
-@pytest.mark.parametrize("precision", ["split_f16", "split_query"])
-@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("group,precision", [(1, "split_f16"), (8, "split_query")])
 def test_transposed_products(group, precision):
     """dot_mode "mma_t" (tokens as the rows of the products, the GQA group padded to 8 columns) for
     a group smaller than 8 and one that fills it, ragged lengths, softcap, both splits."""
