@@ -308,41 +308,37 @@ def _lowering_case(name):
     return (jnp.zeros((2, 8, 128), jnp.bfloat16), cache, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 100, jnp.int32))
 
 
+def _lowers(platform, name, **kw):
+    """Whether ``_paged_decode(**kw)`` for ``name`` passes the Pallas Triton lowering for ``platform``
+    (export, so it runs on the CPU, no GPU needed)."""
+    from tqjax.pallas import decode
+
+    def f(q, cache, tables, lens):
+        return decode._paged_decode(q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32,
+                                    num_warps=4, interpret=False, **kw)
+
+    exported = jax.export.export(
+        jax.jit(f), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*_lowering_case(name))
+    return "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
 @pytest.mark.parametrize("dot_mode", ["mma", "mma_t"])
 def test_lowers_to_triton_for_rocm(dot_mode):
     """The ROCm configuration (plain-jnp "poly" lookup, no inline PTX; float16 products, which AMD's
     matrix cores all have) passes the Pallas Triton lowering for ROCm."""
-    from tqjax.pallas import decode
+    from tqjax.pallas.decode import SPLIT_F16
 
-    def f(q, cache, tables, lens):
-        return decode._paged_decode(
-            q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
-            num_stages=1, lookup="poly", dot_mode=dot_mode, interpret=False, precision=decode.SPLIT_F16,
-        )
-
-    exported = jax.export.export(
-        jax.jit(f), platforms=["rocm"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*_lowering_case("turboquant_kqjl3v4"))
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+    assert _lowers("rocm", "turboquant_kqjl3v4", num_stages=1, lookup="poly", dot_mode=dot_mode, precision=SPLIT_F16)
 
 
 @pytest.mark.parametrize("dot_mode", ["mma_f16", "mma_tf32", "mma_t", "fma"])
 @pytest.mark.parametrize("name", list(tqjax.PRESETS))
 def test_lowers_to_triton_for_cuda(name, dot_mode):
-    """The kernel passes the Pallas Triton lowering for CUDA (runs on CPU: export, no GPU needed)."""
-    from tqjax.pallas import decode
+    """The kernel passes the Pallas Triton lowering for CUDA."""
+    from tqjax.pallas.decode import SPLIT_F16, SPLIT_QUERY
 
-    def f(q, cache, tables, lens):
-        return decode._paged_decode(
-            q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32, num_warps=4,
-            num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma",
-            dot_mode=dot_mode if dot_mode in ("mma_t", "fma") else "mma", interpret=False,
-            precision=decode.SPLIT_QUERY if dot_mode == "mma_tf32" else decode.SPLIT_F16,
-        )
-
-    exported = jax.export.export(
-        jax.jit(f), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*_lowering_case(name))
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+    assert _lowers("cuda", name, num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma",
+                   dot_mode=dot_mode if dot_mode in ("mma_t", "fma") else "mma",
+                   precision=SPLIT_QUERY if dot_mode == "mma_tf32" else SPLIT_F16)
