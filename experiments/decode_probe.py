@@ -74,7 +74,8 @@ def main() -> None:
                     help="comma-separated lookup/block_tokens/num_warps/num_stages[/flag...] variants (e.g. "
                          "poly_fma/64/8/2/t); flags: x3 (one TF32x3 score product), tf32 (the tf32 split, "
                          "SPLIT_QUERY), f16 (float16 operands, SPLIT_F16, the default), t (dot_mode mma_t: "
-                         "transposed products); timed instead of --lookups")
+                         "transposed products), m (dot_mode mma); without t or m the tuned dot_mode (mma_t on "
+                         "CUDA since the eighth session, mma before); timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
@@ -113,7 +114,7 @@ def main() -> None:
             bt_tok, w, s = int(bt_tok), int(w), int(s)
             precisions = {"x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "tf32": SPLIT_QUERY, "f16": SPLIT_F16}
             precision = next((precisions[f] for f in flags if f in precisions), None)
-            dot_mode = "mma_t" if "t" in flags else None
+            dot_mode = "mma_t" if "t" in flags else "mma" if "m" in flags else None
             lookup_name = "/".join([lookup, *flags])
             try:
                 f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,

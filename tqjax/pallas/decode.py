@@ -667,7 +667,7 @@ def paged_decode(
     refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core
     products, fp32-accurate for scores and values, the GQA group as their rows, padded to 16; "mma_t":
     the same products transposed, tokens as the rows and the group as the columns, padded to 8 only,
-    which halves the per-step softmax and accumulator work of a group of <= 8; "fma": CUDA-core
+    which halves the per-step softmax and accumulator work of a group of <= 8, the CUDA default; "fma": CUDA-core
     float32), ``precision`` of the
     "mma" products: :data:`SPLIT_F16` (the default) runs the score and value products on float16
     operands: the key tile (decode tables, fp8 keys, QJL signs) and the value codes are exact in

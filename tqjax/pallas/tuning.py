@@ -18,10 +18,14 @@ from typing import Any
 
 from tqjax.platform import Platform, detect_platform
 
+# Decode: transposed products ("mma_t") on CUDA. H200, 4bit_nc, B=32, 16k, same calls: 849 us at
+# 64/4/1 against 1318 us with "mma", equal (1054 / 1052 us) at 32/2/1, the best "mma" launch
+# (docs/data/decode_probe_mma_t_h200_2026-11-29.log, decode_probe_mma_t_launch_h200_2026-11-29.log).
+# ROCm keeps "mma" (not measured there); interpret mode follows CUDA so the CPU tests cover its path.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly_fma", dot_mode="mma"),
+    "cuda": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly_fma", dot_mode="mma_t"),
     "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
-    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma"),
+    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t"),
 }
 # The store is straight-line code per tile (no loop to pipeline): one stage everywhere.
 STORE_DEFAULTS: dict[str, dict[str, Any]] = {
