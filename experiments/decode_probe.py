@@ -75,7 +75,7 @@ def main() -> None:
                          "poly_fma/64/8/2/t); flags: x3 (one TF32x3 score product), tf32 (the tf32 split, "
                          "SPLIT_QUERY), f16 (float16 operands, SPLIT_F16, the default), t (dot_mode mma_t: "
                          "transposed products), m (dot_mode mma); without t or m the tuned dot_mode (mma_t on "
-                         "CUDA since the eighth session, mma before); timed instead of --lookups")
+                         "CUDA since the seventh session of 2026-11-29, mma before); timed instead of --lookups")
     ap.add_argument("--no-read-probe", action="store_true")
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
