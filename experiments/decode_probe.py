@@ -80,13 +80,18 @@ def main() -> None:
     ap.add_argument("--once", action="store_true",
                     help="run the first preset's decode once with the tuned parameters and exit (for a profiler: "
                          "ncu -k regex:tq_decode -c 1 ...)")
+    ap.add_argument("--calls", type=int, default=0,
+                    help="with --once: this many more jitted decode steps after the first (for a timeline of "
+                         "every kernel of a step: nsys or ncu without -k)")
     args = ap.parse_args()
     if args.once:
         rng = np.random.default_rng(0)
         name = args.presets.split(",")[0]
         _, cache, bt, lens = build(name, args.batch, args.context, 32, 8, 128, 16, rng)
         q = jnp.asarray(rng.standard_normal((args.batch, 32, 128)), jnp.float32)
-        paged_decode(q, cache, bt, lens).block_until_ready()
+        step = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens))
+        for _ in range(1 + args.calls):  # a compiling call, then the steady state a timeline should show
+            step(q).block_until_ready()
         return
     print(device_description(), flush=True)
     bw = copy_bandwidth()
