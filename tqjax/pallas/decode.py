@@ -77,13 +77,15 @@ class CentroidLookup:
     exact in tf32 (11 significant bits, :func:`tqjax.quantizers.tf32_table`), so a result within a few
     float32 ulps of it rounds back onto it, and the decoded keys enter tensor-core products unrounded.
 
-    ``"poly"``: Lloyd--Max codebooks are odd and sorted, so with ``s = code - (2**b - 1) / 2`` the
-    centroid is ``s * P(a * s**2 + c)`` for a polynomial P fitted to the positive half: the lowest
-    degree (at most ``2**(b-1) - 1``, which interpolates) whose values, evaluated by Horner in float32
-    and rounded to the nearest tf32 value (ties away from zero, two integer operations), are every
-    table entry exactly in both forms below (checked on the host, else ``"select"`` is used). Degrees
-    (d=128): 1 at 2 bits, 3 at 3 bits, 5 at 4 bits, 7 at 5 bits (interpolation: 1, 3, 7, 15). Against
-    2 * 2**b operations per element for a compare/select chain.
+    ``"poly"``: Lloyd--Max codebooks are odd and sorted, so with ``x = 2 * code - (2**b - 1)`` (an odd
+    integer, exact) the centroid is ``x * Q(x * x)`` for a polynomial Q fitted to the positive half: the
+    lowest degree (at most ``2**(b-1) - 1``, which interpolates) whose values, evaluated by Horner in
+    float32 and rounded to the nearest tf32 value (ties away from zero, two integer operations), are
+    every table entry exactly in both forms below (checked on the host, else ``"select"`` is used).
+    Degrees (d=128): 1 at 2 bits, 3 at 3 bits, 5 at 4 bits, 7 at 5 bits (interpolation: 1, 3, 7, 15).
+    Q takes ``x * x`` itself, not an affine map of it onto [-1, 1]: the same degrees come out exact for
+    every codebook checked (1-5 bits, d 32-512, both distributions), one operation fewer per element.
+    Against 2 * 2**b operations per element for a compare/select chain.
     ``"poly_fma"``: the same polynomial with the code's conversion and every Horner step fused
     multiply-adds and the rounding one ``cvt.rna.tf32.f32`` (or ``cvt.rn.f16.f32`` for a float16
     result), written as one inline PTX block (CUDA GPUs only, sm_80 and later: Pallas' Triton lowering
@@ -95,9 +97,7 @@ class CentroidLookup:
 
     method: str
     centroids: tuple[float, ...]
-    scale: float = 0.0
-    offset: float = 0.0
-    coefs: tuple[float, ...] = ()  # of P / 2 (the kernel evaluates x2 * P(u) / 2 with x2 = 2 * s)
+    coefs: tuple[float, ...] = ()  # of Q, lowest degree first (the kernel evaluates x * Q(x * x))
     f16_direct: bool = False  # "poly_fma" only: rounding the FMA result to float16 (cvt.rn) gives the table too
 
 
@@ -117,25 +117,20 @@ def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
     if method == "select" or n > 1 << _POLY_MAX_BITS or n < 2:
         return CentroidLookup("select", entries)
     half = n // 2
-    s = np.arange(half, n) - (n - 1) / 2
-    u2 = s * s
-    lo, hi = u2.min(), u2.max()
-    scale = 2.0 / (hi - lo) if hi > lo else 0.0
-    offset = -(hi + lo) / (hi - lo) if hi > lo else 0.0
-    x, y = scale * u2 + offset, c64[half:] / s
+    x = 2 * np.arange(half, n) - (n - 1)  # positive odd integers
+    y = c64[half:] / x
     for degree in range(half):  # the lowest degree whose rounded values are the table, both forms
-        coefs = (np.polynomial.polynomial.polyfit(x, y, degree, w=1 / np.abs(y)) / 2).astype(np.float32)
-        args = (np.arange(n), n, np.float32(scale), np.float32(offset), coefs)
-        if np.array_equal(_poly_eval_f32(*args), table) and np.array_equal(_poly_fma_host(*args), table):
+        coefs = np.polynomial.polynomial.polyfit((x * x).astype(np.float64), y, degree, w=1 / np.abs(y))
+        coefs = coefs.astype(np.float32)
+        if np.array_equal(_poly_eval_f32(np.arange(n), n, coefs), table) and np.array_equal(
+            _poly_fma_host(np.arange(n), n, coefs), table
+        ):
             break
     else:
         return CentroidLookup("select", entries)
-    raw = _poly_fma_raw(np.arange(n), n, np.float32(scale), np.float32(offset), coefs)
+    raw = _poly_fma_raw(np.arange(n), n, coefs)
     f16_direct = method == "poly_fma" and _exact_in_f16(table) and np.array_equal(raw.astype(np.float16), table)
-    return CentroidLookup(
-        method, entries, float(np.float32(scale)), float(np.float32(offset)), tuple(float(x) for x in coefs),
-        f16_direct,
-    )
+    return CentroidLookup(method, entries, tuple(float(x) for x in coefs), f16_direct)
 
 
 def _round_tf32_host(x: np.ndarray) -> np.ndarray:
@@ -150,18 +145,23 @@ def _round_tf32(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), jnp.float32)
 
 
-def _poly_eval_f32(codes, n: int, scale, offset, coefs) -> np.ndarray:
-    """The "poly" lookup on the host: ``s * P(scale * s**2 + offset)`` with ``s = code - (n - 1) / 2``
-    (``coefs`` of P / 2), float32 Horner, rounded to tf32."""
-    return _round_tf32_host(_poly_eval_x2((2 * np.asarray(codes) - (n - 1)).astype(np.float32), scale, offset, coefs))
+def _poly_eval_f32(codes, n: int, coefs) -> np.ndarray:
+    """The "poly" lookup on the host: ``x * Q(x * x)`` with ``x = 2 * code - (n - 1)`` (``coefs`` of Q),
+    float32 Horner, rounded to tf32."""
+    return _round_tf32_host(_poly_eval_x(_code_x(codes, n), coefs))
 
 
-def _poly_fma_host(codes, n: int, scale, offset, coefs) -> np.ndarray:
+def _poly_fma_host(codes, n: int, coefs) -> np.ndarray:
     """:func:`_poly_ptx`'s arithmetic on the host, rounded to tf32 like the PTX block."""
-    return _round_tf32_host(_poly_fma_raw(codes, n, scale, offset, coefs))
+    return _round_tf32_host(_poly_fma_raw(codes, n, coefs))
 
 
-def _poly_fma_raw(codes, n: int, scale, offset, coefs) -> np.ndarray:
+def _code_x(codes, n: int) -> np.ndarray:
+    """``2 * code - (n - 1)`` as float32 (odd integers below 2**6: exact)."""
+    return (2 * np.asarray(codes) - (n - 1)).astype(np.float32)
+
+
+def _poly_fma_raw(codes, n: int, coefs) -> np.ndarray:
     """:func:`_poly_ptx`'s float32 arithmetic before its final rounding, on the host: each
     ``fma.rn.f32`` as an exact float64 product and sum rounded once to float32 (a product of two
     float32 values is exact in float64; the sum's double rounding is below half a tf32 ulp, which the
@@ -171,24 +171,24 @@ def _poly_fma_raw(codes, n: int, scale, offset, coefs) -> np.ndarray:
     def fma(a, b, c):
         return (np.float64(a) * np.float64(b) + np.float64(c)).astype(f32)
 
-    x2 = (2 * np.asarray(codes) - (n - 1)).astype(f32)
-    u = fma(x2 * x2, f32(f32(scale) / 4), offset)
+    x = _code_x(codes, n)
+    u = x * x
     acc = np.full_like(u, coefs[-1])
     for cf in coefs[-2::-1]:
         acc = fma(acc, u, cf)
-    return x2 * acc
+    return x * acc
 
 
-def _poly_eval_x2(x2, scale, offset, coefs):
-    """``x2 * P(u) / 2`` with ``u = (x2 / 2)**2 * scale + offset`` (``coefs`` of P / 2), the float32
-    operations of the "poly" lookup before its rounding (numpy or jnp)."""
-    u = x2 * x2 * np.float32(np.float32(scale) / 4) + offset
+def _poly_eval_x(x, coefs):
+    """``x * Q(x * x)`` (``coefs`` of Q), the float32 operations of the "poly" lookup before its
+    rounding (numpy or jnp)."""
+    u = x * x
     if len(coefs) == 1:
-        return x2 * (coefs[0] + 0 * u)
+        return x * (coefs[0] + 0 * u)
     acc = coefs[-1] * u + coefs[-2]  # the first Horner step on the constant leading coefficient
     for cf in coefs[-3::-1]:
         acc = acc * u + cf
-    return x2 * acc
+    return x * acc
 
 
 def _f32_hex(x: float) -> str:
@@ -196,8 +196,8 @@ def _f32_hex(x: float) -> str:
 
 
 def _poly_ptx(codes: jax.Array, lk: CentroidLookup, f16_out: bool = False) -> jax.Array:
-    """The "poly_fma" lookup of int32 ``codes`` as one PTX block: ``x2 = 2 * code - (n - 1)`` (exact),
-    then :func:`_poly_eval_x2` with each Horner step one ``fma.rn.f32``, then ``cvt.rna.tf32.f32``
+    """The "poly_fma" lookup of int32 ``codes`` as one PTX block: ``x = 2 * code - (n - 1)`` (exact),
+    then :func:`_poly_eval_x` with each Horner step one ``fma.rn.f32``, then ``cvt.rna.tf32.f32``
     (CUDA only, sm_80 and later); with ``f16_out`` (needs ``lk.f16_direct``) ``cvt.rn.f16.f32`` to a
     float16 result instead."""
     lines = [
@@ -205,7 +205,6 @@ def _poly_ptx(codes: jax.Array, lk: CentroidLookup, f16_out: bool = False) -> ja
         "cvt.rn.f32.s32 x, $1;",
         f"fma.rn.f32 x, x, 0f40000000, {_f32_hex(1 - len(lk.centroids))};",
         "mul.rn.f32 u, x, x;",
-        f"fma.rn.f32 u, u, {_f32_hex(np.float32(lk.scale) / 4)}, {_f32_hex(lk.offset)};",
         f"mov.f32 a, {_f32_hex(lk.coefs[-1])};",
     ]
     lines += [f"fma.rn.f32 a, a, u, {_f32_hex(c)};" for c in lk.coefs[-2::-1]]
@@ -230,9 +229,8 @@ def _lookup(codes: jax.Array, lk: CentroidLookup, dtype=jnp.float32) -> jax.Arra
             return _poly_ptx(codes, lk, f16_out=True)
         return _poly_ptx(codes, lk).astype(dtype)
     if lk.method == "poly":
-        x2 = codes.astype(jnp.float32) * 2.0 - np.float32(len(lk.centroids) - 1)  # 2 * s, exact
-        return _round_tf32(_poly_eval_x2(x2, np.float32(lk.scale), np.float32(lk.offset),
-                                         [np.float32(c) for c in lk.coefs])).astype(dtype)
+        x = codes.astype(jnp.float32) * 2.0 - np.float32(len(lk.centroids) - 1)  # exact
+        return _round_tf32(_poly_eval_x(x, [np.float32(c) for c in lk.coefs])).astype(dtype)
     out = jnp.full(codes.shape, np.float32(lk.centroids[0]))
     for k in range(1, len(lk.centroids)):
         out = jnp.where(codes == k, np.float32(lk.centroids[k]), out)
