@@ -194,6 +194,17 @@ def test_polynomial_centroids_match_table(bits, dim):
     np.testing.assert_array_equal(got, c)
 
 
+@pytest.mark.parametrize("distribution", ["beta", "gaussian"])
+def test_polynomial_lookup_exists_for_other_dims(distribution):
+    """The polynomial in ``x * x`` is exact (both forms, checked inside centroid_lookup) for 2-5-bit
+    codebooks of head dims the presets do not fix, and for the Gaussian approximation: no fallback to
+    the compare/select chain."""
+    for dim in (32, 48, 80, 96, 160, 192, 384, 512):
+        for bits in (2, 3, 4, 5):
+            lk = centroid_lookup(tqjax.lloyd_max_codebook(bits, dim, distribution).centroids, "poly_fma")
+            assert lk.method == "poly_fma", (dim, bits)
+
+
 def test_every_decode_table_is_exact_in_float16():
     """SPLIT_F16 (the default) feeds the decoded key tile to float16 products unrounded: every table
     (1-8 bits, head_dim 32-512) must be exact in float16, else the decode falls back to the tf32 split."""

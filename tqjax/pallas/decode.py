@@ -83,7 +83,7 @@ class CentroidLookup:
     float32 and rounded to the nearest tf32 value (ties away from zero, two integer operations), are
     every table entry exactly in both forms below (checked on the host, else ``"select"`` is used).
     Degrees (d=128): 1 at 2 bits, 3 at 3 bits, 5 at 4 bits, 7 at 5 bits (interpolation: 1, 3, 7, 15).
-    Q takes ``x * x`` itself, not an affine map of it onto [-1, 1]: the same degrees come out exact for
+    Q takes ``x * x`` itself, not an affine map of it onto [-1, 1]: the same degrees came out exact for
     every codebook checked (1-5 bits, d 32-512, both distributions), one operation fewer per element.
     Against 2 * 2**b operations per element for a compare/select chain.
     ``"poly_fma"``: the same polynomial with the code's conversion and every Horner step fused
