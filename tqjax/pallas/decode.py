@@ -632,8 +632,8 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 
 
 LOOKUPS = ("poly", "poly_fma", "select")
-SPLIT_QUERY = "split_query"  # the default score product of the "mma" mode (see paged_decode)
-SPLIT_F16 = "split_f16"  # both products of the "mma" mode on float16 operands (see paged_decode)
+SPLIT_QUERY = "split_query"  # tensor-core products on tf32 hi + lo operands (see paged_decode)
+SPLIT_F16 = "split_f16"  # tensor-core products on float16 operands, the default (see paged_decode)
 DOT_MODES = ("mma", "mma_t", "fma")
 
 
@@ -662,12 +662,12 @@ def paged_decode(
     ``block_tokens`` (tokens per inner step; at least one block), ``num_warps``, ``num_stages``,
     ``lookup`` (:data:`LOOKUPS`, see :class:`CentroidLookup`; "poly_fma", the CUDA default, needs
     compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "poly_fma" is
-    refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core
-    products, fp32-accurate for scores and values, the GQA group as their rows, padded to 16; "mma_t":
-    the same products transposed, tokens as the rows and the group as the columns, padded to 8 only,
-    which halves the per-step softmax and accumulator work of a group of <= 8, the CUDA default; "fma": CUDA-core
-    float32), ``precision`` of the
-    "mma" products: :data:`SPLIT_F16` (the default) runs the score and value products on float16
+    refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core products, fp32-accurate for scores
+    and values, the GQA group as their rows, padded to 16, the ROCm default; "mma_t": the same products
+    transposed, tokens as the rows and the group as the columns, padded to 8 only, which halves the
+    per-step softmax and accumulator work of a group of <= 8, the CUDA and interpret-mode default;
+    "fma": CUDA-core float32), ``precision`` of the tensor-core products ("mma", "mma_t"):
+    :data:`SPLIT_F16` (the default) runs the score and value products on float16
     operands: the key tile (decode tables, fp8 keys, QJL signs) and the value codes are exact in
     float16, and the query rows and each step's probabilities are scaled by powers of 2 into
     float16's range and split into float16 hi + lo parts, two products each, fp32-accurate (a decode
