@@ -31,17 +31,15 @@ def test_entries_are_valid_and_cite_a_measurement(entry):
 
 
 def test_measured_entry_applies_only_to_its_device_and_preset():
-    h100 = Platform("cuda", "sm90", H100)
-    assert tuning.decode_params("turboquant_k8v4", h100)["block_tokens"] == 64
-    assert tuning.decode_params("turboquant_4bit_nc", h100) == tuning.DEFAULTS["cuda"]
     h200 = Platform("cuda", "sm90", "NVIDIA H200")
     for preset in tqjax.PRESETS:  # every preset measured there: transposed products, 64-token steps
         params = tuning.decode_params(preset, h200)
         assert params["dot_mode"] == "mma_t" and params["block_tokens"] == 64 and params["num_stages"] == 1, preset
     assert tuning.decode_params("turboquant_4bit_nc", h200)["num_warps"] == 4
     assert tuning.decode_params("turboquant_k8v4", h200)["num_warps"] == 2
-    other = Platform("cuda", "sm80", "NVIDIA A100-SXM4-80GB")  # no entries: the CUDA defaults
-    assert tuning.decode_params("turboquant_k8v4", other) == tuning.DEFAULTS["cuda"]
+    for other in (Platform("cuda", "sm90", H100), Platform("cuda", "sm80", "NVIDIA A100-SXM4-80GB")):
+        for preset in ("turboquant_4bit_nc", "turboquant_k8v4"):  # no entries: the CUDA defaults
+            assert tuning.decode_params(preset, other) == tuning.DEFAULTS["cuda"]
 
 
 def test_vendor_defaults():

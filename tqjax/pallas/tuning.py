@@ -21,9 +21,13 @@ from tqjax.platform import Platform, detect_platform
 # Decode: transposed products ("mma_t") on CUDA. H200, 4bit_nc, B=32, 16k, same calls: 849 us at
 # 64/4/1 against 1318 us with "mma", equal (1054 / 1052 us) at 32/2/1, the best "mma" launch
 # (docs/data/decode_probe_mma_t_h200_2026-11-29.log, decode_probe_mma_t_launch_h200_2026-11-29.log).
+# Launch: 64 tokens, 2 warps, 1 stage, the best or second best of the launches timed for each preset
+# probed on the H200 with transposed products (752-1303 us at B=32, 16k; the former default 32/4/2: 1143 and
+# 1178 us for k2p5v4 and k3p5v4 against 906 and 960 us; decode_probe_mma_t_presets_h200_2026-11-29.log,
+# decode_probe_mma_t_split_presets_h200_2026-11-29.log): other NVIDIA GPUs start from it.
 # ROCm keeps "mma" (not measured there); interpret mode follows CUDA so the CPU tests cover its path.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly_fma", dot_mode="mma_t"),
+    "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="poly_fma", dot_mode="mma_t"),
     "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
     "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t"),
 }
