@@ -133,10 +133,11 @@ def test_lookup_and_dot_modes(lookup, dot_mode):
           lookup=lookup, dot_mode=dot_mode)
 
 
-@pytest.mark.parametrize("group,precision", [(1, "split_f16"), (8, "split_query")])
+@pytest.mark.parametrize("group,precision", [(1, "split_f16"), (8, "split_query"), (16, "split_f16")])
 def test_transposed_products(group, precision):
     """dot_mode "mma_t" (tokens as the rows of the products, the GQA group padded to 8 columns) for
-    a group smaller than 8 and one that fills it, ragged lengths, softcap, both splits."""
+    a group smaller than 8, one that fills it and one wider (16 columns), ragged lengths, softcap,
+    both splits."""
     check(*make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=group, lens=[77, 0, 16],
                      seed=group), dot_mode="mma_t", precision=precision, softcap=20.0, num_splits=2)
 
