@@ -336,11 +336,38 @@ def _store_impl(
     num_warps: int = 4,
     num_stages: int = 1,
 ) -> PagedKVCache:
-    cfg = cache.config
-    n = key.shape[0]
-    if n == 0:
+    if key.shape[0] == 0:
         return cache
-    features, new_key_scales = _key_features(cfg, key)
+    features, new_key_scales = _key_features(cache.config, key)
+    return _store_call(
+        cache,
+        features,
+        new_key_scales,
+        value,
+        slot_mapping,
+        interpret=interpret,
+        block_tokens=block_tokens,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def _store_call(
+    cache: PagedKVCache,
+    features: list[jax.Array],
+    new_key_scales: jax.Array | None,
+    value: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    interpret: bool,
+    block_tokens: int,
+    num_warps: int,
+    num_stages: int,
+) -> PagedKVCache:
+    """The kernel half: ``pallas_call`` on the XLA half's ``features`` ``[N, Hk, dim]`` float32 (or the bf16
+    key for fp8 keys) and ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None without key scales)."""
+    cfg = cache.config
+    n = value.shape[0]
     tile = min(block_tokens, pl.next_power_of_2(n))
     has_key_scales = cache.key_scales is not None
     cache_in = [cache.key_codes] + ([cache.key_scales] if has_key_scales else []) + [
@@ -353,31 +380,27 @@ def _store_impl(
     inputs.append(value)
     first_cache = len(inputs)
     inputs += cache_in
-
-    def call(*args: jax.Array) -> list[jax.Array]:
-        kernel = functools.partial(
-            _store_kernel,
-            parts=_key_parts(cfg),
-            num_features=len(features),
-            has_key_scales=has_key_scales,
-            num_tokens=n,
-            tile=tile,
-            block_size=cache.block_size,
-            num_slots=cache.num_slots,
-            head_dim=cfg.head_dim,
-            value_bits=cfg.value_bits,
-        )
-        return pl.pallas_call(
-            kernel,
-            grid=(pl.cdiv(n, tile), cache.num_kv_heads),
-            out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in],
-            input_output_aliases={first_cache + i: i for i in range(len(cache_in))},
-            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-            interpret=interpret,
-            name=f"tqjax_store_{cfg.name}_d{cfg.head_dim}_t{tile}",
-        )(*args)
-
-    out = call(*inputs)
+    kernel = functools.partial(
+        _store_kernel,
+        parts=_key_parts(cfg),
+        num_features=len(features),
+        has_key_scales=has_key_scales,
+        num_tokens=n,
+        tile=tile,
+        block_size=cache.block_size,
+        num_slots=cache.num_slots,
+        head_dim=cfg.head_dim,
+        value_bits=cfg.value_bits,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, tile), cache.num_kv_heads),
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in],
+        input_output_aliases={first_cache + i: i for i in range(len(cache_in))},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"tqjax_store_{cfg.name}_d{cfg.head_dim}_t{tile}",
+    )(*inputs)
     if has_key_scales:
         key_codes, key_scales, value_codes, value_scales = out
     else:
