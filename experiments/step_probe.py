@@ -32,6 +32,16 @@ from tqjax.pallas.decode import paged_decode
 ON_GPU = jax.default_backend() == "gpu"
 
 
+def _scan_steps(decode, qsteps, cache, bt, lens):
+    """``decode`` on every query of ``qsteps`` [S, B, Hq, D] in one ``lax.scan`` (outputs summed)."""
+
+    def body(acc, q):
+        out = decode(q, cache, bt, lens)
+        return acc + out[0, 0, 0].astype(jnp.float32), None
+
+    return jax.lax.scan(body, jnp.float32(0), qsteps)[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_3bit_nc"])
@@ -60,14 +70,7 @@ def main() -> None:
         step = functools.partial(jax.jit(decode), cache=cache, block_tables=bt, seq_lens=lens)
         rows.append((name, "decode", time_fn(step, [(q,) for q in qs], iters=iters, reps=reps)))
 
-        @jax.jit
-        def scanned(qsteps, cache, bt, lens):
-            def body(acc, q):
-                out = decode(q, cache, bt, lens)
-                return acc + out[0, 0, 0].astype(jnp.float32), None
-
-            return jax.lax.scan(body, jnp.float32(0), qsteps)[0]
-
+        scanned = jax.jit(functools.partial(_scan_steps, decode))
         t = time_fn(functools.partial(scanned, cache=cache, bt=bt, lens=lens), [(qsteps,)], iters=max(2, iters // 10),
                     reps=reps)
         rows.append((name, f"in-jit step (/{a.steps})", t / a.steps))

@@ -37,6 +37,66 @@ ON_GPU = jax.default_backend() == "gpu"
 LAUNCHES = ((32, 4), (64, 4), (128, 8), (16, 2))
 
 
+def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: int) -> None:
+    """Times every piece of one preset's store of ``n`` tokens; appends ``rows``."""
+    interpret = not ON_GPU
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
+    k = jnp.asarray(rng.standard_normal((n, a.hk, a.head_dim)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((n, a.hk, a.head_dim)), jnp.bfloat16)
+    nblocks = max(2 * n // a.block_size, 4)
+    slots = jnp.asarray(rng.permutation(nblocks * a.block_size)[:n].astype(np.int32))
+    nbytes = n * a.hk * (a.head_dim * 2 * 2 + cfg.slot_bytes)
+    cache = [tqjax.PagedKVCache.allocate(cfg, nblocks, a.block_size, a.hk)]
+
+    def add(what, t):
+        rows.append((name, n, what, t * 1e6, nbytes / t / 1e9, nbytes / t / bw))
+        r = rows[-1]
+        print(f"  {r[0]:22s} N={r[1]:<6d} {r[2]:22s} {r[3]:9.1f} us {r[4]:7.0f} GB/s {r[5]:5.0%}", flush=True)
+
+    def stepper(fn):
+        def step():
+            cache[0] = fn(cache[0])  # donated: updated in place
+            return cache[0].key_codes
+
+        return step
+
+    full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
+    add("full", time_fn(stepper(full), [()], iters=iters, reps=reps))
+    xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
+    add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
+    features, scales = jax.block_until_ready(xla_half(k))
+    call = jax.jit(store_mod._store_call, donate_argnums=0,
+                   static_argnames=("interpret", "block_tokens", "num_warps", "num_stages"))
+    for tokens, warps in LAUNCHES:
+        kern = lambda c, tokens=tokens, warps=warps: call(
+            c, features, scales, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps,
+            num_stages=1)
+        add(f"kernel t{tokens}/w{warps}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
+    ref = lambda c: reference.store_jit(c, k, v, slots)
+    add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
+    if cfg.key_format == "mse":
+        codec = key_codec(cfg)
+        quantizer, seg = codec.quantizers[0], codec.segments[0]
+        rot = quantizer.rotation
+        x = take_channels(k, seg)
+        highest = jax.jit(lambda x: quantizer.rotate_unit(x)[0])
+        add("rot f32 HIGHEST", time_fn(highest, [(x,)], iters=iters, reps=reps))
+        if rot.signs is not None:
+            pm1 = jnp.asarray(hadamard_matrix(seg.dim) * math.sqrt(seg.dim) * rot.signs, jnp.bfloat16)
+
+            def bf16_pm1(x):
+                z = jnp.matmul(x.astype(jnp.bfloat16), pm1.T, preferred_element_type=jnp.float32)
+                norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+                return z * (np.float32(1 / math.sqrt(seg.dim)) / jnp.maximum(norm, 1e-30))
+
+            got = jax.jit(bf16_pm1)(x)
+            err = float(jnp.max(jnp.abs(got - highest(x))))
+            add(f"rot bf16 +-1 (err {err:.1e})", time_fn(jax.jit(bf16_pm1), [(x,)], iters=iters, reps=reps))
+            signs = jnp.asarray(rot.signs)
+            fw = jax.jit(lambda x: fwht(x.astype(jnp.float32) * signs))
+            add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["turboquant_4bit_nc", "turboquant_k8v4"])
@@ -50,65 +110,10 @@ def main() -> None:
     bw = copy_bandwidth() if ON_GPU else float("nan")
     rng = np.random.default_rng(0)
     iters, reps = (20, 5) if ON_GPU else (2, 1)
-    interpret = not ON_GPU
     rows = []
     for name in a.presets:
-        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
         for n in a.tokens:
-            k = jnp.asarray(rng.standard_normal((n, a.hk, a.head_dim)), jnp.bfloat16)
-            v = jnp.asarray(rng.standard_normal((n, a.hk, a.head_dim)), jnp.bfloat16)
-            nblocks = max(2 * n // a.block_size, 4)
-            slots = jnp.asarray(rng.permutation(nblocks * a.block_size)[:n].astype(np.int32))
-            nbytes = n * a.hk * (a.head_dim * 2 * 2 + cfg.slot_bytes)
-            cache = [tqjax.PagedKVCache.allocate(cfg, nblocks, a.block_size, a.hk)]
-
-            def add(what, t):
-                rows.append((name, n, what, t * 1e6, nbytes / t / 1e9, nbytes / t / bw))
-                r = rows[-1]
-                print(f"  {r[0]:22s} N={r[1]:<6d} {r[2]:22s} {r[3]:9.1f} us {r[4]:7.0f} GB/s {r[5]:5.0%}", flush=True)
-
-            def stepper(fn):
-                def step():
-                    cache[0] = fn(cache[0])  # donated: updated in place
-                    return cache[0].key_codes
-
-                return step
-
-            full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
-            add("full", time_fn(stepper(full), [()], iters=iters, reps=reps))
-            xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
-            add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
-            features, scales = jax.block_until_ready(xla_half(k))
-            call = jax.jit(store_mod._store_call, donate_argnums=0,
-                           static_argnames=("interpret", "block_tokens", "num_warps", "num_stages"))
-            for tokens, warps in LAUNCHES:
-                kern = lambda c, tokens=tokens, warps=warps: call(
-                    c, features, scales, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps,
-                    num_stages=1)
-                add(f"kernel t{tokens}/w{warps}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
-            ref = lambda c: reference.store_jit(c, k, v, slots)
-            add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
-            if cfg.key_format == "mse":
-                codec = key_codec(cfg)
-                quantizer, seg = codec.quantizers[0], codec.segments[0]
-                rot = quantizer.rotation
-                x = take_channels(k, seg)
-                highest = jax.jit(lambda x: quantizer.rotate_unit(x)[0])
-                add("rot f32 HIGHEST", time_fn(highest, [(x,)], iters=iters, reps=reps))
-                if rot.signs is not None:
-                    pm1 = jnp.asarray(hadamard_matrix(seg.dim) * math.sqrt(seg.dim) * rot.signs, jnp.bfloat16)
-
-                    def bf16_pm1(x):
-                        z = jnp.matmul(x.astype(jnp.bfloat16), pm1.T, preferred_element_type=jnp.float32)
-                        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-                        return z * (np.float32(1 / math.sqrt(seg.dim)) / jnp.maximum(norm, 1e-30))
-
-                    got = jax.jit(bf16_pm1)(x)
-                    err = float(jnp.max(jnp.abs(got - highest(x))))
-                    add(f"rot bf16 +-1 (err {err:.1e})", time_fn(jax.jit(bf16_pm1), [(x,)], iters=iters, reps=reps))
-                    signs = jnp.asarray(rot.signs)
-                    fw = jax.jit(lambda x: fwht(x.astype(jnp.float32) * signs))
-                    add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
+            probe(a, name, n, rng, bw, rows, iters, reps)
     print(f"\n== store probe: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hk={a.hk} D={a.head_dim}"
           + ("" if ON_GPU else "  [CPU: interpret mode, not GPU timings]"))
     print(f"{'preset':22s} {'N':>6s} {'what':30s} {'time us':>9s} {'GB/s':>7s} {'of bw':>6s}")
