@@ -41,6 +41,7 @@ import pytest
 import tqjax
 from tqjax import PRESETS, PagedKVCache, TurboQuantConfig
 from tqjax import reference
+from tqjax.quantizers import grid_bits
 from tqjax.codec import key_codec, value_codec
 
 from cache_helpers import random_cache
@@ -214,7 +215,10 @@ def test_stored_norm_is_norm_corrected(name: str) -> None:
     """With norm correction the cache stores ``||k_seg|| / ||c[codes]||`` per key segment, so a decoded
     key segment has the input segment's norm. Checked against float64 numpy from the stored codes.
 
-    The stored value is ``||k||`` in float32 (a norm of D terms: relative error <= (D + 2) u ~ 8e-6)
+    Hadamard rotations code the key snapped to a per-vector grid (``tqjax.quantizers.snap_to_grid``), so
+    ``||k||`` is the snapped segment's norm, recomputed here in numpy from its definition (``n`` =
+    ``x * 2**(g - 1 - E)`` rounded half up, ``2**E <= max|x| < 2**(E + 1)``). It is stored as the float32
+    ``sqrt`` of the exact integer ``||n||**2`` times the grid step (relative error ~ u)
     over ``sqrt`` of a fixed-point sum of squares (D roundings of 0.5 in units of 2**-27 at D=128 on a
     sum near 2**27: ~5e-7), then rounded to fp16 (half an ulp = 2**-11 relative at most); so it is the
     float64 value's fp16 rounding or an fp16 neighbour of it, a neighbour only when the float64 value
@@ -230,13 +234,26 @@ def test_stored_norm_is_norm_corrected(name: str) -> None:
         codes = np.asarray(kc.segment_codes(jnp.asarray(out["key_codes"]), seg))
         centroids = kc.quantizers[i].centroids.astype(np.float64)
         k_seg = key[..., np.asarray(seg.channels)]
-        want = np.linalg.norm(k_seg, axis=-1) / np.linalg.norm(centroids[codes], axis=-1)
+        snapped = _snap_to_grid_np(k_seg, grid_bits(seg.dim))
+        want = np.linalg.norm(snapped, axis=-1) / np.linalg.norm(centroids[codes], axis=-1)
         got = out["key_scales"][..., i]
         ulps = np.abs(got.view(np.uint16).astype(np.int32) - want.astype(np.float16).view(np.uint16).astype(np.int32))
         assert ulps.max() <= 1 and np.mean(ulps == 0) > 0.9, (seg, ulps.max(), np.mean(ulps == 0))
         # the decoded segment (centroids times the stored norm) has the input's norm, to fp16 precision
         decoded = np.linalg.norm(out["score"][i].astype(np.float64), axis=-1)
-        np.testing.assert_allclose(decoded, np.linalg.norm(k_seg, axis=-1), rtol=2.0**-11 + 1e-5)
+        np.testing.assert_allclose(decoded, np.linalg.norm(snapped, axis=-1), rtol=2.0**-11 + 1e-5)
+        # and the snapped segment is the input to well within a bf16 ulp of its largest element
+        np.testing.assert_allclose(snapped, k_seg, rtol=0, atol=float(np.max(np.abs(k_seg))) * 2.0**-11)
+
+
+def _snap_to_grid_np(x: np.ndarray, bits: int) -> np.ndarray:
+    """float64 numpy twin of ``snap_to_grid``: each vector of ``x`` [..., d] on its grid, in x's units."""
+    x = np.asarray(x, np.float64)
+    _, e = np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))  # max|x| = m 2**e, m in [0.5, 1)
+    scale = np.ldexp(1.0, bits - e)  # 2**(bits - 1 - E) with E = e - 1
+    t = x * scale
+    n = np.floor(t) + (t - np.floor(t) >= 0.5)
+    return n / scale
 
 
 def test_store_rejects_duplicate_and_out_of_range_slots() -> None:

@@ -11,6 +11,19 @@
 
 Everything is jnp and jit-able; arithmetic is float32 with matmuls at HIGHEST precision, so the Pallas
 store kernel can reproduce the codes bit for bit.
+
+Exact Hadamard codes. With a Hadamard-kind rotation (``"hadamard"``, ``"random_hadamard"``: every
+power-of-two dim), :meth:`TurboQuantMSE.quantize` first snaps each vector onto a fixed-point grid
+(:func:`snap_to_grid`: integers ``|n| <= 2**g``, ``g = grid_bits(dim)``, a step of ``2**(1-g)`` of the
+vector's largest power of two, so at most half a step per element: below half a bf16 ulp of the largest
+element, far below any code's error), rotates the integers with the unnormalised +-1 matrix (every
+partial sum an integer below ``2**24``: exact in float32 in any order, on tensor cores too) and compares
+``z |z|`` with ``||n||**2 b |b| dim`` (:func:`exact_bucketize`) instead of ``y = z / (sqrt(dim) ||n||)``
+with ``b``. Every operation there is exact or one IEEE-rounded product, so XLA (any backend) and the
+Pallas store kernel (which rotates inside the kernel) get the same codes bit for bit, without a float
+sum whose bits depend on the summation order. The norms (``||n||`` times the grid step, and with norm
+correction over ``||c[codes]||``) stay XLA float32 (:meth:`TurboQuantMSE.grid_norm`,
+:meth:`TurboQuantMSE.corrected_norm`) on integer inputs that both paths share.
 """
 
 from __future__ import annotations
@@ -61,6 +74,59 @@ def _fixed_point_squares(centroids: np.ndarray, dim: int) -> tuple[int, np.ndarr
 def bucketize(u: jax.Array, boundaries: np.ndarray) -> jax.Array:
     """Index of the Lloyd--Max cell of each element: number of boundaries strictly below it. uint8."""
     return jnp.sum(u[..., None] > jnp.asarray(boundaries), axis=-1, dtype=jnp.int32).astype(jnp.uint8)
+
+
+def round_half_up(t: jax.Array) -> jax.Array:
+    """``floor(t) + (t - floor(t) >= 1/2)``, exactly: ``round(t, AWAY_FROM_ZERO)`` for ``0 <= t < 2**23``.
+
+    Exact in any compiler (also the Pallas store kernel's, whose Triton lowering has no rule for
+    ``jax.lax.round``): ``floor``, ``r + 0.5`` and ``r + 1`` for an integer ``|r| < 2**23``, and the
+    comparison, which reads the rounded ``t`` itself. (``floor(t + 0.5)`` is not a substitute, its
+    addition rounds: ``0.49999997 + 0.5 == 1.0`` in float32; nor is ``t - r >= 0.5``, whose subtraction
+    a compiler may fuse with the product that forms ``t`` into an FMA.) For ``t < 0`` halves round up
+    instead of away; from ``2**23`` on ``r + 0.5`` rounds.
+    """
+    r = jnp.floor(t)
+    return jnp.where(t >= r + 0.5, r + 1.0, r)
+
+
+def grid_bits(dim: int) -> int:
+    """``g`` of the fixed-point grid of :func:`snap_to_grid` for vectors of ``dim`` elements: the largest
+    ``g <= 11`` with ``dim * 4**g <= 2**30``, so that ``|n| <= 2**g`` is exact in float16, the rotated
+    integers ``|z| <= dim * 2**g`` in float32, and ``||n||**2`` in int32 (11 up to dim 256, 10 up to 1024)."""
+    return min(11, (30 - int(math.log2(dim))) // 2)
+
+
+def snap_to_grid(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """``(n, field)``: ``x`` [..., d] float32 on a per-vector grid of integers ``|n| <= 2**bits``.
+
+    ``n = round_half_up(x * 2**(bits - 1 - E))`` with ``2**E <= max|x| < 2**(E + 1)``, float32 integers
+    [..., d]; ``field`` int32 [...] is the float32 exponent field of that power of two (clamped to
+    1..254: vectors below ``2**(bits - 128)`` get a coarser grid, zero vectors ``n = 0``). Integer bit
+    arithmetic, a product by a power of two and :func:`round_half_up`: exact everywhere.
+    """
+    magnitude = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
+    top = jnp.max(magnitude, axis=-1) >> 23  # biased exponent of max|x| (NaN, inf: 255)
+    field = jnp.clip(254 + bits - 1 - top, 1, 254)
+    scale = jax.lax.bitcast_convert_type(field << 23, jnp.float32)
+    return round_half_up(x * scale[..., None]), field
+
+
+def grid_step(field: jax.Array) -> jax.Array:
+    """The grid step ``2**(127 - field)`` of :func:`snap_to_grid` as float32 (0 for field 254)."""
+    return jax.lax.bitcast_convert_type((254 - field) << 23, jnp.float32)
+
+
+def exact_bucketize(z: jax.Array, n2: jax.Array, thresholds: np.ndarray) -> jax.Array:
+    """Codes of the rotated grid vectors: ``sum_j [z |z| > f32(n2) * t_j]``, uint8 [..., d].
+
+    ``z`` [..., d] float32 integers (``n @ M^T`` with the +-1 matrix M), ``n2`` [...] int32 ``||n||**2``,
+    ``thresholds`` ``t_j = f32(b_j |b_j| dim)`` for the boundaries ``b_j``: the comparison
+    ``y_j > b_j`` of ``y = z / (sqrt(dim) ||n||)``, squared, with two correctly rounded products.
+    """
+    signed_square = z * jnp.abs(z)
+    limits = n2.astype(jnp.float32)[..., None, None] * jnp.asarray(thresholds)
+    return jnp.sum(signed_square[..., None] > limits, axis=-1, dtype=jnp.int32).astype(jnp.uint8)
 
 
 class MSECode(NamedTuple):
@@ -114,6 +180,13 @@ class TurboQuantMSE:
         self.centroids = tf32_table(self.codebook.centroids)
         self.boundaries = self.codebook.boundaries.astype(np.float32)
         self._square_shift, self._squares = _fixed_point_squares(self.centroids, dim)
+        # Exact codes for the Hadamard kinds (module docstring): the +-1 matrix sqrt(dim) * Pi and the
+        # squared boundaries t_j = b_j |b_j| dim (products of float32 numbers, exact in float64).
+        self.exact = self.rotation.kind in ("hadamard", "random_hadamard")
+        self.grid_bits = grid_bits(dim) if self.exact else None
+        self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
+        b = self.boundaries.astype(np.float64)
+        self.thresholds = (b * np.abs(b) * dim).astype(np.float32)
 
     def _check(self, x: jax.Array, name: str) -> None:
         if x.shape[-1:] != (self.dim,):
@@ -124,7 +197,8 @@ class TurboQuantMSE:
         return self.rotation.apply(x.astype(jnp.float32))
 
     def rotate_unit(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(Pi x / ||x||, ||x||)`` in float32, ``[..., dim]`` and ``[...]``: what :meth:`quantize` buckets.
+        """``(Pi x / ||x||, ||x||)`` in float32, ``[..., dim]`` and ``[...]``: what :meth:`quantize` buckets
+        for a Haar rotation (the Hadamard kinds take the exact path, :meth:`quantize`).
 
         A vector of norm below 1e-30 is treated as the zero vector (its rotated unit vector is ~0).
         """
@@ -134,7 +208,19 @@ class TurboQuantMSE:
         return self.rotate(x / jnp.maximum(norm, _TINY)[..., None]), norm
 
     def quantize(self, x: jax.Array) -> MSECode:
-        return self.code_of(*self.rotate_unit(x))
+        """Codes of ``Pi x / ||x||`` and ``||x||``. Hadamard kinds: of the vector snapped to the grid
+        (:func:`snap_to_grid`), with exact integer rotation and comparisons (module docstring)."""
+        if not self.exact:
+            return self.code_of(*self.rotate_unit(x))
+        self._check(x, "x")
+        n, field = snap_to_grid(x.astype(jnp.float32), self.grid_bits)
+        z = jnp.matmul(n, jnp.asarray(self.pm1).T, precision=HIGHEST)  # integers below 2**24: exact
+        n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+        return MSECode(exact_bucketize(z, n2, self.thresholds), self.grid_norm(n2, field))
+
+    def grid_norm(self, n2: jax.Array, field: jax.Array) -> jax.Array:
+        """``||x||`` of a vector on the grid: ``sqrt(||n||**2)`` times the step, float32 [...]."""
+        return jnp.sqrt(n2.astype(jnp.float32)) * grid_step(field)
 
     def code_of(self, y: jax.Array, norm: jax.Array) -> MSECode:
         """The code of a rotated unit vector ``y`` ``[..., dim]`` (from :meth:`rotate_unit`) and its norm."""
@@ -143,6 +229,20 @@ class TurboQuantMSE:
     def centroid_vectors(self, codes: jax.Array) -> jax.Array:
         """The codebook's centroids ``c[codes]``, float32 ``[..., dim]`` (never normalised)."""
         return jnp.asarray(self.centroids)[codes.astype(jnp.int32)]
+
+    @property
+    def square_table(self) -> tuple[int, np.ndarray]:
+        """``(s, round(c**2 * 2**s))`` int32 [2**bits]: the fixed-point squares :meth:`square_sum` adds."""
+        return self._square_shift, self._squares
+
+    def square_sum(self, codes: jax.Array) -> jax.Array:
+        """``||c[codes]||**2 * 2**s`` as an int32 sum of fixed-point squares [...]: exact in any order."""
+        return jnp.sum(jnp.asarray(self._squares)[codes.astype(jnp.int32)], axis=-1, dtype=jnp.int32)
+
+    def corrected_norm(self, norm: jax.Array, square_sum: jax.Array) -> jax.Array:
+        """``norm / ||c[codes]||`` from :meth:`square_sum`'s integers, float32 [...]."""
+        length = jnp.sqrt(square_sum.astype(jnp.float32) * np.float32(2.0**-self._square_shift))
+        return norm / jnp.maximum(length, _TINY)
 
     def stored_norm(self, code: MSECode) -> jax.Array:
         """The scale that multiplies ``c[codes]``, float32 ``[...]``: ``||x||``, or with
@@ -154,10 +254,8 @@ class TurboQuantMSE:
         if not self.norm_correction:
             return code.norm
         # ||c||^2 as an integer sum of fixed-point squares: exact in any summation order, so every XLA
-        # program that stores keys (the reference, the Pallas store's XLA half) gets the same bits.
-        total = jnp.sum(jnp.asarray(self._squares)[code.codes.astype(jnp.int32)], axis=-1, dtype=jnp.int32)
-        length = jnp.sqrt(total.astype(jnp.float32) * np.float32(2.0**-self._square_shift))
-        return code.norm / jnp.maximum(length, _TINY)
+        # program that stores keys (the reference, the Pallas store) gets the same bits.
+        return self.corrected_norm(code.norm, self.square_sum(code.codes))
 
     def dequantize_rotated(self, code: MSECode) -> jax.Array:
         return self.centroid_vectors(code.codes) * self.stored_norm(code)[..., None]

@@ -8,28 +8,36 @@ output, so XLA reuses the old buffers and never copies a cache.
 What runs where
 ---------------
 
-* **XLA (the reference's own jnp code), before the kernel:** everything whose float result depends on
-  how a compiler orders a reduction or a matmul: the key norm, the normalisation, the rotation matmul
-  and, for ``prod`` keys, the QJL residual and its sketch ``S r`` plus the residual norm. These come
-  from the very functions the reference's quantizers call (``TurboQuantMSE.rotate_unit``,
-  ``TurboQuantProd.quantize_features``) on the same shapes, so XLA computes the reference's bits. The fp16 key norms are
-  also formed here (a few bytes per vector); with norm correction that is ``TurboQuantMSE.stored_norm``,
-  which bucketizes ``y`` for ``||c[codes]||`` (an integer sum, exact in any order). Outputs: the rotated unit keys ``y`` per key segment
-  (float32 ``[N, Hk, dim]``), the sketch, and the new key scales ``[N, Hk, nk]`` fp16.
-* **The kernel, everything that dominates bytes and is order independent:** bucketizing ``y``
-  against the Lloyd--Max boundaries (a count of strict comparisons), the sign of the sketch, float8
-  e4m3 conversion of raw keys (integer bit arithmetic, round-to-nearest-even, bit-exact with XLA's
-  convert), the complete value quantization (fp16 clamp, min/max, fp16 scale and zero, reciprocal,
-  rounded codes, clip), bit packing of every field into uint32 words, and the
-  scatter of codes and scales into the pages ``[h, slot // block_size, slot % block_size, word]``
-  with per-dimension ref indexing (the Triton lowering multiplies by the strides, in int64 for arrays
-  over 4 GiB; no flat offset is formed here). The bf16 key/value and the float32 ``y`` are read once;
-  only the packed cache words are written.
+* **MSE and split keys with a Hadamard rotation (every preset but ``k8v4`` and the QJL ones): all in
+  the kernel.** :meth:`tqjax.quantizers.TurboQuantMSE.quantize` codes these exactly (its module
+  docstring): the kernel reads the bf16 key, snaps each vector to its fixed-point grid, rotates the
+  integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
+  integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
+  (correctly rounded products): the reference's codes, bit for bit, with no XLA op before the kernel.
+  It also writes three int32 per vector (``||n||**2``, the grid's exponent field, ``||c[codes]||**2`` in
+  fixed point, an integer sum); after the kernel XLA turns them into the fp16 key norms with the
+  quantizer's own functions (``grid_norm``, ``corrected_norm``: the reference's float32 ops on the same
+  integers) and scatters them into ``key_scales`` (a few bytes per vector, in place).
+* **QJL (``prod``) keys, and Haar rotations: XLA (the reference's own jnp code) before the kernel:**
+  everything whose float result depends on how a compiler orders a reduction or a matmul: the key
+  norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus the
+  residual norm. These come from the very functions the reference's quantizers call
+  (``TurboQuantMSE.rotate_unit``, ``TurboQuantProd.quantize_features``) on the same shapes, so XLA
+  computes the reference's bits, fp16 key norms included. The kernel buckets the float32 features.
+* **The kernel, in every case:** bucketizing (a count of strict comparisons), the sign of the sketch,
+  float8 e4m3 conversion of raw keys (integer bit arithmetic, round-to-nearest-even, bit-exact with
+  XLA's convert), the complete value quantization (fp16 clamp, min/max, fp16 scale and zero,
+  reciprocal, rounded codes, clip), bit packing of every field into uint32 words, and the scatter of
+  codes and scales into the pages ``[h, slot // block_size, slot % block_size, word]`` with
+  per-dimension ref indexing (the Triton lowering multiplies by the strides, in int64 for arrays over
+  4 GiB; no flat offset is formed here). Inputs are read once; only the packed cache words (and the
+  12 bytes of statistics per exact key segment) are written.
 
 Grid: ``(cdiv(N, T), Hk)``, one program per tile of ``T`` tokens and one KV head
 ----------------------------------------------------------------------------------
 
-``T = min(block_tokens, next_pow2(N))`` (default ``block_tokens = 32``). A program loads ``[T, D]``
+``T = min(block_tokens, next_pow2(N))`` (default ``block_tokens = 32``; at least 16 with an in-kernel
+rotation, whose tensor-core product needs 16 rows). A program loads ``[T, D]``
 tiles (contiguous rows of ``D`` elements, strided by ``Hk * D``), so a prefill store
 (``N >= 4096``) has thousands of programs of a few tens of KB each, enough to fill an H100's 132 SMs
 several times over with wide coalesced loads, while a decode store (``N`` = batch, tiny) still gets
@@ -86,8 +94,8 @@ from tqjax.codec import fp16_norm, key_codec, take_channels
 from tqjax.config import TurboQuantConfig, is_power_of_two
 from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
-from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, fp16_reciprocals
-from tqjax.reference import check_store_inputs
+from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, fp16_reciprocals, round_half_up, snap_to_grid
+from tqjax.reference import _slot_writer, check_store_inputs
 
 __all__ = [
     "DEFAULT_BLOCK_TOKENS",
@@ -106,21 +114,6 @@ DEFAULT_BLOCK_TOKENS = 32
 
 
 # ---- in-kernel helpers ---------------------------------------------------------------------------
-
-
-def round_half_up(t: jax.Array) -> jax.Array:
-    """``floor(t) + (t - floor(t) >= 1/2)``, exactly: ``round(t, AWAY_FROM_ZERO)`` for ``0 <= t < 2**23``.
-
-    The kernel's stand-in for ``jax.lax.round`` (Pallas' Triton lowering has no rule for it). Every
-    operation is exact: ``floor``, ``r + 0.5`` and ``r + 1`` for an integer ``|r| < 2**23``, and the
-    comparison, which reads the rounded ``t`` itself. (``floor(t + 0.5)`` is not a substitute, its
-    addition rounds: ``0.49999997 + 0.5 == 1.0`` in float32; nor is ``t - r >= 0.5``, whose subtraction
-    a compiler may fuse with the product that forms ``t`` into an FMA.) For ``t < 0`` halves round up
-    instead of away, and from ``2**23`` on ``r + 0.5`` rounds, but a value code clips either to 0 or
-    to ``levels`` there, whichever rounding it gets.
-    """
-    r = jnp.floor(t)
-    return jnp.where(t >= r + 0.5, r + 1.0, r)
 
 
 def fp8_e4m3fn_bits(x: jax.Array) -> jax.Array:
@@ -182,6 +175,12 @@ class _KeyPart:
     bits: int
     word_start: int
     boundaries: tuple[float, ...] = ()
+    # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits, squared boundaries t_j, and the
+    # fixed-point squares' first value and steps (||c[codes]||**2 = dim sq_0 + sum_j step_j #{code > j})
+    grid_bits: int = 0
+    thresholds: tuple[float, ...] = ()
+    square_base: int = 0
+    square_steps: tuple[int, ...] = ()
 
 
 def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
@@ -196,10 +195,27 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
             parts.append(_KeyPart("bucket", 0, segs[0].dim, segs[0].bits, segs[0].word_start, b))
         parts.append(_KeyPart("sign", len(parts), segs[-1].dim, 1, segs[-1].word_start))
         return tuple(parts)
+    if _exact_keys(config):
+        parts = []
+        for i, seg in enumerate(segs):
+            q = codec.quantizers[i]
+            _, squares = q.square_table
+            parts.append(_KeyPart(
+                "grid", i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
+                thresholds=tuple(map(float, q.thresholds)), square_base=int(squares[0]),
+                square_steps=tuple(int(b) - int(a) for a, b in zip(squares[:-1], squares[1:])),
+            ))
+        return tuple(parts)
     return tuple(
         _KeyPart("bucket", i, seg.dim, seg.bits, seg.word_start, tuple(map(float, codec.quantizers[i].boundaries)))
         for i, seg in enumerate(segs)
     )
+
+
+def _exact_keys(config: TurboQuantConfig) -> bool:
+    """MSE/split keys whose every segment takes the exact Hadamard path: rotated inside the kernel."""
+    codec = key_codec(config)
+    return config.key_format in ("mse", "split") and all(q.exact for q in codec.quantizers.values())
 
 
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
@@ -212,6 +228,8 @@ def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Ar
     codec = key_codec(config)
     if config.key_format == "fp8":
         return [key], None  # converted to fp8 in the kernel
+    if _exact_keys(config):  # snapped, rotated and bucketized in the kernel; norms after it
+        return [take_channels(key, seg) for seg in codec.segments], None
     x = key.astype(jnp.float32)
     if config.key_format == "prod":
         f = codec.prod.quantize_features(x)
@@ -234,7 +252,8 @@ def _store_kernel(
     *refs,
     parts: tuple[_KeyPart, ...],
     num_features: int,
-    has_key_scales: bool,
+    has_new_key_scales: bool,
+    num_cache: int,
     num_tokens: int,
     tile: int,
     block_size: int,
@@ -242,16 +261,19 @@ def _store_kernel(
     head_dim: int,
     value_bits: int,
 ):
+    num_grid = sum(part.kind == "grid" for part in parts)
     slot_ref, reciprocals_ref, *rest = refs
+    matrix_refs, rest = rest[:num_grid], rest[num_grid:]
     feature_refs, rest = rest[:num_features], rest[num_features:]
-    if has_key_scales:
+    if has_new_key_scales:
         new_key_scales_ref, value_ref, *rest = rest
     else:
         new_key_scales_ref = None
         value_ref, *rest = rest
-    num_cache = len(rest) // 2
     outs = rest[num_cache:]  # aliased to the inputs rest[:num_cache]; only the outputs are written
-    if has_key_scales:
+    if num_grid:
+        *outs, grid_ref = outs
+    if num_cache == 4:
         key_codes_ref, key_scales_ref, value_codes_ref, value_scales_ref = outs
     else:
         key_codes_ref, value_codes_ref, value_scales_ref = outs
@@ -297,6 +319,7 @@ def _store_kernel(
                 start += words.shape[1]
 
         # ---- keys
+        grid_index = 0
         for part in parts:
             x = load(feature_refs[part.feature], part.dim)
             if part.kind == "fp8":
@@ -304,10 +327,16 @@ def _store_kernel(
                 codes = fp8_e4m3fn_bits(x)
             elif part.kind == "bucket":
                 codes = _bucketize(x, part.boundaries)
+            elif part.kind == "grid":
+                codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
+                shape = stats.shape
+                cols = 4 * grid_index + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+                grid_ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = stats
+                grid_index += 1
             else:  # sign of the QJL sketch
                 codes = (x >= 0).astype(jnp.uint32)
             put_fields(key_codes_ref, part.word_start, codes, part.bits)
-        if key_scales_ref is not None:
+        if has_new_key_scales:
             put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
 
         # ---- values: tqjax.quantizers.quantize_values, one IEEE-rounded operation at a time
@@ -323,6 +352,32 @@ def _store_kernel(
         put_fields(value_codes_ref, 0, codes, value_bits)
         pair = jax.lax.broadcasted_iota(jnp.int32, (tile, 2), 1)
         put(value_scales_ref, 0, jnp.where(pair == 0, scale[:, None], zero[:, None]))
+
+
+def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.Array, jax.Array]:
+    """The exact Hadamard code of key rows ``x`` [T, dim] (``TurboQuantMSE.quantize``, in the kernel).
+
+    ``matrix_t`` is ``M^T`` [dim, dim] float16 (+-1). Returns the codes [T, dim] uint32 and int32 [T, 4]
+    rows ``(||n||**2, grid field, ||c[codes]||**2 in fixed point, 0)`` for the norms XLA forms after
+    the kernel. The rotation is one float16 tensor-core product of integers ``|n| <= 2**g`` with float32
+    accumulation: every partial sum is an integer below ``2**24``, exact; the rest is integer arithmetic
+    and correctly rounded products (``tqjax.quantizers.exact_bucketize``).
+    """
+    n, field = snap_to_grid(x.astype(jnp.float32), part.grid_bits)
+    z = jnp.dot(n.astype(jnp.float16), matrix_t, preferred_element_type=jnp.float32)
+    whole = n.astype(jnp.int32)
+    n2 = jnp.sum(whole * whole, axis=1)
+    signed_square = z * jnp.abs(z)
+    limit_base = n2.astype(jnp.float32)[:, None]
+    codes = jnp.zeros(x.shape, jnp.uint32)
+    squares = jnp.full(n2.shape, part.dim * part.square_base, jnp.int32)
+    for threshold, step in zip(part.thresholds, part.square_steps):
+        above = signed_square > limit_base * np.float32(threshold)
+        codes = codes + above.astype(jnp.uint32)
+        squares = squares + step * jnp.sum(above.astype(jnp.int32), axis=1)
+    col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 4), 1)
+    stats = jnp.where(col == 0, n2[:, None], jnp.where(col == 1, field[:, None], jnp.where(col == 2, squares[:, None], 0)))
+    return codes, stats
 
 
 def _store_impl(
@@ -364,27 +419,39 @@ def _store_call(
     num_warps: int,
     num_stages: int,
 ) -> PagedKVCache:
-    """The kernel half: ``pallas_call`` on the XLA half's ``features`` ``[N, Hk, dim]`` float32 (or the bf16
-    key for fp8 keys) and ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None without key scales)."""
+    """The kernel half: ``pallas_call`` on the XLA half's ``features`` (``[N, Hk, dim]``: the raw key
+    channels for fp8 and exact Hadamard keys, float32 rotated unit keys and sketches otherwise) and
+    ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None where the kernel's statistics give them, or without
+    key scales). Exact Hadamard keys get their fp16 norms after the kernel, from its integer
+    statistics, by the quantizer's own XLA functions (so bit for bit the reference's)."""
     cfg = cache.config
     n = value.shape[0]
+    parts = _key_parts(cfg)
+    grid_parts = [part for part in parts if part.kind == "grid"]
     tile = min(block_tokens, pl.next_power_of_2(n))
-    has_key_scales = cache.key_scales is not None
-    cache_in = [cache.key_codes] + ([cache.key_scales] if has_key_scales else []) + [
+    if grid_parts:
+        tile = max(tile, 16)  # the rotation is a tensor-core product: at least 16 rows
+    cache_in = [cache.key_codes] + ([cache.key_scales] if cache.key_scales is not None else []) + [
         cache.value_codes,
         cache.value_scales,
     ]
-    inputs = [slot_mapping.astype(jnp.int32), jnp.asarray(fp16_reciprocals()), *features]
-    if has_key_scales:
+    codec = key_codec(cfg)
+    matrices = [jnp.asarray(codec.quantizers[part.feature].pm1.T, jnp.float16) for part in grid_parts]
+    inputs = [slot_mapping.astype(jnp.int32), jnp.asarray(fp16_reciprocals()), *matrices, *features]
+    if new_key_scales is not None:
         inputs.append(new_key_scales)
     inputs.append(value)
     first_cache = len(inputs)
     inputs += cache_in
+    out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in]
+    if grid_parts:
+        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, 4 * len(grid_parts)), jnp.int32))
     kernel = functools.partial(
         _store_kernel,
-        parts=_key_parts(cfg),
+        parts=parts,
         num_features=len(features),
-        has_key_scales=has_key_scales,
+        has_new_key_scales=new_key_scales is not None,
+        num_cache=len(cache_in),
         num_tokens=n,
         tile=tile,
         block_size=cache.block_size,
@@ -395,16 +462,25 @@ def _store_call(
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, tile), cache.num_kv_heads),
-        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in],
+        out_shape=out_shape,
         input_output_aliases={first_cache + i: i for i in range(len(cache_in))},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"tqjax_store_{cfg.name}_d{cfg.head_dim}_t{tile}",
     )(*inputs)
-    if has_key_scales:
+    if grid_parts:
+        *out, stats = out
+    if cache.key_scales is not None:
         key_codes, key_scales, value_codes, value_scales = out
     else:
         (key_codes, value_codes, value_scales), key_scales = out, None
+    if grid_parts:
+        scales = []
+        for i, part in enumerate(grid_parts):
+            q = codec.quantizers[part.feature]
+            norm = q.grid_norm(stats[..., 4 * i], stats[..., 4 * i + 1])
+            scales.append(fp16_norm(q.corrected_norm(norm, stats[..., 4 * i + 2]) if q.norm_correction else norm))
+        key_scales = _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
     return PagedKVCache(
         key_codes=key_codes, key_scales=key_scales, value_codes=value_codes, value_scales=value_scales, config=cfg
     )
