@@ -6,6 +6,8 @@ For each preset and N (Hk=8, D=128, random distinct slots as in ``decode_sweep``
 sweep (``experiments.timing.time_fn``):
 
 * ``full``: the jitted, donating Pallas store (``tqjax.pallas.store.store_jit``), default launch;
+* ``full in-jit``: the same store 16 times in one jitted ``fori_loop``, per store: the GPU's time without
+  the host's per-call dispatch (which bounds ``full`` at small N);
 * ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone;
 * ``kernel tT/wW``: the ``pallas_call`` alone on precomputed features, T tokens per program, W warps;
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
@@ -35,6 +37,7 @@ from tqjax.rotation import fwht, hadamard_matrix
 
 ON_GPU = jax.default_backend() == "gpu"
 LAUNCHES = ((32, 4), (64, 4), (128, 8), (16, 2))
+STEPS = 16 if ON_GPU else 2
 
 
 def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: int) -> None:
@@ -62,6 +65,9 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
 
     full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
     add("full", time_fn(stepper(full), [()], iters=iters, reps=reps))
+    # the same store STEPS times inside one jitted loop: the GPU's time, without the host's per-call dispatch
+    looped = jax.jit(lambda c: jax.lax.fori_loop(0, STEPS, lambda i, c: full(c), c), donate_argnums=0)
+    add(f"full in-jit (/{STEPS})", time_fn(stepper(looped), [()], iters=max(2, iters // 4), reps=reps) / STEPS)
     xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
     features, scales = jax.block_until_ready(xla_half(k))

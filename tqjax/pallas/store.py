@@ -176,7 +176,7 @@ class _KeyPart:
     word_start: int
     boundaries: tuple[float, ...] = ()
     # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits, squared boundaries t_j, and the
-    # fixed-point squares' first value and steps (||c[codes]||**2 = dim sq_0 + sum_j step_j #{code > j})
+    # fixed-point squares' first value and steps (c[code]**2 = sq_0 + sum_j step_j [code > j])
     grid_bits: int = 0
     thresholds: tuple[float, ...] = ()
     square_base: int = 0
@@ -359,7 +359,8 @@ def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.
 
     ``matrix_t`` is ``M^T`` [dim, dim] float16 (+-1). Returns the codes [T, dim] uint32 and int32 [T, 4]
     rows ``(||n||**2, grid field, ||c[codes]||**2 in fixed point, 0)`` for the norms XLA forms after
-    the kernel. The rotation is one float16 tensor-core product of integers ``|n| <= 2**g`` with float32
+    the kernel (the squares summed per element then once per row: the thresholds are increasing, so
+    ``c[code]**2 = sq_0 + sum_j step_j [above_j]``). The rotation is one float16 tensor-core product of integers ``|n| <= 2**g`` with float32
     accumulation: every partial sum is an integer below ``2**24``, exact; the rest is integer arithmetic
     and correctly rounded products (``tqjax.quantizers.exact_bucketize``).
     """
@@ -370,11 +371,12 @@ def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.
     signed_square = z * jnp.abs(z)
     limit_base = n2.astype(jnp.float32)[:, None]
     codes = jnp.zeros(x.shape, jnp.uint32)
-    squares = jnp.full(n2.shape, part.dim * part.square_base, jnp.int32)
+    square = jnp.full(x.shape, part.square_base, jnp.int32)  # c[code]**2 in fixed point, per element
     for threshold, step in zip(part.thresholds, part.square_steps):
         above = signed_square > limit_base * np.float32(threshold)
         codes = codes + above.astype(jnp.uint32)
-        squares = squares + step * jnp.sum(above.astype(jnp.int32), axis=1)
+        square = square + jnp.where(above, step, 0)
+    squares = jnp.sum(square, axis=1)
     col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 4), 1)
     stats = jnp.where(col == 0, n2[:, None], jnp.where(col == 1, field[:, None], jnp.where(col == 2, squares[:, None], 0)))
     return codes, stats
