@@ -94,7 +94,13 @@ from tqjax.codec import fp16_norm, key_codec, take_channels
 from tqjax.config import TurboQuantConfig, is_power_of_two
 from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
-from tqjax.quantizers import FP8_E4M3_MAX, FP16_MAX, fp16_reciprocals, round_half_up, snap_to_grid
+from tqjax.quantizers import (
+    FP8_E4M3_MAX,
+    FP16_MAX,
+    fp16_reciprocals,
+    round_half_up,
+    snap_to_grid,
+)
 from tqjax.reference import _slot_writer, check_store_inputs
 
 __all__ = [
@@ -203,7 +209,7 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
             parts.append(_KeyPart(
                 "grid", i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
                 thresholds=tuple(map(float, q.thresholds)), square_base=int(squares[0]),
-                square_steps=tuple(int(b) - int(a) for a, b in zip(squares[:-1], squares[1:])),
+                square_steps=tuple(int(d) for d in np.diff(squares.astype(np.int64))),
             ))
         return tuple(parts)
     return tuple(
