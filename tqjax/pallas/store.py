@@ -14,10 +14,11 @@ What runs where
   integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
   integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
   (correctly rounded products): the reference's codes, bit for bit, with no XLA op before the kernel.
-  It also writes three int32 per vector (``||n||**2``, the grid's exponent field, ``||c[codes]||**2`` in
-  fixed point, an integer sum); after the kernel XLA turns them into the fp16 key norms with the
-  quantizer's own functions (``grid_norm``, ``corrected_norm``: the reference's float32 ops on the same
-  integers) and scatters them into ``key_scales`` (a few bytes per vector, in place).
+  It also writes two int32 per vector and segment (``||n||**2``, the grid's exponent field) and the
+  packed key words once more, row by row; after the kernel XLA turns them into the fp16 key norms with
+  the quantizer's own functions (``grid_norm``; with norm correction ``square_sum`` of the unpacked
+  codes and ``corrected_norm``: the reference's float32 ops on the same integers) and scatters them
+  into ``key_scales`` (a few bytes per vector, in place).
 * **QJL (``prod``) keys, and Haar rotations: XLA (the reference's own jnp code) before the kernel:**
   everything whose float result depends on how a compiler orders a reduction or a matmul: the key
   norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus the
@@ -30,8 +31,8 @@ What runs where
   reciprocal, rounded codes, clip), bit packing of every field into uint32 words, and the scatter of
   codes and scales into the pages ``[h, slot // block_size, slot % block_size, word]`` with
   per-dimension ref indexing (the Triton lowering multiplies by the strides, in int64 for arrays over
-  4 GiB; no flat offset is formed here). Inputs are read once; only the packed cache words (and the
-  12 bytes of statistics per exact key segment) are written.
+  4 GiB; no flat offset is formed here). Inputs are read once; only the packed cache words (and, for
+  exact keys, the statistics and a row-major copy of the key words) are written.
 
 Grid: ``(cdiv(N, T), Hk)``, one program per tile of ``T`` tokens and one KV head
 ----------------------------------------------------------------------------------
@@ -181,12 +182,9 @@ class _KeyPart:
     bits: int
     word_start: int
     boundaries: tuple[float, ...] = ()
-    # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits, squared boundaries t_j, and the
-    # fixed-point squares' first value and steps (c[code]**2 = sq_0 + sum_j step_j [code > j])
+    # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits and squared boundaries t_j
     grid_bits: int = 0
     thresholds: tuple[float, ...] = ()
-    square_base: int = 0
-    square_steps: tuple[int, ...] = ()
 
 
 def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
@@ -205,11 +203,9 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
         parts = []
         for i, seg in enumerate(segs):
             q = codec.quantizers[i]
-            _, squares = q.square_table
             parts.append(_KeyPart(
                 "grid", i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
-                thresholds=tuple(map(float, q.thresholds)), square_base=int(squares[0]),
-                square_steps=tuple(int(d) for d in np.diff(squares.astype(np.int64))),
+                thresholds=tuple(map(float, q.thresholds)),
             ))
         return tuple(parts)
     return tuple(
@@ -278,7 +274,7 @@ def _store_kernel(
         value_ref, *rest = rest
     outs = rest[num_cache:]  # aliased to the inputs rest[:num_cache]; only the outputs are written
     if num_grid:
-        *outs, grid_ref = outs
+        *outs, grid_ref, words_ref = outs
     if num_cache == 4:
         key_codes_ref, key_scales_ref, value_codes_ref, value_scales_ref = outs
     else:
@@ -317,11 +313,18 @@ def _store_kernel(
             )
             ref[idx] = val.astype(ref.dtype)
 
-        def put_fields(ref, word_start: int, codes: jax.Array, bits: int) -> None:
+        def put_row(ref, start: int, val: jax.Array) -> None:  # ref[src, head, start:+W] = val
+            shape = val.shape
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = val
+
+        def put_fields(ref, word_start: int, codes: jax.Array, bits: int, copy_ref=None) -> None:
             start = word_start
             for width, shift in bit_fields(bits):
                 words = _pack_field(codes, width, shift)
                 put(ref, start, words)
+                if copy_ref is not None:  # the packed words once more, row by row, for XLA after the kernel
+                    put_row(copy_ref, start, words)
                 start += words.shape[1]
 
         # ---- keys
@@ -335,13 +338,11 @@ def _store_kernel(
                 codes = _bucketize(x, part.boundaries)
             elif part.kind == "grid":
                 codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
-                shape = stats.shape
-                cols = 4 * grid_index + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-                grid_ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = stats
+                put_row(grid_ref, 2 * grid_index, stats)
                 grid_index += 1
             else:  # sign of the QJL sketch
                 codes = (x >= 0).astype(jnp.uint32)
-            put_fields(key_codes_ref, part.word_start, codes, part.bits)
+            put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref if part.kind == "grid" else None)
         if has_new_key_scales:
             put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
 
@@ -363,12 +364,11 @@ def _store_kernel(
 def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.Array, jax.Array]:
     """The exact Hadamard code of key rows ``x`` [T, dim] (``TurboQuantMSE.quantize``, in the kernel).
 
-    ``matrix_t`` is ``M^T`` [dim, dim] float16 (+-1). Returns the codes [T, dim] uint32 and int32 [T, 4]
-    rows ``(||n||**2, grid field, ||c[codes]||**2 in fixed point, 0)`` for the norms XLA forms after
-    the kernel (the squares summed per element then once per row: the thresholds are increasing, so
-    ``c[code]**2 = sq_0 + sum_j step_j [above_j]``). The rotation is one float16 tensor-core product of integers ``|n| <= 2**g`` with float32
-    accumulation: every partial sum is an integer below ``2**24``, exact; the rest is integer arithmetic
-    and correctly rounded products (``tqjax.quantizers.exact_bucketize``).
+    ``matrix_t`` is ``M^T`` [dim, dim] float16 (+-1). Returns the codes [T, dim] uint32 and int32 [T, 2]
+    rows ``(||n||**2, grid field)`` for the norms XLA forms after the kernel. The rotation is one float16
+    tensor-core product of integers ``|n| <= 2**g`` with float32 accumulation: every partial sum is an
+    integer below ``2**24``, exact; the rest is integer arithmetic and correctly rounded products
+    (``tqjax.quantizers.exact_bucketize``).
     """
     n, field = snap_to_grid(x.astype(jnp.float32), part.grid_bits)
     z = jnp.dot(n.astype(jnp.float16), matrix_t, preferred_element_type=jnp.float32)
@@ -377,15 +377,10 @@ def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.
     signed_square = z * jnp.abs(z)
     limit_base = n2.astype(jnp.float32)[:, None]
     codes = jnp.zeros(x.shape, jnp.uint32)
-    square = jnp.full(x.shape, part.square_base, jnp.int32)  # c[code]**2 in fixed point, per element
-    for threshold, step in zip(part.thresholds, part.square_steps):
-        above = signed_square > limit_base * np.float32(threshold)
-        codes = codes + above.astype(jnp.uint32)
-        square = square + jnp.where(above, step, 0)
-    squares = jnp.sum(square, axis=1)
-    col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 4), 1)
-    stats = jnp.where(col == 0, n2[:, None], jnp.where(col == 1, field[:, None], jnp.where(col == 2, squares[:, None], 0)))
-    return codes, stats
+    for threshold in part.thresholds:
+        codes = codes + (signed_square > limit_base * np.float32(threshold)).astype(jnp.uint32)
+    col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 2), 1)
+    return codes, jnp.where(col == 0, n2[:, None], field[:, None])
 
 
 def _store_impl(
@@ -452,8 +447,9 @@ def _store_call(
     first_cache = len(inputs)
     inputs += cache_in
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in]
-    if grid_parts:
-        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, 4 * len(grid_parts)), jnp.int32))
+    if grid_parts:  # per token and head: (||n||**2, grid field) per segment, and the packed key words
+        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, 2 * len(grid_parts)), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, cfg.key_words), jnp.uint32))
     kernel = functools.partial(
         _store_kernel,
         parts=parts,
@@ -477,7 +473,7 @@ def _store_call(
         name=f"tqjax_store_{cfg.name}_d{cfg.head_dim}_t{tile}",
     )(*inputs)
     if grid_parts:
-        *out, stats = out
+        *out, stats, words = out
     if cache.key_scales is not None:
         key_codes, key_scales, value_codes, value_scales = out
     else:
@@ -486,8 +482,10 @@ def _store_call(
         scales = []
         for i, part in enumerate(grid_parts):
             q = codec.quantizers[part.feature]
-            norm = q.grid_norm(stats[..., 4 * i], stats[..., 4 * i + 1])
-            scales.append(fp16_norm(q.corrected_norm(norm, stats[..., 4 * i + 2]) if q.norm_correction else norm))
+            norm = q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1])
+            if q.norm_correction:
+                norm = q.corrected_norm(norm, q.square_sum(codec.segment_codes(words, cfg.key_segments[part.feature])))
+            scales.append(fp16_norm(norm))
         key_scales = _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
     return PagedKVCache(
         key_codes=key_codes, key_scales=key_scales, value_codes=value_codes, value_scales=value_scales, config=cfg
