@@ -9,8 +9,7 @@ sweep (``experiments.timing.time_fn``):
 * ``full in-jit``: the same store 16 times in one jitted ``fori_loop``, per store: the GPU's time without
   the host's per-call dispatch (which bounds ``full`` at small N);
 * ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone;
-* ``kernel tT/wW/rR``: the ``pallas_call`` alone on precomputed features, T tokens per tile, W warps, R tiles
-  per program;
+* ``kernel tT/wW``: the ``pallas_call`` alone on precomputed features, T tokens per program, W warps;
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
 * for rotated keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
@@ -37,7 +36,7 @@ from tqjax.pallas import store as store_mod
 from tqjax.rotation import fwht, hadamard_matrix
 
 ON_GPU = jax.default_backend() == "gpu"
-LAUNCHES = ((32, 4, 1), (32, 4, 4), (32, 4, 16), (64, 4, 4), (16, 2, 8), (128, 8, 1))
+LAUNCHES = ((32, 4), (64, 4), (128, 8), (16, 2))
 STEPS = 16 if ON_GPU else 2
 
 
@@ -73,12 +72,12 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
     features, scales = jax.block_until_ready(xla_half(k))
     call = jax.jit(store_mod._store_call, donate_argnums=0,
-                   static_argnames=("interpret", "block_tokens", "num_warps", "num_stages", "tiles_per_program"))
-    for tokens, warps, tiles in LAUNCHES:
-        kern = lambda c, tokens=tokens, warps=warps, tiles=tiles: call(
+                   static_argnames=("interpret", "block_tokens", "num_warps", "num_stages"))
+    for tokens, warps in LAUNCHES:
+        kern = lambda c, tokens=tokens, warps=warps: call(
             c, features, scales, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps,
-            num_stages=1, tiles_per_program=tiles)
-        add(f"kernel t{tokens}/w{warps}/r{tiles}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
+            num_stages=1)
+        add(f"kernel t{tokens}/w{warps}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
     ref = lambda c: reference.store_jit(c, k, v, slots)
     add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
     if cfg.key_format == "mse":

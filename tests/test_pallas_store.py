@@ -78,7 +78,6 @@ def _check_store(
     slots: np.ndarray | None = None,
     interpret: bool = True,
     value: np.ndarray | None = None,
-    tiles_per_program: int | None = None,
 ) -> None:
     rng = np.random.default_rng(seed)
     cfg = _config(name, head_dim)
@@ -92,8 +91,7 @@ def _check_store(
     before = _to_numpy(cache)
     expected = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
     got = _to_numpy(
-        store(cache, key, value, jnp.asarray(slots), interpret=interpret, block_tokens=block_tokens,
-              tiles_per_program=tiles_per_program)
+        store(cache, key, value, jnp.asarray(slots), interpret=interpret, block_tokens=block_tokens)
     )
     assert got.keys() == expected.keys()
     written = np.zeros((hk, num_blocks, block_size), bool)
@@ -171,19 +169,6 @@ def test_tiles_fully_padded_and_tail(block_tokens: int) -> None:
     slots[8:16] = -1  # a whole tile of 8 (block_tokens 4: two tiles) is padding
     slots[40] = -1
     _check_store("turboquant_kqjl3v4", 128, 32, n=n, num_blocks=4, block_tokens=block_tokens, slots=slots)
-
-
-@pytest.mark.parametrize("tiles_per_program", [1, 3])
-def test_exact_keys_several_tiles_per_program(tiles_per_program: int) -> None:
-    """Rotating keys in the kernel, one program stores several tiles in turn (the +-1 matrix loaded once):
-    75 tokens in 5 tiles of 16, so with 3 per program the second program has a tile past the end; padding
-    slots inside and a whole padded tile, as above. Both split segments take the exact path."""
-    n = 75
-    slots = np.arange(5, 5 + n, dtype=np.int32)
-    slots[16:32] = -1
-    slots[40] = -1
-    _check_store("turboquant_k3p5v4", 128, 32, n=n, num_blocks=4, block_tokens=16, slots=slots,
-                 tiles_per_program=tiles_per_program)
 
 
 def test_out_of_range_slot_is_dropped_inside_jit() -> None:
@@ -306,8 +291,6 @@ def test_input_validation() -> None:
         store(cache, key, value, jnp.asarray([1, 2, 3, 32], jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="block_tokens"):
         store(cache, key, value, slots, interpret=True, block_tokens=12)
-    with pytest.raises(ValueError, match="tiles_per_program"):
-        store(cache, key, value, slots, interpret=True, tiles_per_program=0)
     with pytest.raises(TypeError, match="PagedKVCache"):
         store(cache.arrays(), key, value, slots, interpret=True)
     cache96 = PagedKVCache.allocate(_config("turboquant_4bit_nc", 96), 2, 16, 2)

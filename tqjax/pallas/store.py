@@ -118,8 +118,6 @@ __all__ = [
 store_reference = reference.store_reference
 
 DEFAULT_BLOCK_TOKENS = 32
-#: Tiles one program stores in turn when the kernel rotates keys (the +-1 matrix is loaded once for them).
-DEFAULT_TILES_PER_PROGRAM = 4
 
 
 # ---- in-kernel helpers ---------------------------------------------------------------------------
@@ -264,7 +262,6 @@ def _store_kernel(
     num_slots: int,
     head_dim: int,
     value_bits: int,
-    tiles_per_program: int,
 ):
     num_grid = sum(part.kind == "grid" for part in parts)
     slot_ref, reciprocals_ref, *rest = refs
@@ -284,97 +281,84 @@ def _store_kernel(
         key_codes_ref, value_codes_ref, value_scales_ref = outs
         key_scales_ref = None
 
+    tile_start = pl.program_id(0) * tile
     head = pl.program_id(1)
-    matrices = [ref[...] for ref in matrix_refs]  # loaded once per program, used by all its tiles
+    lane = jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
+    rows = tile_start + lane
+    slots = slot_ref[jnp.minimum(rows, num_tokens - 1)]
+    valid = (rows < num_tokens) & (slots >= 0) & (slots < num_slots)
 
-    def one_tile(tile_index):
-        tile_start = tile_index * tile
-        lane = jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
-        rows = tile_start + lane
-        slots = slot_ref[jnp.minimum(rows, num_tokens - 1)]
-        valid = (rows < num_tokens) & (slots >= 0) & (slots < num_slots)
+    @pl.when(jnp.max(valid.astype(jnp.int32)) > 0)
+    def _():
+        # Rows not stored copy the first stored row of the tile (source and destination alike).
+        first = jnp.min(jnp.where(valid, lane, tile))
+        src = tile_start + jnp.where(valid, lane, first)
+        slot = slot_ref[src]
+        block = slot // block_size
+        offset = slot % block_size
 
-        @pl.when(jnp.max(valid.astype(jnp.int32)) > 0)
-        def _():
-            # Rows not stored copy the first stored row of the tile (source and destination alike).
-            first = jnp.min(jnp.where(valid, lane, tile))
-            src = tile_start + jnp.where(valid, lane, first)
-            slot = slot_ref[src]
-            block = slot // block_size
-            offset = slot % block_size
+        def load(ref, width: int) -> jax.Array:  # ref[src, head, 0:width] -> [tile, width]
+            shape = (tile, width)
+            cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            return ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols]
 
-            def load(ref, width: int) -> jax.Array:  # ref[src, head, 0:width] -> [tile, width]
-                shape = (tile, width)
-                cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-                return ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols]
+        def put(ref, start: int, val: jax.Array) -> None:  # ref[head, block, offset, start:+W] = val
+            shape = val.shape
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            idx = (
+                jnp.broadcast_to(head, shape),
+                jnp.broadcast_to(block[:, None], shape),
+                jnp.broadcast_to(offset[:, None], shape),
+                cols,
+            )
+            ref[idx] = val.astype(ref.dtype)
 
-            def put(ref, start: int, val: jax.Array) -> None:  # ref[head, block, offset, start:+W] = val
-                shape = val.shape
-                cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-                idx = (
-                    jnp.broadcast_to(head, shape),
-                    jnp.broadcast_to(block[:, None], shape),
-                    jnp.broadcast_to(offset[:, None], shape),
-                    cols,
-                )
-                ref[idx] = val.astype(ref.dtype)
+        def put_row(ref, start: int, val: jax.Array) -> None:  # ref[src, head, start:+W] = val
+            shape = val.shape
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = val
 
-            def put_row(ref, start: int, val: jax.Array) -> None:  # ref[src, head, start:+W] = val
-                shape = val.shape
-                cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-                ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = val
+        def put_fields(ref, word_start: int, codes: jax.Array, bits: int, copy_ref=None) -> None:
+            start = word_start
+            for width, shift in bit_fields(bits):
+                words = _pack_field(codes, width, shift)
+                put(ref, start, words)
+                if copy_ref is not None:  # the packed words once more, row by row, for XLA after the kernel
+                    put_row(copy_ref, start, words)
+                start += words.shape[1]
 
-            def put_fields(ref, word_start: int, codes: jax.Array, bits: int, copy_ref=None) -> None:
-                start = word_start
-                for width, shift in bit_fields(bits):
-                    words = _pack_field(codes, width, shift)
-                    put(ref, start, words)
-                    if copy_ref is not None:  # the packed words once more, row by row, for XLA after the kernel
-                        put_row(copy_ref, start, words)
-                    start += words.shape[1]
+        # ---- keys
+        grid_index = 0
+        for part in parts:
+            x = load(feature_refs[part.feature], part.dim)
+            if part.kind == "fp8":
+                x = jnp.clip(x.astype(jnp.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+                codes = fp8_e4m3fn_bits(x)
+            elif part.kind == "bucket":
+                codes = _bucketize(x, part.boundaries)
+            elif part.kind == "grid":
+                codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
+                put_row(grid_ref, 2 * grid_index, stats)
+                grid_index += 1
+            else:  # sign of the QJL sketch
+                codes = (x >= 0).astype(jnp.uint32)
+            put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref if part.kind == "grid" else None)
+        if has_new_key_scales:
+            put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
 
-            # ---- keys
-            grid_index = 0
-            for part in parts:
-                x = load(feature_refs[part.feature], part.dim)
-                if part.kind == "fp8":
-                    x = jnp.clip(x.astype(jnp.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
-                    codes = fp8_e4m3fn_bits(x)
-                elif part.kind == "bucket":
-                    codes = _bucketize(x, part.boundaries)
-                elif part.kind == "grid":
-                    codes, stats = _grid_codes(x, matrices[grid_index], part)
-                    put_row(grid_ref, 2 * grid_index, stats)
-                    grid_index += 1
-                else:  # sign of the QJL sketch
-                    codes = (x >= 0).astype(jnp.uint32)
-                put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref if part.kind == "grid" else None)
-            if has_new_key_scales:
-                put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
-
-            # ---- values: tqjax.quantizers.quantize_values, one IEEE-rounded operation at a time
-            levels = (1 << value_bits) - 1
-            v = jnp.clip(load(value_ref, head_dim).astype(jnp.float32), -FP16_MAX, FP16_MAX)
-            lo = jnp.min(v, axis=1)
-            hi = jnp.max(v, axis=1)
-            scale = ((hi - lo) * np.float32(1.0 / levels)).astype(jnp.float16)
-            zero = lo.astype(jnp.float16)
-            inv = reciprocals_ref[jax.lax.bitcast_convert_type(scale, jnp.uint16).astype(jnp.int32)]
-            t = (v - zero.astype(jnp.float32)[:, None]) * inv[:, None]
-            codes = jnp.clip(round_half_up(t), 0, levels).astype(jnp.uint32)
-            put_fields(value_codes_ref, 0, codes, value_bits)
-            pair = jax.lax.broadcasted_iota(jnp.int32, (tile, 2), 1)
-            put(value_scales_ref, 0, jnp.where(pair == 0, scale[:, None], zero[:, None]))
-
-    first_tile = pl.program_id(0) * tiles_per_program  # read outside the loop (interpret mode needs that)
-    if tiles_per_program == 1:
-        one_tile(first_tile)
-    else:
-        def step(r, carry):
-            one_tile(first_tile + r)
-            return carry
-
-        jax.lax.fori_loop(0, tiles_per_program, step, 0)
+        # ---- values: tqjax.quantizers.quantize_values, one IEEE-rounded operation at a time
+        levels = (1 << value_bits) - 1
+        v = jnp.clip(load(value_ref, head_dim).astype(jnp.float32), -FP16_MAX, FP16_MAX)
+        lo = jnp.min(v, axis=1)
+        hi = jnp.max(v, axis=1)
+        scale = ((hi - lo) * np.float32(1.0 / levels)).astype(jnp.float16)
+        zero = lo.astype(jnp.float16)
+        inv = reciprocals_ref[jax.lax.bitcast_convert_type(scale, jnp.uint16).astype(jnp.int32)]
+        t = (v - zero.astype(jnp.float32)[:, None]) * inv[:, None]
+        codes = jnp.clip(round_half_up(t), 0, levels).astype(jnp.uint32)
+        put_fields(value_codes_ref, 0, codes, value_bits)
+        pair = jax.lax.broadcasted_iota(jnp.int32, (tile, 2), 1)
+        put(value_scales_ref, 0, jnp.where(pair == 0, scale[:, None], zero[:, None]))
 
 
 def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.Array, jax.Array]:
@@ -409,7 +393,6 @@ def _store_impl(
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     num_warps: int = 4,
     num_stages: int = 1,
-    tiles_per_program: int | None = None,
 ) -> PagedKVCache:
     if key.shape[0] == 0:
         return cache
@@ -424,7 +407,6 @@ def _store_impl(
         block_tokens=block_tokens,
         num_warps=num_warps,
         num_stages=num_stages,
-        tiles_per_program=tiles_per_program,
     )
 
 
@@ -439,7 +421,6 @@ def _store_call(
     block_tokens: int,
     num_warps: int,
     num_stages: int,
-    tiles_per_program: int | None = None,
 ) -> PagedKVCache:
     """The kernel half: ``pallas_call`` on the XLA half's ``features`` (``[N, Hk, dim]``: the raw key
     channels for fp8 and exact Hadamard keys, float32 rotated unit keys and sketches otherwise) and
@@ -453,10 +434,6 @@ def _store_call(
     tile = min(block_tokens, pl.next_power_of_2(n))
     if grid_parts:
         tile = max(tile, 16)  # the rotation is a tensor-core product: at least 16 rows
-    if tiles_per_program is None:  # exact keys: one load of the rotation matrix serves several tiles
-        tiles_per_program = DEFAULT_TILES_PER_PROGRAM if grid_parts else 1
-    num_tiles = pl.cdiv(n, tile)
-    tiles_per_program = min(tiles_per_program, num_tiles)
     cache_in = [cache.key_codes] + ([cache.key_scales] if cache.key_scales is not None else []) + [
         cache.value_codes,
         cache.value_scales,
@@ -485,11 +462,10 @@ def _store_call(
         num_slots=cache.num_slots,
         head_dim=cfg.head_dim,
         value_bits=cfg.value_bits,
-        tiles_per_program=tiles_per_program,
     )
     out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(num_tiles, tiles_per_program), cache.num_kv_heads),
+        grid=(pl.cdiv(n, tile), cache.num_kv_heads),
         out_shape=out_shape,
         input_output_aliases={first_cache + i: i for i in range(len(cache_in))},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -516,16 +492,14 @@ def _store_call(
     )
 
 
-_STATIC = ("interpret", "block_tokens", "num_warps", "num_stages", "tiles_per_program")
+_STATIC = ("interpret", "block_tokens", "num_warps", "num_stages")
 
 #: Jitted kernel entry point; donates (and updates in place) the cache. Prefer :func:`store`, which
 #: validates the inputs first.
 store_jit = jax.jit(_store_impl, donate_argnums=0, static_argnames=_STATIC)
 
 
-def check_kernel_config(
-    config: TurboQuantConfig, block_tokens: int, num_warps: int, num_stages: int, tiles_per_program: int | None = None
-) -> None:
+def check_kernel_config(config: TurboQuantConfig, block_tokens: int, num_warps: int, num_stages: int) -> None:
     """Raise unless the kernel supports ``config`` and the tuning arguments are valid."""
     if not is_power_of_two(config.head_dim):
         raise NotImplementedError(
@@ -537,10 +511,6 @@ def check_kernel_config(
             raise ValueError(f"{name} must be a power-of-two int, got {value!r}")
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    if tiles_per_program is not None and (
-        isinstance(tiles_per_program, bool) or not isinstance(tiles_per_program, int) or tiles_per_program < 1
-    ):
-        raise ValueError(f"tiles_per_program must be None or an int >= 1, got {tiles_per_program!r}")
 
 
 def store(
@@ -553,7 +523,6 @@ def store(
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     num_warps: int = 4,
     num_stages: int = 1,
-    tiles_per_program: int | None = None,
 ) -> PagedKVCache:
     """Quantize key/value ``[N, Hk, D]`` and write them into ``cache`` at ``slot_mapping`` ``[N]`` int32.
 
@@ -561,12 +530,10 @@ def store(
     when concrete; inside jit an out-of-range slot is dropped). Bit-exact with
     :func:`store_reference`. The cache is donated and updated in place: do not use it after the call.
     ``interpret=True`` runs the kernel through the Pallas interpreter (the CPU path). ``block_tokens``
-    (tokens per tile), ``num_warps``, ``num_stages`` and ``tiles_per_program`` (tiles one program
-    stores in turn; None: :data:`DEFAULT_TILES_PER_PROGRAM` when the kernel rotates keys, else 1) tune
-    the Triton kernel.
+    (tokens per program), ``num_warps`` and ``num_stages`` tune the Triton kernel.
     """
     check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
-    check_kernel_config(cache.config, block_tokens, num_warps, num_stages, tiles_per_program)
+    check_kernel_config(cache.config, block_tokens, num_warps, num_stages)
     if not interpret and jax.default_backend() != "gpu":
         raise RuntimeError(
             f"the Pallas store kernel compiles with Triton and needs a GPU (default backend is "
@@ -581,5 +548,4 @@ def store(
         block_tokens=block_tokens,
         num_warps=num_warps,
         num_stages=num_stages,
-        tiles_per_program=tiles_per_program,
     )
