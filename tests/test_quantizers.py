@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from cache_helpers import snap_to_grid_np
 from once_per_run import computed_once
 from scipy import integrate
 
@@ -537,3 +538,37 @@ def test_decode_table_is_the_codebook_rounded_to_tf32(bits, dim):
     added = 2.0 * np.sum(mass * (t[half:] - c[half:]) ** 2)
     assert added <= 2.0**-22 * 2.0 * np.sum(mass * c[half:] ** 2)
     assert added <= (3e-5 if bits <= 5 else 2e-3) * q.codebook.mse
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 5])
+@pytest.mark.parametrize("dim", [64, 128, 512])
+def test_exact_hadamard_codes_are_the_float64_codes_of_the_snapped_key(bits: int, dim: int) -> None:
+    """With a Hadamard rotation, ``quantize`` codes the key snapped to its grid (``snap_to_grid``): the codes
+    are those of the float64 rotated unit vector ``y`` of the snapped key, bucketized against the float32
+    boundaries, except where ``y`` lies within ~2**-21 relative of a boundary (the comparison
+    ``z |z| > ||n||**2 b |b| dim`` rounds each side once, 2**-24 relative, and the threshold once more);
+    the norm is the snapped key's norm to float32 accuracy. Rows of very different scales, one zero row.
+    """
+    rng = np.random.default_rng([bits, dim])
+    x = rng.standard_normal((256, dim)) * np.exp(rng.uniform(-20, 20, (256, 1)))
+    x[3] = 0.0
+    x[5, :] = 1e-3 * rng.standard_normal(dim)
+    x[5, 7] = 1e4  # one huge outlier: every other element is rounded onto a coarse grid
+    x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    q = TurboQuantMSE(dim, bits, norm_correction=bits == 4)
+    assert q.exact and q.grid_bits == (11 if dim <= 256 else 10)
+    code = jax.device_get(q.quantize(jnp.asarray(x)))
+    snapped = snap_to_grid_np(x, q.grid_bits)
+    norm = np.linalg.norm(snapped, axis=-1)
+    y = snapped @ q.rotation.matrix.astype(np.float64).T / np.maximum(norm, 1e-300)[:, None]
+    b = q.boundaries.astype(np.float64)
+    want = np.sum(y[..., None] > b, axis=-1)
+    want[3] = 0  # a zero vector: n = 0, every comparison 0 > 0 is false
+    miss = code.codes != want
+    gap = np.min(np.abs(y[..., None] - b) / np.maximum(np.abs(b), 1e-3), axis=-1)
+    assert np.all(gap[miss] < 2.0**-20), gap[miss]
+    assert miss.mean() < 1e-3
+    np.testing.assert_allclose(code.norm, norm, rtol=4 * U32)
+    # and the snapped key is the key to within half a grid step: 2**-bits of the largest power of two
+    step = np.ldexp(1.0, np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))[1] - q.grid_bits)
+    assert np.all(np.abs(snapped - x) <= step / 2)

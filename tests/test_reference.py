@@ -44,7 +44,7 @@ from tqjax import reference
 from tqjax.quantizers import grid_bits
 from tqjax.codec import key_codec, value_codec
 
-from cache_helpers import random_cache
+from cache_helpers import random_cache, snap_to_grid_np
 
 D = 128
 HK = 2
@@ -234,7 +234,7 @@ def test_stored_norm_is_norm_corrected(name: str) -> None:
         codes = np.asarray(kc.segment_codes(jnp.asarray(out["key_codes"]), seg))
         centroids = kc.quantizers[i].centroids.astype(np.float64)
         k_seg = key[..., np.asarray(seg.channels)]
-        snapped = _snap_to_grid_np(k_seg, grid_bits(seg.dim))
+        snapped = snap_to_grid_np(k_seg, grid_bits(seg.dim))
         want = np.linalg.norm(snapped, axis=-1) / np.linalg.norm(centroids[codes], axis=-1)
         got = out["key_scales"][..., i]
         ulps = np.abs(got.view(np.uint16).astype(np.int32) - want.astype(np.float16).view(np.uint16).astype(np.int32))
@@ -245,15 +245,6 @@ def test_stored_norm_is_norm_corrected(name: str) -> None:
         # and the snapped segment is the input to well within a bf16 ulp of its largest element
         np.testing.assert_allclose(snapped, k_seg, rtol=0, atol=float(np.max(np.abs(k_seg))) * 2.0**-11)
 
-
-def _snap_to_grid_np(x: np.ndarray, bits: int) -> np.ndarray:
-    """float64 numpy twin of ``snap_to_grid``: each vector of ``x`` [..., d] on its grid, in x's units."""
-    x = np.asarray(x, np.float64)
-    _, e = np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))  # max|x| = m 2**e, m in [0.5, 1)
-    scale = np.ldexp(1.0, bits - e)  # 2**(bits - 1 - E) with E = e - 1
-    t = x * scale
-    n = np.floor(t) + (t - np.floor(t) >= 0.5)
-    return n / scale
 
 
 def test_store_rejects_duplicate_and_out_of_range_slots() -> None:
