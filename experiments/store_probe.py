@@ -15,6 +15,8 @@ sweep (``experiments.timing.time_fn``):
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
   bf16 pass, float32 accumulation: exact products) and ``rot fwht``.
 
+``--once`` runs each preset's store twice and exits, for Nsight Compute (docs/PERFORMANCE.md).
+
 Bytes are the sweep's (bf16 K and V read, compressed slots written); "of bw" is against the copy
 bandwidth measured in the same run. Prints one table at the end.
 """
@@ -103,6 +105,21 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
 
 
+def once(a) -> None:
+    """Each preset's jitted store of ``a.tokens[0]`` tokens, twice (compile, then the run to profile)."""
+    rng = np.random.default_rng(0)
+    n = a.tokens[0]
+    for name in a.presets:
+        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
+        k, v = (jnp.asarray(rng.standard_normal((n, a.hk, a.head_dim)), jnp.bfloat16) for _ in range(2))
+        nblocks = max(2 * n // a.block_size, 4)
+        slots = jnp.asarray(rng.permutation(nblocks * a.block_size)[:n].astype(np.int32))
+        cache = tqjax.PagedKVCache.allocate(cfg, nblocks, a.block_size, a.hk)
+        for _ in range(2):
+            cache = jax.block_until_ready(store_mod.store_jit(cache, k, v, slots, interpret=not ON_GPU))
+        print(f"{name}: stored {n} tokens twice", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["turboquant_4bit_nc", "turboquant_k8v4"])
@@ -110,7 +127,13 @@ def main() -> None:
     p.add_argument("--hk", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--once", action="store_true",
+                   help="run each preset's store of the first --tokens count twice and exit (for a profiler: "
+                        "ncu -k regex:tqjax_store -c 1 ...)")
     a = p.parse_args()
+    if a.once:
+        once(a)
+        return
     dev = device_description()
     print(dev, flush=True)
     bw = copy_bandwidth() if ON_GPU else float("nan")

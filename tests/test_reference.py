@@ -37,14 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_helpers import random_cache, snap_to_grid_np
 
 import tqjax
-from tqjax import PRESETS, PagedKVCache, TurboQuantConfig
-from tqjax import reference
-from tqjax.quantizers import grid_bits
+from tqjax import PRESETS, PagedKVCache, TurboQuantConfig, reference
 from tqjax.codec import key_codec, value_codec
-
-from cache_helpers import random_cache, snap_to_grid_np
+from tqjax.quantizers import grid_bits
 
 D = 128
 HK = 2
