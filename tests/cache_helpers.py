@@ -29,12 +29,12 @@ def random_cache(
 
 
 def snap_to_grid_np(x: np.ndarray, bits: int) -> np.ndarray:
-    """float64 numpy twin of ``tqjax.quantizers.snap_to_grid``, from its definition: each vector of
-    ``x`` [..., d] rounded half up to a multiple of ``2**(E + 1 - bits)`` (``2**E <= max|x| < 2**(E + 1)``),
-    returned in x's units. Zero vectors stay zero."""
-    x = np.asarray(x, np.float64)
+    """numpy twin of ``tqjax.quantizers.snap_to_grid``, from its definition: each vector of float32 ``x``
+    [..., d] as ``floor(t + 1/2)`` multiples of ``2**(E + 1 - bits)`` (``2**E <= max|x| < 2**(E + 1)``,
+    ``t`` the exact float32 quotient, the addition rounded to float32 as the definition says), returned in
+    x's units as float64. Zero vectors stay zero."""
+    x = np.asarray(x, np.float32)
     _, e = np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))  # max|x| = m 2**e, m in [0.5, 1)
-    scale = np.ldexp(1.0, bits - e)  # 2**(bits - 1 - E) with E = e - 1
-    t = x * scale
-    n = np.floor(t) + (t - np.floor(t) >= 0.5)
-    return n / scale
+    scale = np.ldexp(np.float32(1.0), bits - e).astype(np.float32)  # 2**(bits - 1 - E) with E = e - 1
+    n = np.floor((x * scale).astype(np.float32) + np.float32(0.5))
+    return n.astype(np.float64) / scale.astype(np.float64)

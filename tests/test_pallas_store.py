@@ -421,3 +421,22 @@ def test_gpu_bit_exact(name: str, head_dim: int, block_size: int, n: int, block_
     _check_store(
         name, head_dim, block_size, n=n, hk=4, block_tokens=block_tokens, seed=n, interpret=False,
     )
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
+def test_binary_search_codes_count_the_limits_below(bits: int) -> None:
+    """The kernel's binary search (``_search_codes``) gives the reference's count
+    ``sum_j [s > scale * t_j]`` for every element, also elements exactly on a limit and rows of scale 0."""
+    from tqjax.pallas.store import _search_codes
+    from tqjax.quantizers import TurboQuantMSE
+
+    t = TurboQuantMSE(128, bits).thresholds
+    rng = np.random.default_rng(bits)
+    scale = rng.uniform(0, 1e4, (64, 1)).astype(np.float32)
+    scale[:4] = 0.0
+    s = ((rng.standard_normal((64, 128)) * 0.3) ** 3 * 1e4).astype(np.float32)
+    on_limit = (scale * t[rng.integers(0, len(t), (64, 128))]).astype(np.float32)
+    s = np.where(rng.random((64, 128)) < 0.25, on_limit, s)
+    want = np.sum(s[..., None] > (scale[..., None] * t).astype(np.float32), axis=-1)
+    got = np.asarray(_search_codes(jnp.asarray(s), jnp.asarray(scale), tuple(map(float, t))))
+    np.testing.assert_array_equal(got, want)

@@ -15,7 +15,7 @@ store kernel can reproduce the codes bit for bit.
 Exact Hadamard codes. With a Hadamard-kind rotation (``"hadamard"``, ``"random_hadamard"``: every
 power-of-two dim), :meth:`TurboQuantMSE.quantize` first snaps each vector onto a fixed-point grid
 (:func:`snap_to_grid`: integers ``|n| <= 2**g``, ``g = grid_bits(dim)``, a step of ``2**(1-g)`` of the
-vector's largest power of two, so at most half a step per element: below half a bf16 ulp of the largest
+vector's largest power of two, rounded to the nearest step, so at most half a step per element: below half a bf16 ulp of the largest
 element, far below any code's error), rotates the integers with the unnormalised +-1 matrix (every
 partial sum an integer below ``2**24``: exact in float32 in any order, on tensor cores too) and compares
 ``z |z|`` with ``||n||**2 b |b| dim`` (:func:`exact_bucketize`) instead of ``y = z / (sqrt(dim) ||n||)``
@@ -100,16 +100,19 @@ def grid_bits(dim: int) -> int:
 def snap_to_grid(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     """``(n, field)``: ``x`` [..., d] float32 on a per-vector grid of integers ``|n| <= 2**bits``.
 
-    ``n = round_half_up(x * 2**(bits - 1 - E))`` with ``2**E <= max|x| < 2**(E + 1)``, float32 integers
+    ``n = floor(x * 2**(bits - 1 - E) + 1/2)`` with ``2**E <= max|x| < 2**(E + 1)``, float32 integers
     [..., d]; ``field`` int32 [...] is the float32 exponent field of that power of two (clamped to
     1..254: vectors below ``2**(bits - 128)`` get a coarser grid, zero vectors ``n = 0``). Integer bit
-    arithmetic, a product by a power of two and :func:`round_half_up`: exact everywhere.
+    arithmetic, an exact product by a power of two, one float32 addition rounded to nearest (exact for
+    bf16 and fp16 keys, which have few significant bits; for a float32 key it can round up an element
+    a hair below a half, ``2**-24`` relative: still a deterministic result) and a floor: the same bits
+    in every compiler (an FMA of the product and the addition rounds the same, the product being exact).
     """
     magnitude = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
     top = jnp.max(magnitude, axis=-1) >> 23  # biased exponent of max|x| (NaN, inf: 255)
     field = jnp.clip(254 + bits - 1 - top, 1, 254)
     scale = jax.lax.bitcast_convert_type(field << 23, jnp.float32)
-    return round_half_up(x * scale[..., None]), field
+    return jnp.floor(x * scale[..., None] + 0.5), field
 
 
 def grid_step(field: jax.Array) -> jax.Array:

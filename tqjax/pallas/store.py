@@ -374,13 +374,33 @@ def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.
     z = jnp.dot(n.astype(jnp.float16), matrix_t, preferred_element_type=jnp.float32)
     whole = n.astype(jnp.int32)
     n2 = jnp.sum(whole * whole, axis=1)
-    signed_square = z * jnp.abs(z)
-    limit_base = n2.astype(jnp.float32)[:, None]
-    codes = jnp.zeros(x.shape, jnp.uint32)
-    for threshold in part.thresholds:
-        codes = codes + (signed_square > limit_base * np.float32(threshold)).astype(jnp.uint32)
+    codes = _search_codes(z * jnp.abs(z), n2.astype(jnp.float32)[:, None], part.thresholds)
     col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 2), 1)
     return codes, jnp.where(col == 0, n2[:, None], field[:, None])
+
+
+def _search_codes(signed_square: jax.Array, scale: jax.Array, thresholds: tuple[float, ...]) -> jax.Array:
+    """``sum_j [signed_square > scale * t_j]`` (``exact_bucketize``) by binary search, uint32.
+
+    ``scale`` >= 0, so the limits ``scale * t_j`` (each one correctly rounded product, as in the
+    reference) are sorted like the thresholds, and the count of limits below an element is found in
+    ``bits`` comparisons instead of ``2**bits - 1``: level k adds ``2**(bits-1-k)`` where the element
+    exceeds the middle limit of its current range, chosen from the constants by a select tree on the
+    bits found so far (``2**k - 1`` selects).
+    """
+    bits = (len(thresholds) + 1).bit_length() - 1
+    codes = jnp.zeros(signed_square.shape, jnp.uint32)
+    for level in range(bits):
+        step = 1 << (bits - 1 - level)
+        # the range [code, code + 2 step) has middle limit t[code + step - 1]; code = k * 2 step
+        options = [np.float32(thresholds[k * 2 * step + step - 1]) for k in range(1 << level)]
+        selector = 2 * step
+        while len(options) > 1:  # select on the bits of k, lowest first
+            bit = (codes & selector) != 0
+            options = [jnp.where(bit, hi, lo) for lo, hi in zip(options[0::2], options[1::2])]
+            selector *= 2
+        codes = codes + jnp.where(signed_square > scale * options[0], np.uint32(step), np.uint32(0))
+    return codes
 
 
 def _store_impl(
