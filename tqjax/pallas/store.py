@@ -13,7 +13,8 @@ What runs where
   docstring): the kernel reads the bf16 key, snaps each vector to its fixed-point grid, rotates the
   integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
   integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
-  (correctly rounded products): the reference's codes, bit for bit, with no XLA op before the kernel.
+  (correctly rounded products; a binary search over these sorted limits, ``_search_codes``): the
+  reference's codes, bit for bit, with no XLA op before the kernel.
   It also writes two int32 per vector and segment (``||n||**2``, the grid's exponent field) and the
   packed key words once more, row by row; after the kernel XLA turns them into the fp16 key norms with
   the quantizer's own functions (``grid_norm``; with norm correction ``square_sum`` of the unpacked
