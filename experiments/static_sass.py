@@ -1,11 +1,13 @@
-"""Static view of the decode kernel's machine code, without a GPU: registers, spills and SASS counts.
+"""Static view of the decode and store kernels' machine code, without a GPU: registers, spills and SASS counts.
 
     pip install triton            # into a separate environment (its LLVM stays out of jax's process)
     python -m experiments.static_sass --triton-python /path/to/that/env/bin/python \
         --variants turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2
 
 Each variant is preset/dot_mode/block_tokens/num_warps[/tf32] (the float16 split is the default
-precision; ``tf32`` takes SPLIT_QUERY). This process lowers the kernel with jax's Pallas Triton
+precision; ``tf32`` takes SPLIT_QUERY), or ``store:preset/block_tokens/num_warps`` for the store kernel
+(straight-line code: the static count is what one program executes; ``/elem`` is then per token and
+channel of its tile, key and value together). This process lowers the kernel with jax's Pallas Triton
 lowering (export for CUDA, as on a machine without a GPU) and keeps the Triton IR; the other Python
 compiles that IR with its Triton for sm_90 (floating-point contraction off, like the kernel's
 explicit FMAs) and counts, from the cubin: registers, local memory (spills), shared memory, SASS
@@ -49,6 +51,9 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
     manifest = []
     try:
         for v in variants:
+            if v.startswith("store:"):
+                manifest.append(_capture_store(v, out_dir, len(manifest), captured))
+                continue
             name, dot_mode, block_tokens, num_warps, *flags = v.split("/")
             precision = decode.SPLIT_QUERY if "tf32" in flags else decode.SPLIT_F16
             cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
@@ -75,6 +80,33 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
     finally:
         lowering.lower_jaxpr_to_triton_module = original
     return manifest
+
+
+def _capture_store(variant: str, out_dir: str, index: int, captured: list[str]) -> dict:
+    """``store:preset/block_tokens/num_warps``: the store kernel's Triton IR (Hk=8, D=128, 4 tiles of tokens)."""
+    import jax
+    import jax.numpy as jnp
+
+    import tqjax
+    from tqjax.pallas import store
+
+    name, block_tokens, num_warps = variant[len("store:"):].split("/")
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+    cache = tqjax.PagedKVCache.allocate(cfg, 64, 16, 8)
+    n = 4 * int(block_tokens)
+    kv = jnp.zeros((n, 8, 128), jnp.bfloat16)
+
+    def f(cache, k, v, slots, block_tokens=int(block_tokens), num_warps=int(num_warps)):
+        return store._store_impl(cache, k, v, slots, block_tokens=block_tokens, num_warps=num_warps)
+
+    captured.clear()
+    jax.export.export(
+        jax.jit(f), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(cache, kv, kv, jnp.arange(n, dtype=jnp.int32))
+    path = os.path.join(out_dir, f"k{index}.ttir")
+    with open(path, "w") as fh:
+        fh.write(captured[-1])
+    return {"variant": variant, "path": path, "num_warps": int(num_warps), "block_tokens": int(block_tokens)}
 
 
 def compile_and_count(manifest: list[dict]) -> None:

@@ -31,7 +31,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
     "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t"),
 }
-# The store is straight-line code per tile (no loop to pipeline): one stage everywhere.
+# The store is straight-line code per tile (no loop to pipeline): one stage everywhere. Tiles of 32 tokens
+# (tqjax.pallas.store.DEFAULT_BLOCK_TOKENS) with 4 warps were the fastest or tied of the four launches
+# timed on the H200 at 16k tokens (store kernel alone, docs/data/store_probe_search_h200_2026-11-29.log:
+# 4bit_nc 106.9 us against 116.5-136.0 us at 16/2, 64/4, 128/8; k3p5v4 99.5 against 104.3-118.9), except
+# for k8v4, where all four are within the run-to-run spread (44.8-49.3 us in
+# docs/data/store_probe_exact_v2_h200_2026-11-29.log, 49.4-51.3 and 75.8 at 16/2 in
+# docs/data/store_probe_xla_rotation_h200_2026-11-29.log).
 STORE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": dict(num_warps=4, num_stages=1),
     "rocm": dict(num_warps=4, num_stages=1),
