@@ -15,15 +15,15 @@ store kernel can reproduce the codes bit for bit.
 Exact Hadamard codes. With a Hadamard-kind rotation (``"hadamard"``, ``"random_hadamard"``: every
 power-of-two dim), :meth:`TurboQuantMSE.quantize` first snaps each vector onto a fixed-point grid
 (:func:`snap_to_grid`: integers ``|n| <= 2**g``, ``g = grid_bits(dim)``, a step of ``2**(1-g)`` of the
-vector's largest power of two, rounded to the nearest step, so at most half a step per element: below half a bf16 ulp of the largest
-element, far below any code's error), rotates the integers with the unnormalised +-1 matrix (every
+vector's largest power of two, rounded to the nearest step, so at most half a step per element: below
+half a bf16 ulp of the largest element, far below any code's error), rotates the integers with the unnormalised +-1 matrix (every
 partial sum an integer below ``2**24``: exact in float32 in any order, on tensor cores too) and compares
 ``z |z|`` with ``||n||**2 b |b| dim`` (:func:`exact_bucketize`) instead of ``y = z / (sqrt(dim) ||n||)``
 with ``b``. Every operation there is exact or one IEEE-rounded product, so XLA (any backend) and the
 Pallas store kernel (which rotates inside the kernel) get the same codes bit for bit, without a float
 sum whose bits depend on the summation order. The norms (``||n||`` times the grid step, and with norm
 correction over ``||c[codes]||``) stay XLA float32 (:meth:`TurboQuantMSE.grid_norm`,
-:meth:`TurboQuantMSE.corrected_norm`) on integer inputs that both paths share.
+:meth:`TurboQuantMSE.stored_norm`) on integer inputs that both paths share.
 """
 
 from __future__ import annotations
@@ -186,10 +186,12 @@ class TurboQuantMSE:
         # Exact codes for the Hadamard kinds (module docstring): the +-1 matrix sqrt(dim) * Pi and the
         # squared boundaries t_j = b_j |b_j| dim (products of float32 numbers, exact in float64).
         self.exact = self.rotation.kind in ("hadamard", "random_hadamard")
-        self.grid_bits = grid_bits(dim) if self.exact else None
-        self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
-        b = self.boundaries.astype(np.float64)
-        self.thresholds = (b * np.abs(b) * dim).astype(np.float32)
+        self.grid_bits = self.pm1 = self.thresholds = None
+        if self.exact:
+            self.grid_bits = grid_bits(dim)
+            self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
+            b = self.boundaries.astype(np.float64)
+            self.thresholds = (b * np.abs(b) * dim).astype(np.float32)
 
     def _check(self, x: jax.Array, name: str) -> None:
         if x.shape[-1:] != (self.dim,):
@@ -233,20 +235,6 @@ class TurboQuantMSE:
         """The codebook's centroids ``c[codes]``, float32 ``[..., dim]`` (never normalised)."""
         return jnp.asarray(self.centroids)[codes.astype(jnp.int32)]
 
-    @property
-    def square_table(self) -> tuple[int, np.ndarray]:
-        """``(s, round(c**2 * 2**s))`` int32 [2**bits]: the fixed-point squares :meth:`square_sum` adds."""
-        return self._square_shift, self._squares
-
-    def square_sum(self, codes: jax.Array) -> jax.Array:
-        """``||c[codes]||**2 * 2**s`` as an int32 sum of fixed-point squares [...]: exact in any order."""
-        return jnp.sum(jnp.asarray(self._squares)[codes.astype(jnp.int32)], axis=-1, dtype=jnp.int32)
-
-    def corrected_norm(self, norm: jax.Array, square_sum: jax.Array) -> jax.Array:
-        """``norm / ||c[codes]||`` from :meth:`square_sum`'s integers, float32 [...]."""
-        length = jnp.sqrt(square_sum.astype(jnp.float32) * np.float32(2.0**-self._square_shift))
-        return norm / jnp.maximum(length, _TINY)
-
     def stored_norm(self, code: MSECode) -> jax.Array:
         """The scale that multiplies ``c[codes]``, float32 ``[...]``: ``||x||``, or with
         ``norm_correction`` ``||x|| / ||c[codes]||`` (the reconstruction gets the input's norm).
@@ -258,7 +246,9 @@ class TurboQuantMSE:
             return code.norm
         # ||c||^2 as an integer sum of fixed-point squares: exact in any summation order, so every XLA
         # program that stores keys (the reference, the Pallas store) gets the same bits.
-        return self.corrected_norm(code.norm, self.square_sum(code.codes))
+        total = jnp.sum(jnp.asarray(self._squares)[code.codes.astype(jnp.int32)], axis=-1, dtype=jnp.int32)
+        length = jnp.sqrt(total.astype(jnp.float32) * np.float32(2.0**-self._square_shift))
+        return code.norm / jnp.maximum(length, _TINY)
 
     def dequantize_rotated(self, code: MSECode) -> jax.Array:
         return self.centroid_vectors(code.codes) * self.stored_norm(code)[..., None]

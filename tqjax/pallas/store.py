@@ -17,9 +17,9 @@ What runs where
   reference's codes, bit for bit, with no XLA op before the kernel.
   It also writes two int32 per vector and segment (``||n||**2``, the grid's exponent field) and the
   packed key words once more, row by row; after the kernel XLA turns them into the fp16 key norms with
-  the quantizer's own functions (``grid_norm``; with norm correction ``square_sum`` of the unpacked
-  codes and ``corrected_norm``: the reference's float32 ops on the same integers) and scatters them
-  into ``key_scales`` (a few bytes per vector, in place).
+  the quantizer's own functions (``grid_norm`` and ``stored_norm`` of the unpacked codes: the
+  reference's float32 ops on the same integers) and scatters them into ``key_scales`` (a few bytes per
+  vector, in place).
 * **QJL (``prod``) keys, and Haar rotations: XLA (the reference's own jnp code) before the kernel:**
   everything whose float result depends on how a compiler orders a reduction or a matmul: the key
   norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus the
@@ -99,6 +99,7 @@ from tqjax.packing import WORD_BITS, bit_fields
 from tqjax.quantizers import (
     FP8_E4M3_MAX,
     FP16_MAX,
+    MSECode,
     fp16_reciprocals,
     round_half_up,
     snap_to_grid,
@@ -503,10 +504,9 @@ def _store_call(
         scales = []
         for i, part in enumerate(grid_parts):
             q = codec.quantizers[part.feature]
-            norm = q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1])
-            if q.norm_correction:
-                norm = q.corrected_norm(norm, q.square_sum(codec.segment_codes(words, cfg.key_segments[part.feature])))
-            scales.append(fp16_norm(norm))
+            code = MSECode(codec.segment_codes(words, cfg.key_segments[part.feature]),
+                           q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
+            scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
         key_scales = _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
     return PagedKVCache(
         key_codes=key_codes, key_scales=key_scales, value_codes=value_codes, value_scales=value_scales, config=cfg
