@@ -161,6 +161,15 @@ def test_single_padding_token_leaves_cache_untouched() -> None:
     _check_store("turboquant_k3v4_nc", 128, 16, n=1, num_blocks=3, slots=np.array([-1], np.int32))
 
 
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k3p5v4"])
+def test_bit_exact_head_dim_512(name: str) -> None:
+    """At head_dim 512 an MSE key segment is too wide for the kernel's rotation (its +-1 matrix would not
+    fit shared memory): XLA computes the codes and the kernel packs them; the split preset's 256-dim
+    segments still rotate in the kernel."""
+    assert store_mod._rotates_in_kernel(_config(name, 512)) == (name == "turboquant_k3p5v4")
+    _check_store(name, 512, 16, n=21, hk=2, block_tokens=16)
+
+
 @pytest.mark.parametrize("block_tokens", [4, 32])
 def test_tiles_fully_padded_and_tail(block_tokens: int) -> None:
     """Several tiles: one entirely padding (skipped), a tail tile, contiguous prefill-like slots."""
@@ -413,7 +422,8 @@ def test_kernel_lowers_for_rocm() -> None:
 @pytest.mark.parametrize("name", ALL_PRESETS)
 @pytest.mark.parametrize(
     "head_dim, block_size, n, block_tokens",
-    [(128, 16, 1, 32), (128, 16, 45, 16), (128, 64, 4099, 32), (64, 32, 300, 64), (256, 128, 77, 16)],
+    [(128, 16, 1, 32), (128, 16, 45, 16), (128, 64, 4099, 32), (64, 32, 300, 64), (256, 128, 77, 16),
+     (512, 16, 33, 16)],
 )
 def test_gpu_bit_exact(name: str, head_dim: int, block_size: int, n: int, block_tokens: int) -> None:
     if PRESETS[name].key_format == "split" and head_dim % 64:

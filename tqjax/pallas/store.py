@@ -8,8 +8,8 @@ output, so XLA reuses the old buffers and never copies a cache.
 What runs where
 ---------------
 
-* **MSE and split keys with a Hadamard rotation (every preset but ``k8v4`` and the QJL ones): all in
-  the kernel.** :meth:`tqjax.quantizers.TurboQuantMSE.quantize` codes these exactly (its module
+* **MSE and split keys with a Hadamard rotation of at most 256 dims (every preset but ``k8v4`` and the
+  QJL ones, up to head_dim 256; split presets up to 512): all in the kernel.** :meth:`tqjax.quantizers.TurboQuantMSE.quantize` codes these exactly (its module
   docstring): the kernel reads the bf16 key, snaps each vector to its fixed-point grid, rotates the
   integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
   integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
@@ -20,12 +20,14 @@ What runs where
   the quantizer's own functions (``grid_norm`` and ``stored_norm`` of the unpacked codes: the
   reference's float32 ops on the same integers) and scatters them into ``key_scales`` (a few bytes per
   vector, in place).
-* **QJL (``prod``) keys, and Haar rotations: XLA (the reference's own jnp code) before the kernel:**
-  everything whose float result depends on how a compiler orders a reduction or a matmul: the key
-  norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus the
-  residual norm. These come from the very functions the reference's quantizers call
-  (``TurboQuantMSE.rotate_unit``, ``TurboQuantProd.quantize_features``) on the same shapes, so XLA
-  computes the reference's bits, fp16 key norms included. The kernel buckets the float32 features.
+* **QJL (``prod``) keys, wider Hadamard segments (``MAX_KERNEL_ROTATION_DIM``: the kernel's +-1 matrix
+  would not fit its shared memory) and Haar rotations: XLA (the reference's own jnp code) before the
+  kernel:** everything whose float result depends on how a compiler orders a reduction or a matmul:
+  the key norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus
+  the residual norm; for MSE and split keys the codes themselves. These come from the very functions
+  the reference's quantizers call (``TurboQuantMSE.quantize``, ``TurboQuantProd.quantize_features``)
+  on the same shapes, so XLA computes the reference's bits, fp16 key norms included. The kernel
+  buckets the QJL keys' float32 rotated unit vectors and packs the MSE codes.
 * **The kernel, in every case:** bucketizing (a count of strict comparisons), the sign of the sketch,
   float8 e4m3 conversion of raw keys (integer bit arithmetic, round-to-nearest-even, bit-exact with
   XLA's convert), the complete value quantization (fp16 clamp, min/max, fp16 scale and zero,
@@ -176,7 +178,8 @@ def _bucketize(y: jax.Array, boundaries: tuple[float, ...]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _KeyPart:
-    """One packed run of a key vector: ``kind`` in fp8 / bucket / sign, read from feature ``feature``."""
+    """One packed run of a key vector: ``kind`` in fp8 / grid / code / bucket / sign, read from feature
+    ``feature``."""
 
     kind: str
     feature: int
@@ -201,7 +204,7 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
             parts.append(_KeyPart("bucket", 0, segs[0].dim, segs[0].bits, segs[0].word_start, b))
         parts.append(_KeyPart("sign", len(parts), segs[-1].dim, 1, segs[-1].word_start))
         return tuple(parts)
-    if _exact_keys(config):
+    if _rotates_in_kernel(config):
         parts = []
         for i, seg in enumerate(segs):
             q = codec.quantizers[i]
@@ -210,42 +213,46 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
                 thresholds=tuple(map(float, q.thresholds)),
             ))
         return tuple(parts)
-    return tuple(
-        _KeyPart("bucket", i, seg.dim, seg.bits, seg.word_start, tuple(map(float, codec.quantizers[i].boundaries)))
-        for i, seg in enumerate(segs)
+    return tuple(_KeyPart("code", i, seg.dim, seg.bits, seg.word_start) for i, seg in enumerate(segs))
+
+
+#: The widest key segment the kernel rotates itself: its float16 +-1 matrix [dim, dim] sits in shared
+#: memory (128 KB at 256; at 512, 512 KB, more than an H100/H200 block can have: the static view,
+#: ``experiments.static_sass``, counts 540-557 KB). Wider segments get their codes from XLA.
+MAX_KERNEL_ROTATION_DIM = 256
+
+
+def _rotates_in_kernel(config: TurboQuantConfig) -> bool:
+    """MSE/split keys whose every segment takes the exact Hadamard path and fits the kernel's rotation."""
+    codec = key_codec(config)
+    return config.key_format in ("mse", "split") and all(
+        q.exact and q.dim <= MAX_KERNEL_ROTATION_DIM for q in codec.quantizers.values()
     )
 
 
-def _exact_keys(config: TurboQuantConfig) -> bool:
-    """MSE/split keys whose every segment takes the exact Hadamard path: rotated inside the kernel."""
-    codec = key_codec(config)
-    return config.key_format in ("mse", "split") and all(q.exact for q in codec.quantizers.values())
-
-
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
-    """The XLA half of the key encoding: ``KeyCodec.encode`` stopped before bucketize and signs.
+    """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``.
 
-    Calls the functions the reference's quantizers call (``TurboQuantMSE.rotate_unit``,
+    Calls the functions the reference's quantizers call (``TurboQuantMSE.quantize`` and ``stored_norm``,
     ``TurboQuantProd.quantize_features``, ``fp16_norm``, ``take_channels``) on the same shapes, so
-    every float here has the reference's bits.
+    every value here has the reference's bits.
     """
     codec = key_codec(config)
     if config.key_format == "fp8":
         return [key], None  # converted to fp8 in the kernel
-    if _exact_keys(config):  # snapped, rotated and bucketized in the kernel; norms after it
+    if _rotates_in_kernel(config):  # snapped, rotated and bucketized in the kernel; norms after it
         return [take_channels(key, seg) for seg in codec.segments], None
     x = key.astype(jnp.float32)
     if config.key_format == "prod":
         f = codec.prod.quantize_features(x)
         scales = jnp.stack([fp16_norm(f.norm), fp16_norm(f.residual_norm)], axis=-1)
         return ([f.rotated] if codec.prod.mse is not None else []) + [f.sketch], scales
-    features, norms = [], []
+    features, norms = [], []  # MSE/split keys the kernel does not rotate: their codes, packed there
     for i, seg in enumerate(codec.segments):
         quantizer = codec.quantizers[i]
-        y, norm = quantizer.rotate_unit(take_channels(x, seg))
-        features.append(y)
-        # the norm correction needs the codes: bucketized here as well (the kernel packs its own)
-        norms.append(fp16_norm(quantizer.stored_norm(quantizer.code_of(y, norm))))
+        code = quantizer.quantize(take_channels(x, seg))
+        features.append(code.codes.astype(jnp.int32))
+        norms.append(fp16_norm(quantizer.stored_norm(code)))
     return features, jnp.stack(norms, axis=-1)
 
 
@@ -338,6 +345,8 @@ def _store_kernel(
                 codes = fp8_e4m3fn_bits(x)
             elif part.kind == "bucket":
                 codes = _bucketize(x, part.boundaries)
+            elif part.kind == "code":  # computed by XLA
+                codes = x.astype(jnp.uint32)
             elif part.kind == "grid":
                 codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
                 put_row(grid_ref, 2 * grid_index, stats)
