@@ -82,13 +82,20 @@ class KeyCodec:
             parts.append(pack_codes(code.signs, 1))
             scales = jnp.stack([fp16_norm(code.norm), fp16_norm(code.residual_norm)], axis=-1)
             return jnp.concatenate(parts, axis=-1), scales
-        parts, norms = [], []
+        codes, scales = self.mse_codes(key)
+        parts = [pack_codes(c, seg.bits) for c, seg in zip(codes, self.segments)]
+        words = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        return words, scales
+
+    def mse_codes(self, key: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """MSE and split keys ``[..., D]`` float32: each segment's codes uint8 ``[..., seg.dim]`` and the
+        stored norms fp16 ``[..., n]`` (with norm correction over ``||c[codes]||``), before packing."""
+        codes, norms = [], []
         for i, seg in enumerate(self.segments):
             code = self.quantizers[i].quantize(take_channels(key, seg))
-            parts.append(pack_codes(code.codes, seg.bits))
+            codes.append(code.codes)
             norms.append(fp16_norm(self.quantizers[i].stored_norm(code)))
-        words = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        return words, jnp.stack(norms, axis=-1)
+        return codes, jnp.stack(norms, axis=-1)
 
     # ---- decode side -------------------------------------------------------------------------------
 

@@ -233,7 +233,7 @@ def _rotates_in_kernel(config: TurboQuantConfig) -> bool:
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
     """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``.
 
-    Calls the functions the reference's quantizers call (``TurboQuantMSE.quantize`` and ``stored_norm``,
+    Calls the functions the reference's key codec calls (``KeyCodec.mse_codes``,
     ``TurboQuantProd.quantize_features``, ``fp16_norm``, ``take_channels``) on the same shapes, so
     every value here has the reference's bits.
     """
@@ -247,13 +247,8 @@ def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Ar
         f = codec.prod.quantize_features(x)
         scales = jnp.stack([fp16_norm(f.norm), fp16_norm(f.residual_norm)], axis=-1)
         return ([f.rotated] if codec.prod.mse is not None else []) + [f.sketch], scales
-    features, norms = [], []  # MSE/split keys the kernel does not rotate: their codes, packed there
-    for i, seg in enumerate(codec.segments):
-        quantizer = codec.quantizers[i]
-        code = quantizer.quantize(take_channels(x, seg))
-        features.append(code.codes.astype(jnp.int32))
-        norms.append(fp16_norm(quantizer.stored_norm(code)))
-    return features, jnp.stack(norms, axis=-1)
+    codes, scales = codec.mse_codes(x)  # MSE/split keys the kernel does not rotate: it packs their codes
+    return [c.astype(jnp.int32) for c in codes], scales
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
