@@ -301,10 +301,13 @@ def _store_kernel(
         block = slot // block_size
         offset = slot % block_size
 
-        def load(ref, width: int) -> jax.Array:  # ref[src, head, 0:width] -> [tile, width]
+        def rows(start: int, width: int) -> tuple[jax.Array, ...]:  # index of [src, head, start:+width]
             shape = (tile, width)
-            cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-            return ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols]
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            return jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols
+
+        def load(ref, width: int) -> jax.Array:  # ref[src, head, 0:width] -> [tile, width]
+            return ref[rows(0, width)]
 
         def put(ref, start: int, val: jax.Array) -> None:  # ref[head, block, offset, start:+W] = val
             shape = val.shape
@@ -318,9 +321,7 @@ def _store_kernel(
             ref[idx] = val.astype(ref.dtype)
 
         def put_row(ref, start: int, val: jax.Array) -> None:  # ref[src, head, start:+W] = val
-            shape = val.shape
-            cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-            ref[jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols] = val
+            ref[rows(start, val.shape[1])] = val
 
         def put_fields(ref, word_start: int, codes: jax.Array, bits: int, copy_ref=None) -> None:
             start = word_start
