@@ -102,9 +102,10 @@ def fill_cache(cfg, k, v, block_size, hk):
 def store_fn():
     """The jitted, donating store (no eager input checks, which read slot_mapping back to the host)."""
     if ON_GPU:
+        from tqjax.pallas.store import store_arithmetic
         from tqjax.pallas.store import store_jit as pallas_store_jit
 
-        return pallas_store_jit
+        return functools.partial(pallas_store_jit, arithmetic=store_arithmetic(False))
     return store_jit
 
 

@@ -5,7 +5,7 @@
         --variants turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2
 
 Each variant is preset/dot_mode/block_tokens/num_warps[/tf32] (the float16 split is the default
-precision; ``tf32`` takes SPLIT_QUERY), or ``store:preset/block_tokens/num_warps[/head_dim]`` for the store kernel
+precision; ``tf32`` takes SPLIT_QUERY), or ``store:preset/block_tokens/num_warps[/head_dim][/cuda]`` for the store kernel
 (straight-line code: the static count is what one program executes; ``/elem`` is then per token and
 channel of its tile, key and value together). This process lowers the kernel with jax's Pallas Triton
 lowering (export for CUDA, as on a machine without a GPU) and keeps the Triton IR; the other Python
@@ -83,23 +83,25 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
 
 
 def _capture_store(variant: str, out_dir: str, index: int, captured: list[str]) -> dict:
-    """``store:preset/block_tokens/num_warps[/head_dim]``: the store kernel's Triton IR (Hk=8, D=128 unless
-    given, 4 tiles of tokens)."""
+    """``store:preset/block_tokens/num_warps[/head_dim][/cuda]``: the store kernel's Triton IR (Hk=8, D=128
+    unless given, 4 tiles of tokens; ``cuda``: ``arithmetic="cuda"``, else "portable")."""
     import jax
     import jax.numpy as jnp
 
     import tqjax
     from tqjax.pallas import store
 
-    name, block_tokens, num_warps, *head_dim = variant[len("store:"):].split("/")
-    head_dim = int(head_dim[0]) if head_dim else 128
+    name, block_tokens, num_warps, *rest = variant[len("store:"):].split("/")
+    arithmetic = "cuda" if "cuda" in rest else "portable"
+    head_dim = next((int(x) for x in rest if x.isdigit()), 128)
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     cache = tqjax.PagedKVCache.allocate(cfg, 64, 16, 8)
     n = 4 * int(block_tokens)
     kv = jnp.zeros((n, 8, head_dim), jnp.bfloat16)
 
     def f(cache, k, v, slots, block_tokens=int(block_tokens), num_warps=int(num_warps)):
-        return store._store_impl(cache, k, v, slots, block_tokens=block_tokens, num_warps=num_warps)
+        return store._store_impl(cache, k, v, slots, block_tokens=block_tokens, num_warps=num_warps,
+                                 arithmetic=arithmetic)
 
     captured.clear()
     jax.export.export(

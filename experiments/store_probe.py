@@ -5,7 +5,8 @@ python -m experiments.store_probe [--presets turboquant_4bit_nc turboquant_k8v4]
 For each preset and N (Hk=8, D=128, random distinct slots as in ``decode_sweep``) it times, like the
 sweep (``experiments.timing.time_fn``):
 
-* ``full``: the jitted, donating Pallas store (``tqjax.pallas.store.store_jit``), default launch;
+* ``full``: the jitted, donating Pallas store (``tqjax.pallas.store.store_jit``), default launch, the
+  platform's arithmetic (``store_arithmetic``); on CUDA also ``full portable`` (ROCm's conversions);
 * ``full in-jit``: the same store 16 times in one jitted ``fori_loop``, per store: the GPU's time without
   the host's per-call dispatch (which bounds ``full`` at small N);
 * ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone;
@@ -65,8 +66,12 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
 
         return step
 
-    full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
-    add("full", time_fn(stepper(full), [()], iters=iters, reps=reps))
+    arithmetic = store_mod.store_arithmetic(interpret)
+    full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret, arithmetic=arithmetic)
+    add(f"full ({arithmetic})", time_fn(stepper(full), [()], iters=iters, reps=reps))
+    if arithmetic != "portable":
+        portable = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
+        add("full portable", time_fn(stepper(portable), [()], iters=iters, reps=reps))
     # the same store STEPS times inside one jitted loop: the GPU's time, without the host's per-call dispatch
     looped = jax.jit(lambda c: jax.lax.fori_loop(0, STEPS, lambda i, c: full(c), c), donate_argnums=0)
     add(f"full in-jit (/{STEPS})", time_fn(stepper(looped), [()], iters=max(2, iters // 4), reps=reps) / STEPS)
@@ -74,11 +79,11 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
     features, scales = jax.block_until_ready(xla_half(k))
     call = jax.jit(store_mod._store_call, donate_argnums=0,
-                   static_argnames=("interpret", "block_tokens", "num_warps", "num_stages"))
+                   static_argnames=("interpret", "block_tokens", "num_warps", "num_stages", "arithmetic"))
     for tokens, warps in LAUNCHES:
         kern = lambda c, tokens=tokens, warps=warps: call(
             c, features, scales, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps,
-            num_stages=1)
+            num_stages=1, arithmetic=arithmetic)
         add(f"kernel t{tokens}/w{warps}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
     ref = lambda c: reference.store_jit(c, k, v, slots)
     add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
@@ -116,7 +121,8 @@ def once(a) -> None:
         slots = jnp.asarray(rng.permutation(nblocks * a.block_size)[:n].astype(np.int32))
         cache = tqjax.PagedKVCache.allocate(cfg, nblocks, a.block_size, a.hk)
         for _ in range(2):
-            cache = jax.block_until_ready(store_mod.store_jit(cache, k, v, slots, interpret=not ON_GPU))
+            cache = jax.block_until_ready(store_mod.store_jit(
+                cache, k, v, slots, interpret=not ON_GPU, arithmetic=store_mod.store_arithmetic(not ON_GPU)))
         print(f"{name}: stored {n} tokens twice", flush=True)
 
 

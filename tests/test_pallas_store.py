@@ -78,20 +78,24 @@ def _check_store(
     slots: np.ndarray | None = None,
     interpret: bool = True,
     value: np.ndarray | None = None,
+    key: np.ndarray | None = None,
+    arithmetic: str | None = None,
 ) -> None:
     rng = np.random.default_rng(seed)
     cfg = _config(name, head_dim)
     if num_blocks is None:
         num_blocks = max(2, -(-2 * n // block_size))
     cache = random_cache(cfg, num_blocks, block_size, hk, rng)
-    key, random_value = _inputs(n, hk, head_dim, dtype, rng)
+    random_key, random_value = _inputs(n, hk, head_dim, dtype, rng)
     value = random_value if value is None else jnp.asarray(value)
+    key = random_key if key is None else jnp.asarray(key)
     if slots is None:
         slots = _slots(n, cache.num_slots, rng)
     before = _to_numpy(cache)
     expected = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
     got = _to_numpy(
-        store(cache, key, value, jnp.asarray(slots), interpret=interpret, block_tokens=block_tokens)
+        store(cache, key, value, jnp.asarray(slots), interpret=interpret, block_tokens=block_tokens,
+              arithmetic=arithmetic)
     )
     assert got.keys() == expected.keys()
     written = np.zeros((hk, num_blocks, block_size), bool)
@@ -217,25 +221,45 @@ def _rounding_edge_values(n: int, hk: int, d: int, bits: int, rng) -> np.ndarray
     return v
 
 
+_ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+
+
 @pytest.mark.parametrize(
-    "interpret",
+    "interpret, arithmetic",
     [
-        True,
-        pytest.param(
-            False,
-            marks=[pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")],
-        ),
+        (True, "portable"),
+        pytest.param(False, "portable", marks=_ON_GPU),
+        pytest.param(False, "cuda", marks=_ON_GPU),
     ],
 )
 @pytest.mark.parametrize("name", ["turboquant_3bit_nc", "turboquant_k8v4"])
-def test_bit_exact_value_rounding_edges(name: str, interpret: bool) -> None:
+def test_bit_exact_value_rounding_edges(name: str, interpret: bool, arithmetic: str) -> None:
     rng = np.random.default_rng(13)
     n, hk, d = 64, 2, 128
     value = _rounding_edge_values(n, hk, d, PRESETS[name].value_bits, rng)
     code = quantize_values(jnp.asarray(value), PRESETS[name].value_bits)
     t = value * (np.float32(1) / np.asarray(code.scale, np.float32))[..., None]  # zero == 0
     assert np.count_nonzero(t - np.floor(t) == 0.5) > n * hk * d // 8  # exact ties, the rest within ulps
-    _check_store(name, d, 16, n=n, hk=hk, dtype=jnp.float32, block_tokens=32, value=value, interpret=interpret)
+    _check_store(name, d, 16, n=n, hk=hk, dtype=jnp.float32, block_tokens=32, value=value, interpret=interpret,
+                 arithmetic=arithmetic)
+
+
+@pytest.mark.parametrize(
+    "interpret, arithmetic",
+    [(True, "portable"), pytest.param(False, "portable", marks=_ON_GPU), pytest.param(False, "cuda", marks=_ON_GPU)],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_bit_exact_fp8_keys_every_16bit_input(dtype, interpret: bool, arithmetic: str) -> None:
+    """``k8v4``'s key bytes for every finite and infinite bf16 / f16 input (NaN excluded), through the
+    kernel: the hardware conversion ("cuda") and the integer one ("portable") against XLA's convert."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x = bits.view(np.dtype(dtype))
+    x = x[~np.isnan(x.astype(np.float32))]
+    hk, d = 2, 128
+    n = -(-x.size // (hk * d))
+    key = np.resize(x, n * hk * d).reshape(n, hk, d)
+    _check_store("turboquant_k8v4", d, 16, n=n, hk=hk, dtype=dtype, block_tokens=32, key=key,
+                 interpret=interpret, arithmetic=arithmetic, slots=np.arange(n, dtype=np.int32))
 
 
 def test_store_reference_is_the_reference() -> None:
@@ -379,7 +403,7 @@ def test_round_half_up_matches_round_half_away_for_value_codes() -> None:
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def _export(platform: str, name: str, head_dim: int, n: int, block_tokens: int) -> str:
+def _export(platform: str, name: str, head_dim: int, n: int, block_tokens: int, arithmetic: str = "portable") -> str:
     """StableHLO of the jitted store (interpret=False) lowered for ``platform``: the Pallas kernel goes
     through the Triton lowering here (no GPU needed); the Triton IR rides in the custom call."""
     cfg = _config(name, head_dim)
@@ -392,7 +416,7 @@ def _export(platform: str, name: str, head_dim: int, n: int, block_tokens: int) 
         store_jit,
         platforms=[platform],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
-    )(cache, kv, kv, slots, interpret=False, block_tokens=block_tokens)
+    )(cache, kv, kv, slots, interpret=False, block_tokens=block_tokens, arithmetic=arithmetic)
     return exported.mlir_module()
 
 
@@ -409,6 +433,29 @@ def test_kernel_lowers_for_cuda(name: str) -> None:
 )
 def test_kernel_lowers_for_cuda_other_shapes(name: str, head_dim: int, n: int, block_tokens: int) -> None:
     assert _export("cuda", name, head_dim, n, block_tokens).count(f"@{_TRITON_CALL}(") == 1
+
+
+@pytest.mark.parametrize("name", ["turboquant_k8v4", "turboquant_4bit_nc"])
+def test_kernel_lowers_for_cuda_with_cuda_arithmetic(name: str) -> None:
+    """The "cuda" conversions (hardware float8, inline PTX rounding) pass the lowering for CUDA."""
+    assert _export("cuda", name, 128, 45, 16, arithmetic="cuda").count(f"@{_TRITON_CALL}(") == 1
+
+
+def test_arithmetic_choice() -> None:
+    from tqjax.platform import Platform
+
+    assert store_mod.store_arithmetic(False, Platform("cuda", "sm90")) == "cuda"
+    assert store_mod.store_arithmetic(True, Platform("cuda", "sm90")) == "portable"
+    assert store_mod.store_arithmetic(False, Platform("cuda", "sm80")) == "portable"  # no hardware fp8
+    assert store_mod.store_arithmetic(False, Platform("rocm", "gfx942")) == "portable"
+    cfg = _config("turboquant_k8v4", 64)
+    cache = PagedKVCache.allocate(cfg, 4, 16, 2)
+    kv = jnp.ones((3, 2, 64), jnp.bfloat16)
+    slots = jnp.arange(3, dtype=jnp.int32)
+    with pytest.raises(ValueError, match="interpret"):
+        store(cache, kv, kv, slots, interpret=True, arithmetic="cuda")
+    with pytest.raises(ValueError, match="portable"):
+        store(cache, kv, kv, slots, interpret=True, arithmetic="fast")
 
 
 def test_kernel_lowers_for_rocm() -> None:
@@ -433,10 +480,19 @@ def test_gpu_bit_exact(name: str, head_dim: int, block_size: int, n: int, block_
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton kernel)")
+@pytest.mark.parametrize("name", ["turboquant_k8v4", "turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_kqjl3v4"])
+def test_gpu_bit_exact_portable_arithmetic(name: str) -> None:
+    """The portable conversions (ROCm's, no PTX), compiled for this GPU."""
+    _check_store(name, 128, 16, n=4099, hk=4, block_tokens=32, seed=5, interpret=False, arithmetic="portable")
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
 def test_binary_search_codes_count_the_limits_below(bits: int) -> None:
-    """The kernel's binary search (``_search_codes``) gives the reference's count
-    ``sum_j [s > scale * t_j]`` for every element, also elements exactly on a limit and rows of scale 0."""
+    """The kernel's binary search (``_search_codes``, odd thresholds: sign, then one search over the
+    positive limits on the bit patterns) gives the reference's count ``sum_j [s > scale * t_j]`` for
+    every element, also elements exactly on a limit (either sign), +-0 and rows of scale 0."""
     from tqjax.pallas.store import _search_codes
     from tqjax.quantizers import TurboQuantMSE
 
@@ -447,6 +503,8 @@ def test_binary_search_codes_count_the_limits_below(bits: int) -> None:
     s = ((rng.standard_normal((64, 128)) * 0.3) ** 3 * 1e4).astype(np.float32)
     on_limit = (scale * t[rng.integers(0, len(t), (64, 128))]).astype(np.float32)
     s = np.where(rng.random((64, 128)) < 0.25, on_limit, s)
+    s[:8, :4] = 0.0  # on the middle limit, in rows of scale 0 and > 0, both signs of zero
+    s[:8, 4:8] = -0.0
     want = np.sum(s[..., None] > (scale[..., None] * t).astype(np.float32), axis=-1)
     got = np.asarray(_search_codes(jnp.asarray(s), jnp.asarray(scale), tuple(map(float, t))))
     np.testing.assert_array_equal(got, want)
