@@ -12,7 +12,8 @@ sweep (``experiments.timing.time_fn``):
 * ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone;
 * ``kernel tT/wW``: the ``pallas_call`` alone on precomputed features, T tokens per program, W warps;
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
-* for rotated keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
+* for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``;
+* with ``--rotation``, for MSE keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
   bf16 pass, float32 accumulation: exact products) and ``rot fwht``.
 
@@ -73,8 +74,13 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         portable = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
         add("full portable", time_fn(stepper(portable), [()], iters=iters, reps=reps))
     # the same store STEPS times inside one jitted loop: the GPU's time, without the host's per-call dispatch
-    looped = jax.jit(lambda c: jax.lax.fori_loop(0, STEPS, lambda i, c: full(c), c), donate_argnums=0)
-    add(f"full in-jit (/{STEPS})", time_fn(stepper(looped), [()], iters=max(2, iters // 4), reps=reps) / STEPS)
+    def in_jit(fn):  # the store STEPS times inside one jitted loop, per store
+        looped = jax.jit(lambda c: jax.lax.fori_loop(0, STEPS, lambda i, c: fn(c), c), donate_argnums=0)
+        return time_fn(stepper(looped), [()], iters=max(2, iters // 4), reps=reps) / STEPS
+
+    add(f"full in-jit (/{STEPS})", in_jit(full))
+    if arithmetic != "portable":
+        add(f"portable in-jit (/{STEPS})", in_jit(portable))
     xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
     features, scales = jax.block_until_ready(xla_half(k))
@@ -87,7 +93,14 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         add(f"kernel t{tokens}/w{warps}", time_fn(stepper(kern), [()], iters=iters, reps=reps))
     ref = lambda c: reference.store_jit(c, k, v, slots)
     add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
-    if cfg.key_format == "mse":
+    if cfg.key_format == "prod":  # the XLA half's two float32 products, alone
+        prod = key_codec(cfg).prod
+        x = k.astype(jnp.float32)
+        unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        add("prod rotation", time_fn(jax.jit(prod.rotation.apply), [(unit,)], iters=iters, reps=reps))
+        sketch = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGHEST))
+        add("prod sketch HIGHEST", time_fn(sketch, [(unit,)], iters=iters, reps=reps))
+    if cfg.key_format == "mse" and a.rotation:
         codec = key_codec(cfg)
         quantizer, seg = codec.quantizers[0], codec.segments[0]
         rot = quantizer.rotation
@@ -133,6 +146,8 @@ def main() -> None:
     p.add_argument("--hk", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--rotation", action="store_true",
+                   help="also time XLA's float rotations of MSE keys (the store's XLA half before the exact path)")
     p.add_argument("--once", action="store_true",
                    help="run each preset's store of the first --tokens count twice and exit (for a profiler: "
                         "ncu -k regex:tqjax_store -c 1 ...)")
