@@ -1,6 +1,6 @@
 """Device experiment: where does the Pallas decode kernel's time go? (variants of one shape)
 
-python -m experiments.decode_probe [--presets ...] [--lookups poly,poly_fma | --variants poly_fma/16/2/1,...]
+python -m experiments.decode_probe [--presets ...] [--lookups poly_fma,prmt | --variants prmt/64/2/1/t,...]
 python -m experiments.decode_probe --once --presets turboquant_4bit_nc --context 4096   # under ncu
 
 Times each preset's decode (B=32, 16k by default) with each variant's centroid lookup and launch
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--presets", default="turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_kqjl4v4")
-    ap.add_argument("--lookups", default="poly,poly_fma",
+    ap.add_argument("--lookups", default="poly_fma,prmt",
                     help="comma-separated centroid lookups (tqjax.pallas.decode.LOOKUPS), each timed with the tuned "
                          "launch parameters")
     ap.add_argument("--variants", default="",

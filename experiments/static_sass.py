@@ -4,8 +4,8 @@
     python -m experiments.static_sass --triton-python /path/to/that/env/bin/python \
         --variants turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2
 
-Each variant is preset/dot_mode/block_tokens/num_warps[/tf32] (the float16 split is the default
-precision; ``tf32`` takes SPLIT_QUERY), or ``store:preset/block_tokens/num_warps[/head_dim][/cuda]`` for the store kernel
+Each variant is preset/dot_mode/block_tokens/num_warps[/tf32][/prmt] (the float16 split is the default
+precision; ``tf32`` takes SPLIT_QUERY; the lookup is "poly_fma", or "prmt"), or ``store:preset/block_tokens/num_warps[/head_dim][/cuda]`` for the store kernel
 (straight-line code: the static count is what one program executes; ``/elem`` is then per token and
 channel of its tile, key and value together). This process lowers the kernel with jax's Pallas Triton
 lowering (export for CUDA, as on a machine without a GPU) and keeps the Triton IR; the other Python
@@ -56,16 +56,17 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
                 continue
             name, dot_mode, block_tokens, num_warps, *flags = v.split("/")
             precision = decode.SPLIT_QUERY if "tf32" in flags else decode.SPLIT_F16
+            lookup = "prmt" if "prmt" in flags else "poly" if dot_mode == "fma" else "poly_fma"
             cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
             cache = tqjax.PagedKVCache.allocate(cfg, 64, 16, 8)
             args = (jnp.zeros((4, 32, 128), jnp.bfloat16), cache, jnp.zeros((4, 16), jnp.int32),
                     jnp.full((4,), 100, jnp.int32))
 
             def f(q, cache, tables, lens, dot_mode=dot_mode, block_tokens=int(block_tokens),
-                  num_warps=int(num_warps), precision=precision):
+                  num_warps=int(num_warps), precision=precision, lookup=lookup):
                 return decode._paged_decode(
                     q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=block_tokens,
-                    num_warps=num_warps, num_stages=1, lookup="poly" if dot_mode == "fma" else "poly_fma",
+                    num_warps=num_warps, num_stages=1, lookup=lookup,
                     dot_mode=dot_mode, interpret=False, precision=precision)
 
             captured.clear()

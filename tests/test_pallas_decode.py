@@ -123,12 +123,13 @@ def test_splits_and_chunks(num_splits, block_tokens):
 
 
 @pytest.mark.parametrize("lookup,dot_mode", [("select", "mma"), ("poly", "fma"), ("select", "fma"), ("poly", "mma"),
-                                             ("poly_fma", "mma"), ("poly", "mma_t"), ("poly_fma", "mma_t")])
+                                             ("poly_fma", "mma"), ("poly", "mma_t"), ("poly_fma", "mma_t"),
+                                             ("prmt", "mma_t"), ("prmt", "fma")])
 def test_lookup_and_dot_modes(lookup, dot_mode):
-    if lookup == "poly_fma" and INTERPRET:
+    if lookup in ("poly_fma", "prmt") and INTERPRET:
         pytest.skip("inline PTX runs only in a compiled CUDA kernel (its lowering is tested below)")
     if (lookup, dot_mode) == ("poly", "mma_t") and INTERPRET:
-        pytest.skip("the interpret-mode default: every other test here runs it (on CUDA GPUs the lookup is poly_fma)")
+        pytest.skip("the interpret-mode default: every other test here runs it (on CUDA GPUs the lookup is prmt)")
     check(*make_case("turboquant_kqjl3v4", head_dim=128, block_size=16, hk=2, group=4, lens=[70, 9], seed=3),
           lookup=lookup, dot_mode=dot_mode)
 
@@ -219,8 +220,8 @@ def test_every_decode_table_is_exact_in_float16():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-@pytest.mark.parametrize("method", ["poly", "poly_fma", "select"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("method", ["poly", "poly_fma", "prmt", "select"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
 def test_kernel_lookup_gives_the_table(bits, method, dtype):
     """The in-kernel lookup (compiled on the GPU, where "poly_fma" is inline PTX and may round straight
     to float16) returns exactly the decode-table entry of every code, in float32 and in float16."""
@@ -229,11 +230,11 @@ def test_kernel_lookup_gives_the_table(bits, method, dtype):
 
     from tqjax.pallas.decode import _lookup
 
-    if method == "poly_fma" and INTERPRET:
+    if method in ("poly_fma", "prmt") and INTERPRET:
         pytest.skip("inline PTX: compiled CUDA kernels only")
     table = tqjax.TurboQuantMSE(128, bits).centroids
     lk = centroid_lookup(tqjax.lloyd_max_codebook(bits, 128).centroids, method)
-    assert lk.method == method
+    assert lk.method == ("poly_fma" if (method, bits) == ("prmt", 5) else method)  # 32 entries: no prmt
     codes = np.random.default_rng(bits).permutation(np.arange(32 * 32) % table.size).reshape(32, 32).astype(np.int32)
 
     def kernel(c_ref, o_ref):
@@ -244,6 +245,68 @@ def test_kernel_lookup_gives_the_table(bits, method, dtype):
         compiler_params=pltriton.CompilerParams(num_warps=2, num_stages=1),
     )(jnp.asarray(codes))
     np.testing.assert_array_equal(np.asarray(out, np.float64), table[codes])
+
+
+def _run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A numpy interpreter of the PTX subset :func:`tqjax.pallas.decode.prmt_asm` writes (mov, mad.lo,
+    and, shl, prmt in its default mode, lop3), on uint32 arrays, from the PTX ISA's definitions."""
+    regs = {k: v.astype(np.uint32) for k, v in args.items()}
+
+    def val(x: str) -> np.ndarray:
+        x = x.strip()
+        return regs[x] if x in regs else np.uint32(int(x, 0))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [x.strip() for x in rest.split(",")]
+        a = [val(x) for x in src]
+        if op == "mov.b32":
+            out = a[0] + np.zeros_like(regs["$2"])
+        elif op == "mad.lo.u32":
+            out = a[0] * a[1] + a[2]
+        elif op == "and.b32":
+            out = a[0] & a[1]
+        elif op == "shl.b32":
+            out = a[0] << a[1]
+        elif op == "prmt.b32":  # default mode: selector nibble k picks byte (nibble & 7) of {b, a}, bit 3 replicates its msb
+            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
+            out = np.zeros_like(regs["$2"])
+            for k in range(4):
+                nib = (a[2] >> (4 * k)) & 0xF
+                byte = np.choose(nib & 7, pool)
+                byte = np.where(nib & 8, np.where(byte & 0x80, 0xFF, 0), byte).astype(np.uint32)
+                out = out | (byte << (8 * k))
+        elif op == "lop3.b32":  # bit i of the result: bit (4 a_i + 2 b_i + c_i) of the LUT
+            lut = int(a[3])
+            out = np.zeros_like(regs["$2"])
+            for bit in range(32):
+                idx = ((a[0] >> bit) & 1) * 4 + ((a[1] >> bit) & 1) * 2 + ((a[2] >> bit) & 1)
+                out = out | (((np.uint32(lut) >> idx) & 1) << bit)
+        else:
+            raise NotImplementedError(op)
+        regs[d] = out.astype(np.uint32)
+    return regs
+
+
+@pytest.mark.parametrize("distribution", ["beta", "gaussian"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_prmt_asm_gives_the_table(bits, distribution):
+    """The "prmt" lookup's PTX, run by a host interpreter of its instructions, returns the float16 bits of
+    the decode table for every combination of four codes (the GPU tests run the compiled block)."""
+    from tqjax.pallas.decode import prmt_asm
+
+    for dim in (64, 128, 256):
+        lk = centroid_lookup(tqjax.lloyd_max_codebook(bits, dim, distribution).centroids, "prmt")
+        assert lk.method == "prmt"
+        table = np.asarray(lk.centroids).astype(np.float16).view(np.uint16).astype(np.uint32)
+        n = table.size
+        codes = np.stack(np.meshgrid(*[np.arange(n)] * 4, indexing="ij"), -1).reshape(-1, 4).astype(np.uint32)
+        regs = _run_ptx(prmt_asm(lk), {f"${2 + i}": codes[:, i] for i in range(4)})
+        got = np.stack([regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16], -1)
+        np.testing.assert_array_equal(got, table[codes], err_msg=f"bits={bits} dim={dim}")
 
 
 def test_num_splits_heuristic():
@@ -257,25 +320,27 @@ def test_bad_arguments():
                                        lens=[4], seed=0)
     with pytest.raises(ValueError, match="lookup"):
         paged_decode(q, cache, tables, lens, lookup="table", interpret=INTERPRET)
-    with pytest.raises(ValueError, match="PTX"):
-        paged_decode(q, cache, tables, lens, lookup="poly_fma", interpret=True)
+    for lookup in ("poly_fma", "prmt"):
+        with pytest.raises(ValueError, match="PTX"):
+            paged_decode(q, cache, tables, lens, lookup=lookup, interpret=True)
 
 
-def test_poly_fma_is_the_cuda_default_only(monkeypatch):
-    """The inline-PTX lookup is the tuned default on CUDA; ROCm and the interpreter get "poly", and an
-    explicit "poly_fma" on ROCm is refused before any kernel is traced."""
+def test_ptx_lookup_is_the_cuda_default_only(monkeypatch):
+    """The inline-PTX lookup ("prmt") is the tuned default on CUDA; ROCm and the interpreter get "poly",
+    and an explicit "prmt" or "poly_fma" on ROCm is refused before any kernel is traced."""
     from tqjax.pallas import decode as decode_module
     from tqjax.pallas.tuning import decode_params
     from tqjax.platform import Platform
 
-    assert decode_params("turboquant_4bit_nc", Platform("cuda", "sm90"))["lookup"] == "poly_fma"
+    assert decode_params("turboquant_4bit_nc", Platform("cuda", "sm90"))["lookup"] == "prmt"
     assert decode_params("turboquant_4bit_nc", Platform("rocm", "gfx942"))["lookup"] == "poly"
     assert decode_params("turboquant_4bit_nc", Platform("cpu"))["lookup"] == "poly"
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[4], seed=0)
     monkeypatch.setattr(decode_module, "detect_platform", lambda: Platform("rocm", "gfx942"))
-    with pytest.raises(ValueError, match="not ROCm"):
-        paged_decode(q, cache, tables, lens, lookup="poly_fma")
+    for lookup in ("poly_fma", "prmt"):
+        with pytest.raises(ValueError, match="not ROCm"):
+            paged_decode(q, cache, tables, lens, lookup=lookup)
     with pytest.raises(ValueError, match="dot_mode"):
         paged_decode(q, cache, tables, lens, dot_mode="wgmma", interpret=INTERPRET)
     with pytest.raises(ValueError, match="query"):

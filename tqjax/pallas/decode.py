@@ -92,6 +92,13 @@ class CentroidLookup:
     emits a separate multiply and add for ``a * u + c``, and offers no FMA otherwise); measured 10-12%
     faster decode on the H200 than "poly" (``4bit_nc`` and ``3bit_nc``, B=32, 16k). Checked on the host
     the same way, with the FMAs emulated exactly.
+    ``"prmt"``: byte permutes over the float16 table (CUDA only; tables of at most 16 entries exact in
+    float16, else "poly_fma"): one PTX block takes four codes, splits each into its top bit and the
+    rest ``j``, picks the low and the high byte of ``table[j]`` and of ``table[n/2 + j]`` for all four
+    at once (four ``prmt`` over the half-tables held as byte planes of two registers), chooses between
+    the halves by the top bit (a byte mask from one sign-replicating ``prmt``, one ``lop3`` per plane)
+    and interleaves the bytes into two float16 pairs: 15 instructions per four codes, against about
+    ten per code for "poly_fma". Exact by construction (the table's own float16 bits).
     ``"select"``: a compare/select chain over the table (any codebook).
     """
 
@@ -102,6 +109,7 @@ class CentroidLookup:
 
 
 _POLY_MAX_BITS = 5
+_PRMT_MAX_BITS = 4  # a half-table of at most 8 float16 entries: two registers per byte plane
 
 
 def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
@@ -114,6 +122,10 @@ def centroid_lookup(centroids: np.ndarray, method: str) -> CentroidLookup:
     table = tf32_table(c64)
     entries = tuple(float(x) for x in table)
     n = c64.size
+    if method == "prmt":
+        if 2 <= n <= 1 << _PRMT_MAX_BITS and _exact_in_f16(table):
+            return CentroidLookup("prmt", entries)
+        method = "poly_fma"
     if method == "select" or n > 1 << _POLY_MAX_BITS or n < 2:
         return CentroidLookup("select", entries)
     half = n // 2
@@ -221,9 +233,72 @@ def _poly_ptx(codes: jax.Array, lk: CentroidLookup, f16_out: bool = False) -> ja
     return out
 
 
+def _prmt_ptx(codes: jax.Array, lk: CentroidLookup) -> jax.Array:
+    """The "prmt" lookup of int32 ``codes`` (<= 16 entries, a table exact in float16), float16, as one PTX
+    block (:func:`prmt_asm`) per four codes (``pack=4``: Triton passes four codes in four registers and
+    takes the four float16 results back as two pairs; which four elements share a block does not
+    matter, every result depends on its own code only)."""
+    (out,) = pltriton.elementwise_inline_asm(
+        prmt_asm(lk), args=[codes], constraints="=r,=r,r,r,r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float16)],
+    )
+    return out
+
+
+def prmt_asm(lk: CentroidLookup) -> str:
+    """PTX of the "prmt" lookup: codes in ``$2..$5``, float16 pairs ``(code $2, code $3)`` in ``$0`` and
+    ``(code $4, code $5)`` in ``$1`` (first in the low half).
+
+    ``w`` holds the four codes as nibbles; ``j = code & (n/2 - 1)`` (at most 7: a ``prmt`` selector
+    nibble without its sign-replicate bit) selects, in each byte plane, from the negative half-table
+    ``table[j]`` and the positive one ``table[n/2 + j]``; the byte mask ``m`` (0xFF where the code's top
+    bit is set) is a sign-replicating ``prmt`` of ``w`` shifted so that code k's top bit is the top bit
+    of the byte it reads; ``lop3`` (``m ? pos : neg``, LUT 0xE4) picks per byte, and two ``prmt`` pair
+    the low and high bytes into float16 values.
+    """
+    n = len(lk.centroids)
+    bits = n.bit_length() - 1
+    half = n // 2
+    f16 = np.asarray(lk.centroids, np.float64).astype(np.float16).view(np.uint16)
+
+    def plane(values: np.ndarray) -> tuple[str, str]:  # 8 bytes as two b32 immediates (entry k in byte k)
+        b = np.zeros(8, np.uint32)
+        b[: len(values)] = values
+        return tuple(f"0x{int(sum(int(b[4 * r + i]) << (8 * i) for i in range(4))):08X}" for r in range(2))
+
+    neg_lo, neg_hi = f16[:half] & 0xFF, f16[:half] >> 8
+    pos_lo, pos_hi = f16[half:] & 0xFF, f16[half:] >> 8
+    tables = {"nl": plane(neg_lo), "pl": plane(pos_lo), "nh": plane(neg_hi), "ph": plane(pos_hi)}
+    lines = [
+        "{",
+        ".reg .b32 w, j, a, b, m, lo, hi, u, v, nl0, nl1, pl0, pl1, nh0, nh1, ph0, ph1;",
+        *(f"mov.b32 {name}{r}, {val};" for name, pair in tables.items() for r, val in enumerate(pair)),
+        "mad.lo.u32 w, $3, 16, $2;",
+        "mad.lo.u32 w, $4, 256, w;",
+        "mad.lo.u32 w, $5, 4096, w;",
+        f"and.b32 j, w, 0x{0x1111 * (half - 1):04X};",
+        # code k's top bit (nibble bit bits-1) to the top of a byte: codes 0, 2 from a, codes 1, 3 from b
+        f"shl.b32 a, w, {8 - bits};",
+        f"shl.b32 b, w, {4 - bits};",
+        "prmt.b32 m, a, b, 0xD9C8;",
+        "prmt.b32 u, nl0, nl1, j;",
+        "prmt.b32 v, pl0, pl1, j;",
+        "lop3.b32 lo, v, u, m, 0xE4;",
+        "prmt.b32 u, nh0, nh1, j;",
+        "prmt.b32 v, ph0, ph1, j;",
+        "lop3.b32 hi, v, u, m, 0xE4;",
+        "prmt.b32 $0, lo, hi, 0x5140;",
+        "prmt.b32 $1, lo, hi, 0x7362;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
 def _lookup(codes: jax.Array, lk: CentroidLookup, dtype=jnp.float32) -> jax.Array:
     """Centroid values (exact table entries; ``dtype`` float32, or float16 for a table exact in it)
     of int32 ``codes``."""
+    if lk.method == "prmt":
+        return _prmt_ptx(codes, lk).astype(dtype)
     if lk.method == "poly_fma":
         if dtype == jnp.float16 and lk.f16_direct:
             return _poly_ptx(codes, lk, f16_out=True)
@@ -631,7 +706,7 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
     return jnp.sum(w[..., None] * o, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
-LOOKUPS = ("poly", "poly_fma", "select")
+LOOKUPS = ("poly", "poly_fma", "prmt", "select")
 SPLIT_QUERY = "split_query"  # tensor-core products on tf32 hi + lo operands (see paged_decode)
 SPLIT_F16 = "split_f16"  # tensor-core products on float16 operands, the default (see paged_decode)
 DOT_MODES = ("mma", "mma_t", "fma")
@@ -660,9 +735,9 @@ def paged_decode(
     Tuning (static; None takes :func:`tqjax.pallas.tuning.decode_params`, measured per device kind
     and preset): ``num_splits`` (None: from batch, heads and the device's core count),
     ``block_tokens`` (tokens per inner step; at least one block), ``num_warps``, ``num_stages``,
-    ``lookup`` (:data:`LOOKUPS`, see :class:`CentroidLookup`; "poly_fma", the CUDA default, needs
-    compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "poly_fma" is
-    refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core products, fp32-accurate for scores
+    ``lookup`` (:data:`LOOKUPS`, see :class:`CentroidLookup`; "prmt", the CUDA default, and "poly_fma"
+    need compiled PTX: with ``interpret=True`` the tuned default becomes "poly", an explicit "prmt" or
+    "poly_fma" is refused, as it is on ROCm), ``dot_mode`` ("mma": tensor-core products, fp32-accurate for scores
     and values, the GQA group as their rows, padded to 16, the ROCm default; "mma_t": the same products
     transposed, tokens as the rows and the group as the columns, padded to 8 only, which halves the
     per-step softmax and accumulator work of a group of <= 8, the CUDA and interpret-mode default;
@@ -683,12 +758,12 @@ def paged_decode(
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
     num_stages = tuned["num_stages"] if num_stages is None else num_stages
     if lookup is None:
-        lookup = "poly" if interpret and tuned["lookup"] == "poly_fma" else tuned["lookup"]
+        lookup = "poly" if interpret and tuned["lookup"] in ("poly_fma", "prmt") else tuned["lookup"]
     dot_mode = tuned["dot_mode"] if dot_mode is None else dot_mode
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
-    if lookup == "poly_fma" and (interpret or platform.kind == "rocm"):
-        raise ValueError("lookup 'poly_fma' is inline PTX: compiled CUDA kernels only (not interpret mode, not "
+    if lookup in ("poly_fma", "prmt") and (interpret or platform.kind == "rocm"):
+        raise ValueError(f"lookup {lookup!r} is inline PTX: compiled CUDA kernels only (not interpret mode, not "
                          "ROCm); use 'poly'")
     if dot_mode not in DOT_MODES:
         raise ValueError(f"dot_mode must be one of {DOT_MODES}, got {dot_mode!r}")
