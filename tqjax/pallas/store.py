@@ -21,21 +21,19 @@ What runs where
   reference's float32 ops on the same integers) and scatters them into ``key_scales`` (a few bytes per
   vector, in place).
 * **QJL (``prod``) keys, wider Hadamard segments (``MAX_KERNEL_ROTATION_DIM``: the kernel's +-1 matrix
-  would not fit its shared memory) and Haar rotations: XLA (the reference's own jnp code) before the
-  kernel:** everything whose float result depends on how a compiler orders a reduction or a matmul:
-  the key norm, the normalisation, the rotation matmul, the QJL residual and its sketch ``S r`` plus
-  the residual norm; for MSE and split keys the codes themselves. These come from the very functions
-  the reference's quantizers call (``TurboQuantMSE.quantize``, ``TurboQuantProd.quantize_features``)
-  on the same shapes, so XLA computes the reference's bits, fp16 key norms included. The kernel
-  buckets the QJL keys' float32 rotated unit vectors and packs the MSE codes.
-* **The kernel, in every case:** bucketizing (a count of strict comparisons), the sign of the sketch,
-  float8 e4m3 conversion of raw keys (integer bit arithmetic, round-to-nearest-even, bit-exact with
-  XLA's convert), the complete value quantization (fp16 clamp, min/max, fp16 scale and zero,
-  reciprocal, rounded codes, clip), bit packing of every field into uint32 words, and the scatter of
-  codes and scales into the pages ``[h, slot // block_size, slot % block_size, word]`` with
-  per-dimension ref indexing (the Triton lowering multiplies by the strides, in int64 for arrays over
-  4 GiB; no flat offset is formed here). Inputs are read once; only the packed cache words (and, for
-  exact keys, the statistics and a row-major copy of the key words) are written.
+  would not fit its shared memory) and Haar rotations: XLA encodes the key before the kernel** with
+  the reference's own function (``KeyCodec.encode``: the float rotation, the QJL residual and its
+  sketch ``S r``, whose bits depend on how a compiler orders a reduction or a matmul, the codes, the
+  packing and the fp16 norms), so the words are the reference's bits; the kernel copies the packed
+  words (``Wk / 32`` of the bytes a float32 feature would take) into the pages.
+* **The kernel, in every case:** float8 e4m3 conversion of raw keys (``arithmetic``: the hardware's,
+  or integer bit arithmetic; both round to nearest even, bit-exact with XLA's convert), the complete
+  value quantization (fp16 clamp, min/max, fp16 scale and zero, reciprocal, rounded codes, clip), bit
+  packing of every field it computes into uint32 words, and the scatter of words and scales into the
+  pages ``[h, slot // block_size, slot % block_size, word]`` with per-dimension ref indexing (the
+  Triton lowering multiplies by the strides, in int64 for arrays over 4 GiB; no flat offset is formed
+  here). Inputs are read once; only the packed cache words (and, for exact keys, the statistics and a
+  row-major copy of the key words) are written.
 
 Grid: ``(cdiv(N, T), Hk)``, one program per tile of ``T`` tokens and one KV head
 ----------------------------------------------------------------------------------
@@ -77,7 +75,8 @@ can rewrite it; the kernel performs the same operations::
 scale), never divided: Triton and XLA's GPU backend both lower a float32 division to an approximate
 one on CUDA, a table is the same everywhere (CUDA, ROCm, interpret). ``round_half_away``: Pallas'
 Triton lowering has no rule for
-``jax.lax.round``, so the kernel uses :func:`round_half_up`, computed exactly, which gives the same
+``jax.lax.round``, so the kernel uses :func:`round_half_up`, computed exactly (or, with
+``arithmetic="cuda"``, the same function in one PTX block: ``_value_codes``), which gives the same
 code for every ``t`` (the two differ only where the clip maps both to 0 or ``levels``). Conversions
 to fp16 are round-to-nearest-even in both compilers.
 """
@@ -180,14 +179,6 @@ def _pack_field(codes: jax.Array, width: int, shift: int) -> jax.Array:
     return jnp.sum(field << lanes, axis=2, dtype=jnp.uint32)
 
 
-def _bucketize(y: jax.Array, boundaries: tuple[float, ...]) -> jax.Array:
-    """Number of boundaries strictly below each element (``tqjax.quantizers.bucketize``), uint32."""
-    codes = jnp.zeros(y.shape, jnp.uint32)
-    for b in boundaries:
-        codes = codes + (y > np.float32(b)).astype(jnp.uint32)
-    return codes
-
-
 def _value_codes(t: jax.Array, levels: int, arithmetic: str) -> jax.Array:
     """``clip(round_half_up(t), 0, levels)`` as uint32 (``tqjax.quantizers.quantize_values``).
 
@@ -224,15 +215,16 @@ def _fp8_codes(x: jax.Array, arithmetic: str) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _KeyPart:
-    """One packed run of a key vector: ``kind`` in fp8 / grid / code / bucket / sign, read from feature
-    ``feature``."""
+    """One run of a key's packed words. ``kind``: "fp8" (the raw key, converted in the kernel), "grid"
+    (exact Hadamard codes of one segment, rotated and bucketized in the kernel, ``dim`` channels,
+    ``bits`` per code) or "words" (``dim`` words packed by XLA, copied by the kernel); read from feature
+    ``feature``, written from word ``word_start``."""
 
     kind: str
     feature: int
     dim: int
     bits: int
     word_start: int
-    boundaries: tuple[float, ...] = ()
     # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits and squared boundaries t_j
     grid_bits: int = 0
     thresholds: tuple[float, ...] = ()
@@ -240,26 +232,24 @@ class _KeyPart:
 
 def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
     codec = key_codec(config)
-    segs = codec.segments
     if config.key_format == "fp8":
         return (_KeyPart("fp8", 0, config.head_dim, 8, 0),)
-    if config.key_format == "prod":
-        parts = []
-        if codec.prod.mse is not None:
-            b = tuple(float(x) for x in codec.prod.mse.boundaries)
-            parts.append(_KeyPart("bucket", 0, segs[0].dim, segs[0].bits, segs[0].word_start, b))
-        parts.append(_KeyPart("sign", len(parts), segs[-1].dim, 1, segs[-1].word_start))
-        return tuple(parts)
     if _rotates_in_kernel(config):
         parts = []
-        for i, seg in enumerate(segs):
+        for i, seg in enumerate(codec.segments):
             q = codec.quantizers[i]
             parts.append(_KeyPart(
                 "grid", i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
                 thresholds=tuple(map(float, q.thresholds)),
             ))
         return tuple(parts)
-    return tuple(_KeyPart("code", i, seg.dim, seg.bits, seg.word_start) for i, seg in enumerate(segs))
+    # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
+    parts, start = [], 0
+    for k in reversed(range(config.key_words.bit_length())):
+        if config.key_words & (1 << k):
+            parts.append(_KeyPart("words", 0, 1 << k, 32, start))
+            start += 1 << k
+    return tuple(parts)
 
 
 #: The widest key segment the kernel rotates itself: its float16 +-1 matrix [dim, dim] sits in shared
@@ -277,24 +267,17 @@ def _rotates_in_kernel(config: TurboQuantConfig) -> bool:
 
 
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
-    """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``.
-
-    Calls the functions the reference's key codec calls (``KeyCodec.mse_codes``,
-    ``TurboQuantProd.quantize_features``, ``fp16_norm``, ``take_channels``) on the same shapes, so
-    every value here has the reference's bits.
-    """
+    """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``:
+    ``(features, new_key_scales)``. fp8 and exact Hadamard keys: the raw key channels, no scales (the
+    kernel's statistics give them); other keys: ``KeyCodec.encode`` itself (words and fp16 scales), on
+    the same shapes as the reference, so every value here has the reference's bits."""
     codec = key_codec(config)
     if config.key_format == "fp8":
         return [key], None  # converted to fp8 in the kernel
     if _rotates_in_kernel(config):  # snapped, rotated and bucketized in the kernel; norms after it
         return [take_channels(key, seg) for seg in codec.segments], None
-    x = key.astype(jnp.float32)
-    if config.key_format == "prod":
-        f = codec.prod.quantize_features(x)
-        scales = jnp.stack([fp16_norm(f.norm), fp16_norm(f.residual_norm)], axis=-1)
-        return ([f.rotated] if codec.prod.mse is not None else []) + [f.sketch], scales
-    codes, scales = codec.mse_codes(x)  # MSE/split keys the kernel does not rotate: it packs their codes
-    return [c.astype(jnp.int32) for c in codes], scales
+    words, scales = codec.encode(key)  # QJL keys, wide segments, Haar rotations: the reference's words
+    return [words], scales
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -382,19 +365,16 @@ def _store_kernel(
         # ---- keys
         grid_index = 0
         for part in parts:
+            if part.kind == "words":  # packed by XLA
+                put(key_codes_ref, part.word_start, feature_refs[part.feature][rows(part.word_start, part.dim)])
+                continue
             x = load(feature_refs[part.feature], part.dim)
             if part.kind == "fp8":
                 codes = _fp8_codes(x, arithmetic)
-            elif part.kind == "bucket":
-                codes = _bucketize(x, part.boundaries)
-            elif part.kind == "code":  # computed by XLA
-                codes = x.astype(jnp.uint32)
-            elif part.kind == "grid":
+            else:
                 codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
                 put_row(grid_ref, 2 * grid_index, stats)
                 grid_index += 1
-            else:  # sign of the QJL sketch
-                codes = (x >= 0).astype(jnp.uint32)
             put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref if part.kind == "grid" else None)
         if has_new_key_scales:
             put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
@@ -524,7 +504,7 @@ def _store_call(
     arithmetic: str = "portable",
 ) -> PagedKVCache:
     """The kernel half: ``pallas_call`` on the XLA half's ``features`` (``[N, Hk, dim]``: the raw key
-    channels for fp8 and exact Hadamard keys, float32 rotated unit keys and sketches otherwise) and
+    channels for fp8 and exact Hadamard keys, packed key words uint32 ``[N, Hk, Wk]`` otherwise) and
     ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None where the kernel's statistics give them, or without
     key scales). Exact Hadamard keys get their fp16 norms after the kernel, from its integer
     statistics, by the quantizer's own XLA functions (so bit for bit the reference's)."""
