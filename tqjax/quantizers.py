@@ -9,8 +9,9 @@
   guarded against values outside the fp16 range.
 * :func:`quantize_fp8` -- float8 e4m3 keys (vLLM's ``k8v4``), saturating at +-448.
 
-Everything is jnp and jit-able; arithmetic is float32 with matmuls at HIGHEST precision, so the Pallas
-store kernel can reproduce the codes bit for bit.
+Everything is jnp and jit-able; arithmetic is float32 with float matmuls at HIGHEST precision (the
+integer rotation below is exact on float16 operands), so the Pallas store kernel can reproduce the
+codes bit for bit.
 
 Exact Hadamard codes. With a Hadamard-kind rotation (``"hadamard"``, ``"random_hadamard"``: every
 power-of-two dim), :meth:`TurboQuantMSE.quantize` first snaps each vector onto a fixed-point grid
@@ -219,7 +220,9 @@ class TurboQuantMSE:
             return self.code_of(*self.rotate_unit(x))
         self._check(x, "x")
         n, field = snap_to_grid(x.astype(jnp.float32), self.grid_bits)
-        z = jnp.matmul(n, jnp.asarray(self.pm1).T, precision=HIGHEST)  # integers below 2**24: exact
+        # float16 operands, float32 accumulation: |n| <= 2**11 and +-1 are exact in float16, every partial
+        # sum an integer below 2**24, exact in any order (one tensor-core pass on a GPU, not HIGHEST's six)
+        z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(self.pm1.T, jnp.float16), preferred_element_type=jnp.float32)
         n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
         return MSECode(exact_bucketize(z, n2, self.thresholds), self.grid_norm(n2, field))
 
