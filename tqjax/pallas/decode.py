@@ -707,6 +707,7 @@ def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 
 
 LOOKUPS = ("poly", "poly_fma", "prmt", "select")
+_PTX_LOOKUPS = ("poly_fma", "prmt")  # inline PTX: compiled CUDA kernels only
 SPLIT_QUERY = "split_query"  # tensor-core products on tf32 hi + lo operands (see paged_decode)
 SPLIT_F16 = "split_f16"  # tensor-core products on float16 operands, the default (see paged_decode)
 DOT_MODES = ("mma", "mma_t", "fma")
@@ -758,11 +759,11 @@ def paged_decode(
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
     num_stages = tuned["num_stages"] if num_stages is None else num_stages
     if lookup is None:
-        lookup = "poly" if interpret and tuned["lookup"] in ("poly_fma", "prmt") else tuned["lookup"]
+        lookup = "poly" if interpret and tuned["lookup"] in _PTX_LOOKUPS else tuned["lookup"]
     dot_mode = tuned["dot_mode"] if dot_mode is None else dot_mode
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
-    if lookup in ("poly_fma", "prmt") and (interpret or platform.kind == "rocm"):
+    if lookup in _PTX_LOOKUPS and (interpret or platform.kind == "rocm"):
         raise ValueError(f"lookup {lookup!r} is inline PTX: compiled CUDA kernels only (not interpret mode, not "
                          "ROCm); use 'poly'")
     if dot_mode not in DOT_MODES:
