@@ -28,8 +28,9 @@ from tqjax.platform import Platform, detect_platform
 # ROCm keeps "mma" (not measured there); interpret mode follows CUDA so the CPU tests cover its path.
 # Lookup: "prmt" (byte permutes over the float16 table, the same values as "poly_fma"), H200, B=32, 16k,
 # tuned launches, same call: 4bit_nc 732 us against 821 us with "poly_fma", 3bit_nc 915 against 967,
-# k3v4_nc 895 against 941 (docs/data/decode_probe_prmt_h200_2026-11-30.log; the other presets were not
-# timed: the run stopped at its time limit; their key segments have 2-4 bits, as these).
+# k3v4_nc 895 against 941 (docs/data/decode_probe_prmt_h200_2026-11-30.log); kqjl4v4 1222 against 1299,
+# kqjl3v4 1071 against 1090, k2p5v4 817 against 813 (decode_probe_prmt_rest_h200_2026-11-30.log); k3p5v4
+# not compared (its 4- and 3-bit segments are as the ones above).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="prmt", dot_mode="mma_t"),
     "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
