@@ -12,7 +12,8 @@ cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``)
 bf16 cache, and tqjax's own FLASH backend (:mod:`tqjax.pallas.flash_decode`) over the same bf16 pages,
 fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op. The store kernel is
 timed for decode-sized and prefill-sized N, per jitted call and, as "in-jit", 16 stores inside one
-jitted loop per store (the GPU's time without the host's per-call dispatch, which bounds small N).
+jitted loop per store (the GPU's time without the host's per-call dispatch, which bounds small N;
+one key element changes sign each step, so the key's encoding is not hoisted out of the loop).
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings
@@ -36,7 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
-from experiments.timing import copy_bandwidth, device_description, launch_floor, time_fn
+from experiments.timing import (
+    copy_bandwidth,
+    device_description,
+    launch_floor,
+    looped_store,
+    time_fn,
+)
 from tqjax.config import NativeConfig
 from tqjax.layout import NativePagedKVCache
 from tqjax.reference import paged_decode_jit, store_jit
@@ -271,11 +278,10 @@ def sweep_store(a, rng, bw):
                 return cache[0].key_codes
 
             # the same store STORE_LOOP times in one jitted loop: the GPU's time without per-call dispatch
-            looped = jax.jit(lambda c, k=k, v=v, slots=slots: jax.lax.fori_loop(
-                0, STORE_LOOP, lambda i, c: store(c, k, v, slots), c), donate_argnums=0)
+            looped = looped_store(lambda c, key, v=v, slots=slots: store(c, key, v, slots), STORE_LOOP)
 
-            def loop_step(cache=cache, looped=looped):
-                cache[0] = looped(cache[0])
+            def loop_step(cache=cache, looped=looped, k=k):
+                cache[0] = looped(cache[0], k)
                 return cache[0].key_codes
 
             t = time_fn(step, [()], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)

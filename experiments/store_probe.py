@@ -8,12 +8,17 @@ sweep (``experiments.timing.time_fn``):
 * ``full``: the jitted, donating Pallas store (``tqjax.pallas.store.store_jit``), default launch, the
   platform's arithmetic (``store_arithmetic``); on CUDA also ``full portable`` (ROCm's conversions);
 * ``full in-jit``: the same store 16 times in one jitted ``fori_loop``, per store: the GPU's time without
-  the host's per-call dispatch (which bounds ``full`` at small N);
-* ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone;
+  the host's per-call dispatch (which bounds ``full`` at small N); one key element changes sign each
+  step, so XLA cannot hoist the key's encoding out of the loop (before, it did for the QJL presets);
+* ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone, per
+  call and inside a jitted loop (``in-jit``; with a sum of its outputs, timed alone as ``sum of key``);
+* ``grid norms in-jit``: for exact Hadamard keys, the XLA ops after the kernel (the fp16 norms from its
+  integer statistics, scattered into the cache), in the jitted loop;
 * ``tT/wW in-jit``: the full store in the jitted loop with T tokens per program and W warps (per call,
   the host's dispatch of a donating call, 40-70 us on the H200, hides the launches' differences);
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
-* for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``;
+* for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``,
+  per call and in-jit (``sum of unit``: the in-jit sum alone);
 * with ``--rotation``, for MSE keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
   bf16 pass, float32 accumulation: exact products) and ``rot fwht``.
@@ -27,6 +32,7 @@ bandwidth measured in the same run. Prints one table at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
-from experiments.timing import copy_bandwidth, device_description, time_fn
+from experiments.timing import copy_bandwidth, device_description, looped_store, time_fn
 from tqjax import reference
 from tqjax.codec import key_codec, take_channels
 from tqjax.pallas import store as store_mod
@@ -69,24 +75,46 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         return step
 
     arithmetic = store_mod.store_arithmetic(interpret)
-    full = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret, arithmetic=arithmetic)
+    full = lambda c, key=k: store_mod.store_jit(c, key, v, slots, interpret=interpret, arithmetic=arithmetic)
     add(f"full ({arithmetic})", time_fn(stepper(full), [()], iters=iters, reps=reps))
     if arithmetic != "portable":
-        portable = lambda c: store_mod.store_jit(c, k, v, slots, interpret=interpret)
+        portable = lambda c, key=k: store_mod.store_jit(c, key, v, slots, interpret=interpret)
         add("full portable", time_fn(stepper(portable), [()], iters=iters, reps=reps))
     # the same store STEPS times inside one jitted loop: the GPU's time, without the host's per-call dispatch
-    def in_jit(fn):  # the store STEPS times inside one jitted loop, per store
-        looped = jax.jit(lambda c: jax.lax.fori_loop(0, STEPS, lambda i, c: fn(c), c), donate_argnums=0)
-        return time_fn(stepper(looped), [()], iters=max(2, iters // 4), reps=reps) / STEPS
+    def in_jit(fn):  # fn(cache, key): the store STEPS times inside one jitted loop, per store
+        looped = looped_store(fn, STEPS)
+        return time_fn(stepper(lambda c: looped(c, k)), [()], iters=max(2, iters // 4), reps=reps) / STEPS
+
+    def pure_in_jit(fn, x):  # fn(x) STEPS times in one jitted loop, per call (includes a sum of its outputs)
+        def body(i, x):  # each result's sum feeds one element of the next input, so nothing is hoisted
+            total = sum(jnp.sum(y.astype(jnp.float32)) for y in jax.tree.leaves(fn(x)))
+            first = (0,) * x.ndim
+            return x.at[first].set(jnp.where(total == -1.0, jnp.zeros((), x.dtype), x[first]))
+
+        looped = jax.jit(lambda x: jax.lax.fori_loop(0, STEPS, body, x))
+        return time_fn(looped, [(x,)], iters=max(2, iters // 4), reps=reps) / STEPS
 
     add(f"full in-jit (/{STEPS})", in_jit(full))
     if arithmetic != "portable":
         add(f"portable in-jit (/{STEPS})", in_jit(portable))
     xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
+    add(f"xla half in-jit (/{STEPS})", pure_in_jit(lambda key: store_mod._key_features(cfg, key), k))
+    add(f"sum of key in-jit (/{STEPS})", pure_in_jit(lambda key: key, k))  # pure_in_jit's own cost
+    if any(part.kind == "grid" for part in store_mod._key_parts(cfg)):  # XLA after the kernel
+        nseg = len(key_codec(cfg).segments)
+        stats = jnp.stack([jnp.asarray(rng.integers(1 << 20, 1 << 24, (n, a.hk)), jnp.int32),
+                           jnp.full((n, a.hk), 136, jnp.int32)] * nseg, axis=-1)
+        words = jnp.asarray(rng.integers(0, 1 << 32, (n, a.hk, cfg.key_words), dtype=np.uint64).astype(np.uint32))
+
+        def norms(c, key):
+            scales = store_mod._grid_key_scales(c, c.key_scales, stats, words, slots)
+            return dataclasses.replace(c, key_scales=scales)
+
+        add(f"grid norms in-jit (/{STEPS})", in_jit(norms))
     for tokens, warps in LAUNCHES:  # inside the loop: per call, the host's dispatch hides the launch's effect
-        launch = lambda c, tokens=tokens, warps=warps: store_mod.store_jit(
-            c, k, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps, arithmetic=arithmetic)
+        launch = lambda c, key=k, tokens=tokens, warps=warps: store_mod.store_jit(
+            c, key, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps, arithmetic=arithmetic)
         add(f"t{tokens}/w{warps} in-jit (/{STEPS})", in_jit(launch))
     ref = lambda c: reference.store_jit(c, k, v, slots)
     add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
@@ -97,6 +125,15 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         add("prod rotation", time_fn(jax.jit(prod.rotation.apply), [(unit,)], iters=iters, reps=reps))
         sketch = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGHEST))
         add("prod sketch HIGHEST", time_fn(sketch, [(unit,)], iters=iters, reps=reps))
+        add(f"prod rotation in-jit (/{STEPS})", pure_in_jit(prod.rotation.apply, unit))
+        add(f"prod sketch in-jit (/{STEPS})", pure_in_jit(sketch, unit))
+        add(f"sum of unit in-jit (/{STEPS})", pure_in_jit(lambda x: x, unit))
+        # cheaper precisions (not used by the quantizer): time, and how many sketch signs differ from HIGHEST's
+        high = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGH))
+        flips = float(jnp.mean((high(unit) >= 0) != (sketch(unit) >= 0)))
+        add(f"prod sketch HIGH in-jit, {flips:.1e} flips", pure_in_jit(high, unit))
+        rot_high = jax.jit(lambda x: jnp.matmul(x, jnp.asarray(prod.rotation.matrix).T, precision=jax.lax.Precision.HIGH))
+        add(f"prod rotation HIGH in-jit (/{STEPS})", pure_in_jit(rot_high, unit))
     if cfg.key_format == "mse" and a.rotation:
         codec = key_codec(cfg)
         quantizer, seg = codec.quantizers[0], codec.segments[0]

@@ -29,6 +29,20 @@ def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, iters: int = 20, reps: i
     return statistics.median(samples)
 
 
+def looped_store(store: Callable, steps: int) -> Callable:
+    """``(cache, key) -> cache``, jitted, donating the cache: ``store(cache, key)`` ``steps`` times in one
+    loop (a store's GPU time without the host's per-call dispatch). One key element changes sign each
+    step, so XLA cannot hoist the key's encoding, which depends on the key alone, out of the loop (it
+    did, for the QJL presets, before this)."""
+
+    def body(i, carry):
+        cache, key = carry
+        key = key.at[0, 0, 0].set(-key[0, 0, 0])
+        return store(cache, key), key
+
+    return jax.jit(lambda cache, key: jax.lax.fori_loop(0, steps, body, (cache, key))[0], donate_argnums=0)
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (x -> x * 1 + 0)."""
     n = nbytes // 4

@@ -561,16 +561,28 @@ def _store_call(
     else:
         (key_codes, value_codes, value_scales), key_scales = out, None
     if grid_parts:
-        scales = []
-        for i, part in enumerate(grid_parts):
-            q = codec.quantizers[part.feature]
-            code = MSECode(codec.segment_codes(words, cfg.key_segments[part.feature]),
-                           q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
-            scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
-        key_scales = _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
+        key_scales = _grid_key_scales(cache, key_scales, stats, words, slot_mapping)
     return PagedKVCache(
         key_codes=key_codes, key_scales=key_scales, value_codes=value_codes, value_scales=value_scales, config=cfg
     )
+
+
+def _grid_key_scales(
+    cache: PagedKVCache, key_scales: jax.Array, stats: jax.Array, words: jax.Array, slot_mapping: jax.Array
+) -> jax.Array:
+    """XLA after the kernel, for exact Hadamard keys: their fp16 norms from the kernel's integer
+    ``stats`` [N, Hk, 2 * segments] int32 and row-major packed ``words`` [N, Hk, Wk] uint32, by the
+    quantizer's own functions (bit for bit the reference's), scattered into ``key_scales`` at
+    ``slot_mapping`` in place."""
+    cfg = cache.config
+    codec = key_codec(cfg)
+    scales = []
+    for i, part in enumerate(part for part in _key_parts(cfg) if part.kind == "grid"):
+        q = codec.quantizers[part.feature]
+        code = MSECode(codec.segment_codes(words, cfg.key_segments[part.feature]),
+                       q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
+        scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
+    return _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
 
 
 _STATIC = ("interpret", "block_tokens", "num_warps", "num_stages", "arithmetic")
