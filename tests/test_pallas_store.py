@@ -31,8 +31,8 @@ _reference_jit = jax.jit(store_reference)  # no donation: the kernel gets the sa
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def _config(name: str, head_dim: int) -> TurboQuantConfig:
-    return TurboQuantConfig.from_cache_dtype(name, head_dim)
+def _config(name: str, head_dim: int, outlier_channels: tuple[int, ...] | None = None) -> TurboQuantConfig:
+    return TurboQuantConfig.from_cache_dtype(name, head_dim, outlier_channels=outlier_channels)
 
 
 def _inputs(n: int, hk: int, d: int, dtype, rng):
@@ -80,9 +80,10 @@ def _check_store(
     value: np.ndarray | None = None,
     key: np.ndarray | None = None,
     arithmetic: str | None = None,
+    outlier_channels: tuple[int, ...] | None = None,
 ) -> None:
     rng = np.random.default_rng(seed)
-    cfg = _config(name, head_dim)
+    cfg = _config(name, head_dim, outlier_channels)
     if num_blocks is None:
         num_blocks = max(2, -(-2 * n // block_size))
     cache = random_cache(cfg, num_blocks, block_size, hk, rng)
@@ -486,6 +487,18 @@ def test_gpu_bit_exact(name: str, head_dim: int, block_size: int, n: int, block_
 def test_gpu_bit_exact_portable_arithmetic(name: str) -> None:
     """The portable conversions (ROCm's, no PTX), compiled for this GPU."""
     _check_store(name, 128, 16, n=4099, hk=4, block_tokens=32, seed=5, interpret=False, arithmetic="portable")
+
+
+@pytest.mark.parametrize("outliers", ["first half", "second half", "even channels"])
+def test_bit_exact_split_outlier_channels(outliers: str) -> None:
+    """Split keys: runs of channels (either half) are read by the kernel from the raw key at their first
+    channel; calibrated channels (any set) come as XLA's gather, one feature per segment."""
+    from tqjax.pallas.store import _reads_raw_key
+
+    channels = {"first half": None, "second half": tuple(range(64, 128)), "even channels": tuple(range(0, 128, 2))}
+    cfg = _config("turboquant_k3p5v4", 128, channels[outliers])
+    assert _reads_raw_key(cfg) == (outliers != "even channels")
+    _check_store("turboquant_k3p5v4", 128, 16, n=37, block_tokens=32, seed=11, outlier_channels=channels[outliers])
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])

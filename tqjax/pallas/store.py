@@ -14,7 +14,9 @@ What runs where
   integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
   integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
   (correctly rounded products; a binary search over these sorted limits, ``_search_codes``): the
-  reference's codes, bit for bit, with no XLA op before the kernel.
+  reference's codes, bit for bit, with no XLA op before the kernel (split keys read each segment's
+  run of channels from the raw key; calibrated outlier channels that are not one run are gathered by
+  XLA first, one feature per segment).
   It also writes two int32 per vector and segment (``||n||**2``, the grid's exponent field) and the
   packed key words once more, row by row; after the kernel XLA turns them into the fp16 key norms with
   the quantizer's own functions (``grid_norm`` and ``stored_norm`` of the unpacked codes: the
@@ -228,6 +230,8 @@ class _KeyPart:
     # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits and squared boundaries t_j
     grid_bits: int = 0
     thresholds: tuple[float, ...] = ()
+    segment: int = 0  # "grid": the key segment (its quantizer)
+    column: int = 0  # "grid": the segment's first channel in its feature (the raw key, when contiguous)
 
 
 def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
@@ -236,11 +240,12 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
         return (_KeyPart("fp8", 0, config.head_dim, 8, 0),)
     if _rotates_in_kernel(config):
         parts = []
+        raw = _reads_raw_key(config)
         for i, seg in enumerate(codec.segments):
             q = codec.quantizers[i]
             parts.append(_KeyPart(
-                "grid", i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
-                thresholds=tuple(map(float, q.thresholds)),
+                "grid", 0 if raw else i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
+                thresholds=tuple(map(float, q.thresholds)), segment=i, column=seg.channels[0] if raw else 0,
             ))
         return tuple(parts)
     # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
@@ -266,6 +271,14 @@ def _rotates_in_kernel(config: TurboQuantConfig) -> bool:
     )
 
 
+def _reads_raw_key(config: TurboQuantConfig) -> bool:
+    """Exact Hadamard keys whose every segment is a contiguous run of channels (the default split and all
+    MSE presets): the kernel reads them from the raw key, so XLA copies nothing before it. Calibrated
+    outlier channels (any set) are gathered by XLA into one feature per segment instead."""
+    return all(seg.channels == tuple(range(seg.channels[0], seg.channels[0] + seg.dim))
+               for seg in key_codec(config).segments)
+
+
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
     """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``:
     ``(features, new_key_scales)``. fp8 and exact Hadamard keys: the raw key channels, no scales (the
@@ -275,6 +288,8 @@ def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Ar
     if config.key_format == "fp8":
         return [key], None  # converted to fp8 in the kernel
     if _rotates_in_kernel(config):  # snapped, rotated and bucketized in the kernel; norms after it
+        if _reads_raw_key(config):
+            return [key], None
         return [take_channels(key, seg) for seg in codec.segments], None
     words, scales = codec.encode(key)  # QJL keys, wide segments, Haar rotations: the reference's words
     return [words], scales
@@ -336,8 +351,8 @@ def _store_kernel(
             cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
             return jnp.broadcast_to(src[:, None], shape), jnp.broadcast_to(head, shape), cols
 
-        def load(ref, width: int) -> jax.Array:  # ref[src, head, 0:width] -> [tile, width]
-            return ref[rows(0, width)]
+        def load(ref, width: int, start: int = 0) -> jax.Array:  # ref[src, head, start:+width] -> [tile, width]
+            return ref[rows(start, width)]
 
         def put(ref, start: int, val: jax.Array) -> None:  # ref[head, block, offset, start:+W] = val
             shape = val.shape
@@ -368,7 +383,7 @@ def _store_kernel(
             if part.kind == "words":  # packed by XLA
                 put(key_codes_ref, part.word_start, feature_refs[part.feature][rows(part.word_start, part.dim)])
                 continue
-            x = load(feature_refs[part.feature], part.dim)
+            x = load(feature_refs[part.feature], part.dim, part.column)
             if part.kind == "fp8":
                 codes = _fp8_codes(x, arithmetic)
             else:
@@ -520,7 +535,7 @@ def _store_call(
         cache.value_scales,
     ]
     codec = key_codec(cfg)
-    matrices = [jnp.asarray(codec.quantizers[part.feature].pm1.T, jnp.float16) for part in grid_parts]
+    matrices = [jnp.asarray(codec.quantizers[part.segment].pm1.T, jnp.float16) for part in grid_parts]
     inputs = [slot_mapping.astype(jnp.int32), jnp.asarray(fp16_reciprocals()), *matrices, *features]
     if new_key_scales is not None:
         inputs.append(new_key_scales)
@@ -578,8 +593,8 @@ def _grid_key_scales(
     codec = key_codec(cfg)
     scales = []
     for i, part in enumerate(part for part in _key_parts(cfg) if part.kind == "grid"):
-        q = codec.quantizers[part.feature]
-        code = MSECode(codec.segment_codes(words, cfg.key_segments[part.feature]),
+        q = codec.quantizers[part.segment]
+        code = MSECode(codec.segment_codes(words, cfg.key_segments[part.segment]),
                        q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
         scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
     return _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
