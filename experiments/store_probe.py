@@ -134,6 +134,7 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         add(f"prod sketch HIGH in-jit, {flips:.1e} flips", pure_in_jit(high, unit))
         rot_high = jax.jit(lambda x: jnp.matmul(x, jnp.asarray(prod.rotation.matrix).T, precision=jax.lax.Precision.HIGH))
         add(f"prod rotation HIGH in-jit (/{STEPS})", pure_in_jit(rot_high, unit))
+        compare_prod_precisions(prod, k[:, 0], rng)
     if cfg.key_format == "mse" and a.rotation:
         codec = key_codec(cfg)
         quantizer, seg = codec.quantizers[0], codec.segments[0]
@@ -155,6 +156,33 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             signs = jnp.asarray(rot.signs)
             fw = jax.jit(lambda x: fwht(x.astype(jnp.float32) * signs))
             add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
+
+
+def compare_prod_precisions(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
+    """The QJL quantizer's codes at ``PROD_ENCODE_PRECISION`` against HIGHEST, on ``keys`` [n, D]: the
+    fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's RMS error
+    against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either encoding."""
+    from tqjax import quantizers
+
+    landed = quantizers.PROD_ENCODE_PRECISION
+    codes = {}
+    for precision in (landed, jax.lax.Precision.HIGHEST):
+        quantizers.PROD_ENCODE_PRECISION = precision  # read when the encoding is traced
+        try:
+            codes[precision] = jax.jit(prod.quantize)(keys)
+        finally:
+            quantizers.PROD_ENCODE_PRECISION = landed
+    new, old = codes[landed], codes[jax.lax.Precision.HIGHEST]
+    q = jnp.asarray(rng.standard_normal((num_queries, 1, keys.shape[-1])), jnp.float32)
+    exact = np.asarray(q[:, 0], np.float64) @ np.asarray(keys, np.float64).T  # [Q, n]
+    est = {name: np.asarray(jax.jit(prod.inner_product)(prod.prepare_query(q), c), np.float64)
+           for name, c in (("new", new), ("old", old))}
+    rms = {name: float(np.sqrt(np.mean((e - exact) ** 2))) for name, e in est.items()}
+    diff = float(np.sqrt(np.mean((est["new"] - est["old"]) ** 2)))
+    print(f"  QJL encoding at {landed} vs HIGHEST, {keys.shape[0]} keys: MSE codes differ "
+          f"{float(jnp.mean(new.codes != old.codes)):.1e}, sketch signs {float(jnp.mean(new.signs != old.signs)):.1e}; "
+          f"estimator RMS error vs exact <q, x> ({num_queries} queries) {rms['new']:.4e} vs {rms['old']:.4e}, "
+          f"RMS of their difference {diff:.1e}", flush=True)
 
 
 def once(a) -> None:

@@ -331,6 +331,26 @@ def test_zero_vector_round_trips_to_zeros() -> None:
             chex.assert_trees_all_equal(q.inner_product(q.prepare_query(query), code), jnp.zeros(3, jnp.float32))
 
 
+def test_prod_encoding_products_run_at_their_precision() -> None:
+    """The QJL quantizer's rotation and sketch run at ``PROD_ENCODE_PRECISION`` (HIGH: bf16x3 on a GPU,
+    where the store's XLA half spends its time); the query side and dequantization stay at HIGHEST.
+    (A CPU computes every precision in float32, so only the lowered program can tell them apart.)"""
+    import re
+
+    from tqjax.quantizers import PROD_ENCODE_PRECISION
+
+    assert PROD_ENCODE_PRECISION == jax.lax.Precision.HIGH
+    q = TurboQuantProd(D, 4, seed=0)
+    x = jnp.zeros((32, D), jnp.float32)  # more rows than FWHT_MAX_ROWS: the rotation is a matmul
+
+    def precisions(fn, *args):
+        return re.findall(r"dot_general .*precision = \[(\w+), (\w+)\]", jax.jit(fn).lower(*args).as_text())
+
+    assert precisions(q.quantize, x) == [("HIGH", "HIGH")] * 2
+    assert precisions(q.prepare_query, x) == [("HIGHEST", "HIGHEST")] * 2
+    assert precisions(q.dequantize, q.quantize(x)) == [("HIGHEST", "HIGHEST")] * 2
+
+
 def test_bad_shapes_and_arguments_raise() -> None:
     x = f32(np.random.default_rng(0).standard_normal((4, D // 2)))
     with pytest.raises(ValueError, match=r"\[\.\.\., 128\]"):

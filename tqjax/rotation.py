@@ -125,12 +125,13 @@ class Rotation:
     def _use_fwht(self, x: jax.Array) -> bool:
         return self.kind in _HADAMARD_KINDS and math.prod(x.shape[:-1]) <= FWHT_MAX_ROWS
 
-    def apply(self, x: jax.Array) -> jax.Array:
-        """Rotates rows: [..., dim] -> float32 [..., dim], ``x @ matrix.T`` computed in float32."""
+    def apply(self, x: jax.Array, precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
+        """Rotates rows: [..., dim] -> float32 [..., dim], ``x @ matrix.T`` computed in float32 (the matmul at
+        ``precision``; up to ``FWHT_MAX_ROWS`` rows of a Hadamard kind: the exact-order float32 FWHT)."""
         x = self._check(x)
         if self._use_fwht(x):
             return fwht(x if self.signs is None else x * self.signs)  # x diag(s) H = x (H diag(s))^T
-        return jnp.matmul(x, jnp.asarray(self.matrix).T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.matmul(x, jnp.asarray(self.matrix).T, precision=precision)
 
     def apply_inverse(self, y: jax.Array) -> jax.Array:
         """Undoes :meth:`apply`: [..., dim] -> float32 [..., dim], ``y @ matrix`` computed in float32."""
