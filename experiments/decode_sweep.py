@@ -13,7 +13,8 @@ bf16 cache, and tqjax's own FLASH backend (:mod:`tqjax.pallas.flash_decode`) ove
 fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op. The store kernel is
 timed for decode-sized and prefill-sized N, per jitted call and, as "in-jit", 16 stores inside one
 jitted loop per store (the GPU's time without the host's per-call dispatch, which bounds small N;
-one key element changes sign each step, so the key's encoding is not hoisted out of the loop).
+the key passes an optimization barrier with the cache each step, so its encoding is not hoisted out of the
+loop: ``experiments.timing.looped_store``).
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings

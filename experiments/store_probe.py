@@ -8,8 +8,9 @@ sweep (``experiments.timing.time_fn``):
 * ``full``: the jitted, donating Pallas store (``tqjax.pallas.store.store_jit``), default launch, the
   platform's arithmetic (``store_arithmetic``); on CUDA also ``full portable`` (ROCm's conversions);
 * ``full in-jit``: the same store 16 times in one jitted ``fori_loop``, per store: the GPU's time without
-  the host's per-call dispatch (which bounds ``full`` at small N); one key element changes sign each
-  step, so XLA cannot hoist the key's encoding out of the loop (before, it did for the QJL presets);
+  the host's per-call dispatch (which bounds ``full`` at small N); the key passes an
+  optimization barrier with the cache each step (``experiments.timing.looped_store``), so XLA cannot
+  hoist the key's encoding out of the loop (before, it did for the QJL presets);
 * ``xla half``: the XLA ops before the kernel (``_key_features``: norm, rotation, fp16 norms), alone, per
   call and inside a jitted loop (``in-jit``; with a sum of its outputs, timed alone as ``sum of key``);
 * ``grid norms in-jit``: for exact Hadamard keys, the XLA ops after the kernel (the fp16 norms from its

@@ -31,16 +31,19 @@ def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, iters: int = 20, reps: i
 
 def looped_store(store: Callable, steps: int) -> Callable:
     """``(cache, key) -> cache``, jitted, donating the cache: ``store(cache, key)`` ``steps`` times in one
-    loop (a store's GPU time without the host's per-call dispatch). One key element changes sign each
-    step, so XLA cannot hoist the key's encoding, which depends on the key alone, out of the loop (it
-    did, for the QJL presets, before this)."""
+    loop (a store's GPU time without the host's per-call dispatch). Each step passes the key through an
+    optimization barrier together with the cache, so XLA cannot hoist the key's encoding, which depends
+    on the key alone, out of the loop (it did, for the QJL presets), and copies nothing for it (changing
+    a key element each step instead made XLA copy the whole key every step)."""
 
-    def body(i, carry):
-        cache, key = carry
-        key = key.at[0, 0, 0].set(-key[0, 0, 0])
-        return store(cache, key), key
+    def looped(cache, key):
+        def body(i, cache):
+            key_i, cache = jax.lax.optimization_barrier((key, cache))
+            return store(cache, key_i)
 
-    return jax.jit(lambda cache, key: jax.lax.fori_loop(0, steps, body, (cache, key))[0], donate_argnums=0)
+        return jax.lax.fori_loop(0, steps, body, cache)
+
+    return jax.jit(looped, donate_argnums=0)
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:

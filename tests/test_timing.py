@@ -1,0 +1,65 @@
+"""experiments.timing.looped_store: the in-loop store timing keeps a key's encoding inside the loop.
+
+XLA hoists loop-invariant work out of a ``while`` loop; a store whose key encoding runs in XLA (the QJL
+presets: two matmuls) would then be timed without it. Changing a key element each step prevents that
+but makes XLA copy the whole key every step. The compiled loop must contain the encoding's products
+and no copy of the key.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tqjax
+from experiments.timing import looped_store
+from tqjax import reference
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    out, name, lines = {}, None, []
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            name, lines = head.group(1), []
+        elif line.startswith("}") and name:
+            out[name], name = "\n".join(lines), None
+        elif name:
+            lines.append(line)
+    return out
+
+
+def _loop_bodies(hlo: str) -> str:
+    """The text of every computation a ``while`` body reaches (fusions, calls, nested loops)."""
+    comps = _computations(hlo)
+    seen: set[str] = set()
+    todo = [b for text in comps.values() for b in re.findall(r"body=(%[\w.\-]+)", text)]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        todo += re.findall(r"(?:calls|body|condition|to_apply)=(%[\w.\-]+)", comps[name])
+    return "\n".join(comps[name] for name in seen)
+
+
+def test_looped_store_keeps_the_key_encoding_in_the_loop() -> None:
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl4v4", 128)
+    n, hk = 64, 2
+    key = jnp.asarray(np.random.default_rng(0).standard_normal((n, hk, 128)), jnp.bfloat16)
+    slots = jnp.arange(n, dtype=jnp.int32)
+    cache = tqjax.PagedKVCache.allocate(cfg, 8, 16, hk)
+
+    def store(c, k):
+        return reference.store_jit(c, k, key, slots)
+
+    looped = looped_store(store, 4)
+    body = _loop_bodies(looped.lower(cache, key).compile().as_text())
+    assert body.count(" dot(") == 2  # the QJL rotation and sketch run every step
+    assert not re.search(r"= bf16\[64,2,128\]\S* copy\(", body)  # and the key is not copied
+    # the plain loop (the key a loop invariant) loses them: what the barrier is for
+    plain = jax.jit(lambda c, k: jax.lax.fori_loop(0, 4, lambda i, c: store(c, k), c))
+    assert _loop_bodies(plain.lower(cache, key).compile().as_text()).count(" dot(") == 0
