@@ -159,28 +159,33 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
 
 
-def compare_prod_precisions(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
-    """The QJL quantizer's codes at ``PROD_ENCODE_PRECISION`` against HIGHEST, on ``keys`` [n, D]: the
-    fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's RMS error
-    against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either encoding."""
-    from tqjax import quantizers
+def float_prod_encoding(prod, x: jax.Array):
+    """The QJL quantizer's encoding before the tenth session, for comparison: the unit vector rotated by a
+    float32 HIGHEST product, float codes, the sketch at HIGHEST (``tqjax.quantizers.ProdCode``)."""
+    from tqjax.quantizers import ProdCode, bucketize
 
-    landed = quantizers.PROD_ENCODE_PRECISION
-    codes = {}
-    for precision in (landed, jax.lax.Precision.HIGHEST):
-        quantizers.PROD_ENCODE_PRECISION = precision  # read when the encoding is traced
-        try:
-            codes[precision] = jax.jit(prod.quantize)(keys)
-        finally:
-            quantizers.PROD_ENCODE_PRECISION = landed
-    new, old = codes[landed], codes[jax.lax.Precision.HIGHEST]
+    highest = jax.lax.Precision.HIGHEST
+    x = x.astype(jnp.float32)
+    norm = jnp.linalg.norm(x, axis=-1)
+    y = jnp.matmul(x / jnp.maximum(norm, 1e-30)[..., None], jnp.asarray(prod.rotation.matrix).T, precision=highest)
+    codes = bucketize(y, prod.mse.boundaries) if prod.mse is not None else jnp.zeros(y.shape, jnp.uint8)
+    r = y - (prod.mse.centroid_vectors(codes) if prod.mse is not None else 0.0)
+    sketch = jnp.matmul(r, prod.projection.T, precision=highest)
+    return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), norm, jnp.linalg.norm(r, axis=-1))
+
+
+def compare_prod_precisions(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
+    """The QJL quantizer's codes (``prod.quantize``) against :func:`float_prod_encoding` on ``keys``
+    [n, D]: the fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's
+    RMS error against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either."""
+    new, old = jax.jit(prod.quantize)(keys), jax.jit(lambda x: float_prod_encoding(prod, x))(keys)
     q = jnp.asarray(rng.standard_normal((num_queries, 1, keys.shape[-1])), jnp.float32)
     exact = np.asarray(q[:, 0], np.float64) @ np.asarray(keys, np.float64).T  # [Q, n]
     est = {name: np.asarray(jax.jit(prod.inner_product)(prod.prepare_query(q), c), np.float64)
            for name, c in (("new", new), ("old", old))}
     rms = {name: float(np.sqrt(np.mean((e - exact) ** 2))) for name, e in est.items()}
     diff = float(np.sqrt(np.mean((est["new"] - est["old"]) ** 2)))
-    print(f"  QJL encoding at {landed} vs HIGHEST, {keys.shape[0]} keys: MSE codes differ "
+    print(f"  QJL encoding vs the float32 HIGHEST one, {keys.shape[0]} keys: MSE codes differ "
           f"{float(jnp.mean(new.codes != old.codes)):.1e}, sketch signs {float(jnp.mean(new.signs != old.signs)):.1e}; "
           f"estimator RMS error vs exact <q, x> ({num_queries} queries) {rms['new']:.4e} vs {rms['old']:.4e}, "
           f"RMS of their difference {diff:.1e}", flush=True)
