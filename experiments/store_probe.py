@@ -19,7 +19,8 @@ sweep (``experiments.timing.time_fn``):
   the host's dispatch of a donating call, 40-70 us on the H200, hides the launches' differences);
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
 * for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``,
-  per call and in-jit (``sum of unit``: the in-jit sum alone);
+  per call and in-jit, at HIGHEST and at HIGH (``sum of unit``: the in-jit loop's own cost), and the
+  quantizer's encoding against the float32 HIGHEST one (codes, signs, estimator error);
 * with ``--rotation``, for MSE keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
   bf16 pass, float32 accumulation: exact products) and ``rot fwht``.
@@ -86,7 +87,8 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         looped = looped_store(fn, STEPS)
         return time_fn(stepper(lambda c: looped(c, k)), [()], iters=max(2, iters // 4), reps=reps) / STEPS
 
-    def pure_in_jit(fn, x):  # fn(x) STEPS times in one jitted loop, per call (includes a sum of its outputs)
+    def pure_in_jit(fn, x):  # fn(x) STEPS times in one jitted loop, per call, with a sum of its outputs
+        # and a copy of x (XLA copies the carried x to change one element): both timed alone as "sum of ..."
         def body(i, x):  # each result's sum feeds one element of the next input, so nothing is hoisted
             total = sum(jnp.sum(y.astype(jnp.float32)) for y in jax.tree.leaves(fn(x)))
             first = (0,) * x.ndim
@@ -123,19 +125,19 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         prod = key_codec(cfg).prod
         x = k.astype(jnp.float32)
         unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        add("prod rotation", time_fn(jax.jit(prod.rotation.apply), [(unit,)], iters=iters, reps=reps))
+        add("prod rotation HIGHEST", time_fn(jax.jit(prod.rotation.apply), [(unit,)], iters=iters, reps=reps))
         sketch = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGHEST))
         add("prod sketch HIGHEST", time_fn(sketch, [(unit,)], iters=iters, reps=reps))
-        add(f"prod rotation in-jit (/{STEPS})", pure_in_jit(prod.rotation.apply, unit))
-        add(f"prod sketch in-jit (/{STEPS})", pure_in_jit(sketch, unit))
+        add(f"prod rotation HIGHEST in-jit (/{STEPS})", pure_in_jit(prod.rotation.apply, unit))
+        add(f"prod sketch HIGHEST in-jit (/{STEPS})", pure_in_jit(sketch, unit))
         add(f"sum of unit in-jit (/{STEPS})", pure_in_jit(lambda x: x, unit))
-        # cheaper precisions (not used by the quantizer): time, and how many sketch signs differ from HIGHEST's
+        # at HIGH (the quantizer's PROD_ENCODE_PRECISION): time, and how many sketch signs differ from HIGHEST's
         high = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGH))
         flips = float(jnp.mean((high(unit) >= 0) != (sketch(unit) >= 0)))
         add(f"prod sketch HIGH in-jit, {flips:.1e} flips", pure_in_jit(high, unit))
         rot_high = jax.jit(lambda x: jnp.matmul(x, jnp.asarray(prod.rotation.matrix).T, precision=jax.lax.Precision.HIGH))
         add(f"prod rotation HIGH in-jit (/{STEPS})", pure_in_jit(rot_high, unit))
-        compare_prod_precisions(prod, k[:, 0], rng)
+        compare_with_float_encoding(prod, k[:, 0], rng)
     if cfg.key_format == "mse" and a.rotation:
         codec = key_codec(cfg)
         quantizer, seg = codec.quantizers[0], codec.segments[0]
@@ -174,7 +176,7 @@ def float_prod_encoding(prod, x: jax.Array):
     return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), norm, jnp.linalg.norm(r, axis=-1))
 
 
-def compare_prod_precisions(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
+def compare_with_float_encoding(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
     """The QJL quantizer's codes (``prod.quantize``) against :func:`float_prod_encoding` on ``keys``
     [n, D]: the fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's
     RMS error against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either."""

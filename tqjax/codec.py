@@ -157,8 +157,8 @@ def take_channels(x: jax.Array, seg: KeySegment) -> jax.Array:
     """The channels of ``x [..., D]`` that key segment ``seg`` quantizes, ``[..., seg.dim]``."""
     if len(seg.channels) == x.shape[-1]:
         return x
-    first = seg.channels[0] if seg.channels else 0
-    if seg.channels == tuple(range(first, first + len(seg.channels))):  # a run: a slice, not a gather
+    first = seg.channel_run
+    if first is not None:
         return x[..., first : first + len(seg.channels)]
     return x[..., np.asarray(seg.channels)]
 

@@ -91,6 +91,13 @@ class KeySegment:
     channels: tuple[int, ...]
     rotation_seed: int
 
+    @property
+    def channel_run(self) -> int | None:
+        """The first channel when ``channels`` are one run of consecutive channels (read as a slice),
+        else None (a gather)."""
+        first = self.channels[0] if self.channels else 0
+        return first if self.channels == tuple(range(first, first + len(self.channels))) else None
+
 
 @dataclasses.dataclass(frozen=True)
 class TurboQuantConfig:

@@ -245,7 +245,7 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
             q = codec.quantizers[i]
             parts.append(_KeyPart(
                 "grid", 0 if raw else i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
-                thresholds=tuple(map(float, q.thresholds)), segment=i, column=seg.channels[0] if raw else 0,
+                thresholds=tuple(map(float, q.thresholds)), segment=i, column=seg.channel_run if raw else 0,
             ))
         return tuple(parts)
     # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
@@ -275,8 +275,7 @@ def _reads_raw_key(config: TurboQuantConfig) -> bool:
     """Exact Hadamard keys whose every segment is a contiguous run of channels (the default split and all
     MSE presets): the kernel reads them from the raw key, so XLA copies nothing before it. Calibrated
     outlier channels (any set) are gathered by XLA into one feature per segment instead."""
-    return all(seg.channels == tuple(range(seg.channels[0], seg.channels[0] + seg.dim))
-               for seg in key_codec(config).segments)
+    return all(seg.channel_run is not None for seg in key_codec(config).segments)
 
 
 def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
