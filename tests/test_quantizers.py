@@ -341,7 +341,7 @@ def test_prod_encoding_products_run_at_their_precision() -> None:
 
     assert PROD_ENCODE_PRECISION == jax.lax.Precision.HIGH
     q = TurboQuantProd(D, 4, seed=0)
-    x = jnp.zeros((32, D), jnp.float32)  # more rows than FWHT_MAX_ROWS: the rotation is a matmul
+    x = f32(np.random.default_rng(3).standard_normal((32, D)))  # more rows than FWHT_MAX_ROWS: a matmul rotation
 
     def precisions(fn, *args):
         return re.findall(r"dot_general .*precision = \[(\w+), (\w+)\]", jax.jit(fn).lower(*args).as_text())
