@@ -135,7 +135,7 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         high = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGH))
         flips = float(jnp.mean((high(unit) >= 0) != (sketch(unit) >= 0)))
         add(f"prod sketch HIGH in-jit, {flips:.1e} flips", pure_in_jit(high, unit))
-        rot_high = jax.jit(lambda x: jnp.matmul(x, jnp.asarray(prod.rotation.matrix).T, precision=jax.lax.Precision.HIGH))
+        rot_high = jax.jit(lambda x: prod.rotation.apply(x, precision=jax.lax.Precision.HIGH))
         add(f"prod rotation HIGH in-jit (/{STEPS})", pure_in_jit(rot_high, unit))
         compare_with_float_encoding(prod, k[:, 0], rng)
     if cfg.key_format == "mse" and a.rotation:
@@ -161,26 +161,12 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
 
 
-def float_prod_encoding(prod, x: jax.Array):
-    """The QJL quantizer's encoding before the tenth session, for comparison: the unit vector rotated by a
-    float32 HIGHEST product, float codes, the sketch at HIGHEST (``tqjax.quantizers.ProdCode``)."""
-    from tqjax.quantizers import ProdCode, bucketize
-
-    highest = jax.lax.Precision.HIGHEST
-    x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=-1)
-    y = jnp.matmul(x / jnp.maximum(norm, 1e-30)[..., None], jnp.asarray(prod.rotation.matrix).T, precision=highest)
-    codes = bucketize(y, prod.mse.boundaries) if prod.mse is not None else jnp.zeros(y.shape, jnp.uint8)
-    r = y - (prod.mse.centroid_vectors(codes) if prod.mse is not None else 0.0)
-    sketch = jnp.matmul(r, prod.projection.T, precision=highest)
-    return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), norm, jnp.linalg.norm(r, axis=-1))
-
-
 def compare_with_float_encoding(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
-    """The QJL quantizer's codes (``prod.quantize``) against :func:`float_prod_encoding` on ``keys``
-    [n, D]: the fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's
+    """The QJL quantizer's codes (``prod.quantize``) against its float32 HIGHEST encoding (the reference
+    before the tenth session) on ``keys`` [n, D]: the fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's
     RMS error against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either."""
-    new, old = jax.jit(prod.quantize)(keys), jax.jit(lambda x: float_prod_encoding(prod, x))(keys)
+    new = jax.jit(prod.quantize)(keys)
+    old = jax.jit(lambda x: prod.quantize(x, jax.lax.Precision.HIGHEST))(keys)
     q = jnp.asarray(rng.standard_normal((num_queries, 1, keys.shape[-1])), jnp.float32)
     exact = np.asarray(q[:, 0], np.float64) @ np.asarray(keys, np.float64).T  # [Q, n]
     est = {name: np.asarray(jax.jit(prod.inner_product)(prod.prepare_query(q), c), np.float64)

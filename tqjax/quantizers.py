@@ -313,23 +313,26 @@ class TurboQuantProd:
             return jnp.zeros(codes.shape, jnp.float32)
         return self.mse.centroid_vectors(codes)
 
-    def quantize_features(self, x: jax.Array) -> ProdFeatures:
-        """Everything :meth:`quantize` computes before taking the signs of the sketch."""
+    def quantize_features(self, x: jax.Array, precision: jax.lax.Precision = PROD_ENCODE_PRECISION) -> ProdFeatures:
+        """Everything :meth:`quantize` computes before taking the signs of the sketch (its two products at
+        ``precision``)."""
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape [..., {self.dim}], got {x.shape}")
         x = x.astype(jnp.float32)
         norm = _norm(x)
-        y = self.rotation.apply(x / jnp.maximum(norm, _TINY)[..., None], precision=PROD_ENCODE_PRECISION)
+        y = self.rotation.apply(x / jnp.maximum(norm, _TINY)[..., None], precision=precision)
         if self.mse is None:
             codes = jnp.zeros(y.shape, jnp.uint8)
         else:
             codes = bucketize(y, self.mse.boundaries)
         r = y - self._mse_part(codes)
-        sketch = jnp.matmul(r, self.projection.T, precision=PROD_ENCODE_PRECISION)
+        sketch = jnp.matmul(r, self.projection.T, precision=precision)
         return ProdFeatures(y, codes, sketch, norm, _norm(r))
 
-    def quantize(self, x: jax.Array) -> ProdCode:
-        f = self.quantize_features(x)
+    def quantize(self, x: jax.Array, precision: jax.lax.Precision = PROD_ENCODE_PRECISION) -> ProdCode:
+        """Codes, sketch signs and norms of ``x`` [..., dim]; ``precision``: of the rotation and sketch products
+        (the default is the reference's, :data:`PROD_ENCODE_PRECISION`)."""
+        f = self.quantize_features(x, precision)
         return ProdCode(f.codes, (f.sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
 
     def qjl_vectors(self, signs: jax.Array, residual_norm: jax.Array) -> jax.Array:
