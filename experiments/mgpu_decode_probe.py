@@ -9,13 +9,16 @@ vector (``WGMMA_LAYOUT_UPCAST_4X``), turns a word into 8 float16 values with one
 byte-permute table of 16 float16 centroids, about 2.6 instructions per code; values: the code itself,
 1.5 instructions per code), and stores them to shared memory with 16-byte stores for the tensor cores.
 
-This is a probe of speed, not the product: contiguous per-(batch, head) token arrays instead of pages,
-one preset shape (4-bit keys and values, D=128, a GQA group of at most 64 query rows), every sequence the
-same length (a multiple of 64), the query in float16 (one rounding; the product kernel splits it).
-It checks its output against a float32 jnp computation of the same attention and times itself against
-``tqjax.pallas.decode.paged_decode`` on the same tokens (a real paged cache).
+The probes are speed experiments, not the product (which is ``tqjax.pallas.decode_mgpu``, grown from the
+"tokens as M" probe): contiguous per-(batch, head) token arrays instead of pages, one preset shape (4-bit
+keys and values, D=128), every sequence the same length (a multiple of 64), the query in float16 (one
+rounding; the product splits it). They check their output against a float32 jnp computation of the same
+attention; ``--compare`` also times ``tqjax.pallas.decode.paged_decode`` on a paged cache of the same
+shape. ``--paged B/ctx,...`` times the product kernel against the Triton decode on one paged cache and
+compares both, and the float32 reference, with float64 attention on the host.
 
-    python -m experiments.mgpu_decode_probe --batch 32 --context 16384
+    python -m experiments.mgpu_decode_probe --batch 32 --context 16384 --compare
+    python -m experiments.mgpu_decode_probe --paged 32/16384,128/4096,8/32768
 
 CUDA Hopper GPUs only (sm_90); the lowering (not the compile) also runs on a CPU with
 ``--lower-only`` (``jax.export`` for the "cuda" platform), which checks the kernel traces.
@@ -452,7 +455,12 @@ def main(argv=None) -> None:
     ap.add_argument("--compare", action="store_true", help="also time tqjax's Triton decode on the same shape")
     ap.add_argument("--only", default="", help="';'-separated variant names to run (default: all)")
     ap.add_argument("--once", action="store_true", help="run the first (selected) variant once and exit")
+    ap.add_argument("--paged", default="",
+                    help="B/ctx points (e.g. 32/16384,8/4096): time tqjax.pallas.decode_mgpu.paged_decode_mgpu "
+                         "against the Triton paged_decode on the same paged cache instead of the probes")
     args = ap.parse_args(argv)
+    if args.paged:
+        return paged_comparison(args)
     table = default_table()
     scale = 1 / math.sqrt(DIM)
     if args.lower_only:
@@ -534,6 +542,78 @@ def main(argv=None) -> None:
     print("kernel | us | bytes read | GB/s | of copy bw")
     for name, t, nb in rows:
         print(f"{name} | {t * 1e6:.1f} | {nb / 1e6:.0f} MB | {nb / t / 1e9:.0f} | {nb / t / bw:.2f}")
+
+
+def float64_attention(q, cache, bt, lens, seq: int) -> np.ndarray:
+    """Sequence ``seq``'s decode in float64 on the host, from the cache's float32 key vectors (score
+    domain, norms applied), float32 values and the float32 rotated query: [Hq, D]."""
+    from tqjax.codec import key_codec, value_codec
+
+    cfg = cache.config
+    hk, bs = cache.num_kv_heads, cache.block_size
+    n = int(lens[seq])
+    pages = np.asarray(bt[seq, : -(-n // bs)])
+    kw, ks = cache.key_codes[:, pages], cache.key_scales[:, pages]
+    vw, vs = cache.value_codes[:, pages], cache.value_scales[:, pages]
+    (k,) = key_codec(cfg).score_vectors(kw, ks)  # [Hk, P, BS, D]
+    v = value_codec(cfg).decode(vw, vs)
+    k = np.asarray(k, np.float64).reshape(hk, -1, DIM)[:, :n]
+    v = np.asarray(v, np.float64).reshape(hk, -1, DIM)[:, :n]
+    hq = q.shape[1]
+    (qr,) = key_codec(cfg).prepare_query(q[seq].astype(jnp.float32).reshape(hk, hq // hk, DIM))
+    qr = np.asarray(qr, np.float64)
+    s = np.einsum("hgd,hnd->hgn", qr, k) / math.sqrt(DIM)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out = np.einsum("hgn,hnd->hgd", p, v) / p.sum(-1)[..., None]
+    return out.reshape(hq, DIM)
+
+
+def paged_comparison(args) -> None:
+    """The product kernel (tqjax.pallas.decode_mgpu) vs the Triton decode, same cache, same timing."""
+    from experiments.device_check import build
+    from experiments.timing import copy_bandwidth, device_description, time_fn
+    from tqjax.pallas.decode import _device_cores, choose_num_splits, paged_decode
+    from tqjax.pallas.decode_mgpu import paged_decode_mgpu
+    from tqjax.reference import paged_decode_reference
+
+    print(device_description(), flush=True)
+    bw = copy_bandwidth()
+    rows = []
+    hk, g = args.heads, args.group
+    for point in args.paged.split(","):
+        b, ctx = (int(x) for x in point.split("/"))
+        rng = np.random.default_rng(0)
+        _, cache, bt, lens = build("turboquant_4bit_nc", b, ctx, hk * g, hk, DIM, 16, rng)
+        qs = [jnp.asarray(rng.standard_normal((b, hk * g, DIM)), jnp.float32) for _ in range(3)]
+        ref = paged_decode_reference(qs[0], cache, bt, lens)
+        ref64 = float64_attention(qs[0], cache, bt, lens, seq=0)
+        scale = 1 / math.sqrt(DIM)
+        auto = choose_num_splits(b, hk, bt.shape[1], 4, _device_cores())
+        systems = {"triton (tuned)": jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt,
+                                                                  seq_lens=lens))}
+        for splits in sorted({1, 2, 4, auto}):
+            systems[f"mosaic, {splits} splits"] = jax.jit(functools.partial(
+                paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens, scale=scale, num_splits=splits))
+        for name, f in systems.items():
+            try:
+                out0 = f(qs[0])
+                err = float(jnp.max(jnp.abs(out0 - ref)) / jnp.max(jnp.abs(ref)))
+                e64 = float(np.max(np.abs(np.asarray(out0[0], np.float64) - ref64)) / np.max(np.abs(ref64)))
+                print(f"{name}: sequence 0 vs float64: {e64:.2e} of max|out| (float32 reference: "
+                      f"{float(np.max(np.abs(np.asarray(ref[0], np.float64) - ref64)) / np.max(np.abs(ref64))):.2e})",
+                      flush=True)
+                t = time_fn(f, [(q,) for q in qs])
+                rows.append((f"B={b} ctx={ctx}", name, t, cache.nbytes * ctx * b // (cache.num_slots), err))
+            except Exception as e:  # noqa: BLE001 (a probe: report and go on)
+                rows.append((f"B={b} ctx={ctx}", f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", 0, 1, 0))
+            print(rows[-1], flush=True)
+    print(f"\n{device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hk={hk} G={g} D={DIM} block 16, turboquant_4bit_nc")
+    print("point | kernel | us | GB/s | of copy bw | max rel err vs reference")
+    for point, name, t, nb, err in rows:
+        if t:
+            print(f"{point} | {name} | {t * 1e6:.1f} | {nb / t / 1e9:.0f} | {nb / t / bw:.2f} | {err:.1e}")
+        else:
+            print(f"{point} | {name}")
 
 
 if __name__ == "__main__":

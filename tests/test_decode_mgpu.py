@@ -1,0 +1,211 @@
+"""The Mosaic GPU paged decode (tqjax.pallas.decode_mgpu) vs the reference decode.
+
+On a CPU (CI): the kernel's PTX blocks run on a host interpreter of their instructions and must give the
+decode table's float16 bits (keys) and ``code * 2**e`` exactly (values); the kernel lowers for CUDA
+(``jax.export``, the Pallas -> Mosaic GPU lowering and its layout checks) at several shapes; unsupported
+caches are named. On a Hopper GPU (``-m gpu``): the kernel against the reference decode, as
+``tests/test_pallas_decode.py`` checks the Triton kernel, with the same tolerance (2e-5 of max|out|: the
+products take float16 hi + lo parts of the scaled query and of the probabilities, exact float16 key
+and value tiles, float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ptx_interpreter import run_ptx
+from test_pallas_decode import RTOL, make_case
+
+import tqjax
+from tqjax.codec import key_codec
+from tqjax.pallas.decode_mgpu import (
+    MAX_SPLIT_TOKENS,
+    default_num_splits,
+    key_word_asm,
+    paged_decode_mgpu,
+    paged_decode_mgpu_jit,
+    unsupported,
+    value_word_asm,
+)
+from tqjax.reference import paged_decode_jit
+
+
+def _on_hopper() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
+
+
+def _halves(regs: dict, names) -> np.ndarray:
+    """uint32 registers (float16 pairs, low half first) -> uint16 [..., 2 * len(names)]."""
+    return np.stack([h for n in names for h in (regs[n] & 0xFFFF, regs[n] >> 16)], -1).astype(np.uint16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_key_word_asm_gives_the_table(head_dim):
+    """Every code in every nibble of a word comes out as the table's float16 bits, in channel order."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", head_dim)
+    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    rng = np.random.default_rng(head_dim)
+    codes = rng.integers(0, 16, (4096, 8)).astype(np.uint32)
+    codes[:16] = np.arange(16)[:, None]  # every code in every position
+    words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
+    got = _halves(run_ptx(key_word_asm(table), {"$4": words}), ["$0", "$1", "$2", "$3"])
+    np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes])
+
+
+def test_key_word_asm_rejects_other_tables():
+    with pytest.raises(ValueError, match="16 entries"):
+        key_word_asm(np.zeros(8, np.float32))
+
+
+def test_value_word_asm_scales_codes_exactly():
+    """code * 2**e exactly, for every code in every position and every power of two the kernel meets
+    (a float16 value scale's, subnormal ones taken as 2**-14)."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, (2048, 8)).astype(np.uint32)
+    codes[:16] = np.arange(16)[:, None]
+    words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
+    for e in range(-14, 12):
+        p2 = int(np.float16(2.0**e).view(np.uint16))
+        regs = run_ptx(value_word_asm(), {"$4": words, "$5": np.full(words.shape, p2 | (p2 << 16), np.uint32)})
+        got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
+        np.testing.assert_array_equal(got, codes * 2.0**e, err_msg=f"e={e}")
+
+
+def test_unsupported_names_the_reason():
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128)
+    assert unsupported(cfg, 8, 16) is None
+    assert "at most 8" in unsupported(cfg, 16, 16)
+    assert "block_size" in unsupported(cfg, 4, 128)
+    for name in tqjax.PRESETS:
+        if name != "turboquant_4bit_nc":
+            reason = unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 128), 4, 16)
+            assert reason and ("4-bit" in reason), (name, reason)
+
+
+@pytest.mark.parametrize("head_dim,block_size,group,softcap,splits", [
+    (128, 16, 4, None, 2),
+    (64, 32, 1, 30.0, 1),
+    (256, 64, 8, None, 3),
+])
+def test_lowers_for_cuda(head_dim, block_size, group, softcap, splits):
+    """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
+    needed: jax.export for the "cuda" platform); the compile and the run need a Hopper GPU."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", head_dim)
+    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 40, block_size, 2))
+    q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
+    tables = jax.ShapeDtypeStruct((3, 9), jnp.int32)
+    lens = jax.ShapeDtypeStruct((3,), jnp.int32)
+
+    def f(q, cache, tables, lens):
+        return paged_decode_mgpu_jit(q, cache, tables, lens, scale=0.1, softcap=softcap, num_splits=splits, stages=2)
+
+    module = jax.export.export(jax.jit(f), platforms=["cuda"])(q, cache, tables, lens).mlir_module()
+    assert "tq_decode_mgpu" in module
+
+
+def test_default_splits_bound_the_tokens_of_a_split():
+    for batch, hk, max_blocks, bs in ((1, 8, 2048, 16), (32, 8, 1024, 16), (128, 8, 256, 16), (4, 2, 300, 64)):
+        n = default_num_splits(batch, hk, max_blocks, bs)
+        pages_per_split = -(-max_blocks // n)
+        assert pages_per_split * bs <= MAX_SPLIT_TOKENS + 64, (batch, max_blocks, n)
+    assert default_num_splits(1, 1, 3, 16) == 1  # never more splits than 64-token steps
+
+
+@pytest.mark.skipif(_on_hopper(), reason="checks the refusal off Hopper")
+def test_refuses_other_caches_and_devices():
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[5], seed=0)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        paged_decode_mgpu(q, cache, tables, lens)
+    q, cache, tables, lens = make_case("turboquant_k8v4", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[5], seed=0)
+    with pytest.raises(NotImplementedError, match="4-bit MSE keys"):
+        paged_decode_mgpu(q, cache, tables, lens)
+
+
+needs_hopper = pytest.mark.skipif(not _on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
+
+
+def _check(q, cache, tables, lens, *, scale=None, softcap=None, num_splits=1, stages=2):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    ref = paged_decode_jit(q, cache, tables, lens, scale=scale, softcap=softcap)
+    out = paged_decode_mgpu(q, cache, tables, lens, scale=scale, softcap=softcap, num_splits=num_splits,
+                            stages=stages)
+    assert out.shape == q.shape
+    assert bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=RTOL * float(jnp.max(jnp.abs(ref))), rtol=0)
+    empty = np.asarray(lens) == 0
+    assert float(jnp.max(jnp.abs(out[empty]), initial=0.0)) == 0.0  # empty sequences give zeros
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.gpu
+@needs_hopper
+def test_matches_reference(head_dim, block_size, group):
+    lens = [0, 1, 15, 16, 63, 64, 65, 333, 700]
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=head_dim, block_size=block_size, hk=2,
+                                       group=group, lens=lens, seed=head_dim + block_size + group)
+    _check(q, cache, tables, lens)
+
+
+@pytest.mark.parametrize("num_splits,stages", [(2, 2), (3, 3), (5, 2), (16, 1)])
+@pytest.mark.gpu
+@needs_hopper
+def test_splits_and_stages(num_splits, stages):
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=4,
+                                       lens=[0, 5, 200, 1000, 1500], seed=num_splits)
+    _check(q, cache, tables, lens, num_splits=num_splits, stages=stages)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_softcap_and_scale():
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=4,
+                                       lens=[3, 129, 900], seed=7)
+    _check(q * 4.0, cache, tables, lens, scale=0.3, softcap=20.0, num_splits=2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_bf16_query():
+    """A bfloat16 query gives a bfloat16 output: within one bfloat16 rounding of the reference's."""
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=4,
+                                       lens=[3, 129, 900], seed=8)
+    q = q.astype(jnp.bfloat16)
+    ref = paged_decode_jit(q, cache, tables, lens, scale=1 / np.sqrt(128))
+    out = paged_decode_mgpu(q, cache, tables, lens, scale=1 / np.sqrt(128))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               atol=2**-7 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))), rtol=0)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_long_split():
+    """Hundreds of 64-token steps in one split stay within 2e-5 of max|out| (each step's value product
+    gets its own accumulator, added in float32: summing the steps in the wgmma accumulator, whose sums do
+    not round to nearest, lost 8e-4 over these 16k tokens on the H200)."""
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[16384, 9000], seed=5)
+    _check(q, cache, tables, lens)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_small_and_large_value_scales():
+    """Value scales far from 1 (their power of two goes into the float16 value tile, the rest with the
+    probabilities): still 2e-5 of max|out|."""
+    for factor in (1e-3, 300.0):
+        q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                           lens=[77, 640], seed=11)
+        scales = cache.value_scales.astype(jnp.float32) * factor
+        cache = tqjax.PagedKVCache(key_codes=cache.key_codes, key_scales=cache.key_scales,
+                                   value_codes=cache.value_codes, value_scales=scales.astype(jnp.float16),
+                                   config=cache.config)
+        _check(q, cache, tables, lens)

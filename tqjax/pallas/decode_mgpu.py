@@ -1,0 +1,575 @@
+"""Paged TurboQuant decode as a Mosaic GPU kernel (Pallas ``plgpu``): NVIDIA Hopper (sm_90a) only.
+
+Why a second decode kernel. :mod:`tqjax.pallas.decode` (Triton lowering, CUDA and ROCm) is bound by
+instructions per cache element: Pallas cannot ask Triton for a register layout in which a thread holds
+whole packed words, so each 4-bit code is unpacked, looked up and staged for the tensor cores on its
+own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the kernel pick layouts:
+
+- each thread loads whole uint32 words (8 codes) in the layout in which the 8 channels of a word are
+  one register vector of the thread (Mosaic's ``WGMMA_LAYOUT_UPCAST_4X``), and one PTX block turns a
+  word into 8 float16 values: keys through a byte-permute table of the 16 float16 centroids (21
+  instructions per word), values exactly as ``code * 2**e`` (16 per word; ``2**e`` is the token's
+  value scale's power of two, the rest of the scale goes with the probabilities);
+- the float16 tiles go to shared memory with 16-byte stores, and the products are ``wgmma`` with the
+  tokens as the M dimension (64 per step): logits^T [64, 16] = K [64, D] @ q^T, out^T [D, 16] =
+  V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query heads) twice: the float16
+  high parts of the (power-of-2 scaled) query and its low parts, and after the softmax the high and
+  low float16 parts of the probabilities; the halves are added in registers (fp32-accurate products
+  from float16 operands, as the Triton kernel's split products);
+- the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
+  value zero-point terms accumulate per token row and are summed once at the end.
+
+Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
+sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
+says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 4-bit MSE keys
+of one segment and 4-bit values (``turboquant_4bit_nc``), head_dim 64, 128 or 256, at most 8 query
+heads per KV head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the
+kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
+``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
+
+Index arithmetic: the cache arrays are indexed per dimension (KV head, page, row, word), each index far
+below 2**31 for any cache that fits a GPU; the TMA descriptors take 64-bit strides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from tqjax.codec import key_codec
+from tqjax.config import TurboQuantConfig
+from tqjax.layout import PagedKVCache
+
+__all__ = ["MAX_SPLIT_TOKENS", "default_num_splits", "key_word_asm", "paged_decode_mgpu", "unsupported", "value_word_asm"]
+
+TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
+HALF = 8  # query heads per KV head, at most (one 8-column block of a wgmma N)
+COLS = 2 * HALF  # high and low float16 parts
+BLOCK_SIZES = (16, 32, 64)
+HEAD_DIMS = (64, 128, 256)
+_LOG2E = math.log2(math.e)
+_F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
+
+
+def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | None:
+    """Why this kernel cannot decode ``config`` (None if it can)."""
+    segs = config.key_segments
+    if config.key_format != "mse" or len(segs) != 1 or segs[0].bits != 4:
+        return f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 4-bit MSE keys only"
+    if config.value_bits != 4:
+        return f"values are {config.value_bits}-bit, this kernel reads 4-bit values only"
+    if config.head_dim not in HEAD_DIMS:
+        return f"head_dim {config.head_dim} not in {HEAD_DIMS}"
+    if group > HALF:
+        return f"{group} query heads per KV head, this kernel takes at most {HALF}"
+    if block_size not in BLOCK_SIZES:
+        return f"block_size {block_size} not in {BLOCK_SIZES}"
+    table = np.asarray(key_codec(config).quantizers[0].centroids, np.float32)
+    if not np.array_equal(table.astype(np.float16).astype(np.float32), table):
+        return "the key table is not exact in float16"
+    return None
+
+
+def _imm(x: int) -> str:
+    return f"0x{x & 0xFFFFFFFF:08X}"
+
+
+def key_word_asm(table: np.ndarray) -> str:
+    """PTX: a uint32 word of 8 four-bit key codes (``$4``, code k in bits 4k..4k+3) -> the 8 table
+    values as float16 pairs ``$0..$3`` (codes 2i, 2i+1; the first in the low half).
+
+    ``table``: 16 values exact in float16. Per 4 codes: their low 3 bits select (``prmt``) a byte of the
+    lower and of the upper half-table in each byte plane, a sign-replicating ``prmt`` turns each code's
+    top bit into a byte mask, ``lop3`` picks per byte, two ``prmt`` pair low and high bytes.
+    """
+    f16 = np.asarray(table, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
+    if f16.shape != (16,):
+        raise ValueError(f"a 4-bit table has 16 entries, got {f16.shape}")
+
+    def plane(vals) -> list[str]:  # 8 bytes -> two b32 immediates, entry k in byte k
+        return [_imm(sum(int(vals[4 * r + i]) << (8 * i) for i in range(4))) for r in range(2)]
+
+    tables = {"nl": plane(f16[:8] & 0xFF), "pl": plane(f16[8:] & 0xFF),
+              "nh": plane(f16[:8] >> 8), "ph": plane(f16[8:] >> 8)}
+    lines = ["{", ".reg .b32 w, j, jh, a, m0, m1, u, v, lo, hi, nl0, nl1, pl0, pl1, nh0, nh1, ph0, ph1;"]
+    lines += [f"mov.b32 {k}{r}, {val};" for k, pair in tables.items() for r, val in enumerate(pair)]
+    lines += [
+        "mov.b32 w, $4;",
+        "and.b32 j, w, 0x77777777;",  # prmt reads selector nibbles 0..3 (bit 3 would replicate signs)
+        "shr.b32 jh, j, 16;",
+        "shl.b32 a, w, 4;",
+        "prmt.b32 m0, a, w, 0xD9C8;",  # code k's top bit -> 0xFF/0x00 in byte k (codes 0..3)
+        "prmt.b32 m1, a, w, 0xFBEA;",  # codes 4..7
+    ]
+    for sel, m, out0, out1 in (("j", "m0", "$0", "$1"), ("jh", "m1", "$2", "$3")):
+        lines += [
+            f"prmt.b32 u, nl0, nl1, {sel};",
+            f"prmt.b32 v, pl0, pl1, {sel};",
+            f"lop3.b32 lo, v, u, {m}, 0xE4;",  # m ? v : u
+            f"prmt.b32 u, nh0, nh1, {sel};",
+            f"prmt.b32 v, ph0, ph1, {sel};",
+            f"lop3.b32 hi, v, u, {m}, 0xE4;",
+            f"prmt.b32 {out0}, lo, hi, 0x5140;",
+            f"prmt.b32 {out1}, lo, hi, 0x7362;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def value_word_asm() -> str:
+    """PTX: a uint32 word of 8 four-bit value codes (``$4``) and a float16 pair ``$5`` = (2**e, 2**e)
+    -> ``code * 2**e`` as float16 pairs ``$0..$3`` (exact for 2**e <= 2**11).
+
+    Byte i of the word goes to both halves (``prmt``), ``lop3`` keeps its low nibble in the low half and
+    its high nibble (times 16) in the high half under float16 1024's exponent, ``fma.rn.f16x2`` takes
+    1024 (64) away (exact), ``mul.rn.f16x2`` scales by the power of two (exact).
+    """
+    lines = ["{", ".reg .b32 z, p, q, mul, add;", "mov.b32 z, 0;",
+             "mov.b32 mul, 0x2C003C00;",  # (1.0, 0.0625)
+             "mov.b32 add, 0xD400E400;"]  # (-1024.0, -64.0)
+    for i in range(4):
+        lines += [
+            f"prmt.b32 p, $4, z, {_imm(0x4040 | (i << 8) | i)};",  # byte i -> bytes 0 and 2
+            "lop3.b32 q, p, 0x00F0000F, 0x64006400, 0xEA;",  # (p & mask) | bias
+            "fma.rn.f16x2 q, q, mul, add;",
+            f"mul.rn.f16x2 ${i}, q, $5;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Mosaic GPU helpers (inside ``plgpu.inline_mgpu``). Register maps, from Mosaic's layouts:
+#  WGMMA_LAYOUT_UPCAST_4X on [64, D] (16-bit): register (0, c, 0, 0, r, ...) of a thread holds the 8
+#    channels 32c + 8 * (lane % 4) + 0..7 of token row 16 * warp + 8r + lane // 4;
+#  WGMMA_ROW_LAYOUT on [64]: register (0, 0, r, 0, 0) holds row 16 * warp + 8r + lane // 4;
+#  WGMMA_LAYOUT on [M, 16]: register index 1 is the 8-column block (0: high parts, 1: low parts).
+
+
+def _ir():
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+    return ir, arith, llvm, memref, vector
+
+
+def _thread_rows():
+    """(lane % 4, token row of register r=0) of this thread, as i32 values."""
+    ir, arith, *_ = _ir()
+    i32 = ir.IntegerType.get_signless(32)
+    c = functools.partial(mgpu.utils.c, ty=i32)
+    tid = arith.remui(mgpu.utils.thread_idx(), c(128))
+    lane = arith.remui(tid, c(32))
+    row = arith.addi(arith.muli(arith.divui(tid, c(32)), c(16)), arith.divui(lane, c(4)))
+    return arith.remui(lane, c(4)), row
+
+
+def _words_to_f16(words_ref, dim: int, asm: str, extra=None) -> mgpu.FragmentedArray:
+    """SMEM words uint32 [64, dim/8] -> float16 [64, dim] (WGMMA_LAYOUT_UPCAST_4X), one PTX block per
+    word; ``extra(r)``: more asm operands for the registers of row half r."""
+    ir, arith, llvm, memref, vector = _ir()
+    i32, index, f16 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F16Type.get()
+    c = functools.partial(mgpu.utils.c, ty=i32)
+    layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
+    reg_shape = layout.registers_shape((TOKENS, dim))
+    lcol, row0 = _thread_rows()
+    struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    regs = np.empty(reg_shape, dtype=object)
+    extras = {}
+    for idx in np.ndindex(*reg_shape):
+        ctile, half = idx[1], idx[4]
+        row = arith.addi(row0, c(8 * half))
+        col = arith.addi(lcol, c(4 * ctile))
+        w = memref.load(words_ref, [arith.index_cast(index, row), arith.index_cast(index, col)])
+        operands = [w]
+        constraints = "=r,=r,=r,=r,r"
+        if extra is not None:
+            if half not in extras:
+                extras[half] = extra(half)
+            operands.append(extras[half])
+            constraints += ",r"
+        out = llvm.inline_asm(struct, operands, asm, constraints)
+        parts = [llvm.extractvalue(i32, out, [k]) for k in range(4)]
+        regs[idx] = vector.bitcast(ir.VectorType.get((8,), f16), vector.from_elements(ir.VectorType.get((4,), i32), parts))
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+
+def _fold_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
+    """[M, 16] (WGMMA layout): both 8-column blocks become their sum (high part + low part)."""
+    regs = np.array(x.registers, dtype=object)
+    assert regs.shape[1] == 2, regs.shape
+    out = np.empty_like(regs)
+    for idx in np.ndindex(*regs.shape):
+        if idx[1] == 0:
+            other = (idx[0], 1, *idx[2:])
+            total = mgpu.fragmented_array.addf(regs[idx], regs[other])
+            out[idx] = total
+            out[other] = total
+    return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=x.is_signed)
+
+
+def _split_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
+    """float32 [M, 16] (WGMMA layout, equal blocks) -> float16: block 0 = hi = f16(x), block 1 =
+    lo = f16(x - hi) (x ~= hi + lo to about 2**-22 |x|, plus float16's subnormal spacing)."""
+    ir, arith, *_ = _ir()
+    regs = np.array(x.registers, dtype=object)
+    out = np.empty_like(regs)
+    vf16 = ir.VectorType.get((2,), ir.F16Type.get())
+    vf32 = ir.VectorType.get((2,), ir.F32Type.get())
+    for idx in np.ndindex(*regs.shape):
+        if idx[1] == 0:
+            v = regs[idx]
+            hi = arith.truncf(vf16, v)
+            lo = arith.truncf(vf16, arith.subf(v, arith.extf(vf32, hi)))
+            out[idx] = hi
+            out[(idx[0], 1, *idx[2:])] = lo
+    return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=None)
+
+
+def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size: int):
+    """Per token row of a step (WGMMA_ROW_LAYOUT [64] each): float32 key norm, float32 value scale over
+    its power of two times 2**14 (in [2**14, 2**15): the probabilities' float16 split stays in the normal
+    range), float32 value zero, and int32 (2**e, 2**e) as a float16 pair (the value tile's factor).
+
+    Loaded straight from global memory (the step's pages from the block table, clamped to the sequence's
+    last page ``last_page``; -1 for an empty sequence, whose table is never followed); ``ks_ref`` [Hk, NB, BS, 1] f16, ``vs_ref`` [Hk, NB, BS, 2] f16."""
+    ir, arith, _, memref, vector = _ir()
+    i32, i16, index = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.IndexType.get()
+    f32 = ir.F32Type.get()
+    c = functools.partial(mgpu.utils.c, ty=i32)
+    _, row0 = _thread_rows()
+    bval, hval = b.registers.item(), h.registers.item()
+    first, last = first_page.registers.item(), last_page.registers.item()
+    layout = mgpu.WGMMA_ROW_LAYOUT
+    reg_shape = layout.registers_shape((TOKENS,))
+    out = [np.empty(reg_shape, dtype=object) for _ in range(4)]
+    for idx in np.ndindex(*reg_shape):
+        row = arith.addi(row0, c(8 * idx[2]))
+        page_i = arith.minsi(arith.addi(first, arith.divui(row, c(block_size))), arith.maxsi(last, c(0)))
+        page = memref.load(bt_ref, [arith.index_cast(index, bval), arith.index_cast(index, page_i)])
+        page = arith.select(arith.cmpi(arith.CmpIPredicate.slt, last, c(0)), c(0), page)  # empty: never follow
+        at = [arith.index_cast(index, hval), arith.index_cast(index, page),
+              arith.index_cast(index, arith.remui(row, c(block_size)))]
+        norm = memref.load(ks_ref, [*at, arith.constant(index, 0)])
+        scale = memref.load(vs_ref, [*at, arith.constant(index, 0)])
+        zero = memref.load(vs_ref, [*at, arith.constant(index, 1)])
+        # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); E = the exponent field
+        ebits = arith.maxui(arith.andi(arith.bitcast(i16, scale), mgpu.utils.c(0x7C00, i16)),
+                            mgpu.utils.c(0x0400, i16))
+        e_field = arith.extui(i32, arith.shrui(ebits, mgpu.utils.c(10, i16)))
+        inv_bits = arith.shli(arith.subi(c(142 + 14), e_field), c(23))  # 2**14 / 2**e = 2**(29 - E) in float32
+        m = arith.mulf(arith.extf(f32, scale), arith.bitcast(f32, inv_bits))  # exact
+        e32 = arith.extui(i32, ebits)
+        vals = [arith.extf(f32, norm), m, arith.extf(f32, zero), arith.ori(e32, arith.shli(e32, c(16)))]
+        for k, v in enumerate(vals):
+            out[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None if k < 3 else False)
+                 for k, r in enumerate(out))
+
+
+def _values_f16(words_ref, dim: int, pow2: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
+    """The value tile: ``code * 2**e`` per token row (``pow2`` from :func:`_row_scalars`)."""
+    _, _, _, _, vector = _ir()
+    regs = pow2.registers
+    return _words_to_f16(words_ref, dim, value_word_asm(),
+                         extra=lambda half: vector.extract(regs[(0, 0, half, 0, 0)], [], [0]))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, block_size: int, num_splits: int,
+                stages: int, scale: float, softcap: float | None):
+    d = cfg.head_dim
+    words = d // 8
+    pps = TOKENS // block_size  # pages per step
+    pages_per_split = -(-max_blocks // num_splits)
+    pages_per_split = -(-pages_per_split // pps) * pps
+    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    kasm = key_word_asm(table)
+    f16_tile = plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    row = plgpu.Layout.WGMMA.reduce(1)
+    col = plgpu.Layout.WGMMA.reduce(0)
+    splat = plgpu.Layout.WG_SPLAT(())
+    s_wide = plgpu.ShapeDtypeStruct((TOKENS, COLS), jnp.float32, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_tile)
+    def keys_f16(ctx, words_ref):
+        del ctx
+        return _words_to_f16(words_ref, d, kasm)
+
+    rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
+    pow2_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat),
+        return_type=(rows_ty, rows_ty, rows_ty, pow2_ty),
+    )
+    def row_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
+        del ctx
+        return _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row), return_type=f16_tile)
+    def values_f16(ctx, words_ref, pow2):
+        del ctx
+        return _values_f16(words_ref, d, pow2)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_wide)
+    def fold(ctx, x):
+        del ctx
+        return _fold_halves(x)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((d, COLS), jnp.float32, layout=plgpu.Layout.WGMMA))
+    def fold_out(ctx, x):
+        del ctx
+        return _fold_halves(x)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((TOKENS, COLS), jnp.float16, layout=plgpu.Layout.WGMMA))
+    def split(ctx, x):
+        del ctx
+        return _split_halves(x)
+
+    logit_scale = scale if softcap is None else scale / softcap
+
+    def tq_decode_mgpu(bt_ref, lens_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
+                       q_smem, qinv_smem, kw_smem, vw_smem, k16_smem, v16_smem, p_smem, o_smem, lse_smem,
+                       q_bar, kw_bar, vw_bar):
+        b = lax.axis_index("b")
+        h = lax.axis_index("h")
+        sp = lax.axis_index("s")
+        seq_len = lens_ref[b]
+        used_pages = (seq_len + block_size - 1) // block_size
+        first_page = sp * pages_per_split
+        end_page = jnp.minimum(first_page + pages_per_split, used_pages)
+        n_steps = jnp.maximum(end_page - first_page + pps - 1, 0) // pps
+        last_page = used_pages - 1  # -1: an empty sequence (no step runs; no table entry is followed)
+
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+        plgpu.copy_gmem_to_smem(qinv_ref.at[b, h], qinv_smem, q_bar.at[0])
+
+        def pages_of(step):  # the block-table entries of a step's pages (clamped to the last used page)
+            idx = [jnp.minimum(first_page + step * pps + k, jnp.maximum(last_page, 0)) for k in range(pps)]
+            return tuple(jnp.where(last_page < 0, 0, bt_ref[b, i]) for i in idx)
+
+        def issue(pages, slot):  # every thread is done with the slot (the callers' barriers)
+            for k, page in enumerate(pages):
+                rows = pl.ds(k * block_size, block_size)
+                plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, rows], kw_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, rows], vw_bar.at[slot])
+
+        for s in range(stages):
+            @pl.when(s < n_steps)
+            def _(s=s):
+                issue(pages_of(s), s)
+
+        plgpu.barrier_wait(q_bar.at[0])
+        qinv = plgpu.load(qinv_smem.at[pl.ds(0, COLS)], (), layout=col)
+        tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, COLS), 0, layout=plgpu.Layout.WGMMA)
+
+        def step_fn(i, carry):
+            # the step's row scalars and the page ids of step i + stages were loaded a step ahead
+            acc, m_i, l_i, z_i, (kn, vm, vz, pow2), pages = carry
+            slot = lax.rem(i, stages)
+            page0 = first_page + i * pps
+            prefetched = row_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+            next_pages = pages_of(i + stages + 1)
+            plgpu.barrier_wait(kw_bar.at[slot])
+            plgpu.commit_smem()  # every warp is done with the last step's tiles before they are overwritten
+            k16_smem[...] = keys_f16(kw_smem.at[slot])
+            plgpu.commit_smem()
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, k16_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+                plgpu.barrier_wait(vw_bar.at[slot])
+                v16_smem[...] = values_f16(vw_smem.at[slot], pow2)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
+            plgpu.commit_smem()  # the slot's words are read (and the value tile is stored) by every thread
+
+            @pl.when(i + stages < n_steps)
+            def _():
+                issue(pages, slot)
+
+            s = fold(s) * lax.broadcast_in_dim(qinv, s.shape, [1])
+            s = s * lax.broadcast_in_dim(kn * logit_scale, s.shape, [0])
+            if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
+                s = softcap * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
+            s = s * _LOG2E
+            s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=0))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+            a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
+            l_i = l_i * a2 + p
+            z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
+            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**14
+            plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem, (1, 0)), plgpu.transpose_ref(p_smem, (1, 0)))
+
+            # this step's product in its own accumulator, added in float32: accumulating the steps in the
+            # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
+            # round to nearest; tests/test_decode_mgpu.py::test_long_split)
+            step_pv = pl.run_state(pv)(plgpu.ACC.init(zeros_out))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv * 2.0**-14
+            return acc, m_new, l_i, z_i, prefetched, next_pages
+
+        zeros_out = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        m0 = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), col)
+        l0 = plgpu.layout_cast(jnp.zeros((TOKENS, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        first_scalars = row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
+        carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
+        acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
+        l_sum = l_i.sum(axis=0)
+        acc = fold_out(acc) + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
+        l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
+        o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
+        lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
+        lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, COLS), [1])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, sp])
+        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[b, h, sp])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        plgpu.SMEM((COLS, d), jnp.float16, transforms=_F16_TILE),
+        plgpu.SMEM((2 * COLS,), jnp.float32),
+        plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
+        plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
+        plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
+        plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
+        plgpu.SMEM((COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
+        plgpu.SMEM((d, COLS), jnp.float32),
+        plgpu.SMEM((TOKENS, COLS), jnp.float32),
+        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
+    ]
+    return plgpu.kernel(
+        tq_decode_mgpu,
+        out_type=(jax.ShapeDtypeStruct((batch, hk, num_splits, d, COLS), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, hk, num_splits, 8, COLS), jnp.float32)),
+        grid=(batch, hk, num_splits),
+        grid_names=("b", "h", "s"),
+        scratch_types=scratch,
+        # barriers are explicit (commit_smem) where a copy or a product follows other threads' shared-memory
+        # accesses; automatic ones would add a warpgroup barrier before each of the step's page copies
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+    )
+
+
+def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 [B, Hk, G, D] -> (float16 [B, Hk, 16, D]: rows 0..7 the high parts of the group's rows
+    scaled by powers of 2 (max in [2**14, 2**15)), rows 8..15 the low parts; float32 [B, Hk, 32]: the
+    inverse powers, four times (a copy of at least 128 bytes))."""
+    g = q.shape[2]
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, HALF - g), (0, 0)))
+    _, ex = jnp.frexp(jnp.max(jnp.abs(q), axis=-1, keepdims=True))
+    ex = jnp.clip(ex, -100, 100)
+    x = jnp.ldexp(q, _F16_TOP - ex)
+    hi = lax.optimization_barrier(x.astype(jnp.float16))  # keep XLA from dropping the rounding
+    lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+    inv = jnp.ldexp(jnp.ones_like(q[..., 0]), (ex - _F16_TOP)[..., 0])
+    return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
+
+
+#: Most tokens one split accumulates. The kernel's error against float64 attention grows with the tokens
+#: of a split (H200, random 4-bit caches, one sequence of 32k tokens: 9.0e-5 of max|out| in one split,
+#: 5.4e-5 in 2, 2.4e-5 in 4; 1.3e-5 at 4096 tokens; the Triton kernel 1.2e-5, the float32 reference 1e-6;
+#: docs/data/decode_mgpu_paged_f64_h200_2026-11-30_s12.log), so the default split count keeps a split at
+#: 4096 tokens or fewer. (Cause, found afterwards on a host emulation of the kernel's arithmetic: the value
+#: products sum ``code * scale`` and the zero points separately, two large float32 sums that cancel; see
+#: docs/PERFORMANCE.md, "A Mosaic GPU decode".)
+MAX_SPLIT_TOKENS = 4096
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
+    """KV splits per (sequence, KV head): :func:`tqjax.pallas.decode.choose_num_splits`' (about two waves
+    of programs over the device's cores), at least enough for :data:`MAX_SPLIT_TOKENS` tokens a split,
+    at most one per 64-token step."""
+    from tqjax.pallas.decode import _device_cores, choose_num_splits
+
+    pps = TOKENS // block_size
+    steps = -(-max_blocks // pps)
+    want = max(choose_num_splits(batch, num_kv_heads, max_blocks, pps, _device_cores()),
+               -(-max_blocks * block_size // MAX_SPLIT_TOKENS))
+    return int(max(1, min(want, steps)))
+
+
+def paged_decode_mgpu(
+    query: jax.Array,
+    cache: PagedKVCache,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    stages: int = 2,
+) -> jax.Array:
+    """query [B, Hq, D] -> [B, Hq, D] (query's dtype); the cache, block tables [B, max_blocks] int32 and
+    seq_lens [B] int32 as :func:`tqjax.pallas.decode.paged_decode` takes them; ``scale`` (default
+    1/sqrt(D)) and ``softcap`` as the reference's. ``num_splits`` KV splits merged by their log-sum-exps
+    (None: :func:`default_num_splits`), ``stages`` 64-token steps of page copies in flight.
+
+    Raises NotImplementedError for a cache this kernel does not read (:func:`unsupported`) and
+    RuntimeError off a Hopper GPU; the inputs are checked as for the reference."""
+    from tqjax.reference import check_decode_inputs
+
+    check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
+    group = query.shape[1] // cache.num_kv_heads
+    if (why := unsupported(cache.config, group, cache.block_size)) is not None:
+        raise NotImplementedError(f"the Mosaic GPU decode cannot read this cache: {why}")
+    dev = jax.devices()[0]
+    if jax.default_backend() != "gpu" or str(getattr(dev, "compute_capability", "")) != "9.0":
+        raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {dev.device_kind}")
+    if num_splits is None:
+        num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
+                                 num_splits=int(num_splits), stages=int(stages))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages"))
+def paged_decode_mgpu_jit(
+    query: jax.Array,
+    cache: PagedKVCache,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None,
+    num_splits: int,
+    stages: int,
+) -> jax.Array:
+    """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments)."""
+    cfg = cache.config
+    b, hq, d = query.shape
+    hk = cache.num_kv_heads
+    g = hq // hk
+    max_blocks = block_tables.shape[1]
+    q = query.astype(jnp.float32).reshape(b, hk, g, d)
+    (q_rot,) = key_codec(cfg).prepare_query(q)
+    q16, qinv = _split_query(q_rot)
+    call = _build_call(cfg, b, hk, max_blocks, cache.block_size, num_splits, stages, scale, softcap)
+    o, lse = call(block_tables, seq_lens, q16, qinv, cache.key_codes, cache.key_scales, cache.value_codes,
+                  cache.value_scales)
+    o = jnp.swapaxes(o[..., :HALF], -1, -2)  # [B, Hk, S, 8, D]
+    lse = lse[:, :, :, 0, :HALF]  # [B, Hk, S, 8], base 2
+    m = jnp.max(lse, axis=2, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+    den = jnp.sum(w, axis=2)
+    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
+    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
