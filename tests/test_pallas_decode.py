@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ptx_interpreter import run_ptx
 
 import tqjax
 from tqjax.pallas.decode import centroid_lookup, choose_num_splits, paged_decode
@@ -247,50 +248,6 @@ def test_kernel_lookup_gives_the_table(bits, method, dtype):
     np.testing.assert_array_equal(np.asarray(out, np.float64), table[codes])
 
 
-def _run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A numpy interpreter of the PTX subset :func:`tqjax.pallas.decode.prmt_asm` writes (mov, mad.lo,
-    and, shl, prmt in its default mode, lop3), on uint32 arrays, from the PTX ISA's definitions."""
-    regs = {k: v.astype(np.uint32) for k, v in args.items()}
-
-    def val(x: str) -> np.ndarray:
-        x = x.strip()
-        return regs[x] if x in regs else np.uint32(int(x, 0))
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        d, *src = [x.strip() for x in rest.split(",")]
-        a = [val(x) for x in src]
-        if op == "mov.b32":
-            out = a[0] + np.zeros_like(regs["$2"])
-        elif op == "mad.lo.u32":
-            out = a[0] * a[1] + a[2]
-        elif op == "and.b32":
-            out = a[0] & a[1]
-        elif op == "shl.b32":
-            out = a[0] << a[1]
-        elif op == "prmt.b32":  # default mode: selector nibble k picks byte (nibble & 7) of {b, a}, bit 3 replicates its msb
-            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
-            out = np.zeros_like(regs["$2"])
-            for k in range(4):
-                nib = (a[2] >> (4 * k)) & 0xF
-                byte = np.choose(nib & 7, pool)
-                byte = np.where(nib & 8, np.where(byte & 0x80, 0xFF, 0), byte).astype(np.uint32)
-                out = out | (byte << (8 * k))
-        elif op == "lop3.b32":  # bit i of the result: bit (4 a_i + 2 b_i + c_i) of the LUT
-            lut = int(a[3])
-            out = np.zeros_like(regs["$2"])
-            for bit in range(32):
-                idx = ((a[0] >> bit) & 1) * 4 + ((a[1] >> bit) & 1) * 2 + ((a[2] >> bit) & 1)
-                out = out | (((np.uint32(lut) >> idx) & 1) << bit)
-        else:
-            raise NotImplementedError(op)
-        regs[d] = out.astype(np.uint32)
-    return regs
-
-
 @pytest.mark.parametrize("distribution", ["beta", "gaussian"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_prmt_asm_gives_the_table(bits, distribution):
@@ -304,7 +261,7 @@ def test_prmt_asm_gives_the_table(bits, distribution):
         table = np.asarray(lk.centroids).astype(np.float16).view(np.uint16).astype(np.uint32)
         n = table.size
         codes = np.stack(np.meshgrid(*[np.arange(n)] * 4, indexing="ij"), -1).reshape(-1, 4).astype(np.uint32)
-        regs = _run_ptx(prmt_asm(lk), {f"${2 + i}": codes[:, i] for i in range(4)})
+        regs = run_ptx(prmt_asm(lk), {f"${2 + i}": codes[:, i] for i in range(4)})
         got = np.stack([regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16], -1)
         np.testing.assert_array_equal(got, table[codes], err_msg=f"bits={bits} dim={dim}")
 
