@@ -38,6 +38,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tqjax.pallas.decode_mgpu import (
+    key_word_asm,  # the product's key block (the probe's was the same text)
+)
+
 TOKENS = 64  # tokens per step: the N of the score product and the K of the value product
 ROWS = 64  # query rows per program: the M of a wgmma (the GQA group, zero-padded)
 DIM = 128
@@ -48,44 +52,6 @@ _F16_TILING = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 def _u32(x: int) -> str:
     return f"0x{x & 0xFFFFFFFF:08X}"
-
-
-def key_word_asm(table: np.ndarray) -> str:
-    """PTX: one uint32 word of 8 key codes ($4) -> 8 float16 table values as 4 pairs ($0..$3, first code low).
-
-    16-entry table exact in float16. Per 4 codes: the low 3 bits select (``prmt``) a byte from the lower
-    and the upper half-table in each byte plane, a sign-replicating ``prmt`` of the word turns each code's
-    top bit into a byte mask, ``lop3`` picks per byte, two ``prmt`` pair the bytes into float16 values.
-    """
-    f16 = np.asarray(table, np.float16).view(np.uint16).astype(np.uint32)
-    assert f16.shape == (16,)
-
-    def plane(vals):  # 8 bytes -> two b32 immediates, entry k in byte k
-        return [_u32(sum(int(vals[4 * r + i]) << (8 * i) for i in range(4))) for r in range(2)]
-
-    tabs = {"nl": plane(f16[:8] & 0xFF), "pl": plane(f16[8:] & 0xFF), "nh": plane(f16[:8] >> 8), "ph": plane(f16[8:] >> 8)}
-    lines = ["{", ".reg .b32 w, j, jh, a, m0, m1, u, v, lo, hi, nl0, nl1, pl0, pl1, nh0, nh1, ph0, ph1;"]
-    lines += [f"mov.b32 {k}{r}, {val};" for k, pair in tabs.items() for r, val in enumerate(pair)]
-    lines += [
-        "mov.b32 w, $4;",
-        "and.b32 j, w, 0x77777777;",
-        "shr.b32 jh, j, 16;",
-        "shl.b32 a, w, 4;",
-        "prmt.b32 m0, a, w, 0xD9C8;",  # top bits of codes 0..3 -> byte masks
-        "prmt.b32 m1, a, w, 0xFBEA;",  # codes 4..7
-    ]
-    for sel, m, out0, out1 in (("j", "m0", "$0", "$1"), ("jh", "m1", "$2", "$3")):
-        lines += [
-            f"prmt.b32 u, nl0, nl1, {sel};",
-            f"prmt.b32 v, pl0, pl1, {sel};",
-            f"lop3.b32 lo, v, u, {m}, 0xE4;",
-            f"prmt.b32 u, nh0, nh1, {sel};",
-            f"prmt.b32 v, ph0, ph1, {sel};",
-            f"lop3.b32 hi, v, u, {m}, 0xE4;",
-            f"prmt.b32 {out0}, lo, hi, 0x5140;",
-            f"prmt.b32 {out1}, lo, hi, 0x7362;",
-        ]
-    return "\n".join(lines + ["}"])
 
 
 def value_word_asm() -> str:
@@ -138,12 +104,8 @@ def _words_to_f16(ctx, words_ref, asm: str):
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
-def make_probe(batch: int, heads: int, context: int, table: np.ndarray, scale: float, stages: int = 3):
-    """The probe kernel: (q [B, H, 64, 128] f16, key words [B, H, N, 16] u32, value words, key norms
-    [B, H, N] f32, value scales, value zeros) -> out [B, H, 64, 128] f32 (normalised attention)."""
-    assert context % TOKENS == 0
-    steps = context // TOKENS
-    stages = min(stages, steps)
+def _tile_fns(table: np.ndarray):
+    """(keys_f16, values_f16): SMEM words [64, 16] -> float16 [64, 128] tiles (WGMMA_UPCAST_4X), in-kernel."""
     kasm, vasm = key_word_asm(table), value_word_asm()
     f16_out = plgpu.ShapeDtypeStruct((TOKENS, DIM), jnp.float16, layout=plgpu.Layout.WGMMA_UPCAST_4X)
 
@@ -154,6 +116,17 @@ def make_probe(batch: int, heads: int, context: int, table: np.ndarray, scale: f
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_out)
     def values_f16(ctx, words_ref):
         return _words_to_f16(ctx, words_ref, vasm)
+
+    return keys_f16, values_f16
+
+
+def make_probe(batch: int, heads: int, context: int, table: np.ndarray, scale: float, stages: int = 3):
+    """The probe kernel: (q [B, H, 64, 128] f16, key words [B, H, N, 16] u32, value words, key norms
+    [B, H, N] f32, value scales, value zeros) -> out [B, H, 64, 128] f32 (normalised attention)."""
+    assert context % TOKENS == 0
+    steps = context // TOKENS
+    stages = min(stages, steps)
+    keys_f16, values_f16 = _tile_fns(table)
 
     col = plgpu.Layout.WGMMA.reduce(0)
     row = plgpu.Layout.WGMMA.reduce(1)
@@ -263,16 +236,7 @@ def make_probe_t(batch: int, heads: int, context: int, table: np.ndarray, scale:
     assert context % (TOKENS * splits) == 0
     steps = context // (TOKENS * splits)
     stages = min(stages, steps)
-    kasm, vasm = key_word_asm(table), value_word_asm()
-    f16_out = plgpu.ShapeDtypeStruct((TOKENS, DIM), jnp.float16, layout=plgpu.Layout.WGMMA_UPCAST_4X)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_out)
-    def keys_f16(ctx, words_ref):
-        return _words_to_f16(ctx, words_ref, kasm)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_out)
-    def values_f16(ctx, words_ref):
-        return _words_to_f16(ctx, words_ref, vasm)
+    keys_f16, values_f16 = _tile_fns(table)
 
     col = plgpu.Layout.WGMMA.reduce(0)  # [cols]: one value per query column
     row = plgpu.Layout.WGMMA.reduce(1)  # [64]: one value per token row
