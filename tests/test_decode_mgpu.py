@@ -24,18 +24,13 @@ from tqjax.pallas.decode_mgpu import (
     MAX_SPLIT_TOKENS,
     default_num_splits,
     key_word_asm,
+    on_hopper,
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
     unsupported,
     value_word_asm,
 )
 from tqjax.reference import paged_decode_jit
-
-
-def _on_hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
 
 
 def _halves(regs: dict, names) -> np.ndarray:
@@ -115,7 +110,7 @@ def test_default_splits_bound_the_tokens_of_a_split():
     assert default_num_splits(1, 1, 3, 16) == 1  # never more splits than 64-token steps
 
 
-@pytest.mark.skipif(_on_hopper(), reason="checks the refusal off Hopper")
+@pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
 def test_refuses_other_caches_and_devices():
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[5], seed=0)
@@ -127,7 +122,7 @@ def test_refuses_other_caches_and_devices():
         paged_decode_mgpu(q, cache, tables, lens)
 
 
-needs_hopper = pytest.mark.skipif(not _on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
+needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 
 
 def _check(q, cache, tables, lens, *, scale=None, softcap=None, num_splits=1, stages=2):

@@ -48,7 +48,10 @@ from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
-__all__ = ["MAX_SPLIT_TOKENS", "default_num_splits", "key_word_asm", "paged_decode_mgpu", "unsupported", "value_word_asm"]
+__all__ = [
+    "MAX_SPLIT_TOKENS", "default_num_splits", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
+    "value_word_asm",
+]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
 HALF = 8  # query heads per KV head, at most (one 8-column block of a wgmma N)
@@ -58,6 +61,13 @@ HEAD_DIMS = (64, 128, 256)
 _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.0), where this kernel runs."""
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
 
 
 def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | None:
@@ -73,8 +83,9 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
         return f"{group} query heads per KV head, this kernel takes at most {HALF}"
     if block_size not in BLOCK_SIZES:
         return f"block_size {block_size} not in {BLOCK_SIZES}"
-    table = np.asarray(key_codec(config).quantizers[0].centroids, np.float32)
-    if not np.array_equal(table.astype(np.float16).astype(np.float32), table):
+    from tqjax.pallas.decode import _exact_in_f16
+
+    if not _exact_in_f16(key_codec(config).quantizers[0].centroids):
         return "the key table is not exact in float16"
     return None
 
@@ -532,9 +543,8 @@ def paged_decode_mgpu(
     group = query.shape[1] // cache.num_kv_heads
     if (why := unsupported(cache.config, group, cache.block_size)) is not None:
         raise NotImplementedError(f"the Mosaic GPU decode cannot read this cache: {why}")
-    dev = jax.devices()[0]
-    if jax.default_backend() != "gpu" or str(getattr(dev, "compute_capability", "")) != "9.0":
-        raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {dev.device_kind}")
+    if not on_hopper():
+        raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {jax.devices()[0].device_kind}")
     if num_splits is None:
         num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
