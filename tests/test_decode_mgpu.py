@@ -56,18 +56,19 @@ def test_key_word_asm_rejects_other_tables():
         key_word_asm(np.zeros(8, np.float32))
 
 
-def test_value_word_asm_scales_codes_exactly():
-    """code * 2**e exactly, for every code in every position and every power of two the kernel meets
-    (a float16 value scale's, subnormal ones taken as 2**-14)."""
+def test_value_word_asm_centres_and_scales_codes_exactly():
+    """(code - 7.5) * 2**e exactly, for every code in every position and every power of two the kernel
+    meets up to 2**12 (a float16 value scale's, subnormal ones taken as 2**-14)."""
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 16, (2048, 8)).astype(np.uint32)
     codes[:16] = np.arange(16)[:, None]
     words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
-    for e in range(-14, 12):
-        p2 = int(np.float16(2.0**e).view(np.uint16))
-        regs = run_ptx(value_word_asm(), {"$4": words, "$5": np.full(words.shape, p2 | (p2 << 16), np.uint32)})
+    for e in range(-14, 13):
+        p2, n2 = (int(np.float16(x).view(np.uint16)) for x in (2.0**e, -7.5 * 2.0**e))
+        regs = run_ptx(value_word_asm(), {"$4": words, "$5": np.full(words.shape, p2 | (p2 << 16), np.uint32),
+                                          "$6": np.full(words.shape, n2 | (n2 << 16), np.uint32)})
         got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
-        np.testing.assert_array_equal(got, codes * 2.0**e, err_msg=f"e={e}")
+        np.testing.assert_array_equal(got, (codes - 7.5) * 2.0**e, err_msg=f"e={e}")
 
 
 def test_unsupported_names_the_reason():
@@ -120,6 +121,36 @@ def test_refuses_other_caches_and_devices():
                                        lens=[5], seed=0)
     with pytest.raises(NotImplementedError, match="4-bit MSE keys"):
         paged_decode_mgpu(q, cache, tables, lens)
+
+
+def test_paged_decode_chooses_the_kernel(monkeypatch):
+    """tqjax.pallas.decode.paged_decode runs the Mosaic GPU kernel by default on Hopper for the caches it
+    reads, and the Triton one elsewhere, in interpret mode, and when given Triton tuning arguments."""
+    import tqjax.pallas.decode_mgpu as decode_mgpu
+    from tqjax.pallas.decode import choose_implementation, paged_decode
+
+    def cache(name, block_size=16):
+        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+        return jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 8, block_size, 2))
+
+    monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: True)
+    assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "mosaic"
+    assert choose_implementation(cache("turboquant_4bit_nc"), 4, interpret=True) == "triton"
+    assert choose_implementation(cache("turboquant_4bit_nc"), 4, triton_args=True) == "triton"
+    assert choose_implementation(cache("turboquant_4bit_nc"), 16) == "triton"  # group > 8
+    assert choose_implementation(cache("turboquant_4bit_nc", 128), 4) == "triton"  # block_size 128
+    assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "triton"
+    monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)
+    assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "triton"
+
+    q, c, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4, lens=[5], seed=0)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        paged_decode(q, c, tables, lens, implementation="cuda")
+    with pytest.raises(ValueError, match="num_splits only"):
+        paged_decode(q, c, tables, lens, implementation="mosaic", num_warps=4)
+    if not on_hopper():
+        with pytest.raises(RuntimeError, match="Hopper"):
+            paged_decode(q, c, tables, lens, implementation="mosaic")
 
 
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")

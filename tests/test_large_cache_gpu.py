@@ -1,5 +1,6 @@
 """Large single-layer caches on a real GPU: the store and decode kernels read and write the LAST blocks
-of caches of 3, 6 and 7.5 GiB (every array of the cache is touched there).
+of caches of 3, 6 and 7.5 GiB (every array of the cache is touched there), with both decode kernels
+where both run (tqjax.pallas.decode's Triton kernel; the Mosaic GPU one on Hopper).
 
 Why these sizes: the Pallas Triton lowering computes pointer offsets in int32 elements for arrays of
 at most 4 GiB and in int64 above that. tqjax's arrays have 2- or 4-byte elements, so a 2-4 GiB array
@@ -22,7 +23,7 @@ import pytest
 import tqjax
 from tqjax.codec import key_codec, value_codec
 from tqjax.layout import cache_nbytes
-from tqjax.pallas.decode import paged_decode
+from tqjax.pallas.decode import choose_implementation, paged_decode
 from tqjax.pallas.store import store as pallas_store
 from tqjax.reference import paged_decode_reference
 
@@ -36,7 +37,7 @@ GIB = 2**30
 
 @pytest.mark.parametrize(
     "name,gib",
-    [("turboquant_4bit_nc", 3.0), ("turboquant_k8v4", 6.0), ("turboquant_k8v4", 7.5)],
+    [("turboquant_4bit_nc", 3.0), ("turboquant_4bit_nc", 6.0), ("turboquant_k8v4", 6.0), ("turboquant_k8v4", 7.5)],
 )
 def test_store_and_decode_touch_the_last_blocks(name, gib):
     hk, d, bs = 8, 128, 16
@@ -73,7 +74,11 @@ def test_store_and_decode_touch_the_last_blocks(name, gib):
                           [0, num_blocks - 1, 1, 0]], jnp.int32)
     lens = jnp.asarray([4 * bs, 2 * bs + 5], jnp.int32)
     q = jnp.asarray(rng.standard_normal((2, hk * 4, d)), jnp.float32)
-    out = paged_decode(q, cache, tables, lens)
     ref = paged_decode_reference(q, cache, tables, lens)
-    assert bool(jnp.all(jnp.isfinite(out)))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
+    # both decode kernels where both run (the Mosaic GPU one: Hopper, the caches it reads)
+    kernels = {"triton", choose_implementation(cache, 4)}
+    for implementation in sorted(kernels):
+        out = paged_decode(q, cache, tables, lens, implementation=implementation)
+        assert bool(jnp.all(jnp.isfinite(out))), implementation
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5 * float(jnp.max(jnp.abs(ref))),
+                                   rtol=0, err_msg=implementation)

@@ -51,7 +51,7 @@ def make_case(name: str, *, head_dim: int, block_size: int, hk: int, group: int,
 
 def check(q, cache, tables, lens, **kw):
     ref = paged_decode_jit(q, cache, tables, lens, scale=kw.get("scale"), softcap=kw.get("softcap"))
-    out = paged_decode(q, cache, tables, lens, interpret=INTERPRET, **kw)
+    out = paged_decode(q, cache, tables, lens, interpret=INTERPRET, implementation="triton", **kw)
     chex.assert_shape(out, q.shape)
     assert bool(jnp.all(jnp.isfinite(out)))
     tol = RTOL * float(jnp.max(jnp.abs(ref)))
@@ -91,7 +91,7 @@ def test_f16_split_keeps_small_and_large_magnitudes():
                                 value_scales=per_head(cache.value_scales, [1e-5, 1e3]))
     assert bool(jnp.all(jnp.isfinite(cache.key_scales.astype(jnp.float32))))
     ref = paged_decode_jit(q, cache, tables, lens)
-    out = paged_decode(q, cache, tables, lens, interpret=INTERPRET)
+    out = paged_decode(q, cache, tables, lens, interpret=INTERPRET, implementation="triton")
     for h in range(2):
         rows = slice(4 * h, 4 * h + 4)
         chex.assert_trees_all_close(out[:, rows], ref[:, rows], atol=RTOL * float(jnp.max(jnp.abs(ref[:, rows]))), rtol=0)
@@ -153,7 +153,7 @@ def test_bf16_query():
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[40, 20], seed=9)
     q16 = q.astype(jnp.bfloat16)
-    out = paged_decode(q16, cache, tables, lens, interpret=INTERPRET)
+    out = paged_decode(q16, cache, tables, lens, interpret=INTERPRET, implementation="triton")
     assert out.dtype == jnp.bfloat16
     ref = paged_decode_jit(q16, cache, tables, lens)
     # both round the same float32 result to bfloat16: at most one bf16 ulp (2**-8 relative) apart
@@ -168,7 +168,7 @@ def test_no_retrace_across_steps():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(q, cache, tables, lens):
-        return paged_decode(q, cache, tables, lens, interpret=INTERPRET, num_splits=2)
+        return paged_decode(q, cache, tables, lens, interpret=INTERPRET, implementation="triton", num_splits=2)
 
     for i in range(3):
         step(q + i, cache, tables, lens + i)

@@ -40,7 +40,10 @@ from tqjax.platform import detect_platform
 from tqjax.quantizers import tf32_table
 from tqjax.reference import check_decode_inputs, paged_decode_reference
 
-__all__ = ["paged_decode", "paged_decode_reference", "choose_num_splits", "centroid_lookup", "merge_splits"]
+__all__ = [
+    "IMPLEMENTATIONS", "paged_decode", "paged_decode_reference", "choose_implementation", "choose_num_splits",
+    "centroid_lookup", "merge_splits",
+]
 
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the GQA group is padded to this many rows ("mma")
 _MIN_DOT_COLS = 8  # and N >= 8 (mma.m16n8k16): the group is padded to this many columns ("mma_t")
@@ -713,6 +716,22 @@ SPLIT_F16 = "split_f16"  # tensor-core products on float16 operands, the default
 DOT_MODES = ("mma", "mma_t", "fma")
 
 
+#: The kernels behind :func:`paged_decode`.
+IMPLEMENTATIONS = ("mosaic", "triton")
+
+
+def choose_implementation(cache: PagedKVCache, group: int, *, interpret: bool = False,
+                          triton_args: bool = False) -> str:
+    """The decode kernel :func:`paged_decode` runs by default: "mosaic" (the Mosaic GPU kernel, faster:
+    docs/PERFORMANCE.md) on a Hopper GPU for a cache it reads (``group`` query heads per KV head), unless
+    in interpret mode or given Triton tuning arguments (``triton_args``); "triton" otherwise."""
+    from tqjax.pallas.decode_mgpu import on_hopper, unsupported
+
+    if interpret or triton_args or not on_hopper():
+        return "triton"
+    return "mosaic" if unsupported(cache.config, group, cache.block_size) is None else "triton"
+
+
 def paged_decode(
     query: jax.Array,
     cache: PagedKVCache,
@@ -729,10 +748,16 @@ def paged_decode(
     dot_mode: str | None = None,
     interpret: bool = False,
     precision=None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Pallas paged decode; same contract as :func:`tqjax.reference.paged_decode_reference`.
 
     query [B, Hq, D], block_tables [B, max_blocks] int32, seq_lens [B] int32 -> [B, Hq, D].
+    ``implementation`` (:data:`IMPLEMENTATIONS`): "triton", this module's kernel (CUDA, ROCm, interpret
+    mode); "mosaic", :func:`tqjax.pallas.decode_mgpu.paged_decode_mgpu` (Hopper GPUs; the caches of
+    :func:`tqjax.pallas.decode_mgpu.unsupported`; it takes ``num_splits`` only); None:
+    :func:`choose_implementation`, which takes "mosaic" where it runs and no Triton tuning argument
+    is given, else "triton".
     Tuning (static; None takes :func:`tqjax.pallas.tuning.decode_params`, measured per device kind
     and preset): ``num_splits`` (None: from batch, heads and the device's core count),
     ``block_tokens`` (tokens per inner step; at least one block), ``num_warps``, ``num_stages``,
@@ -753,6 +778,21 @@ def paged_decode(
     ``DotAlgorithmPreset.TF32_TF32_F32_X3``) and the tf32 split for the values.
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
+    triton_args = {"block_tokens": block_tokens, "num_warps": num_warps, "num_stages": num_stages, "lookup": lookup,
+                   "dot_mode": dot_mode, "precision": precision}
+    if implementation is None:
+        implementation = choose_implementation(cache, query.shape[1] // cache.num_kv_heads, interpret=interpret,
+                                               triton_args=any(v is not None for v in triton_args.values()))
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation == "mosaic":
+        given = [k for k, v in triton_args.items() if v is not None] + (["interpret"] if interpret else [])
+        if given:
+            raise ValueError(f"the Mosaic GPU decode takes num_splits only, not {given}")
+        from tqjax.pallas.decode_mgpu import paged_decode_mgpu
+
+        return paged_decode_mgpu(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
+                                 num_splits=num_splits)
     platform = detect_platform()
     tuned = decode_params(cache.config.name, platform)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens

@@ -136,12 +136,15 @@ def key_word_asm(table: np.ndarray) -> str:
 
 
 def value_word_asm() -> str:
-    """PTX: a uint32 word of 8 four-bit value codes (``$4``) and a float16 pair ``$5`` = (2**e, 2**e)
-    -> ``code * 2**e`` as float16 pairs ``$0..$3`` (exact for 2**e <= 2**11).
+    """PTX: a uint32 word of 8 four-bit value codes (``$4``), a float16 pair ``$5`` = (2**e, 2**e) and
+    ``$6`` = (-7.5 * 2**e, -7.5 * 2**e) -> the centred codes ``(code - 7.5) * 2**e`` as float16 pairs
+    ``$0..$3`` (exact for 2**e <= 2**12).
 
     Byte i of the word goes to both halves (``prmt``), ``lop3`` keeps its low nibble in the low half and
     its high nibble (times 16) in the high half under float16 1024's exponent, ``fma.rn.f16x2`` takes
-    1024 (64) away (exact), ``mul.rn.f16x2`` scales by the power of two (exact).
+    1024 (64) away (exact: the code), a second ``fma.rn.f16x2`` gives ``code * 2**e - 7.5 * 2**e``
+    (exact: at most 5 significant bits). Centred, the codes' products with the probabilities and the
+    zero points' (the value's zero plus 7.5 scales) no longer are two large sums that cancel.
     """
     lines = ["{", ".reg .b32 z, p, q, mul, add;", "mov.b32 z, 0;",
              "mov.b32 mul, 0x2C003C00;",  # (1.0, 0.0625)
@@ -151,7 +154,7 @@ def value_word_asm() -> str:
             f"prmt.b32 p, $4, z, {_imm(0x4040 | (i << 8) | i)};",  # byte i -> bytes 0 and 2
             "lop3.b32 q, p, 0x00F0000F, 0x64006400, 0xEA;",  # (p & mask) | bias
             "fma.rn.f16x2 q, q, mul, add;",
-            f"mul.rn.f16x2 ${i}, q, $5;",
+            f"fma.rn.f16x2 ${i}, q, $5, $6;",
         ]
     return "\n".join(lines + ["}"])
 
@@ -184,7 +187,7 @@ def _thread_rows():
 
 def _words_to_f16(words_ref, dim: int, asm: str, extra=None) -> mgpu.FragmentedArray:
     """SMEM words uint32 [64, dim/8] -> float16 [64, dim] (WGMMA_LAYOUT_UPCAST_4X), one PTX block per
-    word; ``extra(r)``: more asm operands for the registers of row half r."""
+    word; ``extra(r)``: more asm operands (i32 values) for the registers of row half r."""
     ir, arith, llvm, memref, vector = _ir()
     i32, index, f16 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F16Type.get()
     c = functools.partial(mgpu.utils.c, ty=i32)
@@ -203,9 +206,9 @@ def _words_to_f16(words_ref, dim: int, asm: str, extra=None) -> mgpu.FragmentedA
         constraints = "=r,=r,=r,=r,r"
         if extra is not None:
             if half not in extras:
-                extras[half] = extra(half)
-            operands.append(extras[half])
-            constraints += ",r"
+                extras[half] = list(extra(half))
+            operands += extras[half]
+            constraints += ",r" * len(extras[half])
         out = llvm.inline_asm(struct, operands, asm, constraints)
         parts = [llvm.extractvalue(i32, out, [k]) for k in range(4)]
         regs[idx] = vector.bitcast(ir.VectorType.get((8,), f16), vector.from_elements(ir.VectorType.get((4,), i32), parts))
@@ -247,7 +250,8 @@ def _split_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
 def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size: int):
     """Per token row of a step (WGMMA_ROW_LAYOUT [64] each): float32 key norm, float32 value scale over
     its power of two times 2**14 (in [2**14, 2**15): the probabilities' float16 split stays in the normal
-    range), float32 value zero, and int32 (2**e, 2**e) as a float16 pair (the value tile's factor).
+    range), float32 zero point of the centred codes (the value zero plus 7.5 value scales), and as float16
+    pairs in int32 (2**e, 2**e) and (-7.5 * 2**e, -7.5 * 2**e) (the value tile's factor and offset).
 
     Loaded straight from global memory (the step's pages from the block table, clamped to the sequence's
     last page ``last_page``; -1 for an empty sequence, whose table is never followed); ``ks_ref`` [Hk, NB, BS, 1] f16, ``vs_ref`` [Hk, NB, BS, 2] f16."""
@@ -260,7 +264,7 @@ def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size
     first, last = first_page.registers.item(), last_page.registers.item()
     layout = mgpu.WGMMA_ROW_LAYOUT
     reg_shape = layout.registers_shape((TOKENS,))
-    out = [np.empty(reg_shape, dtype=object) for _ in range(4)]
+    out = [np.empty(reg_shape, dtype=object) for _ in range(5)]
     for idx in np.ndindex(*reg_shape):
         row = arith.addi(row0, c(8 * idx[2]))
         page_i = arith.minsi(arith.addi(first, arith.divui(row, c(block_size))), arith.maxsi(last, c(0)))
@@ -277,20 +281,26 @@ def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size
         e_field = arith.extui(i32, arith.shrui(ebits, mgpu.utils.c(10, i16)))
         inv_bits = arith.shli(arith.subi(c(142 + 14), e_field), c(23))  # 2**14 / 2**e = 2**(29 - E) in float32
         m = arith.mulf(arith.extf(f32, scale), arith.bitcast(f32, inv_bits))  # exact
+        centred_zero = arith.addf(arith.extf(f32, zero),
+                                  arith.mulf(arith.extf(f32, scale), arith.constant(f32, 7.5)))
         e32 = arith.extui(i32, ebits)
-        vals = [arith.extf(f32, norm), m, arith.extf(f32, zero), arith.ori(e32, arith.shli(e32, c(16)))]
+        n32 = arith.ori(arith.addi(e32, c(2 << 10)), c(0x8380))  # -1.875 * 2**(e + 2)
+        vals = [arith.extf(f32, norm), m, centred_zero, arith.ori(e32, arith.shli(e32, c(16))),
+                arith.ori(n32, arith.shli(n32, c(16)))]
         for k, v in enumerate(vals):
             out[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None if k < 3 else False)
                  for k, r in enumerate(out))
 
 
-def _values_f16(words_ref, dim: int, pow2: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
-    """The value tile: ``code * 2**e`` per token row (``pow2`` from :func:`_row_scalars`)."""
+def _values_f16(words_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
+    """The value tile: ``(code - 7.5) * 2**e`` per token row (``pow2``, ``centre`` from :func:`_row_scalars`)."""
     _, _, _, _, vector = _ir()
-    regs = pow2.registers
-    return _words_to_f16(words_ref, dim, value_word_asm(),
-                         extra=lambda half: vector.extract(regs[(0, 0, half, 0, 0)], [], [0]))
+
+    def operands(half):
+        return [vector.extract(x.registers[(0, 0, half, 0, 0)], [], [0]) for x in (pow2, centre)]
+
+    return _words_to_f16(words_ref, dim, value_word_asm(), extra=operands)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,16 +331,16 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat),
-        return_type=(rows_ty, rows_ty, rows_ty, pow2_ty),
+        return_type=(rows_ty, rows_ty, rows_ty, pow2_ty, pow2_ty),
     )
     def row_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
         return _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row), return_type=f16_tile)
-    def values_f16(ctx, words_ref, pow2):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row, row), return_type=f16_tile)
+    def values_f16(ctx, words_ref, pow2, centre):
         del ctx
-        return _values_f16(words_ref, d, pow2)
+        return _values_f16(words_ref, d, pow2, centre)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_wide)
     def fold(ctx, x):
@@ -388,7 +398,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
 
         def step_fn(i, carry):
             # the step's row scalars and the page ids of step i + stages were loaded a step ahead
-            acc, m_i, l_i, z_i, (kn, vm, vz, pow2), pages = carry
+            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre), pages = carry
             slot = lax.rem(i, stages)
             page0 = first_page + i * pps
             prefetched = row_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
@@ -401,7 +411,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, k16_smem, plgpu.transpose_ref(q_smem, (1, 0)))
                 plgpu.barrier_wait(vw_bar.at[slot])
-                v16_smem[...] = values_f16(vw_smem.at[slot], pow2)
+                v16_smem[...] = values_f16(vw_smem.at[slot], pow2, centre)
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
