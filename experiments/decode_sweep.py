@@ -3,7 +3,8 @@
     python -m experiments.decode_sweep [--presets ...] [--batch 1 8 32] [--context 4096 16384] [--out results]
 
 For each preset x batch x context it stores random K/V into a paged cache, then times the paged decode
-(median of device-synchronised repetitions, warmed up, rotating several query sets), counts the bytes
+(``tqjax.pallas.decode.paged_decode``'s default kernel: the Mosaic GPU one on Hopper where it reads the
+cache, with the Triton kernel as a ``triton_<preset>`` row beside it; the Triton kernel elsewhere; median of device-synchronised repetitions, warmed up, rotating several query sets), counts the bytes
 the kernel must read (the compressed cache of the batch's tokens), and reports GB/s and the fraction of
 the device's copy bandwidth measured in the same run, plus the output error against float32 attention
 on the unquantized K/V. Peers at the same shapes: JAX's Pallas GPU ``paged_attention`` over bf16 pages
@@ -47,6 +48,7 @@ from experiments.timing import (
 )
 from tqjax.config import NativeConfig
 from tqjax.layout import NativePagedKVCache
+from tqjax.pallas.decode import choose_implementation, paged_decode
 from tqjax.reference import paged_decode_jit, store_jit
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -119,8 +121,6 @@ def store_fn():
 
 def decode_fn():
     if ON_GPU:
-        from tqjax.pallas.decode import paged_decode
-
         return paged_decode
     return paged_decode_jit
 
@@ -231,21 +231,25 @@ def main(argv=None) -> None:
             t = time_fn(f, [(q,) for q in q_sets], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
             err = rel_err(f(q_sets[0])[:nb_err], ref)
             rows.append(Row(name, batch, context, t * 1e6, nbytes, nbytes / t / 1e9, nbytes / t / bw, err))
+            if ON_GPU and choose_implementation(cache, a.hq // a.hk) != "triton":  # the Triton kernel too
+                ft = functools.partial(jax.jit(functools.partial(paged_decode, implementation="triton")),
+                                       cache=cache, block_tables=tables, seq_lens=lens)
+                tt = time_fn(ft, [(q,) for q in q_sets], iters=20, reps=5)
+                rows.append(Row(f"triton_{name}", batch, context, tt * 1e6, nbytes, nbytes / tt / 1e9, nbytes / tt / bw,
+                                rel_err(ft(q_sets[0])[:nb_err], ref)))
             if ON_GPU:  # the XLA path over the same quantized cache, as a peer
                 g = functools.partial(paged_decode_jit, cache=cache, block_tables=tables, seq_lens=lens)
                 tg = time_fn(g, [(q,) for q in q_sets], iters=5, reps=3)
                 rows.append(Row(f"xla_{name}", batch, context, tg * 1e6, nbytes, nbytes / tg / 1e9, nbytes / tg / bw, None))
                 _progress(done, total, t_start, rows[-1])
             elif batch == a.batch[0] and context == a.context[0]:
-                from tqjax.pallas.decode import paged_decode
-
                 kern = paged_decode(q_sets[0], cache, tables, lens, interpret=True)
                 ref_q = paged_decode_jit(q_sets[0], cache, tables, lens)
                 diff = float(jnp.max(jnp.abs(kern.astype(jnp.float32) - ref_q.astype(jnp.float32))))
                 print(f"  interpret-mode Pallas kernel vs reference ({name}): max |diff| = {diff:.2e}")
             del cache
             done += 1
-            _progress(done, total, t_start, rows[-1] if not ON_GPU else rows[-2])
+            _progress(done, total, t_start, rows[-1] if not ON_GPU else next(r for r in rows[::-1] if r.system == name))
             write_csv(a, rows)
         if ON_GPU and not a.no_peers:
             for pname, pf, pbytes in peer_systems(q_sets, k, v, tables, lens, batch, context, a.block_size):
@@ -344,7 +348,7 @@ def speedup_table(rows):
             continue
         parts = []
         for p in peers:
-            if p.startswith("xla_") and p != f"xla_{r.system}":
+            if p.startswith(("xla_", "triton_")) and p.split("_", 1)[1] != r.system:
                 continue
             other = by_key.get((p, r.batch, r.context))
             if other:

@@ -554,7 +554,7 @@ def paged_comparison(args) -> None:
         scale = 1 / math.sqrt(DIM)
         auto = choose_num_splits(b, hk, bt.shape[1], 4, _device_cores())
         systems = {"triton (tuned)": jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt,
-                                                                  seq_lens=lens))}
+                                                                  seq_lens=lens, implementation="triton"))}
         for splits in sorted({1, 2, 4, auto}):
             systems[f"mosaic, {splits} splits"] = jax.jit(functools.partial(
                 paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens, scale=scale, num_splits=splits))

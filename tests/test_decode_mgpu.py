@@ -21,7 +21,6 @@ from test_pallas_decode import RTOL, make_case
 import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
-    MAX_SPLIT_TOKENS,
     default_num_splits,
     key_word_asm,
     on_hopper,
@@ -103,12 +102,18 @@ def test_lowers_for_cuda(head_dim, block_size, group, softcap, splits):
     assert "tq_decode_mgpu" in module
 
 
-def test_default_splits_bound_the_tokens_of_a_split():
-    for batch, hk, max_blocks, bs in ((1, 8, 2048, 16), (32, 8, 1024, 16), (128, 8, 256, 16), (4, 2, 300, 64)):
-        n = default_num_splits(batch, hk, max_blocks, bs)
-        pages_per_split = -(-max_blocks // n)
-        assert pages_per_split * bs <= MAX_SPLIT_TOKENS + 64, (batch, max_blocks, n)
-    assert default_num_splits(1, 1, 3, 16) == 1  # never more splits than 64-token steps
+def test_default_splits_fill_the_device_in_few_waves():
+    """The default split counts at the H200's 132 cores (2 programs resident on each): those measured
+    fastest (B=8, 32k: 4 splits, one wave of 256 programs, not 5: two waves; B=32, 16k: 1), one wave of
+    short splits for a single sequence, never more splits than 64-token steps."""
+    assert default_num_splits(8, 8, 2048, 16, num_cores=132) == 4
+    assert default_num_splits(32, 8, 1024, 16, num_cores=132) == 1
+    assert default_num_splits(128, 8, 256, 16, num_cores=132) == 1
+    assert default_num_splits(1, 8, 256, 16, num_cores=132) == 32  # 4k tokens: 64 steps, 2 a split
+    assert default_num_splits(1, 8, 8192, 16, num_cores=132) == 33  # 128k: 264 programs, one wave
+    assert default_num_splits(1, 1, 3, 16, num_cores=132) == 1
+    assert default_num_splits(1, 1, 2, 16, num_cores=132) == 1  # fewer steps than the device could take
+    assert default_num_splits(2, 2, 300, 64, num_cores=132) == 60  # block 64: 300 steps, 5 a split
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
@@ -220,6 +225,42 @@ def test_long_split():
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[16384, 9000], seed=5)
     _check(q, cache, tables, lens)
+
+
+def float64_decode(q, cache, tables, lens, scale: float) -> np.ndarray:
+    """Attention in float64 on the host over the cache's dequantized (float32) K/V: q [B, Hq, D]."""
+    k, v = tqjax.dequantize(cache, tables, lens, backend="reference")  # [B, T, Hk, D]
+    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+    b, hq, d = q.shape
+    g = hq // cache.num_kv_heads
+    qg = np.asarray(q, np.float64).reshape(b, -1, g, d)
+    s = np.einsum("bhgd,bthd->bhgt", qg, k) * scale
+    s = np.where(np.arange(k.shape[1]) < np.asarray(lens)[:, None, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (np.einsum("bhgt,bthd->bhgd", p, v) / p.sum(-1)[..., None]).reshape(b, hq, d)
+
+
+def test_float64_decode_matches_the_reference():
+    """The float64 check below, against the float32 reference on a CPU: the same attention."""
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=64, block_size=16, hk=2, group=4,
+                                       lens=[37, 300], seed=3)
+    ref = np.asarray(paged_decode_jit(q, cache, tables, lens, scale=0.125), np.float64)
+    want = float64_decode(q, cache, tables, lens, 0.125)
+    assert np.max(np.abs(ref - want)) < 1e-5 * np.max(np.abs(want))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_one_long_split_against_float64():
+    """32k tokens in one split stay within 4e-6 of max|out| of float64 attention (H200: 8e-7; the float32
+    reference 1e-6..2e-6). Before the value codes were centred, the kernel's separate float32 sums of
+    ``p * code * scale`` and of ``p * zero`` cancelled: 9e-5 here."""
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+                                       lens=[32768], seed=12)
+    out = paged_decode_mgpu(q, cache, tables, lens, num_splits=1)
+    want = float64_decode(q, cache, tables, lens, 1 / np.sqrt(128))
+    err = np.max(np.abs(np.asarray(out, np.float64) - want)) / np.max(np.abs(want))
+    assert err < 4e-6, err
 
 
 @pytest.mark.gpu

@@ -49,7 +49,7 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "MAX_SPLIT_TOKENS", "default_num_splits", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
+    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
     "value_word_asm",
 ]
 
@@ -506,27 +506,31 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
-#: Most tokens one split accumulates. The kernel's error against float64 attention grows with the tokens
-#: of a split (H200, random 4-bit caches, one sequence of 32k tokens: 9.0e-5 of max|out| in one split,
-#: 5.4e-5 in 2, 2.4e-5 in 4; 1.3e-5 at 4096 tokens; the Triton kernel 1.2e-5, the float32 reference 1e-6;
-#: docs/data/decode_mgpu_paged_f64_h200_2026-11-30_s12.log), so the default split count keeps a split at
-#: 4096 tokens or fewer. (Cause, found afterwards on a host emulation of the kernel's arithmetic: the value
-#: products sum ``code * scale`` and the zero points separately, two large float32 sums that cancel; see
-#: docs/PERFORMANCE.md, "A Mosaic GPU decode".)
-MAX_SPLIT_TOKENS = 4096
+#: Programs (one per sequence, KV head and split) resident per multiprocessor. H200, B=8, 32k tokens, Hk=8:
+#: 4 splits (256 programs) 304 us, 5 splits (320) 394 us, 8 splits (512) 310 us
+#: (docs/data/decode_mgpu_paged_f64_h200_2026-11-30_s13.log): 264 = 2 x 132 run in one wave.
+BLOCKS_PER_CORE = 2
+#: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
+#: merge): keeps the wave count from favouring many tiny splits.
+PROGRAM_OVERHEAD_STEPS = 2
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
-    """KV splits per (sequence, KV head): :func:`tqjax.pallas.decode.choose_num_splits`' (about two waves
-    of programs over the device's cores), at least enough for :data:`MAX_SPLIT_TOKENS` tokens a split,
-    at most one per 64-token step."""
-    from tqjax.pallas.decode import _device_cores, choose_num_splits
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                       num_cores: int | None = None) -> int:
+    """KV splits per (sequence, KV head): the fewest that minimise the waves of programs over the device
+    times a program's time (``ceil(B * Hk * S / resident) * (ceil(steps / S) + PROGRAM_OVERHEAD_STEPS)``,
+    resident = :data:`BLOCKS_PER_CORE` per core, in 64-token steps), at most one split per step. Splits no longer bound the error (the value
+    codes are centred: 8e-7 of max|out| against float64 attention for 32k tokens in one split)."""
+    from tqjax.pallas.decode import _device_cores
 
-    pps = TOKENS // block_size
-    steps = -(-max_blocks // pps)
-    want = max(choose_num_splits(batch, num_kv_heads, max_blocks, pps, _device_cores()),
-               -(-max_blocks * block_size // MAX_SPLIT_TOKENS))
-    return int(max(1, min(want, steps)))
+    resident = BLOCKS_PER_CORE * (num_cores or _device_cores())
+    steps = max(1, -(-max_blocks // (TOKENS // block_size)))
+    programs = batch * num_kv_heads
+
+    def cost(s: int) -> int:
+        return -(-programs * s // resident) * (-(-steps // s) + PROGRAM_OVERHEAD_STEPS)
+
+    return min(range(1, steps + 1), key=lambda s: (cost(s), s))
 
 
 def paged_decode_mgpu(
