@@ -1,12 +1,14 @@
 """A numpy interpreter of the PTX subset the kernels' inline blocks use, from the PTX ISA's definitions.
 
 ``run_ptx(asm, args)``: ``args`` maps operand names (``"$2"``) to uint32 arrays of one shape; returns
-every register (uint32 arrays) after running the block's instructions in order. Supported: mov.b32,
-mad.lo.u32, and.b32, shl.b32, shr.b32, prmt.b32 (default mode), lop3.b32, fma.rn.f16x2, mul.rn.f16x2.
+every register (uint32 arrays) after running the block's instructions in order. Supported: mov.b32
+(also the unpacking ``mov.b32 {lo, hi}, x``: 16-bit registers), mad.lo.u32, and.b32, shl.b32, shr.b32,
+prmt.b32 (default mode), lop3.b32, fma.rn.f16x2, mul.rn.f16x2, cvt.rn.f16x2.e4m3x2.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 
@@ -35,6 +37,12 @@ def run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if line in ("", "{", "}") or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):  # {lo, hi}, x: the halves of a 32-bit value
+            halves, x = rest[1:].split("}")
+            lo, hi = (r.strip() for r in halves.split(","))
+            v = val(x.strip(" ,"))
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
         d, *src = [x.strip() for x in rest.split(",")]
         a = [val(x) for x in src]
         if op == "mov.b32":
@@ -63,6 +71,9 @@ def run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 out = out | (((np.uint32(lut) >> idx) & 1) << bit)
         elif op == "fma.rn.f16x2":  # a * b + c exactly (float64 holds it here), rounded once
             out = _pack_f16x2(_f16x2(a[0]) * _f16x2(a[1]) + _f16x2(a[2]))
+        elif op == "cvt.rn.f16x2.e4m3x2":  # the two e4m3 bytes of a 16-bit value, the upper one to the upper half
+            e4m3 = np.stack([a[0] & 0xFF, (a[0] >> 8) & 0xFF], -1).astype(np.uint8).view(ml_dtypes.float8_e4m3fn)
+            out = _pack_f16x2(e4m3.astype(np.float64))
         elif op == "mul.rn.f16x2":
             out = _pack_f16x2(_f16x2(a[0]) * _f16x2(a[1]))
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from ptx_interpreter import run_ptx
@@ -22,6 +23,7 @@ import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
     default_num_splits,
+    fp8_words_asm,
     key_word_asm,
     on_hopper,
     paged_decode_mgpu,
@@ -30,6 +32,9 @@ from tqjax.pallas.decode_mgpu import (
     value_word_asm,
 )
 from tqjax.reference import paged_decode_jit
+
+
+MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4")
 
 
 def _halves(regs: dict, names) -> np.ndarray:
@@ -55,6 +60,19 @@ def test_key_word_asm_rejects_other_tables():
         key_word_asm(np.zeros(8, np.float32))
 
 
+def test_fp8_words_asm_converts_every_byte():
+    """Every float8 e4m3 byte (NaN's two excepted) in every position of the two words comes out as the
+    float16 bits of its value, in channel order."""
+    rng = np.random.default_rng(2)
+    finite = np.setdiff1d(np.arange(256), [0x7F, 0xFF]).astype(np.uint8)
+    raw = rng.choice(finite, (4096, 8)).astype(np.uint8)
+    raw.reshape(-1)[: finite.size] = finite  # every byte somewhere
+    words = raw.reshape(-1, 2, 4).view("<u4").reshape(-1, 2).astype(np.uint32)
+    regs = run_ptx(fp8_words_asm(), {"$4": words[:, 0], "$5": words[:, 1]})
+    want = raw.view(ml_dtypes.float8_e4m3fn).astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(_halves(regs, ["$0", "$1", "$2", "$3"]), want)
+
+
 def test_value_word_asm_centres_and_scales_codes_exactly():
     """(code - 7.5) * 2**e exactly, for every code in every position and every power of two the kernel
     meets up to 2**12 (a float16 value scale's, subnormal ones taken as 2**-14)."""
@@ -76,20 +94,24 @@ def test_unsupported_names_the_reason():
     assert "at most 8" in unsupported(cfg, 16, 16)
     assert "block_size" in unsupported(cfg, 4, 128)
     for name in tqjax.PRESETS:
-        if name != "turboquant_4bit_nc":
-            reason = unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 128), 4, 16)
+        reason = unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 128), 4, 16)
+        if name in MOSAIC_PRESETS:
+            assert reason is None, (name, reason)
+        else:
             assert reason and ("4-bit" in reason), (name, reason)
 
 
-@pytest.mark.parametrize("head_dim,block_size,group,softcap,splits", [
-    (128, 16, 4, None, 2),
-    (64, 32, 1, 30.0, 1),
-    (256, 64, 8, None, 3),
+@pytest.mark.parametrize("name,head_dim,block_size,group,softcap,splits", [
+    ("turboquant_4bit_nc", 128, 16, 4, None, 2),
+    ("turboquant_4bit_nc", 64, 32, 1, 30.0, 1),
+    ("turboquant_4bit_nc", 256, 64, 8, None, 3),
+    ("turboquant_k8v4", 128, 16, 4, None, 2),
+    ("turboquant_k8v4", 64, 64, 8, 30.0, 1),
 ])
-def test_lowers_for_cuda(head_dim, block_size, group, softcap, splits):
+def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
     needed: jax.export for the "cuda" platform); the compile and the run need a Hopper GPU."""
-    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", head_dim)
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 40, block_size, 2))
     q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
     tables = jax.ShapeDtypeStruct((3, 9), jnp.int32)
@@ -122,7 +144,7 @@ def test_refuses_other_caches_and_devices():
                                        lens=[5], seed=0)
     with pytest.raises(RuntimeError, match="Hopper"):
         paged_decode_mgpu(q, cache, tables, lens)
-    q, cache, tables, lens = make_case("turboquant_k8v4", head_dim=128, block_size=16, hk=1, group=4,
+    q, cache, tables, lens = make_case("turboquant_3bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[5], seed=0)
     with pytest.raises(NotImplementedError, match="4-bit MSE keys"):
         paged_decode_mgpu(q, cache, tables, lens)
@@ -144,6 +166,7 @@ def test_paged_decode_chooses_the_kernel(monkeypatch):
     assert choose_implementation(cache("turboquant_4bit_nc"), 4, triton_args=True) == "triton"
     assert choose_implementation(cache("turboquant_4bit_nc"), 16) == "triton"  # group > 8
     assert choose_implementation(cache("turboquant_4bit_nc", 128), 4) == "triton"  # block_size 128
+    assert choose_implementation(cache("turboquant_k8v4"), 4) == "mosaic"
     assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "triton"
     monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)
     assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "triton"
@@ -183,6 +206,25 @@ def test_matches_reference(head_dim, block_size, group):
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=head_dim, block_size=block_size, hk=2,
                                        group=group, lens=lens, seed=head_dim + block_size + group)
     _check(q, cache, tables, lens)
+
+
+@pytest.mark.parametrize("head_dim,block_size,group,num_splits", [
+    (64, 16, 4, 1), (128, 16, 4, 2), (128, 32, 8, 1), (256, 64, 1, 3), (128, 64, 4, None),
+])
+@pytest.mark.gpu
+@needs_hopper
+def test_fp8_keys_match_reference(head_dim, block_size, group, num_splits):
+    """turboquant_k8v4: float8 keys (no norms) converted by cvt.rn.f16x2.e4m3x2, two words per 8 channels."""
+    lens = [0, 1, 17, 64, 65, 333, 1500]
+    q, cache, tables, lens = make_case("turboquant_k8v4", head_dim=head_dim, block_size=block_size, hk=2,
+                                       group=group, lens=lens, seed=head_dim + block_size + group)
+    if num_splits is None:
+        scale = 1 / np.sqrt(head_dim)
+        ref = paged_decode_jit(q, cache, tables, lens, scale=scale)
+        out = tqjax.paged_decode(q, cache, tables, lens)  # the backend's default: this kernel on Hopper
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=RTOL * float(jnp.max(jnp.abs(ref))), rtol=0)
+    else:
+        _check(q, cache, tables, lens, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("num_splits,stages", [(2, 2), (3, 3), (5, 2), (16, 1)])

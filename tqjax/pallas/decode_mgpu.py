@@ -22,7 +22,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
 says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 4-bit MSE keys
-of one segment and 4-bit values (``turboquant_4bit_nc``), head_dim 64, 128 or 256, at most 8 query
+of one segment or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and 4-bit values
+(``turboquant_4bit_nc``, ``turboquant_k8v4``), head_dim 64, 128 or 256, at most 8 query
 heads per KV head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the
 kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
@@ -49,7 +50,7 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
+    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
     "value_word_asm",
 ]
 
@@ -73,8 +74,10 @@ def on_hopper() -> bool:
 def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | None:
     """Why this kernel cannot decode ``config`` (None if it can)."""
     segs = config.key_segments
-    if config.key_format != "mse" or len(segs) != 1 or segs[0].bits != 4:
-        return f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 4-bit MSE keys only"
+    fp8 = config.key_format == "fp8"
+    if not fp8 and (config.key_format != "mse" or len(segs) != 1 or segs[0].bits != 4):
+        return (f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 4-bit MSE keys and "
+                "fp8 keys only")
     if config.value_bits != 4:
         return f"values are {config.value_bits}-bit, this kernel reads 4-bit values only"
     if config.head_dim not in HEAD_DIMS:
@@ -85,7 +88,7 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
         return f"block_size {block_size} not in {BLOCK_SIZES}"
     from tqjax.pallas.decode import _exact_in_f16
 
-    if not _exact_in_f16(key_codec(config).quantizers[0].centroids):
+    if not fp8 and not _exact_in_f16(key_codec(config).quantizers[0].centroids):
         return "the key table is not exact in float16"
     return None
 
@@ -132,6 +135,15 @@ def key_word_asm(table: np.ndarray) -> str:
             f"prmt.b32 {out0}, lo, hi, 0x5140;",
             f"prmt.b32 {out1}, lo, hi, 0x7362;",
         ]
+    return "\n".join(lines + ["}"])
+
+
+def fp8_words_asm() -> str:
+    """PTX: two uint32 words of 4 float8 e4m3 keys each (``$4``, ``$5``; channel k in byte k) -> the 8
+    values as float16 pairs ``$0..$3`` (channels 2i, 2i+1; the first in the low half): one
+    ``cvt.rn.f16x2.e4m3x2`` per pair (exact: e4m3 values are float16 values)."""
+    lines = ["{", ".reg .b16 a, b, c, d;", "mov.b32 {a, b}, $4;", "mov.b32 {c, d}, $5;"]
+    lines += [f"cvt.rn.f16x2.e4m3x2 ${i}, {r};" for i, r in enumerate("abcd")]
     return "\n".join(lines + ["}"])
 
 
@@ -185,9 +197,10 @@ def _thread_rows():
     return arith.remui(lane, c(4)), row
 
 
-def _words_to_f16(words_ref, dim: int, asm: str, extra=None) -> mgpu.FragmentedArray:
-    """SMEM words uint32 [64, dim/8] -> float16 [64, dim] (WGMMA_LAYOUT_UPCAST_4X), one PTX block per
-    word; ``extra(r)``: more asm operands (i32 values) for the registers of row half r."""
+def _words_to_f16(words_ref, dim: int, asm: str, extra=None, words_per_reg: int = 1) -> mgpu.FragmentedArray:
+    """SMEM words uint32 [64, dim * words_per_reg / 8] -> float16 [64, dim] (WGMMA_LAYOUT_UPCAST_4X), one
+    PTX block per 8 channels (``words_per_reg`` words: 1 of 4-bit codes, 2 of float8 keys); ``extra(r)``:
+    more asm operands (i32 values) for the registers of row half r."""
     ir, arith, llvm, memref, vector = _ir()
     i32, index, f16 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F16Type.get()
     c = functools.partial(mgpu.utils.c, ty=i32)
@@ -200,10 +213,14 @@ def _words_to_f16(words_ref, dim: int, asm: str, extra=None) -> mgpu.FragmentedA
     for idx in np.ndindex(*reg_shape):
         ctile, half = idx[1], idx[4]
         row = arith.addi(row0, c(8 * half))
-        col = arith.addi(lcol, c(4 * ctile))
-        w = memref.load(words_ref, [arith.index_cast(index, row), arith.index_cast(index, col)])
-        operands = [w]
-        constraints = "=r,=r,=r,=r,r"
+        col = arith.muli(arith.addi(lcol, c(4 * ctile)), c(words_per_reg))
+        at = [arith.index_cast(index, row), arith.index_cast(index, col)]
+        if words_per_reg == 1:
+            operands = [memref.load(words_ref, at)]
+        else:  # one shared-memory load of the register's words
+            ws = vector.load(ir.VectorType.get((words_per_reg,), i32), words_ref, at)
+            operands = [vector.extract(ws, [], [k]) for k in range(words_per_reg)]
+        constraints = "=r,=r,=r,=r" + ",r" * words_per_reg
         if extra is not None:
             if half not in extras:
                 extras[half] = list(extra(half))
@@ -247,7 +264,7 @@ def _split_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
     return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=None)
 
 
-def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size: int):
+def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size: int, key_norms: bool = True):
     """Per token row of a step (WGMMA_ROW_LAYOUT [64] each): float32 key norm, float32 value scale over
     its power of two times 2**14 (in [2**14, 2**15): the probabilities' float16 split stays in the normal
     range), float32 zero point of the centred codes (the value zero plus 7.5 value scales), and as float16
@@ -272,7 +289,8 @@ def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size
         page = arith.select(arith.cmpi(arith.CmpIPredicate.slt, last, c(0)), c(0), page)  # empty: never follow
         at = [arith.index_cast(index, hval), arith.index_cast(index, page),
               arith.index_cast(index, arith.remui(row, c(block_size)))]
-        norm = memref.load(ks_ref, [*at, arith.constant(index, 0)])
+        norm = (memref.load(ks_ref, [*at, arith.constant(index, 0)]) if key_norms  # fp8 keys: none (1.0)
+                else arith.constant(ir.F16Type.get(), 1.0))
         scale = memref.load(vs_ref, [*at, arith.constant(index, 0)])
         zero = memref.load(vs_ref, [*at, arith.constant(index, 1)])
         # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); E = the exponent field
@@ -309,12 +327,15 @@ def _values_f16(words_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.Fr
 def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, block_size: int, num_splits: int,
                 stages: int, scale: float, softcap: float | None):
     d = cfg.head_dim
-    words = d // 8
+    fp8 = cfg.key_format == "fp8"
+    key_words, words = (d // 4 if fp8 else d // 8), d // 8
     pps = TOKENS // block_size  # pages per step
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
-    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
-    kasm = key_word_asm(table)
+    if fp8:
+        kasm = fp8_words_asm()
+    else:
+        kasm = key_word_asm(np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32))
     f16_tile = plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA_UPCAST_4X)
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
@@ -324,7 +345,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_tile)
     def keys_f16(ctx, words_ref):
         del ctx
-        return _words_to_f16(words_ref, d, kasm)
+        return _words_to_f16(words_ref, d, kasm, words_per_reg=2 if fp8 else 1)
 
     rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
     pow2_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
@@ -335,7 +356,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     )
     def row_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
-        return _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size)
+        return _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size, key_norms=not fp8)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row, row), return_type=f16_tile)
     def values_f16(ctx, words_ref, pow2, centre):
@@ -467,7 +488,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     scratch = [
         plgpu.SMEM((COLS, d), jnp.float16, transforms=_F16_TILE),
         plgpu.SMEM((2 * COLS,), jnp.float32),
-        plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
+        plgpu.SMEM((stages, TOKENS, key_words), jnp.uint32),
         plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
         plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
         plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
@@ -588,7 +609,10 @@ def paged_decode_mgpu_jit(
     (q_rot,) = key_codec(cfg).prepare_query(q)
     q16, qinv = _split_query(q_rot)
     call = _build_call(cfg, b, hk, max_blocks, cache.block_size, num_splits, stages, scale, softcap)
-    o, lse = call(block_tables, seq_lens, q16, qinv, cache.key_codes, cache.key_scales, cache.value_codes,
+    key_scales = cache.key_scales
+    if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
+        key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
+    o, lse = call(block_tables, seq_lens, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
                   cache.value_scales)
     o = jnp.swapaxes(o[..., :HALF], -1, -2)  # [B, Hk, S, 8, D]
     lse = lse[:, :, :, 0, :HALF]  # [B, Hk, S, 8], base 2
