@@ -33,7 +33,6 @@ from tqjax.pallas.decode_mgpu import (
 )
 from tqjax.reference import paged_decode_jit
 
-
 MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4")
 
 
@@ -153,7 +152,7 @@ def test_refuses_other_caches_and_devices():
 def test_paged_decode_chooses_the_kernel(monkeypatch):
     """tqjax.pallas.decode.paged_decode runs the Mosaic GPU kernel by default on Hopper for the caches it
     reads, and the Triton one elsewhere, in interpret mode, and when given Triton tuning arguments."""
-    import tqjax.pallas.decode_mgpu as decode_mgpu
+    from tqjax.pallas import decode_mgpu
     from tqjax.pallas.decode import choose_implementation, paged_decode
 
     def cache(name, block_size=16):
