@@ -4,7 +4,8 @@
 
 For each preset x batch x context it stores random K/V into a paged cache, then times the paged decode
 (``tqjax.pallas.decode.paged_decode``'s default kernel: the Mosaic GPU one on Hopper where it reads the
-cache, with the Triton kernel as a ``triton_<preset>`` row beside it; the Triton kernel elsewhere; median of device-synchronised repetitions, warmed up, rotating several query sets), counts the bytes
+cache, with the Triton kernel as a ``triton_<preset>`` row beside it; the Triton kernel elsewhere;
+median of device-synchronised repetitions, warmed up, rotating several query sets), counts the bytes
 the kernel must read (the compressed cache of the batch's tokens), and reports GB/s and the fraction of
 the device's copy bandwidth measured in the same run, plus the output error against float32 attention
 on the unquantized K/V. Peers at the same shapes: JAX's Pallas GPU ``paged_attention`` over bf16 pages
