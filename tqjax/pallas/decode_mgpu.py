@@ -50,8 +50,8 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_word_asm", "on_hopper", "paged_decode_mgpu", "unsupported",
-    "value_word_asm",
+    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_word_asm", "on_hopper",
+    "paged_decode_mgpu", "unsupported", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -328,7 +328,9 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 stages: int, scale: float, softcap: float | None):
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
-    key_words, words = (d // 4 if fp8 else d // 8), d // 8
+    words = d // 8  # 4-bit codes: one word per 8 channels
+    key_words_per_reg = 2 if fp8 else 1  # float8 keys: two
+    key_words = words * key_words_per_reg
     pps = TOKENS // block_size  # pages per step
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
@@ -345,7 +347,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_tile)
     def keys_f16(ctx, words_ref):
         del ctx
-        return _words_to_f16(words_ref, d, kasm, words_per_reg=2 if fp8 else 1)
+        return _words_to_f16(words_ref, d, kasm, words_per_reg=key_words_per_reg)
 
     rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
     pow2_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
