@@ -24,11 +24,14 @@ from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
     default_num_splits,
     fp8_words_asm,
+    key_channel_order,
     key_word_asm,
     on_hopper,
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
+    tile_unit,
     unsupported,
+    value_tile_plan,
     value_word_asm,
 )
 from tqjax.reference import paged_decode_jit
@@ -85,6 +88,71 @@ def test_value_word_asm_centres_and_scales_codes_exactly():
                                           "$6": np.full(words.shape, n2 | (n2 << 16), np.uint32)})
         got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
         np.testing.assert_array_equal(got, (codes - 7.5) * 2.0**e, err_msg=f"e={e}")
+
+
+def _bank_conflicts(units_by_lane: np.ndarray) -> int:
+    """Extra shared-memory wavefronts of one warp's 16-byte accesses ([32] unit indices): each quarter-warp
+    is served in one unless two of its distinct units share a 16-byte bank group (unit % 8)."""
+    extra = 0
+    for quarter in units_by_lane.reshape(4, 8):
+        groups: dict = {}
+        for u in quarter:
+            groups.setdefault(int(u) % 8, set()).add(int(u))
+        extra += max(len(g) for g in groups.values()) - 1
+    return extra
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_value_tile_plan_covers_the_tile_without_bank_conflicts(head_dim):
+    """Every (token row, word) of a step's value words is converted by exactly one thread, each thread's
+    words lie in one row (one value scale), and no quarter-warp's 16-byte load or store meets a bank
+    conflict (loads from the [64, D/8] words, stores into the swizzled float16 tile)."""
+    words = head_dim // 8
+    seen = np.zeros((64, words), int)
+    for warp in range(4):
+        lanes = np.arange(32) + 32 * warp
+        for j in range(head_dim // 64):
+            plan = [value_tile_plan(int(t), j, 0, head_dim) for t in lanes]
+            load_units = np.array([(r * words + w) // 4 for r, w in plan])
+            assert all((r * words + w) % 4 == 0 for r, w in plan)  # 16-byte aligned
+            assert _bank_conflicts(load_units) == 0, (warp, j)
+            for i in range(4):
+                plan = [value_tile_plan(int(t), j, i, head_dim) for t in lanes]
+                rows = {int(t) // 2 for t in lanes}
+                assert {r for r, _ in plan} == rows
+                for r, w in plan:
+                    seen[r, w] += 1
+                assert _bank_conflicts(np.array([tile_unit(r, w, head_dim) for r, w in plan])) == 0, (warp, j, i)
+    np.testing.assert_array_equal(seen, 1)
+
+
+def test_tile_unit_is_the_swizzled_tiled_layout():
+    """tile_unit against the layout spelled out: (8, 64) float16 tiles in row-major order, each 8 rows of
+    128 bytes whose 16-byte units are XORed with the row within the tile."""
+    d = 256
+    for row in range(64):
+        for cw in range(d // 8):
+            byte = ((row // 8) * (d // 64) + cw // 8) * 1024 + (row % 8) * 128 + 16 * ((cw % 8) ^ (row % 8))
+            assert tile_unit(row, cw, d) * 16 == byte
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_key_channel_order_matches_the_threads_words(head_dim):
+    """The key tile in registers: thread lane % 4 = l holds (Mosaic's WGMMA layout) columns
+    8j + 2l + {0, 1} of its rows, and converts the words l * D/32 .. (l + 1) * D/32 - 1 of each row (one
+    PTX block per word, pair i of word g into register j = 4g + i): the channel order is a permutation that
+    puts exactly those channels in those columns, so K[:, order] @ q[order] == K @ q."""
+    order = key_channel_order(head_dim)
+    np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
+    g = head_dim // 32
+    for lane4 in range(4):
+        for j in range(head_dim // 8):
+            for e in range(2):
+                word = lane4 * g + j // 4  # the word (8 channels) the thread converts for register j
+                assert order[8 * j + 2 * lane4 + e] == 8 * word + 2 * (j % 4) + e
+    rng = np.random.default_rng(head_dim)
+    k, q = rng.standard_normal((64, head_dim)), rng.standard_normal(head_dim)
+    np.testing.assert_allclose(k[:, order] @ q[order], k @ q, rtol=1e-12)
 
 
 def test_unsupported_names_the_reason():

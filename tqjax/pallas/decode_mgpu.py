@@ -197,39 +197,140 @@ def _thread_rows():
     return arith.remui(lane, c(4)), row
 
 
-def _words_to_f16(words_ref, dim: int, asm: str, extra=None, words_per_reg: int = 1) -> mgpu.FragmentedArray:
-    """SMEM words uint32 [64, dim * words_per_reg / 8] -> float16 [64, dim] (WGMMA_LAYOUT_UPCAST_4X), one
-    PTX block per 8 channels (``words_per_reg`` words: 1 of 4-bit codes, 2 of float8 keys); ``extra(r)``:
-    more asm operands (i32 values) for the registers of row half r."""
-    ir, arith, llvm, memref, vector = _ir()
-    i32, index, f16 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F16Type.get()
-    c = functools.partial(mgpu.utils.c, ty=i32)
-    layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
-    reg_shape = layout.registers_shape((TOKENS, dim))
-    lcol, row0 = _thread_rows()
+class _I32:
+    """An i32 MLIR value with Python's integer operators (non-negative operands), so that one index formula
+    serves the kernel and the host-side tests (:func:`value_tile_plan` on plain ints)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    @staticmethod
+    def _of(x):
+        ir, *_ = _ir()
+        return x.v if isinstance(x, _I32) else mgpu.utils.c(int(x), ir.IntegerType.get_signless(32))
+
+    def _op(self, name, other):
+        _, arith, *_ = _ir()
+        return _I32(getattr(arith, name)(self.v, self._of(other)))
+
+    def __add__(self, o):
+        return self._op("addi", o)
+
+    def __mul__(self, o):
+        return self._op("muli", o)
+
+    def __floordiv__(self, o):
+        return self._op("divui", o)
+
+    def __mod__(self, o):
+        return self._op("remui", o)
+
+    def __xor__(self, o):
+        return self._op("xori", o)
+
+    __radd__, __rmul__, __rxor__ = __add__, __mul__, __xor__
+
+
+def key_channel_order(dim: int) -> np.ndarray:
+    """int [dim]: the channel that column c of the key tile in registers holds (the query's channels are
+    taken in this order too; the score product sums over the channels, so their order is free).
+
+    In Mosaic's WGMMA layout, register (0, j, 0, 0, r) of a thread holds columns 8j + 2(lane % 4) + 0..1 of
+    token row 16 * warp + 8r + lane // 4. With this order, thread lane % 4 = l converts the dim/32 words
+    l * dim/32 .. (l + 1) * dim/32 - 1 of its rows (8 channels each, contiguous: 16-byte loads), word g's
+    channel pair i going to register j = 4g + i."""
+    g = dim // 32
+    col = np.arange(dim)
+    j, lane4, e = col // 8, (col % 8) // 2, col % 2
+    return 8 * (lane4 * g + j // 4) + 2 * (j % 4) + e
+
+
+def value_tile_plan(t, j, i, dim: int):
+    """Thread ``t`` (0..127) of the value tile's conversion, its 16-byte load ``j`` (0..dim/64 - 1) and the
+    load's word ``i`` (0..3) -> (token row, word of the row) it converts and stores. Plain ints or
+    :class:`_I32` values.
+
+    Thread t takes the row's half t % 2 (dim/16 words) of row t // 2 (so one row's value scale), 4 words at a
+    time in an order staggered by thread, so that each quarter-warp's 16-byte loads (of the page words) and
+    16-byte stores (into the 128-byte-swizzled float16 tile) meet 8 different 16-byte bank groups."""
+    n = dim // 64  # 16-byte loads per thread
+    c = j if n == 1 else j ^ ((t // (8 // n)) % n) ^ (t % 2)
+    return t // 2, (t % 2) * (dim // 16) + 4 * c + i
+
+
+def tile_unit(row, col_word, dim: int):
+    """16-byte unit of (token row, 8-channel group) in a float16 [64, dim] tile stored with (8, 64) tiles and
+    the 128-byte swizzle (the unit's index within its 128-byte line XORed with the line's row % 8)."""
+    return ((row // 8) * (dim // 64) + col_word // 8) * 64 + (row % 8) * 8 + ((col_word % 8) ^ (row % 8))
+
+
+def _convert(words: list, asm: str, extra: list) -> list:
+    """One PTX block: i32 words (+ extra i32 operands) -> 4 i32 results (float16 pairs)."""
+    ir, _, llvm, _, _ = _ir()
+    i32 = ir.IntegerType.get_signless(32)
     struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
-    regs = np.empty(reg_shape, dtype=object)
-    extras = {}
-    for idx in np.ndindex(*reg_shape):
-        ctile, half = idx[1], idx[4]
-        row = arith.addi(row0, c(8 * half))
-        col = arith.muli(arith.addi(lcol, c(4 * ctile)), c(words_per_reg))
-        at = [arith.index_cast(index, row), arith.index_cast(index, col)]
-        if words_per_reg == 1:
-            operands = [memref.load(words_ref, at)]
-        else:  # one shared-memory load of the register's words
-            ws = vector.load(ir.VectorType.get((words_per_reg,), i32), words_ref, at)
-            operands = [vector.extract(ws, [], [k]) for k in range(words_per_reg)]
-        constraints = "=r,=r,=r,=r" + ",r" * words_per_reg
-        if extra is not None:
-            if half not in extras:
-                extras[half] = list(extra(half))
-            operands += extras[half]
-            constraints += ",r" * len(extras[half])
-        out = llvm.inline_asm(struct, operands, asm, constraints)
-        parts = [llvm.extractvalue(i32, out, [k]) for k in range(4)]
-        regs[idx] = vector.bitcast(ir.VectorType.get((8,), f16), vector.from_elements(ir.VectorType.get((4,), i32), parts))
+    operands = list(words) + list(extra)
+    out = llvm.inline_asm(struct, operands, asm, "=r,=r,=r,=r" + ",r" * len(operands))
+    return [llvm.extractvalue(i32, out, [k]) for k in range(4)]
+
+
+def _load_words(ptr, offset, count: int) -> list:
+    """``count`` consecutive i32 words at word ``offset`` (an i32 value) of shared memory ``ptr``, in 16-byte
+    loads (or one of 8 bytes for two words; the offset must be aligned to the load)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32 = ir.IntegerType.get_signless(32)
+    width = min(count, 4)
+    words = []
+    for k in range(count // width):
+        at = mgpu.utils.getelementptr(ptr, [arith.addi(offset, mgpu.utils.c(k * width, i32))], i32)
+        vec = llvm.load(ir.VectorType.get((width,), i32), at)
+        words += [vector.extract(vec, [], [x]) for x in range(width)]
+    return words
+
+
+def _keys_wgmma(words_ref, dim: int, asm: str, words_per_group: int) -> mgpu.FragmentedArray:
+    """SMEM key words uint32 [64, dim * words_per_group / 8] -> float16 [64, dim] in registers (WGMMA layout,
+    channels in :func:`key_channel_order`), the score product's left operand: one PTX block per 8 channels
+    (``words_per_group`` words: 1 of 4-bit codes, 2 of float8 keys)."""
+    ir, arith, _, _, vector = _ir()
+    i32, f16 = ir.IntegerType.get_signless(32), ir.F16Type.get()
+    c = functools.partial(mgpu.utils.c, ty=i32)
+    layout = mgpu.WGMMA_LAYOUT
+    regs = np.empty(layout.registers_shape((TOKENS, dim)), dtype=object)
+    lane4, row0 = _thread_rows()
+    groups = dim // 32  # 8-channel groups of a row per thread
+    count = groups * words_per_group
+    row_words = dim // 8 * words_per_group
+    ptr = mgpu.utils.memref_ptr(words_ref)
+    for r in range(2):
+        row = arith.addi(row0, c(8 * r))
+        words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.muli(lane4, c(count))), count)
+        for g in range(groups):
+            parts = _convert(words[g * words_per_group:(g + 1) * words_per_group], asm, [])
+            for i, part in enumerate(parts):
+                idx = (0, 4 * g + i, 0, 0, r) + (0,) * (regs.ndim - 5)
+                regs[idx] = vector.bitcast(ir.VectorType.get((2,), f16),
+                                           vector.from_elements(ir.VectorType.get((1,), i32), [part]))
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+
+def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> None:
+    """SMEM value words uint32 [64, dim / 8] -> ``(code - 7.5) * 2**e`` into the float16 tile ``tile_ref``
+    ([64, dim], (8, 64) tiles, 128-byte swizzle), each thread as :func:`value_tile_plan` says; ``pow2``
+    and ``centre``: the float16 pairs of the thread's row (WG_STRIDED [128] int32)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32 = ir.IntegerType.get_signless(32)
+    t = _I32(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)))
+    extra = [vector.extract(x.registers.item(), [], [0]) for x in (pow2, centre)]
+    words_ptr, tile_ptr = mgpu.utils.memref_ptr(words_ref), mgpu.utils.memref_ptr(tile_ref)
+    unit_ty = ir.VectorType.get((4,), i32)
+    for j in range(dim // 64):
+        row, word0 = value_tile_plan(t, j, 0, dim)
+        words = _load_words(words_ptr, (row * (dim // 8) + word0).v, 4)
+        for i, word in enumerate(words):
+            parts = _convert([word], value_word_asm(), extra)
+            unit = tile_unit(row, word0 + i, dim)
+            llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
 
 
 def _fold_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
@@ -264,61 +365,71 @@ def _split_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
     return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=None)
 
 
-def _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size: int, key_norms: bool = True):
-    """Per token row of a step (WGMMA_ROW_LAYOUT [64] each): float32 key norm, float32 value scale over
-    its power of two times 2**14 (in [2**14, 2**15): the probabilities' float16 split stays in the normal
-    range), float32 zero point of the centred codes (the value zero plus 7.5 value scales), and as float16
-    pairs in int32 (2**e, 2**e) and (-7.5 * 2**e, -7.5 * 2**e) (the value tile's factor and offset).
+def _scalars_of_row(row, refs, b, h, first_page, last_page, block_size: int, key_norms: bool) -> list:
+    """Token ``row`` (i32) of a step starting at page index ``first_page``: float32 key norm (1.0 without
+    norms: float8 keys), float32 value scale over its power of two times 2**14 (in [2**14, 2**15): the
+    probabilities' float16 split stays in the normal range), float32 zero point of the centred codes (the
+    value zero plus 7.5 value scales), and float16 pairs in int32: (2**e, 2**e) and (-7.5 * 2**e, -7.5 * 2**e)
+    (the value tile's factor and offset).
 
-    Loaded straight from global memory (the step's pages from the block table, clamped to the sequence's
-    last page ``last_page``; -1 for an empty sequence, whose table is never followed); ``ks_ref`` [Hk, NB, BS, 1] f16, ``vs_ref`` [Hk, NB, BS, 2] f16."""
-    ir, arith, _, memref, vector = _ir()
+    Loaded from global memory: the row's page from the block table, clamped to the sequence's last page
+    ``last_page`` (-1 for an empty sequence, whose table is never followed); ``refs``: (key scales
+    [Hk, NB, BS, 1] f16, value scales [Hk, NB, BS, 2] f16, block tables [B, max_blocks] int32)."""
+    ir, arith, _, memref, _ = _ir()
     i32, i16, index = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.IndexType.get()
     f32 = ir.F32Type.get()
     c = functools.partial(mgpu.utils.c, ty=i32)
+    ks_ref, vs_ref, bt_ref = refs
+    page_i = arith.minsi(arith.addi(first_page, arith.divui(row, c(block_size))), arith.maxsi(last_page, c(0)))
+    page = memref.load(bt_ref, [arith.index_cast(index, b), arith.index_cast(index, page_i)])
+    page = arith.select(arith.cmpi(arith.CmpIPredicate.slt, last_page, c(0)), c(0), page)  # empty: never follow
+    at = [arith.index_cast(index, h), arith.index_cast(index, page),
+          arith.index_cast(index, arith.remui(row, c(block_size)))]
+    norm = (memref.load(ks_ref, [*at, arith.constant(index, 0)]) if key_norms
+            else arith.constant(ir.F16Type.get(), 1.0))
+    scale = memref.load(vs_ref, [*at, arith.constant(index, 0)])
+    zero = memref.load(vs_ref, [*at, arith.constant(index, 1)])
+    # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); E = the exponent field
+    ebits = arith.maxui(arith.andi(arith.bitcast(i16, scale), mgpu.utils.c(0x7C00, i16)), mgpu.utils.c(0x0400, i16))
+    e_field = arith.extui(i32, arith.shrui(ebits, mgpu.utils.c(10, i16)))
+    inv_bits = arith.shli(arith.subi(c(142 + 14), e_field), c(23))  # 2**14 / 2**e = 2**(29 - E) in float32
+    m = arith.mulf(arith.extf(f32, scale), arith.bitcast(f32, inv_bits))  # exact
+    centred_zero = arith.addf(arith.extf(f32, zero), arith.mulf(arith.extf(f32, scale), arith.constant(f32, 7.5)))
+    e32 = arith.extui(i32, ebits)
+    n32 = arith.ori(arith.addi(e32, c(2 << 10)), c(0x8380))  # -1.875 * 2**(e + 2)
+    return [arith.extf(f32, norm), m, centred_zero, arith.ori(e32, arith.shli(e32, c(16))),
+            arith.ori(n32, arith.shli(n32, c(16)))]
+
+
+def _row_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool):
+    """The softmax's per-token scalars of a step, in the score tile's rows (WGMMA_ROW_LAYOUT [64] float32
+    each): key norm, value scale / 2**e * 2**14, centred zero point (:func:`_scalars_of_row`)."""
+    ir, arith, _, _, vector = _ir()
     _, row0 = _thread_rows()
-    bval, hval = b.registers.item(), h.registers.item()
-    first, last = first_page.registers.item(), last_page.registers.item()
     layout = mgpu.WGMMA_ROW_LAYOUT
     reg_shape = layout.registers_shape((TOKENS,))
-    out = [np.empty(reg_shape, dtype=object) for _ in range(5)]
+    out = [np.empty(reg_shape, dtype=object) for _ in range(3)]
+    args = [x.registers.item() for x in (b, h, first_page, last_page)]
     for idx in np.ndindex(*reg_shape):
-        row = arith.addi(row0, c(8 * idx[2]))
-        page_i = arith.minsi(arith.addi(first, arith.divui(row, c(block_size))), arith.maxsi(last, c(0)))
-        page = memref.load(bt_ref, [arith.index_cast(index, bval), arith.index_cast(index, page_i)])
-        page = arith.select(arith.cmpi(arith.CmpIPredicate.slt, last, c(0)), c(0), page)  # empty: never follow
-        at = [arith.index_cast(index, hval), arith.index_cast(index, page),
-              arith.index_cast(index, arith.remui(row, c(block_size)))]
-        norm = (memref.load(ks_ref, [*at, arith.constant(index, 0)]) if key_norms  # fp8 keys: none (1.0)
-                else arith.constant(ir.F16Type.get(), 1.0))
-        scale = memref.load(vs_ref, [*at, arith.constant(index, 0)])
-        zero = memref.load(vs_ref, [*at, arith.constant(index, 1)])
-        # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); E = the exponent field
-        ebits = arith.maxui(arith.andi(arith.bitcast(i16, scale), mgpu.utils.c(0x7C00, i16)),
-                            mgpu.utils.c(0x0400, i16))
-        e_field = arith.extui(i32, arith.shrui(ebits, mgpu.utils.c(10, i16)))
-        inv_bits = arith.shli(arith.subi(c(142 + 14), e_field), c(23))  # 2**14 / 2**e = 2**(29 - E) in float32
-        m = arith.mulf(arith.extf(f32, scale), arith.bitcast(f32, inv_bits))  # exact
-        centred_zero = arith.addf(arith.extf(f32, zero),
-                                  arith.mulf(arith.extf(f32, scale), arith.constant(f32, 7.5)))
-        e32 = arith.extui(i32, ebits)
-        n32 = arith.ori(arith.addi(e32, c(2 << 10)), c(0x8380))  # -1.875 * 2**(e + 2)
-        vals = [arith.extf(f32, norm), m, centred_zero, arith.ori(e32, arith.shli(e32, c(16))),
-                arith.ori(n32, arith.shli(n32, c(16)))]
+        row = arith.addi(row0, mgpu.utils.c(8 * idx[2], ir.IntegerType.get_signless(32)))
+        vals = _scalars_of_row(row, refs, *args, block_size, key_norms)[:3]
         for k, v in enumerate(vals):
             out[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None if k < 3 else False)
-                 for k, r in enumerate(out))
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None) for r in out)
 
 
-def _values_f16(words_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
-    """The value tile: ``(code - 7.5) * 2**e`` per token row (``pow2``, ``centre`` from :func:`_row_scalars`)."""
-    _, _, _, _, vector = _ir()
-
-    def operands(half):
-        return [vector.extract(x.registers[(0, 0, half, 0, 0)], [], [0]) for x in (pow2, centre)]
-
-    return _words_to_f16(words_ref, dim, value_word_asm(), extra=operands)
+def _tile_row_scalars(refs, b, h, first_page, last_page, block_size: int):
+    """The value tile's factor and offset pairs (2**e, 2**e), (-7.5 * 2**e, -7.5 * 2**e) of the row that
+    thread t converts (t // 2, :func:`value_tile_plan`), as WG_STRIDED [128] int32."""
+    ir, arith, _, _, vector = _ir()
+    i32 = ir.IntegerType.get_signless(32)
+    row = arith.divui(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)), mgpu.utils.c(2, i32))
+    args = [x.registers.item() for x in (b, h, first_page, last_page)]
+    vals = _scalars_of_row(row, refs, *args, block_size, key_norms=False)[3:]
+    layout = mgpu.WGStridedFragLayout(shape=(128,), vec_size=1)
+    return tuple(mgpu.FragmentedArray(_registers=np.array([vector.from_elements(ir.VectorType.get((1,), i32), [v])],
+                                                          dtype=object), _layout=layout, _is_signed=False)
+                 for v in vals)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,32 +449,33 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         kasm = fp8_words_asm()
     else:
         kasm = key_word_asm(np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32))
-    f16_tile = plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA_UPCAST_4X)
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
+    per_thread = plgpu.Layout.WG_STRIDED((128,), vec_size=1)
     s_wide = plgpu.ShapeDtypeStruct((TOKENS, COLS), jnp.float32, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=f16_tile)
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
     def keys_f16(ctx, words_ref):
         del ctx
-        return _words_to_f16(words_ref, d, kasm, words_per_reg=key_words_per_reg)
+        return _keys_wgmma(words_ref, d, kasm, key_words_per_reg)
 
     rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
-    pow2_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
+    pair_ty = plgpu.ShapeDtypeStruct((128,), jnp.int32, layout=per_thread)
+    scalar_args = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat)
 
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat),
-        return_type=(rows_ty, rows_ty, rows_ty, pow2_ty, pow2_ty),
-    )
-    def row_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
+    @plgpu.inline_mgpu(arg_types=scalar_args, return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty))
+    def step_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
-        return _row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page, block_size, key_norms=not fp8)
+        refs = (ks_ref, vs_ref, bt_ref)
+        return (*_row_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8),
+                *_tile_row_scalars(refs, b, h, first_page, last_page, block_size))
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row, row), return_type=f16_tile)
-    def values_f16(ctx, words_ref, pow2, centre):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
+    def store_values(ctx, words_ref, tile_ref, pow2, centre):
         del ctx
-        return _values_f16(words_ref, d, pow2, centre)
+        _store_values(words_ref, tile_ref, d, pow2, centre)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_wide)
     def fold(ctx, x):
@@ -385,8 +497,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     logit_scale = scale if softcap is None else scale / softcap
 
     def tq_decode_mgpu(bt_ref, lens_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
-                       q_smem, qinv_smem, kw_smem, vw_smem, k16_smem, v16_smem, p_smem, o_smem, lse_smem,
-                       q_bar, kw_bar, vw_bar):
+                       q_smem, qinv_smem, kw_smem, vw_smem, v16_smem, p_smem, o_smem, lse_smem, q_bar, kw_bar, vw_bar):
         b = lax.axis_index("b")
         h = lax.axis_index("h")
         sp = lax.axis_index("s")
@@ -420,30 +531,23 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, COLS), 0, layout=plgpu.Layout.WGMMA)
 
         def step_fn(i, carry):
-            # the step's row scalars and the page ids of step i + stages were loaded a step ahead
+            # the step's scalars and the page ids of step i + stages were loaded a step ahead
             acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre), pages = carry
             slot = lax.rem(i, stages)
+            buf = lax.rem(i, 2)  # the value and probability tiles alternate: step i - 1's product may still read
             page0 = first_page + i * pps
-            prefetched = row_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+            prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
             next_pages = pages_of(i + stages + 1)
             plgpu.barrier_wait(kw_bar.at[slot])
-            plgpu.commit_smem()  # every warp is done with the last step's tiles before they are overwritten
-            k16_smem[...] = keys_f16(kw_smem.at[slot])
-            plgpu.commit_smem()
+            keys = keys_f16(kw_smem.at[slot])
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, k16_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem, (1, 0)))
                 plgpu.barrier_wait(vw_bar.at[slot])
-                v16_smem[...] = values_f16(vw_smem.at[slot], pow2, centre)
+                store_values(vw_smem.at[slot], v16_smem.at[buf], pow2, centre)
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
-            plgpu.commit_smem()  # the slot's words are read (and the value tile is stored) by every thread
-
-            @pl.when(i + stages < n_steps)
-            def _():
-                issue(pages, slot)
-
             s = fold(s) * lax.broadcast_in_dim(qinv, s.shape, [1])
             s = s * lax.broadcast_in_dim(kn * logit_scale, s.shape, [0])
             if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
@@ -457,11 +561,18 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             l_i = l_i * a2 + p
             z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
             pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**14
-            plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+            # one barrier a step: every thread's value and probability tiles are stored (and fenced for the
+            # tensor cores), and every thread is done with the slot's words (the next copies may overwrite them)
             plgpu.commit_smem()
 
+            @pl.when(i + stages < n_steps)
+            def _():
+                issue(pages, slot)
+
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem, (1, 0)), plgpu.transpose_ref(p_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
+                            plgpu.transpose_ref(p_smem.at[buf], (1, 0)))
 
             # this step's product in its own accumulator, added in float32: accumulating the steps in the
             # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
@@ -473,7 +584,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         zeros_out = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), col)
         l0 = plgpu.layout_cast(jnp.zeros((TOKENS, COLS), jnp.float32), plgpu.Layout.WGMMA)
-        first_scalars = row_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
+        first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
         carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
         acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
         l_sum = l_i.sum(axis=0)
@@ -492,9 +603,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         plgpu.SMEM((2 * COLS,), jnp.float32),
         plgpu.SMEM((stages, TOKENS, key_words), jnp.uint32),
         plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
-        plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
-        plgpu.SMEM((TOKENS, d), jnp.float16, transforms=_F16_TILE),
-        plgpu.SMEM((COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
+        plgpu.SMEM((2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
+        plgpu.SMEM((2, COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
         plgpu.SMEM((d, COLS), jnp.float32),
         plgpu.SMEM((TOKENS, COLS), jnp.float32),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
@@ -609,7 +719,7 @@ def paged_decode_mgpu_jit(
     max_blocks = block_tables.shape[1]
     q = query.astype(jnp.float32).reshape(b, hk, g, d)
     (q_rot,) = key_codec(cfg).prepare_query(q)
-    q16, qinv = _split_query(q_rot)
+    q16, qinv = _split_query(q_rot[..., key_channel_order(d)])  # the key tile's channel order
     call = _build_call(cfg, b, hk, max_blocks, cache.block_size, num_splits, stages, scale, softcap)
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
