@@ -639,10 +639,11 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
-#: Programs (one per sequence, KV head and split) resident per multiprocessor. H200, B=8, 32k tokens, Hk=8:
-#: 4 splits (256 programs) 304 us, 5 splits (320) 394 us, 8 splits (512) 310 us
-#: (docs/data/decode_mgpu_paged_f64_h200_2026-11-30_s13.log): 264 = 2 x 132 run in one wave.
-BLOCKS_PER_CORE = 2
+#: Programs (one per sequence, KV head and split) resident per multiprocessor: 168 registers per thread (ptxas)
+#: and 73 KB of shared memory per program allow 3. H200, Hk=8 (docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log):
+#: B=8, 32k tokens: 4 splits (256 programs) 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us;
+#: B=32, 16k: 1 split 481 us, 3 splits 444 us.
+BLOCKS_PER_CORE = 3
 #: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
 #: merge): keeps the wave count from favouring many tiny splits.
 PROGRAM_OVERHEAD_STEPS = 2
