@@ -516,10 +516,16 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             return tuple(jnp.where(last_page < 0, 0, bt_ref[b, i]) for i in idx)
 
         def issue(pages, slot):  # every thread is done with the slot (the callers' barriers)
-            for k, page in enumerate(pages):
-                rows = pl.ds(k * block_size, block_size)
-                plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, rows], kw_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, rows], vw_bar.at[slot])
+            # one warp takes the branch: the other three skip the copies' address and predicate arithmetic
+            # (about 150 instructions a step; the copies come from one thread either way)
+            @plgpu.warp_map
+            def _(warp):
+                @pl.when(warp == 0)
+                def _():
+                    for k, page in enumerate(pages):
+                        rows = pl.ds(k * block_size, block_size)
+                        plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, rows], kw_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, rows], vw_bar.at[slot])
 
         for s in range(stages):
             @pl.when(s < n_steps)
@@ -568,7 +574,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
 
             @pl.when(i + stages < n_steps)
             def _():
-                issue(pages, slot)
+                issue(pages, slot)  # from one warp
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
