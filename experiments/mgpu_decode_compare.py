@@ -1,0 +1,94 @@
+"""A/B timing of the Mosaic GPU decode (``tqjax.pallas.decode_mgpu``) on the same paged caches: the module as it
+is, at chosen split counts, and optionally another version of it loaded from a file.
+
+    git show 9c18739:tqjax/pallas/decode_mgpu.py > /tmp/decode_mgpu_old.py
+    python -m experiments.mgpu_decode_compare --against /tmp/decode_mgpu_old.py
+    python -m experiments.mgpu_decode_compare --points 4bit_nc/8/32768 --splits 4,6,8
+    MOSAIC_GPU_DUMP_PTXAS=1 python -m experiments.mgpu_decode_compare ...   (ptxas prints registers per thread)
+    ncu -k regex:tq_decode_mgpu --launch-skip 2 -c 1 python -m experiments.mgpu_decode_compare \\
+        --points 4bit_nc/32/16384 --splits 1 --once
+
+Each point builds one cache (Hq=32, Hk=8, D=128, block 16, random K/V through the store), times each kernel on
+three query sets (``experiments.timing.time_fn``) and checks it against the float32 reference decode. The
+rows print as they finish (prefixed ``RESULT``) and again as a table with the copy bandwidth of the same
+run. Hopper GPUs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.device_check import build
+from experiments.timing import copy_bandwidth, device_description, time_fn
+from tqjax.pallas import decode_mgpu
+from tqjax.reference import paged_decode_reference
+
+HQ, HK, DIM, BLOCK = 32, 8, 128, 16
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location("decode_mgpu_other", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", default="4bit_nc/32/16384,4bit_nc/8/32768,4bit_nc/128/4096,k8v4/32/16384",
+                    help="comma-separated preset suffix/batch/context")
+    ap.add_argument("--splits", default="", help="comma-separated split counts (default: each module's default)")
+    ap.add_argument("--against", default="", help="another decode_mgpu.py to time beside this one")
+    ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
+    args = ap.parse_args(argv)
+
+    modules = {"this": decode_mgpu}
+    if args.against:
+        modules["other"] = _load(args.against)
+    splits = [int(s) for s in args.splits.split(",") if s] or [None]
+    print(device_description(), flush=True)
+    bw = 0.0 if args.once else copy_bandwidth()
+    rows = []
+    for point in args.points.split(","):
+        preset, b, ctx = point.split("/")
+        name, b, ctx = f"turboquant_{preset}", int(b), int(ctx)
+        rng = np.random.default_rng(0)
+        _, cache, bt, lens = build(name, b, ctx, HQ, HK, DIM, BLOCK, rng)
+        qs = [jnp.asarray(rng.standard_normal((b, HQ, DIM)), jnp.float32) for _ in range(3)]
+        nbytes = cache.nbytes * ctx * b // cache.num_slots
+        ref = None if args.once else paged_decode_reference(qs[0], cache, bt, lens)
+        for label, module in modules.items():
+            for s in splits:
+                f = jax.jit(functools.partial(module.paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens,
+                                              num_splits=s))
+                if args.once:
+                    for _ in range(4):
+                        jax.block_until_ready(f(qs[0]))
+                    print("ran", point, label, s)
+                    return
+                kernel = f"{label} S={s if s else 'default'}"
+                try:
+                    t0 = time.time()
+                    out = f(qs[0])
+                    err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+                    first = time.time() - t0
+                    t = time_fn(f, [(q,) for q in qs])
+                    rows.append((name, b, ctx, kernel, t, nbytes / t / bw, err))
+                    print("RESULT", rows[-1], f"compile and first run {first:.1f} s", flush=True)
+                except Exception as e:  # noqa: BLE001 (an experiment: report and go on)
+                    print("RESULT", name, b, ctx, kernel, "FAILED", type(e).__name__, str(e)[:2000], flush=True)
+    print(f"RESULT {device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={DIM} block {BLOCK}")
+    print("RESULT preset | B | ctx | kernel | us | of copy bw | max rel err vs reference")
+    for name, b, ctx, kernel, t, frac, err in rows:
+        print(f"RESULT {name} | {b} | {ctx} | {kernel} | {t * 1e6:.1f} | {frac:.2f} | {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()
