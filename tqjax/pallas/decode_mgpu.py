@@ -5,19 +5,26 @@ instructions per cache element: Pallas cannot ask Triton for a register layout i
 whole packed words, so each 4-bit code is unpacked, looked up and staged for the tensor cores on its
 own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the kernel pick layouts:
 
-- each thread loads whole uint32 words (8 codes) in the layout in which the 8 channels of a word are
-  one register vector of the thread (Mosaic's ``WGMMA_LAYOUT_UPCAST_4X``), and one PTX block turns a
-  word into 8 float16 values: keys through a byte-permute table of the 16 float16 centroids (21
-  instructions per word), values exactly as ``code * 2**e`` (16 per word; ``2**e`` is the token's
-  value scale's power of two, the rest of the scale goes with the probabilities);
-- the float16 tiles go to shared memory with 16-byte stores, and the products are ``wgmma`` with the
-  tokens as the M dimension (64 per step): logits^T [64, 16] = K [64, D] @ q^T, out^T [D, 16] =
-  V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query heads) twice: the float16
-  high parts of the (power-of-2 scaled) query and its low parts, and after the softmax the high and
-  low float16 parts of the probabilities; the halves are added in registers (fp32-accurate products
-  from float16 operands, as the Triton kernel's split products);
+- keys: each thread loads whole uint32 words of its two token rows (16-byte loads; 8 four-bit codes or
+  4 float8 values a word) and one PTX block turns 8 codes into 8 float16 values (byte permutes of the 16
+  float16 centroids, 21 instructions; float8: ``cvt.rn.f16x2.e4m3x2``). The float16 pairs are the registers
+  of the score product's left operand in Mosaic's WGMMA layout: the channels are taken in the order
+  :func:`key_channel_order` in which a thread's columns are its words' channels, and the query in the
+  same order (the product sums over the channels), so the key tile never goes through shared memory;
+- values: thread t converts half of token row t // 2 (one value scale), ``(code - 7.5) * 2**e`` (16
+  instructions per word; ``2**e`` is the token's value scale's power of two, the rest of the scale goes
+  with the probabilities), and stores it into the float16 tile with 16-byte stores in an order
+  (:func:`value_tile_plan`) that meets no shared-memory bank conflict; the tile and the probabilities
+  alternate between two buffers, so one barrier a step suffices;
+- the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
+  K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
+  heads) twice: the float16 high parts of the (power-of-2 scaled) query and its low parts, and after the
+  softmax the high and low float16 parts of the probabilities; the halves are added in registers
+  (fp32-accurate products from float16 operands, as the Triton kernel's split products);
 - the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
-  value zero-point terms accumulate per token row and are summed once at the end.
+  value zero-point terms accumulate per token row and are summed once at the end;
+- pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
+  next pages' ids are loaded from global memory a step ahead.
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
@@ -173,8 +180,8 @@ def value_word_asm() -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Mosaic GPU helpers (inside ``plgpu.inline_mgpu``). Register maps, from Mosaic's layouts:
-#  WGMMA_LAYOUT_UPCAST_4X on [64, D] (16-bit): register (0, c, 0, 0, r, ...) of a thread holds the 8
-#    channels 32c + 8 * (lane % 4) + 0..7 of token row 16 * warp + 8r + lane // 4;
+#  WGMMA_LAYOUT on [64, D] (16-bit): register (0, j, 0, 0, r, ...) of a thread holds the float16 pair of
+#    columns 8j + 2 * (lane % 4) + 0..1 of token row 16 * warp + 8r + lane // 4;
 #  WGMMA_ROW_LAYOUT on [64]: register (0, 0, r, 0, 0) holds row 16 * warp + 8r + lane // 4;
 #  WGMMA_LAYOUT on [M, 16]: register index 1 is the 8-column block (0: high parts, 1: low parts).
 
