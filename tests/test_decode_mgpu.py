@@ -11,6 +11,7 @@ and value tiles, float32 accumulation).
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -26,6 +27,7 @@ from tqjax.pallas.decode_mgpu import (
     fp8_words_asm,
     key_channel_order,
     key_word_asm,
+    merge_kernel_splits,
     on_hopper,
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
@@ -153,6 +155,29 @@ def test_key_channel_order_matches_the_threads_words(head_dim):
     rng = np.random.default_rng(head_dim)
     k, q = rng.standard_normal((64, head_dim)), rng.standard_normal(head_dim)
     np.testing.assert_allclose(k[:, order] @ q[order], k @ q, rtol=1e-12)
+
+
+def test_merge_kernel_splits_against_float64():
+    """The kernel's per-split outputs ([B, Hk, S, D, 16], query rows in columns 0..7) and base-2
+    log-sum-exps ([B, Hk, S, 8, 16], row 0) merge into the softmax over all splits' tokens: float64 on the
+    host, empty splits (-inf) weigh nothing, a row with every split empty gives zeros."""
+    rng = np.random.default_rng(4)
+    b, hk, s, d = 2, 3, 4, 64
+    o = rng.standard_normal((b, hk, s, d, 16)).astype(np.float32)
+    lse = np.full((b, hk, s, 8, 16), 7.0, np.float32)
+    lse[:, :, :, 0, :] = (rng.standard_normal((b, hk, s, 16)) * 20).astype(np.float32)
+    lse[0, 1, 2, 0, :] = -np.inf  # one empty split
+    lse[1, 2, :, 0, 5] = -np.inf  # every split of one row empty
+    got = np.asarray(merge_kernel_splits(jnp.asarray(o), jnp.asarray(lse)))
+    chex.assert_shape(got, (b, hk, 8, d))
+    lse2 = lse[:, :, :, 0, :8].astype(np.float64)  # [B, Hk, S, 8]
+    m = np.max(lse2, axis=2, keepdims=True)
+    w = np.where(np.isfinite(lse2), np.exp2(lse2 - np.where(np.isfinite(m), m, 0)), 0.0)
+    num = np.einsum("bhsr,bhsdr->bhrd", w, o[..., :8].astype(np.float64))
+    den = w.sum(axis=2)[..., None]
+    want = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
+    assert np.all(got[1, 2, 5] == 0)
 
 
 def test_unsupported_names_the_reason():

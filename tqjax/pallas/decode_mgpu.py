@@ -57,8 +57,9 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_word_asm", "on_hopper",
-    "paged_decode_mgpu", "unsupported", "value_word_asm",
+    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_channel_order",
+    "key_word_asm", "merge_kernel_splits", "on_hopper", "paged_decode_mgpu", "tile_unit", "unsupported",
+    "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -740,10 +741,16 @@ def paged_decode_mgpu_jit(
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
     o, lse = call(block_tables, seq_lens, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
                   cache.value_scales)
-    o = jnp.swapaxes(o[..., :HALF], -1, -2)  # [B, Hk, S, 8, D]
-    lse = lse[:, :, :, 0, :HALF]  # [B, Hk, S, 8], base 2
-    m = jnp.max(lse, axis=2, keepdims=True)
-    w = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))
-    den = jnp.sum(w, axis=2)
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
-    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    return merge_kernel_splits(o, lse)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+
+
+def merge_kernel_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
+    """The kernel's outputs -> [B, Hk, 8, D] float32: ``o`` [B, Hk, S, D, 16] (each split's output for the 8
+    query rows in columns 0..7, normalised within the split), ``lse`` [B, Hk, S, 8, 16] (row 0, columns 0..7:
+    the splits' log-sum-exps in base 2, -inf for an empty split), merged by
+    :func:`tqjax.pallas.decode.merge_splits`."""
+    from tqjax.pallas.decode import merge_splits
+
+    o = jnp.moveaxis(jnp.swapaxes(o[..., :HALF], -1, -2), 2, 0)  # [S, B, Hk, 8, D]
+    lse = jnp.moveaxis(lse[:, :, :, 0, :HALF], 2, 0) * math.log(2.0)  # [S, B, Hk, 8], natural log
+    return merge_splits(o, lse)
