@@ -332,11 +332,12 @@ def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, cen
     extra = [vector.extract(x.registers.item(), [], [0]) for x in (pow2, centre)]
     words_ptr, tile_ptr = mgpu.utils.memref_ptr(words_ref), mgpu.utils.memref_ptr(tile_ref)
     unit_ty = ir.VectorType.get((4,), i32)
+    asm = value_word_asm()
     for j in range(dim // 64):
         row, word0 = value_tile_plan(t, j, 0, dim)
         words = _load_words(words_ptr, (row * (dim // 8) + word0).v, 4)
         for i, word in enumerate(words):
-            parts = _convert([word], value_word_asm(), extra)
+            parts = _convert([word], asm, extra)
             unit = tile_unit(row, word0 + i, dim)
             llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
 
