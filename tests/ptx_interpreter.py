@@ -2,7 +2,7 @@
 
 ``run_ptx(asm, args)``: ``args`` maps operand names (``"$2"``) to uint32 arrays of one shape; returns
 every register (uint32 arrays) after running the block's instructions in order. Supported: mov.b32
-(also the unpacking ``mov.b32 {lo, hi}, x``: 16-bit registers), mad.lo.u32, and.b32, shl.b32, shr.b32,
+(also the unpacking ``mov.b32 {lo, hi}, x``: 16-bit registers), mad.lo.u32, sub.u32, and.b32, shl.b32, shr.b32,
 prmt.b32 (default mode), lop3.b32, fma.rn.f16x2, mul.rn.f16x2, cvt.rn.f16x2.e4m3x2.
 """
 
@@ -53,6 +53,8 @@ def run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = a[0] & a[1]
         elif op == "shl.b32":
             out = a[0] << a[1]
+        elif op == "sub.u32":
+            out = a[0] - a[1]
         elif op == "shr.b32":
             out = a[0] >> a[1]
         elif op == "prmt.b32":  # default mode: selector nibble k picks byte (nibble & 7) of {b, a}, bit 3 replicates its msb

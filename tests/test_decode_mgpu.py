@@ -23,16 +23,19 @@ from test_pallas_decode import RTOL, make_case
 import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
+    VALUE_EXP_MAX,
     default_num_splits,
     fp8_words_asm,
     key_channel_order,
     key_word_asm,
     merge_kernel_splits,
+    odd_table,
     on_hopper,
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
     tile_unit,
     unsupported,
+    value_channel_order,
     value_tile_plan,
     value_word_asm,
 )
@@ -46,16 +49,25 @@ def _halves(regs: dict, names) -> np.ndarray:
     return np.stack([h for n in names for h in (regs[n] & 0xFFFF, regs[n] >> 16)], -1).astype(np.uint16)
 
 
+@pytest.mark.parametrize("odd", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_key_word_asm_gives_the_table(head_dim):
-    """Every code in every nibble of a word comes out as the table's float16 bits, in channel order."""
+def test_key_word_asm_gives_the_table(head_dim, odd):
+    """Every code in every nibble of a word comes out as the table's float16 bits, in channel order: the
+    presets' odd tables (8 entries and a sign) and a table that is not odd (16 entries)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", head_dim)
     table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    assert odd_table(table)
+    if not odd:
+        table = table.copy()
+        table[11] *= 1.25  # still sorted, no longer odd
+        assert not odd_table(table)
     rng = np.random.default_rng(head_dim)
     codes = rng.integers(0, 16, (4096, 8)).astype(np.uint32)
     codes[:16] = np.arange(16)[:, None]  # every code in every position
     words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
-    got = _halves(run_ptx(key_word_asm(table), {"$4": words}), ["$0", "$1", "$2", "$3"])
+    asm = key_word_asm(table)
+    assert ("pl0" in asm) != odd  # the half table where it suffices
+    got = _halves(run_ptx(asm, {"$4": words}), ["$0", "$1", "$2", "$3"])
     np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes])
 
 
@@ -79,17 +91,30 @@ def test_fp8_words_asm_converts_every_byte():
 
 def test_value_word_asm_centres_and_scales_codes_exactly():
     """(code - 7.5) * 2**e exactly, for every code in every position and every power of two the kernel
-    meets up to 2**12 (a float16 value scale's, subnormal ones taken as 2**-14)."""
+    meets (a float16 value scale's, subnormal ones taken as 2**-14, larger ones capped at 2**9), the pairs
+    in value_channel_order; the offset -71.5 * 2**e as the kernel builds its float16 bits (exponent field + 6,
+    mantissa 0x078) is that value."""
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 16, (2048, 8)).astype(np.uint32)
     codes[:16] = np.arange(16)[:, None]
     words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
-    for e in range(-14, 13):
-        p2, n2 = (int(np.float16(x).view(np.uint16)) for x in (2.0**e, -7.5 * 2.0**e))
+    order = value_channel_order(8)
+    assert VALUE_EXP_MAX == 9
+    for e in range(-14, VALUE_EXP_MAX + 1):
+        p2 = int(np.float16(2.0**e).view(np.uint16))
+        n2 = (p2 + (6 << 10)) | 0x8078
+        assert np.uint16(n2).view(np.float16) == -71.5 * 2.0**e, e
         regs = run_ptx(value_word_asm(), {"$4": words, "$5": np.full(words.shape, p2 | (p2 << 16), np.uint32),
                                           "$6": np.full(words.shape, n2 | (n2 << 16), np.uint32)})
         got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
-        np.testing.assert_array_equal(got, (codes - 7.5) * 2.0**e, err_msg=f"e={e}")
+        np.testing.assert_array_equal(got, (codes[:, order] - 7.5) * 2.0**e, err_msg=f"e={e}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_value_channel_order_is_a_permutation_within_words(head_dim):
+    order = value_channel_order(head_dim)
+    np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
+    np.testing.assert_array_equal(order // 8, np.arange(head_dim) // 8)
 
 
 def _bank_conflicts(units_by_lane: np.ndarray) -> int:
@@ -158,22 +183,25 @@ def test_key_channel_order_matches_the_threads_words(head_dim):
 
 
 def test_merge_kernel_splits_against_float64():
-    """The kernel's per-split outputs ([B, Hk, S, D, 16], query rows in columns 0..7) and base-2
-    log-sum-exps ([B, Hk, S, 8, 16], row 0) merge into the softmax over all splits' tokens: float64 on the
-    host, empty splits (-inf) weigh nothing, a row with every split empty gives zeros."""
+    """The kernel's per-split outputs ([B, Hk, S, D, 8], D rows in value_channel_order) and base-2
+    log-sum-exps ([B, Hk, S, 8, 8], row 0) merge into the softmax over all splits' tokens: float64 on the
+    host, channels in their order, empty splits (-inf) weigh nothing, a row with every split empty gives
+    zeros."""
     rng = np.random.default_rng(4)
     b, hk, s, d = 2, 3, 4, 64
-    o = rng.standard_normal((b, hk, s, d, 16)).astype(np.float32)
-    lse = np.full((b, hk, s, 8, 16), 7.0, np.float32)
-    lse[:, :, :, 0, :] = (rng.standard_normal((b, hk, s, 16)) * 20).astype(np.float32)
+    o = rng.standard_normal((b, hk, s, d, 8)).astype(np.float32)
+    lse = np.full((b, hk, s, 8, 8), 7.0, np.float32)
+    lse[:, :, :, 0, :] = (rng.standard_normal((b, hk, s, 8)) * 20).astype(np.float32)
     lse[0, 1, 2, 0, :] = -np.inf  # one empty split
     lse[1, 2, :, 0, 5] = -np.inf  # every split of one row empty
     got = np.asarray(merge_kernel_splits(jnp.asarray(o), jnp.asarray(lse)))
     chex.assert_shape(got, (b, hk, 8, d))
-    lse2 = lse[:, :, :, 0, :8].astype(np.float64)  # [B, Hk, S, 8]
+    lse2 = lse[:, :, :, 0, :].astype(np.float64)  # [B, Hk, S, 8]
     m = np.max(lse2, axis=2, keepdims=True)
     w = np.where(np.isfinite(lse2), np.exp2(lse2 - np.where(np.isfinite(m), m, 0)), 0.0)
-    num = np.einsum("bhsr,bhsdr->bhrd", w, o[..., :8].astype(np.float64))
+    channels = np.empty_like(o, dtype=np.float64)
+    channels[:, :, :, value_channel_order(d)] = o  # row c of the kernel's output is channel order[c]
+    num = np.einsum("bhsr,bhsdr->bhrd", w, channels)
     den = w.sum(axis=2)[..., None]
     want = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))

@@ -6,21 +6,23 @@ whole packed words, so each 4-bit code is unpacked, looked up and staged for the
 own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the kernel pick layouts:
 
 - keys: each thread loads whole uint32 words of its two token rows (16-byte loads; 8 four-bit codes or
-  4 float8 values a word) and one PTX block turns 8 codes into 8 float16 values (byte permutes of the 16
-  float16 centroids, 21 instructions; float8: ``cvt.rn.f16x2.e4m3x2``). The float16 pairs are the registers
+  4 float8 values a word) and one PTX block turns 8 codes into 8 float16 values (byte permutes of the
+  float16 centroids: 18 instructions for the presets' odd tables, 8 entries and a sign; float8:
+  ``cvt.rn.f16x2.e4m3x2``). The float16 pairs are the registers
   of the score product's left operand in Mosaic's WGMMA layout: the channels are taken in the order
   :func:`key_channel_order` in which a thread's columns are its words' channels, and the query in the
   same order (the product sums over the channels), so the key tile never goes through shared memory;
-- values: thread t converts half of token row t // 2 (one value scale), ``(code - 7.5) * 2**e`` (16
+- values: thread t converts half of token row t // 2 (one value scale), ``(code - 7.5) * 2**e`` (11
   instructions per word; ``2**e`` is the token's value scale's power of two, the rest of the scale goes
-  with the probabilities), and stores it into the float16 tile with 16-byte stores in an order
+  with the probabilities; the channels in :func:`value_channel_order`, undone on the output), and stores it into the float16 tile with 16-byte stores in an order
   (:func:`value_tile_plan`) that meets no shared-memory bank conflict; the tile and the probabilities
   alternate between two buffers, so one barrier a step suffices;
 - the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
   K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
   heads) twice: the float16 high parts of the (power-of-2 scaled) query and its low parts, and after the
   softmax the high and low float16 parts of the probabilities; the halves are added in registers
-  (fp32-accurate products from float16 operands, as the Triton kernel's split products);
+  (fp32-accurate products from float16 operands, as the Triton kernel's split products), so the softmax
+  and the output accumulate on 8 columns;
 - the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
   value zero-point terms accumulate per token row and are summed once at the end;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
@@ -57,9 +59,9 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "default_num_splits", "fp8_words_asm", "key_channel_order",
-    "key_word_asm", "merge_kernel_splits", "on_hopper", "paged_decode_mgpu", "tile_unit", "unsupported",
-    "value_tile_plan", "value_word_asm",
+    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
+    "key_channel_order", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
+    "tile_unit", "unsupported", "value_channel_order", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -70,6 +72,10 @@ HEAD_DIMS = (64, 128, 256)
 _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
+#: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
+#: excess goes with the probabilities.
+VALUE_EXP_MAX = 9
+_P_TOP = 10  # the probabilities' factor: value scale / 2**e * 2**10, in [2**10, 2**15) for scales below 2**14
 
 
 def on_hopper() -> bool:
@@ -105,44 +111,71 @@ def _imm(x: int) -> str:
     return f"0x{x & 0xFFFFFFFF:08X}"
 
 
+def odd_table(table: np.ndarray) -> bool:
+    """Whether a 16-entry table is odd in float16 (entry 15 - k is minus entry k, as the Lloyd-Max tables of
+    the symmetric coordinate distributions): then 8 entries and a sign make it (:func:`key_word_asm`)."""
+    f16 = np.asarray(table, np.float32).astype(np.float16)
+    return f16.shape == (16,) and bool(np.array_equal(f16[::-1], -f16))
+
+
 def key_word_asm(table: np.ndarray) -> str:
     """PTX: a uint32 word of 8 four-bit key codes (``$4``, code k in bits 4k..4k+3) -> the 8 table
     values as float16 pairs ``$0..$3`` (codes 2i, 2i+1; the first in the low half).
 
-    ``table``: 16 values exact in float16. Per 4 codes: their low 3 bits select (``prmt``) a byte of the
-    lower and of the upper half-table in each byte plane, a sign-replicating ``prmt`` turns each code's
-    top bit into a byte mask, ``lop3`` picks per byte, two ``prmt`` pair low and high bytes.
+    ``table``: 16 values exact in float16. Per 4 codes, each code's low 3 bits select (``prmt``) a byte of
+    an 8-entry table in each byte plane (low, high), and two ``prmt`` pair low and high bytes. An odd table
+    (:func:`odd_table`, 18 instructions a word): the selector of code k >= 8 is 15 - k (the code XOR 15:
+    three integer instructions for all 8 codes and a ``lop3``) and a ``lop3`` flips the high byte's sign bit
+    where a sign-replicating ``prmt`` marked the code's top bit. Any other table (21 instructions): the upper
+    half-table is looked up too and the top-bit mask picks per byte (``lop3``).
     """
     f16 = np.asarray(table, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
     if f16.shape != (16,):
         raise ValueError(f"a 4-bit table has 16 entries, got {f16.shape}")
+    odd = odd_table(table)
 
     def plane(vals) -> list[str]:  # 8 bytes -> two b32 immediates, entry k in byte k
         return [_imm(sum(int(vals[4 * r + i]) << (8 * i) for i in range(4))) for r in range(2)]
 
-    tables = {"nl": plane(f16[:8] & 0xFF), "pl": plane(f16[8:] & 0xFF),
-              "nh": plane(f16[:8] >> 8), "ph": plane(f16[8:] >> 8)}
-    lines = ["{", ".reg .b32 w, j, jh, a, m0, m1, u, v, lo, hi, nl0, nl1, pl0, pl1, nh0, nh1, ph0, ph1;"]
+    tables = {"nl": plane(f16[:8] & 0xFF), "nh": plane(f16[:8] >> 8)}
+    if not odd:
+        tables |= {"pl": plane(f16[8:] & 0xFF), "ph": plane(f16[8:] >> 8)}
+    regs = ", ".join(f"{k}{r}" for k in tables for r in range(2))
+    lines = ["{", f".reg .b32 w, j, jh, a, m0, m1, u, v, lo, hi, y, z, {regs};"]
     lines += [f"mov.b32 {k}{r}, {val};" for k, pair in tables.items() for r, val in enumerate(pair)]
+    lines += ["mov.b32 w, $4;"]
+    if odd:  # j: code k, or 15 - k where its top bit is set (the low 3 bits of k XOR 7; bit 3 cleared)
+        lines += [
+            "and.b32 y, w, 0x88888888;",
+            "shr.b32 z, y, 3;",
+            "sub.u32 z, y, z;",  # 7 in the nibbles with the top bit set
+            "lop3.b32 j, w, z, 0x77777777, 0x28;",  # (w ^ z) & 0x77777777
+        ]
+    else:
+        lines += ["and.b32 j, w, 0x77777777;"]  # prmt reads selector nibbles 0..3 (bit 3 would replicate signs)
     lines += [
-        "mov.b32 w, $4;",
-        "and.b32 j, w, 0x77777777;",  # prmt reads selector nibbles 0..3 (bit 3 would replicate signs)
         "shr.b32 jh, j, 16;",
         "shl.b32 a, w, 4;",
         "prmt.b32 m0, a, w, 0xD9C8;",  # code k's top bit -> 0xFF/0x00 in byte k (codes 0..3)
         "prmt.b32 m1, a, w, 0xFBEA;",  # codes 4..7
     ]
     for sel, m, out0, out1 in (("j", "m0", "$0", "$1"), ("jh", "m1", "$2", "$3")):
-        lines += [
-            f"prmt.b32 u, nl0, nl1, {sel};",
-            f"prmt.b32 v, pl0, pl1, {sel};",
-            f"lop3.b32 lo, v, u, {m}, 0xE4;",  # m ? v : u
-            f"prmt.b32 u, nh0, nh1, {sel};",
-            f"prmt.b32 v, ph0, ph1, {sel};",
-            f"lop3.b32 hi, v, u, {m}, 0xE4;",
-            f"prmt.b32 {out0}, lo, hi, 0x5140;",
-            f"prmt.b32 {out1}, lo, hi, 0x7362;",
-        ]
+        if odd:
+            lines += [
+                f"prmt.b32 lo, nl0, nl1, {sel};",
+                f"prmt.b32 hi, nh0, nh1, {sel};",
+                f"lop3.b32 hi, hi, {m}, 0x80808080, 0x78;",  # hi ^ (m & 0x80): minus the entry 15 - k
+            ]
+        else:
+            lines += [
+                f"prmt.b32 u, nl0, nl1, {sel};",
+                f"prmt.b32 v, pl0, pl1, {sel};",
+                f"lop3.b32 lo, v, u, {m}, 0xE4;",  # m ? v : u
+                f"prmt.b32 u, nh0, nh1, {sel};",
+                f"prmt.b32 v, ph0, ph1, {sel};",
+                f"lop3.b32 hi, v, u, {m}, 0xE4;",
+            ]
+        lines += [f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
     return "\n".join(lines + ["}"])
 
 
@@ -156,27 +189,29 @@ def fp8_words_asm() -> str:
 
 
 def value_word_asm() -> str:
-    """PTX: a uint32 word of 8 four-bit value codes (``$4``), a float16 pair ``$5`` = (2**e, 2**e) and
-    ``$6`` = (-7.5 * 2**e, -7.5 * 2**e) -> the centred codes ``(code - 7.5) * 2**e`` as float16 pairs
-    ``$0..$3`` (exact for 2**e <= 2**12).
+    """PTX: a uint32 word of 8 four-bit value codes (``$4``, code k in bits 4k..4k+3), a float16 pair ``$5`` =
+    (2**e, 2**e) and ``$6`` = (-71.5 * 2**e, -71.5 * 2**e) -> the centred codes ``(code - 7.5) * 2**e`` as
+    float16 pairs ``$0..$3``, pair i holding codes i (low half) and i + 4 (high half)
+    (:func:`value_channel_order`); exact for 2**-14 <= 2**e <= 2**:data:`VALUE_EXP_MAX`.
 
-    Byte i of the word goes to both halves (``prmt``), ``lop3`` keeps its low nibble in the low half and
-    its high nibble (times 16) in the high half under float16 1024's exponent, ``fma.rn.f16x2`` takes
-    1024 (64) away (exact: the code), a second ``fma.rn.f16x2`` gives ``code * 2**e - 7.5 * 2**e``
-    (exact: at most 5 significant bits). Centred, the codes' products with the probabilities and the
-    zero points' (the value's zero plus 7.5 scales) no longer are two large sums that cancel.
+    Three shifts put codes i and i + 4 in bits 4..7 of the two halves, ``lop3`` keeps them under float16 64's
+    exponent (64 + code: its unit is 1/16 of 16) and one ``fma.rn.f16x2`` gives ``(64 + code) * 2**e - 71.5 *
+    2**e`` rounded once: exact (at most 5 significant bits). 11 instructions. Centred, the codes' products with
+    the probabilities and the zero points' (the value zero plus 7.5 scales) no longer are two large sums
+    that cancel.
     """
-    lines = ["{", ".reg .b32 z, p, q, mul, add;", "mov.b32 z, 0;",
-             "mov.b32 mul, 0x2C003C00;",  # (1.0, 0.0625)
-             "mov.b32 add, 0xD400E400;"]  # (-1024.0, -64.0)
-    for i in range(4):
-        lines += [
-            f"prmt.b32 p, $4, z, {_imm(0x4040 | (i << 8) | i)};",  # byte i -> bytes 0 and 2
-            "lop3.b32 q, p, 0x00F0000F, 0x64006400, 0xEA;",  # (p & mask) | bias
-            "fma.rn.f16x2 q, q, mul, add;",
-            f"fma.rn.f16x2 ${i}, q, $5, $6;",
-        ]
+    lines = ["{", ".reg .b32 a, b, c, q;", "shl.b32 a, $4, 4;", "shr.b32 b, $4, 4;", "shr.b32 c, $4, 8;"]
+    for i, src in enumerate(("a", "$4", "b", "c")):
+        lines += [f"lop3.b32 q, {src}, 0x00F000F0, 0x54005400, 0xEA;",  # (src & mask) | 64.0's bits
+                  f"fma.rn.f16x2 ${i}, q, $5, $6;"]
     return "\n".join(lines + ["}"])
+
+
+def value_channel_order(dim: int) -> np.ndarray:
+    """int [dim]: the value channel that column c of the float16 value tile holds, and so row c of the
+    kernel's output (:func:`value_word_asm` pairs codes i and i + 4 of each 8-channel word)."""
+    col = np.arange(dim)
+    return 8 * (col // 8) + (col % 8) // 2 + 4 * (col % 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,43 +378,39 @@ def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, cen
 
 
 def _fold_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
-    """[M, 16] (WGMMA layout): both 8-column blocks become their sum (high part + low part)."""
+    """[M, 16] (WGMMA layout) -> [M, 8]: the sum of the two 8-column blocks (high part + low part)."""
     regs = np.array(x.registers, dtype=object)
     assert regs.shape[1] == 2, regs.shape
-    out = np.empty_like(regs)
-    for idx in np.ndindex(*regs.shape):
-        if idx[1] == 0:
-            other = (idx[0], 1, *idx[2:])
-            total = mgpu.fragmented_array.addf(regs[idx], regs[other])
-            out[idx] = total
-            out[other] = total
+    out = regs[:, :1].copy()
+    for idx in np.ndindex(*out.shape):
+        out[idx] = mgpu.fragmented_array.addf(regs[idx], regs[(idx[0], 1, *idx[2:])])
     return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=x.is_signed)
 
 
 def _split_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
-    """float32 [M, 16] (WGMMA layout, equal blocks) -> float16: block 0 = hi = f16(x), block 1 =
-    lo = f16(x - hi) (x ~= hi + lo to about 2**-22 |x|, plus float16's subnormal spacing)."""
+    """float32 [M, 8] (WGMMA layout) -> float16 [M, 16]: block 0 = hi = f16(x), block 1 = lo = f16(x - hi)
+    (x ~= hi + lo to about 2**-22 |x|, plus float16's subnormal spacing)."""
     ir, arith, *_ = _ir()
     regs = np.array(x.registers, dtype=object)
-    out = np.empty_like(regs)
+    assert regs.shape[1] == 1, regs.shape
+    out = np.concatenate([regs, regs], axis=1)
     vf16 = ir.VectorType.get((2,), ir.F16Type.get())
     vf32 = ir.VectorType.get((2,), ir.F32Type.get())
     for idx in np.ndindex(*regs.shape):
-        if idx[1] == 0:
-            v = regs[idx]
-            hi = arith.truncf(vf16, v)
-            lo = arith.truncf(vf16, arith.subf(v, arith.extf(vf32, hi)))
-            out[idx] = hi
-            out[(idx[0], 1, *idx[2:])] = lo
+        v = regs[idx]
+        hi = arith.truncf(vf16, v)
+        out[idx] = hi
+        out[(idx[0], 1, *idx[2:])] = arith.truncf(vf16, arith.subf(v, arith.extf(vf32, hi)))
     return mgpu.FragmentedArray(_registers=out, _layout=x.layout, _is_signed=None)
 
 
 def _scalars_of_row(row, refs, b, h, first_page, last_page, block_size: int, key_norms: bool) -> list:
     """Token ``row`` (i32) of a step starting at page index ``first_page``: float32 key norm (1.0 without
-    norms: float8 keys), float32 value scale over its power of two times 2**14 (in [2**14, 2**15): the
-    probabilities' float16 split stays in the normal range), float32 zero point of the centred codes (the
-    value zero plus 7.5 value scales), and float16 pairs in int32: (2**e, 2**e) and (-7.5 * 2**e, -7.5 * 2**e)
-    (the value tile's factor and offset).
+    norms: float8 keys), float32 value scale over the tile's power of two 2**e times 2**10 (in [2**10, 2**11),
+    up to 2**15 for scales of 2**10 .. 2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the probabilities'
+    float16 split stays in range), float32 zero point of the centred codes (the value zero plus 7.5 value
+    scales), and float16 pairs in int32: (2**e, 2**e) and (-71.5 * 2**e, -71.5 * 2**e) (the value tile's
+    factor and offset, :func:`value_word_asm`).
 
     Loaded from global memory: the row's page from the block table, clamped to the sequence's last page
     ``last_page`` (-1 for an empty sequence, whose table is never followed); ``refs``: (key scales
@@ -398,21 +429,23 @@ def _scalars_of_row(row, refs, b, h, first_page, last_page, block_size: int, key
             else arith.constant(ir.F16Type.get(), 1.0))
     scale = memref.load(vs_ref, [*at, arith.constant(index, 0)])
     zero = memref.load(vs_ref, [*at, arith.constant(index, 1)])
-    # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); E = the exponent field
+    # scale = m * 2**e, m in [1, 2) (subnormal scales: 2**e = 2**-14, m < 1); the tile's 2**e at most 2**9;
+    # E: its exponent field
     ebits = arith.maxui(arith.andi(arith.bitcast(i16, scale), mgpu.utils.c(0x7C00, i16)), mgpu.utils.c(0x0400, i16))
+    ebits = arith.minui(ebits, mgpu.utils.c((VALUE_EXP_MAX + 15) << 10, i16))
     e_field = arith.extui(i32, arith.shrui(ebits, mgpu.utils.c(10, i16)))
-    inv_bits = arith.shli(arith.subi(c(142 + 14), e_field), c(23))  # 2**14 / 2**e = 2**(29 - E) in float32
+    inv_bits = arith.shli(arith.subi(c(142 + _P_TOP), e_field), c(23))  # 2**_P_TOP / 2**e in float32
     m = arith.mulf(arith.extf(f32, scale), arith.bitcast(f32, inv_bits))  # exact
     centred_zero = arith.addf(arith.extf(f32, zero), arith.mulf(arith.extf(f32, scale), arith.constant(f32, 7.5)))
     e32 = arith.extui(i32, ebits)
-    n32 = arith.ori(arith.addi(e32, c(2 << 10)), c(0x8380))  # -1.875 * 2**(e + 2)
+    n32 = arith.ori(arith.addi(e32, c(6 << 10)), c(0x8078))  # -71.5 * 2**e = -1.1171875 * 2**(e + 6)
     return [arith.extf(f32, norm), m, centred_zero, arith.ori(e32, arith.shli(e32, c(16))),
             arith.ori(n32, arith.shli(n32, c(16)))]
 
 
 def _row_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool):
     """The softmax's per-token scalars of a step, in the score tile's rows (WGMMA_ROW_LAYOUT [64] float32
-    each): key norm, value scale / 2**e * 2**14, centred zero point (:func:`_scalars_of_row`)."""
+    each): key norm, value scale / 2**e * 2**10, centred zero point (:func:`_scalars_of_row`)."""
     ir, arith, _, _, vector = _ir()
     _, row0 = _thread_rows()
     layout = mgpu.WGMMA_ROW_LAYOUT
@@ -428,7 +461,7 @@ def _row_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: 
 
 
 def _tile_row_scalars(refs, b, h, first_page, last_page, block_size: int):
-    """The value tile's factor and offset pairs (2**e, 2**e), (-7.5 * 2**e, -7.5 * 2**e) of the row that
+    """The value tile's factor and offset pairs (2**e, 2**e), (-71.5 * 2**e, -71.5 * 2**e) of the row that
     thread t converts (t // 2, :func:`value_tile_plan`), as WG_STRIDED [128] int32."""
     ir, arith, _, _, vector = _ir()
     i32 = ir.IntegerType.get_signless(32)
@@ -462,7 +495,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
     per_thread = plgpu.Layout.WG_STRIDED((128,), vec_size=1)
-    s_wide = plgpu.ShapeDtypeStruct((TOKENS, COLS), jnp.float32, layout=plgpu.Layout.WGMMA)
+    s_folded = plgpu.ShapeDtypeStruct((TOKENS, HALF), jnp.float32, layout=plgpu.Layout.WGMMA)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
                        return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
@@ -486,13 +519,13 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         del ctx
         _store_values(words_ref, tile_ref, d, pow2, centre)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_wide)
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_folded)
     def fold(ctx, x):
         del ctx
         return _fold_halves(x)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                       return_type=plgpu.ShapeDtypeStruct((d, COLS), jnp.float32, layout=plgpu.Layout.WGMMA))
+                       return_type=plgpu.ShapeDtypeStruct((d, HALF), jnp.float32, layout=plgpu.Layout.WGMMA))
     def fold_out(ctx, x):
         del ctx
         return _fold_halves(x)
@@ -542,8 +575,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 issue(pages_of(s), s)
 
         plgpu.barrier_wait(q_bar.at[0])
-        qinv = plgpu.load(qinv_smem.at[pl.ds(0, COLS)], (), layout=col)
-        tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, COLS), 0, layout=plgpu.Layout.WGMMA)
+        qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
+        tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
         def step_fn(i, carry):
             # the step's scalars and the page ids of step i + stages were loaded a step ahead
@@ -563,7 +596,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
-            s = fold(s) * lax.broadcast_in_dim(qinv, s.shape, [1])
+            s = fold(s)
+            s = s * lax.broadcast_in_dim(qinv, s.shape, [1])
             s = s * lax.broadcast_in_dim(kn * logit_scale, s.shape, [0])
             if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
                 s = softcap * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
@@ -575,7 +609,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
             l_i = l_i * a2 + p
             z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
-            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**14
+            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
             plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
             # one barrier a step: every thread's value and probability tiles are stored (and fenced for the
             # tensor cores), and every thread is done with the slot's words (the next copies may overwrite them)
@@ -592,22 +626,23 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             # this step's product in its own accumulator, added in float32: accumulating the steps in the
             # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
             # round to nearest; tests/test_decode_mgpu.py::test_long_split)
-            step_pv = pl.run_state(pv)(plgpu.ACC.init(zeros_out))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv * 2.0**-14
+            step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv * 2.0**-_P_TOP
             return acc, m_new, l_i, z_i, prefetched, next_pages
 
-        zeros_out = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
-        m0 = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), col)
-        l0 = plgpu.layout_cast(jnp.zeros((TOKENS, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
+        m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
+        l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
         first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
         carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
         acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
         l_sum = l_i.sum(axis=0)
-        acc = fold_out(acc) + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
+        acc = acc + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
         l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
         lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
-        lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, COLS), [1])
+        lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, HALF), [1])
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, sp])
         plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[b, h, sp])
@@ -620,16 +655,16 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
         plgpu.SMEM((2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
         plgpu.SMEM((2, COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
-        plgpu.SMEM((d, COLS), jnp.float32),
-        plgpu.SMEM((TOKENS, COLS), jnp.float32),
+        plgpu.SMEM((d, HALF), jnp.float32),
+        plgpu.SMEM((TOKENS, HALF), jnp.float32),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
     ]
     return plgpu.kernel(
         tq_decode_mgpu,
-        out_type=(jax.ShapeDtypeStruct((batch, hk, num_splits, d, COLS), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, hk, num_splits, 8, COLS), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct((batch, hk, num_splits, d, HALF), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, hk, num_splits, 8, HALF), jnp.float32)),
         grid=(batch, hk, num_splits),
         grid_names=("b", "h", "s"),
         scratch_types=scratch,
@@ -746,12 +781,13 @@ def paged_decode_mgpu_jit(
 
 
 def merge_kernel_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
-    """The kernel's outputs -> [B, Hk, 8, D] float32: ``o`` [B, Hk, S, D, 16] (each split's output for the 8
-    query rows in columns 0..7, normalised within the split), ``lse`` [B, Hk, S, 8, 16] (row 0, columns 0..7:
-    the splits' log-sum-exps in base 2, -inf for an empty split), merged by
+    """The kernel's outputs -> [B, Hk, 8, D] float32: ``o`` [B, Hk, S, D, 8] (each split's output for the 8
+    query rows, normalised within the split, its D rows in :func:`value_channel_order`), ``lse``
+    [B, Hk, S, 8, 8] (row 0: the splits' log-sum-exps in base 2, -inf for an empty split), merged by
     :func:`tqjax.pallas.decode.merge_splits`."""
     from tqjax.pallas.decode import merge_splits
 
-    o = jnp.moveaxis(jnp.swapaxes(o[..., :HALF], -1, -2), 2, 0)  # [S, B, Hk, 8, D]
-    lse = jnp.moveaxis(lse[:, :, :, 0, :HALF], 2, 0) * math.log(2.0)  # [S, B, Hk, 8], natural log
+    rows = np.argsort(value_channel_order(o.shape[3]))  # channel c is the kernel's row rows[c]
+    o = jnp.moveaxis(jnp.swapaxes(o[:, :, :, rows], -1, -2), 2, 0)  # [S, B, Hk, 8, D]
+    lse = jnp.moveaxis(lse[:, :, :, 0, :], 2, 0) * math.log(2.0)  # [S, B, Hk, 8], natural log
     return merge_splits(o, lse)
