@@ -3,7 +3,7 @@ is, at chosen split counts, and optionally another version of it loaded from a f
 
     git show 9c18739:tqjax/pallas/decode_mgpu.py > /tmp/decode_mgpu_old.py
     python -m experiments.mgpu_decode_compare --against /tmp/decode_mgpu_old.py
-    python -m experiments.mgpu_decode_compare --points 4bit_nc/8/32768 --splits 4,6,8
+    python -m experiments.mgpu_decode_compare --points 4bit_nc/8/32768 --splits 4,6,8 --stages 2,3
     MOSAIC_GPU_DUMP_PTXAS=1 python -m experiments.mgpu_decode_compare ...   (ptxas prints registers per thread)
     ncu -k regex:tq_decode_mgpu --launch-skip 2 -c 1 python -m experiments.mgpu_decode_compare \\
         --points 4bit_nc/32/16384 --splits 1 --once
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     ap.add_argument("--points", default="4bit_nc/32/16384,4bit_nc/8/32768,4bit_nc/128/4096,k8v4/32/16384",
                     help="comma-separated preset suffix/batch/context")
     ap.add_argument("--splits", default="", help="comma-separated split counts (default: each module's default)")
+    ap.add_argument("--stages", default="2", help="comma-separated page-copy stages")
     ap.add_argument("--against", default="", help="another decode_mgpu.py to time beside this one")
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
@@ -53,6 +54,7 @@ def main(argv=None) -> None:
     if args.against:
         modules["other"] = _load(args.against)
     splits = [int(s) for s in args.splits.split(",") if s] or [None]
+    variants = [(s, st) for st in (int(x) for x in args.stages.split(",")) for s in splits]
     print(device_description(), flush=True)
     bw = 0.0 if args.once else copy_bandwidth()
     rows = []
@@ -65,15 +67,15 @@ def main(argv=None) -> None:
         nbytes = cache.nbytes * ctx * b // cache.num_slots
         ref = None if args.once else paged_decode_reference(qs[0], cache, bt, lens)
         for label, module in modules.items():
-            for s in splits:
+            for s, stages in variants:
                 f = jax.jit(functools.partial(module.paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens,
-                                              num_splits=s))
+                                              num_splits=s, stages=stages))
                 if args.once:
                     for _ in range(4):
                         jax.block_until_ready(f(qs[0]))
                     print("ran", point, label, s)
                     return
-                kernel = f"{label} S={s if s else 'default'}"
+                kernel = f"{label} S={s if s else 'default'}" + (f" stages={stages}" if stages != 2 else "")
                 try:
                     t0 = time.time()
                     out = f(qs[0])
