@@ -46,13 +46,13 @@ def main(argv=None) -> None:
                     help="comma-separated preset suffix/batch/context")
     ap.add_argument("--splits", default="", help="comma-separated split counts (default: each module's default)")
     ap.add_argument("--stages", default="2", help="comma-separated page-copy stages")
-    ap.add_argument("--against", default="", help="another decode_mgpu.py to time beside this one")
+    ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated) to time beside this one")
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
 
     modules = {"this": decode_mgpu}
-    if args.against:
-        modules["other"] = _load(args.against)
+    for path in filter(None, args.against.split(",")):
+        modules[path.rsplit("/", 1)[-1].removesuffix(".py")] = _load(path)
     splits = [int(s) for s in args.splits.split(",") if s] or [None]
     variants = [(s, st) for st in (int(x) for x in args.stages.split(",")) for s in splits]
     print(device_description(), flush=True)

@@ -708,10 +708,11 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
-#: Programs (one per sequence, KV head and split) resident per multiprocessor: 168 registers per thread (ptxas)
-#: and 73 KB of shared memory per program allow 3. H200, Hk=8 (docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log):
-#: B=8, 32k tokens: 4 splits (256 programs) 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us;
-#: B=32, 16k: 1 split 481 us, 3 splits 444 us.
+#: Programs (one per sequence, KV head and split) resident per multiprocessor: 144-155 registers per thread (ptxas;
+#: 4 programs would need at most 128) and 67 KB of shared memory per program allow 3 (ncu: both limits 3,
+#: docs/data/decode_mgpu_ncu_h200_2026-11-30_s15.log). H200, Hk=8, at 168 registers and 73 KB
+#: (docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log): B=8, 32k tokens: 4 splits (256 programs) 259 us,
+#: 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us; B=32, 16k: 1 split 481 us, 3 splits 444 us.
 BLOCKS_PER_CORE = 3
 #: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
 #: merge): keeps the wave count from favouring many tiny splits.
