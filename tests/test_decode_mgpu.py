@@ -429,8 +429,10 @@ def test_one_long_split_against_float64():
 @needs_hopper
 def test_small_and_large_value_scales():
     """Value scales far from 1 (their power of two goes into the float16 value tile, the rest with the
-    probabilities): still 2e-5 of max|out|."""
-    for factor in (1e-3, 300.0):
+    probabilities; from 2**10 on the tile's stops at 2**VALUE_EXP_MAX and the excess goes with the
+    probabilities too): still 2e-5 of max|out|. The random values' scales are about 0.2-0.8, so x5000 and
+    x20000 give scales of about 2**10 .. 2**13."""
+    for factor in (1e-3, 300.0, 5000.0, 20000.0):
         q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                            lens=[77, 640], seed=11)
         scales = cache.value_scales.astype(jnp.float32) * factor
