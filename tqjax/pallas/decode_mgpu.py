@@ -73,7 +73,8 @@ _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
 #: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
-#: excess goes with the probabilities.
+#: excess goes with the probabilities, whose factor stays below 2**15 for scales below 2**14 (the store's 4-bit
+#: value scales are at most 2 * 65504 / 15 = 8734: it clamps values to float16's range).
 VALUE_EXP_MAX = 9
 _P_TOP = 10  # the probabilities' factor: value scale / 2**e * 2**10, in [2**10, 2**15) for scales below 2**14
 
