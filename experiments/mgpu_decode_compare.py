@@ -46,7 +46,8 @@ def main(argv=None) -> None:
                     help="comma-separated preset suffix/batch/context")
     ap.add_argument("--splits", default="", help="comma-separated split counts (default: each module's default)")
     ap.add_argument("--stages", default="2", help="comma-separated page-copy stages")
-    ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated) to time beside this one")
+    ap.add_argument("--against", default="",
+                    help="other decode_mgpu.py files (comma-separated) to time beside this one")
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
 

@@ -14,8 +14,9 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   same order (the product sums over the channels), so the key tile never goes through shared memory;
 - values: thread t converts half of token row t // 2 (one value scale), ``(code - 7.5) * 2**e`` (11
   instructions per word; ``2**e`` is the token's value scale's power of two, the rest of the scale goes
-  with the probabilities; the channels in :func:`value_channel_order`, undone on the output), and stores it into the float16 tile with 16-byte stores in an order
-  (:func:`value_tile_plan`) that meets no shared-memory bank conflict; the tile and the probabilities
+  with the probabilities; the channels in :func:`value_channel_order`, undone on the output), and stores
+  it into the float16 tile with 16-byte stores in an order (:func:`value_tile_plan`) that meets no
+  shared-memory bank conflict; the tile and the probabilities
   alternate between two buffers, so one barrier a step suffices;
 - the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
   K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
@@ -195,11 +196,11 @@ def value_word_asm() -> str:
     float16 pairs ``$0..$3``, pair i holding codes i (low half) and i + 4 (high half)
     (:func:`value_channel_order`); exact for 2**-14 <= 2**e <= 2**:data:`VALUE_EXP_MAX`.
 
-    Three shifts put codes i and i + 4 in bits 4..7 of the two halves, ``lop3`` keeps them under float16 64's
-    exponent (64 + code: its unit is 1/16 of 16) and one ``fma.rn.f16x2`` gives ``(64 + code) * 2**e - 71.5 *
-    2**e`` rounded once: exact (at most 5 significant bits). 11 instructions. Centred, the codes' products with
-    the probabilities and the zero points' (the value zero plus 7.5 scales) no longer are two large sums
-    that cancel.
+    Three shifts put codes i and i + 4 in bits 4..7 of the two halves, ``lop3`` sets float16 64's exponent
+    over them (bits 4..7 of 64's mantissa count whole units: 64 + code) and one ``fma.rn.f16x2`` gives
+    ``(64 + code) * 2**e - 71.5 * 2**e`` rounded once: exact (at most 5 significant bits). 11 instructions.
+    Centred, the codes' products with the probabilities and the zero points' (the value zero plus 7.5
+    scales) no longer are two large sums that cancel.
     """
     lines = ["{", ".reg .b32 a, b, c, q;", "shl.b32 a, $4, 4;", "shr.b32 b, $4, 4;", "shr.b32 c, $4, 8;"]
     for i, src in enumerate(("a", "$4", "b", "c")):
@@ -724,8 +725,9 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_siz
                        num_cores: int | None = None) -> int:
     """KV splits per (sequence, KV head): the fewest that minimise the waves of programs over the device
     times a program's time (``ceil(B * Hk * S / resident) * (ceil(steps / S) + PROGRAM_OVERHEAD_STEPS)``,
-    resident = :data:`BLOCKS_PER_CORE` per core, in 64-token steps), at most one split per step. Splits no longer bound the error (the value
-    codes are centred: 8e-7 of max|out| against float64 attention for 32k tokens in one split)."""
+    resident = :data:`BLOCKS_PER_CORE` per core, in 64-token steps), at most one split per step. Splits no
+    longer bound the error (the value codes are centred: 8e-7 of max|out| against float64 attention for 32k
+    tokens in one split)."""
     from tqjax.pallas.decode import _device_cores
 
     resident = BLOCKS_PER_CORE * (num_cores or _device_cores())
