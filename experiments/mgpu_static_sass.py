@@ -1,0 +1,204 @@
+"""Static view of the Mosaic GPU decode's machine code without a GPU: ptxas registers and the main loop's SASS.
+
+Instruction count per step is what moved the kernel's time (docs/PERFORMANCE.md, "Eight columns": 913 -> 618
+SASS instructions per warp and step, 430 -> 350 us), so a variant can be weighed here before it costs device time.
+
+Setup, once (the CUDA plugin goes into its own environment, the development one stays CPU-only)::
+
+    python3 -m venv /tmp/mgvenv
+    /tmp/mgvenv/bin/pip install "jax==0.10.2" "jax-cuda13-plugin==0.10.2" "jax-cuda13-pjrt==0.10.2" absl-py
+    pip download --no-deps -d /tmp/nvd nvidia-cuda-nvdisasm && unzip -q -d /tmp/nvd /tmp/nvd/nvidia_cuda_nvdisasm-*.whl
+
+and ptxas (CUDA 13) and gcc on the machine. Then, from the repository root::
+
+    /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
+        [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4]
+
+Each point is preset suffix/head_dim/block_size/group. How: the kernel is lowered for CUDA (``jax.export``, as
+the CPU tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes,
+LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that
+reports one compute capability 9.0 device and refuses to load the module; the plugin registers its NVPTX
+target when its client starts on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered``
+(not exported: found with ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the
+predicated backward branch around both products' ``HGMMA``s; its instructions run once per 64-token step in every warp,
+except a branch taken by one warp (the page copies).
+
+A proxy, not a measurement: static counts (no stalls, no occupancy), the CPU's jax/plugin (0.10.2) and ptxas
+(13.0) rather than the GPU machine's (0.11.2; CUDA 13); on the H200 the kept kernel of the fourteenth session had
+150-155 registers and 596 + 77 (warp 0) loop instructions per step in the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+_STUB_LIBCUDA = r"""
+#include <stdio.h>
+#include <string.h>
+typedef int CUresult; typedef int CUdevice; typedef void *CUcontext;
+static int ctx;
+CUresult cuGetErrorString(CUresult e, const char **s) { *s = "stub libcuda: no GPU"; return 0; }
+CUresult cuGetErrorName(CUresult e, const char **s) { *s = "CUDA_ERROR_STUB"; return 0; }
+CUresult cuInit(unsigned f) { return 0; }
+CUresult cuDriverGetVersion(int *v) { *v = 13000; return 0; }
+CUresult cuDeviceGetCount(int *n) { *n = 1; return 0; }
+CUresult cuDeviceGet(CUdevice *d, int o) { *d = 0; return 0; }
+CUresult cuCtxGetDevice(CUdevice *d) { *d = 0; return 0; }
+CUresult cuCtxGetCurrent(CUcontext *c) { *c = &ctx; return 0; }
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
+  *v = attr == 75 ? 9 : attr == 76 ? 0 : 1;  /* compute capability 9.0 */
+  return 0;
+}
+CUresult cuModuleLoadData(void **m, const void *image) { return 999; }
+"""
+
+# The child: lower one kernel and compile it with the CUDA plugin (dumps the PTX, then aborts at the module load).
+_CHILD = r"""
+import ctypes, importlib.util, io, subprocess, sys
+import jax, jax.numpy as jnp
+from jax.experimental.mosaic.gpu import core as mgpu_core
+path, name, head_dim, block_size, group = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+sys.path.insert(0, ".")
+import tqjax
+modules = []
+lower = mgpu_core._lower_as_gpu_kernel
+def keep(*args, **kwargs):
+    out = lower(*args, **kwargs)
+    modules.append(out[0])
+    return out
+mgpu_core._lower_as_gpu_kernel = keep
+spec = importlib.util.spec_from_file_location("decode_mgpu_variant", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 64, block_size, 2))
+q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
+f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=2, stages=2)
+jax.export.export(jax.jit(f), platforms=["cuda"])(
+    q, cache, jax.ShapeDtypeStruct((3, 9), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
+module = modules[-1]
+with module.context:
+    module = mgpu_core._run_serde_pass(module, serialize=True, ir_version=None)
+    buf = io.BytesIO()
+    module.operation.write_bytecode(buf)
+import jax_plugins.xla_cuda13 as cuda_plugin
+lib = cuda_plugin._get_library_path()
+dll = ctypes.CDLL(lib)
+syms = dict(reversed(line.split()[::2]) for line in subprocess.run(["nm", lib], capture_output=True, text=True)
+            .stdout.splitlines() if len(line.split()) == 3)
+base = ctypes.cast(dll.MosaicGpuCompile, ctypes.c_void_p).value - int(syms["MosaicGpuCompile"], 16)
+ctypes.CFUNCTYPE(None)(base + int(syms["_ZN6mosaic3gpu33EnsureLLVMNVPTXTargetIsRegisteredEv"], 16))()
+dll.MosaicGpuCompile.argtypes = [ctypes.c_char_p, ctypes.c_int]
+dll.MosaicGpuCompile.restype = ctypes.c_void_p
+asm = buf.getvalue()
+dll.MosaicGpuCompile(asm, len(asm))
+"""
+
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+def parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """nvdisasm output -> ([(address, instruction)], {label: address of the next instruction})."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        if m := _LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := _INSTR.match(line):
+            addr = int(m.group(1), 16)
+            for label in pending:
+                labels[label] = addr
+            pending = []
+            instrs.append((addr, m.group(2)))
+    return instrs, labels
+
+
+def main_loop(instrs: list[tuple[int, str]], labels: dict[str, int],
+              markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> list[str]:
+    """The main loop's instructions: the range of the predicated backward branch (the loop's back edge)
+    that holds every marker (both products: the score product's ``HGMMA``, the value product's ``tnspA``
+    one), from the branch target to the branch, both included; the largest if several. Out-of-line blocks
+    (a barrier wait's retry) jump back into the loop with unpredicated branches and are not loops."""
+    best: tuple[int, int] | None = None
+    for addr, text in instrs:
+        m = _BRANCH.search(text)
+        if not m or not text.startswith("@") or labels.get(m.group(1), addr + 1) > addr:
+            continue
+        start = labels[m.group(1)]
+        body = [t for a, t in instrs if start <= a <= addr]
+        if all(any(k in t for t in body) for k in markers) and (best is None or addr - start > best[1] - best[0]):
+            best = (start, addr)
+    if best is None:
+        raise ValueError(f"no loop around {markers}")
+    return [t for a, t in instrs if best[0] <= a <= best[1]]
+
+
+def opcode(instruction: str) -> str:
+    """'@!P2 BRA `(.L_x_4)' -> 'BRA'; 'IMAD.U32 R49, RZ, RZ, UR13' -> 'IMAD'."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str) -> dict:
+    preset, head_dim, block_size, group = point.split("/")
+    dump = tempfile.mkdtemp(dir=work)
+    child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
+    # the child aborts once the stub refuses to load the module, after the PTX is written
+    child = subprocess.run([sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group],
+                           check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
+    ptx = glob.glob(os.path.join(dump, "*.ptx"))
+    if not ptx:
+        raise RuntimeError(f"no PTX from {path} {point} (is this the plugin's environment? see the docstring):\n"
+                           + child.stderr[-2000:])
+    cubin = os.path.join(dump, "kernel.cubin")
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", cubin, ptx[0]], check=True, capture_output=True,
+                          text=True)
+    regs = int(re.search(r"Used (\d+) registers", info.stderr + info.stdout).group(1))
+    sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    instrs, labels = parse_sass(sass)
+    loop = main_loop(instrs, labels)
+    return {"registers": regs, "total": len(instrs), "loop": len(loop),
+            "ops": collections.Counter(opcode(t) for t in loop)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", default="4bit_nc/128/16/4,k8v4/128/16/4",
+                    help="comma-separated preset suffix/head_dim/block_size/group")
+    ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated)")
+    ap.add_argument("--nvdisasm", default="nvdisasm")
+    ap.add_argument("--ptxas", default="ptxas")
+    ap.add_argument("--cuda-root", default="/usr/local/cuda-13.0", help="for libdevice (MOSAIC_GPU_CUDA_ROOT)")
+    args = ap.parse_args(argv)
+
+    work = tempfile.mkdtemp(prefix="mgpu_static_sass_")
+    stub = os.path.join(work, "libcuda.so.1")
+    with open(os.path.join(work, "stub.c"), "w") as f:
+        f.write(_STUB_LIBCUDA)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", stub, os.path.join(work, "stub.c")], check=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{work}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+               MOSAIC_GPU_CUDA_ROOT=args.cuda_root)
+    files = {"this": "tqjax/pallas/decode_mgpu.py"}
+    for path in filter(None, args.against.split(",")):
+        files[os.path.basename(path).removesuffix(".py")] = path
+    rows = []
+    for point in args.points.split(","):
+        for label, path in files.items():
+            r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
+            top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
+            rows.append((point, label, r["registers"], r["loop"], r["total"], top))
+            print("RESULT", *rows[-1], sep=" | ", flush=True)
+    print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes")
+    for row in rows:
+        print(" | ".join(map(str, row)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""experiments.mgpu_static_sass's reading of nvdisasm output (the compile itself needs the CUDA plugin's
+environment: see that module's docstring)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.mgpu_static_sass import main_loop, opcode, parse_sass
+
+# The shape of the decode kernel's listing: a prologue, the loop (both products, a one-warp branch), the
+# loop's back edge, an epilogue, and out-of-line barrier-wait retries that branch back into the loop
+# (unpredicated) from after it.
+LISTING = """
+tq_decode_mgpu_mosaic_gpu_kernel:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_7:
+        /*0020*/                   LDG.E R24, desc[UR12][R24.64] ;
+.L_x_78:
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR57], R30 ;
+        /*0040*/              @!P2 BRA `(.L_x_4) ;
+.L_x_10:
+        /*0050*/                   LDS.128 R24, [R48+0x1400] ;
+        /*0060*/                   IMAD.U32 R49, RZ, RZ, UR13 ;
+        /*0070*/                   HGMMA.64x16x16.F32 R24, R32, gdesc[UR16], RZ, !UPT ;
+        /*0080*/               @P2 BRA `(.L_x_6) ;
+        /*0090*/                   UTMALDG.4D [UR56], [UR20] ;
+.L_x_6:
+        /*00a0*/                   HGMMA.64x16x16.F32 R32, gdesc[UR40].tnspA, R32 ;
+        /*00b0*/                   FADD R32, R32, R36 ;
+        /*00c0*/              @!P2 BRA `(.L_x_7) ;
+        /*00d0*/                   EXIT ;
+.L_x_4:
+        /*00e0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR57], R30 ;
+        /*00f0*/              @!P2 BRA `(.L_x_4) ;
+        /*0100*/                   BRA `(.L_x_10) ;
+"""
+
+
+def test_parse_sass_reads_addresses_and_labels():
+    instrs, labels = parse_sass(LISTING)
+    assert len(instrs) == 17
+    assert instrs[0] == (0x0, "LDC R1, c[0x0][0x28]")
+    assert labels == {".L_x_7": 0x20, ".L_x_78": 0x30, ".L_x_10": 0x50, ".L_x_6": 0xA0, ".L_x_4": 0xE0}
+
+
+def test_main_loop_is_the_back_edge_around_both_products():
+    """The predicated back edge 0x00c0 -> .L_x_7, not the retry's unpredicated branch back into the loop
+    (a range that holds both products too), nor the retry's own one-instruction loop."""
+    loop = main_loop(*parse_sass(LISTING))
+    assert loop[0].startswith("LDG.E") and loop[-1] == "@!P2 BRA `(.L_x_7)"
+    assert len(loop) == 11
+    with pytest.raises(ValueError, match="no loop"):
+        main_loop(*parse_sass(LISTING.replace("tnspA", "")))
+
+
+def test_opcode_drops_predicates_and_modifiers():
+    assert opcode("@!P2 BRA `(.L_x_4)") == "BRA"
+    assert opcode("IMAD.U32 R49, RZ, RZ, UR13") == "IMAD"
+    assert opcode("@UP0 UIADD3 UR4, UR4, 0x1, URZ") == "UIADD3"
