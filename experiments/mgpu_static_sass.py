@@ -191,9 +191,14 @@ def main(argv=None) -> None:
     rows = []
     for point in args.points.split(","):
         for label, path in files.items():
-            r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
-            top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
-            rows.append((point, label, r["registers"], r["loop"], r["total"], top))
+            try:
+                r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
+            except RuntimeError as e:  # a kernel that does not take this point: say so, go on
+                lines = [ln for ln in str(e).splitlines() if "Error" in ln] or str(e).splitlines()
+                rows.append((point, label, "-", "-", "-", "failed: " + lines[-1].strip()[:200]))
+            else:
+                top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
+                rows.append((point, label, r["registers"], r["loop"], r["total"], top))
             print("RESULT", *rows[-1], sep=" | ", flush=True)
     print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes")
     for row in rows:
