@@ -20,8 +20,8 @@ LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.s
 reports one compute capability 9.0 device and refuses to load the module; the plugin registers its NVPTX
 target when its client starts on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered``
 (not exported: found with ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the
-predicated backward branch around both products' ``HGMMA``s; its instructions run once per 64-token step in every warp,
-except a branch taken by one warp (the page copies).
+predicated backward branch around both products' ``HGMMA``s; its instructions run once per 64-token step in
+every warp, except a branch taken by one warp (the page copies).
 
 A proxy, not a measurement: static counts (no stalls, no occupancy), the CPU's jax/plugin (0.10.2) and ptxas
 (13.0) rather than the GPU machine's (0.11.2; CUDA 13); on the H200 the kept kernel of the fourteenth session had
@@ -147,6 +147,8 @@ def opcode(instruction: str) -> str:
 
 
 def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str) -> dict:
+    """One decode_mgpu.py file at one point -> registers, kernel and main-loop instruction counts, the loop's
+    opcodes. RuntimeError (with the child's error) where the file's kernel does not compile for the point."""
     preset, head_dim, block_size, group = point.split("/")
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
