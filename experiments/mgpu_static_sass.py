@@ -147,8 +147,8 @@ def opcode(instruction: str) -> str:
 
 
 def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str) -> dict:
-    """One decode_mgpu.py file at one point -> registers, kernel and main-loop instruction counts, the loop's
-    opcodes. RuntimeError (with the child's error) where the file's kernel does not compile for the point."""
+    """One decode_mgpu.py file at one point -> registers, spill stores (bytes), kernel and main-loop instruction
+    counts, the loop's opcodes. RuntimeError (with the child's error) where the file's kernel does not compile for the point."""
     preset, head_dim, block_size, group = point.split("/")
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
@@ -162,11 +162,13 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     cubin = os.path.join(dump, "kernel.cubin")
     info = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", cubin, ptx[0]], check=True, capture_output=True,
                           text=True)
-    regs = int(re.search(r"Used (\d+) registers", info.stderr + info.stdout).group(1))
+    log = info.stderr + info.stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     instrs, labels = parse_sass(sass)
     loop = main_loop(instrs, labels)
-    return {"registers": regs, "total": len(instrs), "loop": len(loop),
+    return {"registers": regs, "spills": spills, "total": len(instrs), "loop": len(loop),
             "ops": collections.Counter(opcode(t) for t in loop)}
 
 
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
                 rows.append((point, label, "-", "-", "-", "failed: " + lines[-1].strip()[:200]))
             else:
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
-                rows.append((point, label, r["registers"], r["loop"], r["total"], top))
+                regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
+                rows.append((point, label, regs, r["loop"], r["total"], top))
             print("RESULT", *rows[-1], sep=" | ", flush=True)
     print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes")
     for row in rows:
