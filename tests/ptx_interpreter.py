@@ -2,8 +2,8 @@
 
 ``run_ptx(asm, args)``: ``args`` maps operand names (``"$2"``) to uint32 arrays of one shape; returns
 every register (uint32 arrays) after running the block's instructions in order. Supported: mov.b32
-(also the unpacking ``mov.b32 {lo, hi}, x``: 16-bit registers), mad.lo.u32, sub.u32, and.b32, shl.b32, shr.b32,
-prmt.b32 (default mode), lop3.b32, fma.rn.f16x2, mul.rn.f16x2, cvt.rn.f16x2.e4m3x2.
+(also the unpacking ``mov.b32 {lo, hi}, x``: 16-bit registers), mad.lo.u32, sub.u32, or.b32, and.b32,
+shl.b32, shr.b32, prmt.b32 (default mode), lop3.b32, fma.rn.f16x2, mul.rn.f16x2, cvt.rn.f16x2.e4m3x2.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def run_ptx(asm: str, args: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = a[0]
         elif op == "mad.lo.u32":
             out = a[0] * a[1] + a[2]
+        elif op == "or.b32":
+            out = a[0] | a[1]
         elif op == "and.b32":
             out = a[0] & a[1]
         elif op == "shl.b32":

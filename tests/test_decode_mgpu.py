@@ -11,6 +11,8 @@ and value tiles, float32 accumulation).
 
 from __future__ import annotations
 
+import collections
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from tqjax.pallas.decode_mgpu import (
     VALUE_EXP_MAX,
     default_num_splits,
     fp8_words_asm,
+    key3_word_asm,
     key_channel_order,
     key_word_asm,
     merge_kernel_splits,
@@ -35,13 +38,15 @@ from tqjax.pallas.decode_mgpu import (
     paged_decode_mgpu_jit,
     tile_unit,
     unsupported,
+    value3_word_asm,
     value_channel_order,
+    value_constants,
     value_tile_plan,
     value_word_asm,
 )
 from tqjax.reference import paged_decode_jit
 
-MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4")
+MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 
 
 def _halves(regs: dict, names) -> np.ndarray:
@@ -67,8 +72,34 @@ def test_key_word_asm_gives_the_table(head_dim, odd):
     words = np.bitwise_or.reduce(codes << (4 * np.arange(8, dtype=np.uint32)), axis=1)
     asm = key_word_asm(table)
     assert ("pl0" in asm) != odd  # the half table where it suffices
-    got = _halves(run_ptx(asm, {"$4": words}), ["$0", "$1", "$2", "$3"])
+    f16 = table.astype(np.float16).view(np.uint16)
+    low_words = [sum(int(f16[i] & 0xFF) << (8 * i) for i in range(4)),
+                 sum(int(f16[i] >> 8) << (8 * i) for i in range(4))]
+    operands = {"$4": words, "$5": np.full(words.shape, low_words[0], np.uint32),
+                "$6": np.full(words.shape, low_words[1], np.uint32)}  # the odd table's low words, from registers
+    got = _halves(run_ptx(asm, operands), ["$0", "$1", "$2", "$3"])
     np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_key3_word_asm_gives_the_table(seed):
+    """3-bit keys (turboquant_k3v4_nc) as tqjax.packing stores them (bit 0 of 32 channels in one word, bits 1-2
+    of 16 in another): every byte / half position of 32 channels' words, every code in every position."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_k3v4_nc", 128)
+    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 8, (2048, 32)).astype(np.uint32)
+    codes[:8] = (np.arange(8)[:, None] + np.arange(32)) % 8  # every code in every position
+    words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)  # [2048, 3]: bit-0 word, 2 two-bit words
+    f16 = table.astype(np.float16).view(np.uint16)
+    low = [np.full(len(words), sum(int(f16[i] >> s & 0xFF) << (8 * i) for i in range(4)), np.uint32) for s in (0, 8)]
+    for g in range(4):  # 8 channels: byte g of the bit-0 word, half g % 2 of two-bit word g // 2
+        regs = run_ptx(key3_word_asm(table, g, g % 2),
+                       {"$4": words[:, 0], "$5": words[:, 1 + g // 2], "$6": low[0], "$7": low[1]})
+        got = _halves(regs, ["$0", "$1", "$2", "$3"])
+        np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes[:, 8 * g:8 * g + 8]])
+    with pytest.raises(ValueError, match="8 entries"):
+        key3_word_asm(np.zeros(16, np.float32), 0, 0)
 
 
 def test_key_word_asm_rejects_other_tables():
@@ -108,6 +139,46 @@ def test_value_word_asm_centres_and_scales_codes_exactly():
                                           "$6": np.full(words.shape, n2 | (n2 << 16), np.uint32)})
         got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
         np.testing.assert_array_equal(got, (codes[:, order] - 7.5) * 2.0**e, err_msg=f"e={e}")
+
+
+def test_value3_word_asm_centres_and_scales_codes_exactly():
+    """3-bit values (turboquant_3bit_nc) as tqjax.packing stores them: (code - 3.5) * 2**e exactly, in
+    value_channel_order, for every code in every position of 32 channels' words and every power of two the
+    kernel meets; the offset -67.5 * 2**e as the kernel builds its float16 bits (value_constants)."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 8, (1024, 32)).astype(np.uint32)
+    codes[:8] = (np.arange(8)[:, None] + np.arange(32)) % 8
+    words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)
+    centre, _, mantissa = value_constants(3)
+    order = value_channel_order(8)
+    for e in range(-14, VALUE_EXP_MAX + 1):
+        p2 = int(np.float16(2.0**e).view(np.uint16))
+        n2 = (p2 + (6 << 10)) | 0x8000 | mantissa
+        assert np.uint16(n2).view(np.float16) == -(64 + centre) * 2.0**e, e
+        for g in range(4):
+            regs = run_ptx(value3_word_asm(g, g % 2), {
+                "$4": words[:, 0], "$5": words[:, 1 + g // 2],
+                "$6": np.full(len(words), p2 | (p2 << 16), np.uint32),
+                "$7": np.full(len(words), n2 | (n2 << 16), np.uint32)})
+            got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
+            want = (codes[:, 8 * g:8 * g + 8][:, order] - centre) * 2.0**e
+            np.testing.assert_array_equal(got, want, err_msg=f"e={e} g={g}")
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_3bit_value_stores_cover_the_tile_without_bank_conflicts(head_dim):
+    """_store_values3's order: thread t stores the 8-channel groups g = i ^ 4 (t % 2) of half t % 2 of row t // 2:
+    every unit of the tile once, no quarter-warp store meets a bank conflict (without the stagger the two
+    halves of a row share bank groups)."""
+    groups = head_dim // 16
+    seen = collections.Counter()
+    for warp in range(4):
+        lanes = np.arange(32) + 32 * warp
+        for i in range(groups):
+            units = [tile_unit(t // 2, (t % 2) * groups + (i ^ (4 * (t % 2))), head_dim) for t in map(int, lanes)]
+            assert _bank_conflicts(np.array(units)) == 0, (warp, i)
+            seen.update(units)
+    assert sorted(seen) == list(range(64 * head_dim // 8)) and set(seen.values()) == {1}
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -209,6 +280,8 @@ def test_merge_kernel_splits_against_float64():
 
 
 def test_unsupported_names_the_reason():
+    for name in ("turboquant_k3v4_nc", "turboquant_3bit_nc"):
+        assert "16-byte" in unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16)
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128)
     assert unsupported(cfg, 8, 16) is None
     assert "at most 8" in unsupported(cfg, 16, 16)
@@ -227,6 +300,11 @@ def test_unsupported_names_the_reason():
     ("turboquant_4bit_nc", 256, 64, 8, None, 3),
     ("turboquant_k8v4", 128, 16, 4, None, 2),
     ("turboquant_k8v4", 64, 64, 8, 30.0, 1),
+    ("turboquant_k3v4_nc", 128, 16, 4, None, 2),
+    ("turboquant_k3v4_nc", 128, 32, 8, 30.0, 1),
+    ("turboquant_k3v4_nc", 256, 16, 1, None, 3),
+    ("turboquant_3bit_nc", 128, 16, 4, None, 2),
+    ("turboquant_3bit_nc", 256, 64, 8, 30.0, 1),
 ])
 def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
@@ -264,9 +342,9 @@ def test_refuses_other_caches_and_devices():
                                        lens=[5], seed=0)
     with pytest.raises(RuntimeError, match="Hopper"):
         paged_decode_mgpu(q, cache, tables, lens)
-    q, cache, tables, lens = make_case("turboquant_3bit_nc", head_dim=128, block_size=16, hk=1, group=4,
+    q, cache, tables, lens = make_case("turboquant_kqjl4v4", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[5], seed=0)
-    with pytest.raises(NotImplementedError, match="4-bit MSE keys"):
+    with pytest.raises(NotImplementedError, match="MSE keys"):
         paged_decode_mgpu(q, cache, tables, lens)
 
 
@@ -287,7 +365,9 @@ def test_paged_decode_chooses_the_kernel(monkeypatch):
     assert choose_implementation(cache("turboquant_4bit_nc"), 16) == "triton"  # group > 8
     assert choose_implementation(cache("turboquant_4bit_nc", 128), 4) == "triton"  # block_size 128
     assert choose_implementation(cache("turboquant_k8v4"), 4) == "mosaic"
-    assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "triton"
+    assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "mosaic"
+    assert choose_implementation(cache("turboquant_kqjl4v4"), 4) == "triton"
+    assert choose_implementation(cache("turboquant_k3v4_nc"), 4) == "mosaic"
     monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)
     assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "triton"
 
@@ -345,6 +425,28 @@ def test_fp8_keys_match_reference(head_dim, block_size, group, num_splits):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=RTOL * float(jnp.max(jnp.abs(ref))), rtol=0)
     else:
         _check(q, cache, tables, lens, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim,block_size,group", [(128, 16, 4), (128, 16, 8), (128, 64, 1), (256, 32, 4)])
+@pytest.mark.gpu
+@needs_hopper
+def test_3bit_keys_match_reference(head_dim, block_size, group):
+    """turboquant_k3v4_nc: 3-bit keys in packing's two fields (key3_word_asm), 4-bit values."""
+    lens = [0, 1, 17, 64, 65, 333, 1500]
+    q, cache, tables, lens = make_case("turboquant_k3v4_nc", head_dim=head_dim, block_size=block_size, hk=2,
+                                       group=group, lens=lens, seed=head_dim + block_size + group)
+    _check(q, cache, tables, lens, num_splits=2)
+
+
+@pytest.mark.parametrize("head_dim,block_size,group", [(128, 16, 4), (128, 32, 8), (256, 16, 1)])
+@pytest.mark.gpu
+@needs_hopper
+def test_3bit_values_match_reference(head_dim, block_size, group):
+    """turboquant_3bit_nc: 3-bit keys and 3-bit values in packing's two fields (value3_word_asm)."""
+    lens = [0, 1, 17, 64, 65, 333, 1500]
+    q, cache, tables, lens = make_case("turboquant_3bit_nc", head_dim=head_dim, block_size=block_size, hk=2,
+                                       group=group, lens=lens, seed=head_dim + block_size + group)
+    _check(q, cache, tables, lens, num_splits=2)
 
 
 @pytest.mark.parametrize("num_splits,stages", [(2, 2), (3, 3), (5, 2), (16, 1)])
@@ -427,16 +529,22 @@ def test_one_long_split_against_float64():
 
 @pytest.mark.gpu
 @needs_hopper
-def test_small_and_large_value_scales():
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_3bit_nc"])
+def test_small_and_large_value_scales(name):
     """Value scales far from 1 (their power of two goes into the float16 value tile, the rest with the
     probabilities; from 2**10 on the tile's stops at 2**VALUE_EXP_MAX and the excess goes with the
-    probabilities too): still 2e-5 of max|out|. The random values' scales are about 0.2-0.8, so x5000 and
-    x20000 give scales of about 2**10 .. 2**13."""
-    for factor in (1e-3, 300.0, 5000.0, 20000.0):
-        q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
-                                           lens=[77, 640], seed=11)
-        scales = cache.value_scales.astype(jnp.float32) * factor
-        cache = tqjax.PagedKVCache(key_codes=cache.key_codes, key_scales=cache.key_scales,
-                                   value_codes=cache.value_codes, value_scales=scales.astype(jnp.float16),
-                                   config=cache.config)
-        _check(q, cache, tables, lens)
+    probabilities too): still 2e-5 of max|out|. The random values' scales are about 0.2-1.1; x5000 gives about
+    2**10 .. 2**12, and the last case scales them up to 0.95 of the largest scale the store writes (a range of
+    2 * 65504 over 2**bits - 1 levels: 2**13 for 4 bits, 2**14 for 3). The zero points (float16 too, up to
+    65504) go up with the scales only as far as they stay finite (x20000 made them inf: NaN everywhere)."""
+    q, cache, tables, lens = make_case(name, head_dim=128, block_size=16, hk=1, group=4, lens=[77, 640], seed=11)
+    scales = np.asarray(cache.value_scales, np.float32)
+    top = 0.95 * 2 * 65504 / (2**cache.config.value_bits - 1) / np.abs(scales[..., 0]).max()
+    for factor in (1e-3, 300.0, 5000.0, top):
+        zero_factor = min(factor, 0.5 * 65504 / np.abs(scales[..., 1]).max())
+        scaled = (scales * np.array([factor, zero_factor], np.float32)).astype(np.float16)
+        assert np.isfinite(scaled).all()
+        big = tqjax.PagedKVCache(key_codes=cache.key_codes, key_scales=cache.key_scales,
+                                 value_codes=cache.value_codes, value_scales=jnp.asarray(scaled),
+                                 config=cache.config)
+        _check(q, big, tables, lens)

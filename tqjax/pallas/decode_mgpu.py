@@ -31,9 +31,11 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
-says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 4-bit MSE keys
-of one segment or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and 4-bit values
-(``turboquant_4bit_nc``, ``turboquant_k8v4``), head_dim 64, 128 or 256, at most 8 query
+says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 3- or 4-bit MSE
+keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`) or float8 keys
+(``cvt.rn.f16x2.e4m3x2``, no norms), and 3- or 4-bit values (3-bit: :func:`value3_word_asm`, codes centred
+on 3.5): ``turboquant_4bit_nc``, ``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``;
+head_dim 64, 128 or 256 (3-bit codes: 128 or 256, a row of 64 is 24 bytes, no TMA stride), at most 8 query
 heads per KV head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the
 kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
@@ -61,8 +63,9 @@ from tqjax.layout import PagedKVCache
 
 __all__ = [
     "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
-    "key_channel_order", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
-    "tile_unit", "unsupported", "value_channel_order", "value_tile_plan", "value_word_asm",
+    "key3_word_asm", "key_channel_order", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper",
+    "paged_decode_mgpu", "tile_unit", "unsupported", "value3_word_asm", "value_channel_order", "value_constants",
+    "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -80,6 +83,18 @@ VALUE_EXP_MAX = 9
 _P_TOP = 10  # the probabilities' factor: value scale / 2**e * 2**10, in [2**10, 2**15) for scales below 2**14
 
 
+def value_constants(bits: int) -> tuple[float, int, int]:
+    """(centre, probability factor's power of 2, mantissa bits of the tile offset's float16) of ``bits``-bit value
+    codes: the codes are centred on (2**bits - 1) / 2, the tile offset is -(64 + centre) * 2**e (0x078: 71.5,
+    0x038: 67.5), and 3-bit scales reach 2 * 65504 / 7 = 18715, so their probability factor is scale / 2**e
+    * 2**9 (below 2**15 for scales below 2**15)."""
+    if bits == 4:
+        return 7.5, _P_TOP, 0x078
+    if bits == 3:
+        return 3.5, _P_TOP - 1, 0x038
+    raise ValueError(f"value bits must be 3 or 4, got {bits}")
+
+
 def on_hopper() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.0), where this kernel runs."""
     if jax.default_backend() != "gpu":
@@ -91,13 +106,15 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
     """Why this kernel cannot decode ``config`` (None if it can)."""
     segs = config.key_segments
     fp8 = config.key_format == "fp8"
-    if not fp8 and (config.key_format != "mse" or len(segs) != 1 or segs[0].bits != 4):
-        return (f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 4-bit MSE keys and "
-                "fp8 keys only")
-    if config.value_bits != 4:
-        return f"values are {config.value_bits}-bit, this kernel reads 4-bit values only"
+    if not fp8 and (config.key_format != "mse" or len(segs) != 1 or segs[0].bits not in (3, 4)):
+        return (f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 3- and 4-bit MSE "
+                "keys and fp8 keys only")
+    if config.value_bits not in (3, 4):
+        return f"values are {config.value_bits}-bit, this kernel reads 3- and 4-bit values only"
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} not in {HEAD_DIMS}"
+    if (config.value_bits == 3 or not fp8 and segs[0].bits == 3) and config.head_dim == 64:
+        return "3-bit codes of head_dim 64 are rows of 24 bytes: the page copies (TMA) need 16-byte strides"
     if group > HALF:
         return f"{group} query heads per KV head, this kernel takes at most {HALF}"
     if block_size not in BLOCK_SIZES:
@@ -144,7 +161,9 @@ def key_word_asm(table: np.ndarray) -> str:
         tables |= {"pl": plane(f16[8:] & 0xFF), "ph": plane(f16[8:] >> 8)}
     regs = ", ".join(f"{k}{r}" for k in tables for r in range(2))
     lines = ["{", f".reg .b32 w, j, jh, a, m0, m1, u, v, lo, hi, y, z, {regs};"]
-    lines += [f"mov.b32 {k}{r}, {val};" for k, pair in tables.items() for r, val in enumerate(pair)]
+    operands = {("nl", 0): "$5", ("nh", 0): "$6"} if odd else {}  # held in registers by the caller
+    lines += [f"mov.b32 {k}{r}, {operands.get((k, r), val)};"
+              for k, pair in tables.items() for r, val in enumerate(pair)]
     lines += ["mov.b32 w, $4;"]
     if odd:  # j: code k, or 15 - k where its top bit is set (the low 3 bits of k XOR 7; bit 3 cleared)
         lines += [
@@ -190,6 +209,44 @@ def fp8_words_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
+def key3_word_asm(table: np.ndarray, byte: int, half: int) -> str:
+    """PTX: 8 three-bit key codes in :mod:`tqjax.packing`'s fields -> the 8 table values as float16 pairs
+    ``$0..$3`` (codes 2i, 2i+1; the first in the low half). ``$4``: the 1-bit field's word (code bit 0 of 32
+    channels), whose byte ``byte`` holds the 8 codes' bit 0; ``$5``: the 2-bit field's word (bits 1-2 of 16
+    channels), whose 16-bit half ``half`` holds theirs; ``$6``, ``$7``: the low words of the table's byte planes
+    (entries 0..3), held in registers by the caller (ptxas would rematerialise a constant before each ``prmt``).
+
+    ``table``: 8 values exact in float16, looked up by ``prmt`` in each byte plane with 4-bit selectors
+    (the code, bit 3 clear); the selectors are the fields spread to nibbles: bit 0 to bit 4k, bits 1-2 to
+    bits 4k+1..4k+2 (three shift-and-mask rounds each). 25 instructions."""
+    f16 = np.asarray(table, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
+    if f16.shape != (8,):
+        raise ValueError(f"a 3-bit table has 8 entries, got {f16.shape}")
+    if byte not in range(4) or half not in range(2):
+        raise ValueError(f"byte in 0..3 and half in 0..1, got {byte}, {half}")
+    planes = {"nl": f16 & 0xFF, "nh": f16 >> 8}
+    lines = ["{", ".reg .b32 z, y, x, t, j, jh, lo, hi, nl0, nl1, nh0, nh1;", "mov.b32 z, 0;"]
+    operands = {("nl", 0): "$6", ("nh", 0): "$7"}
+    lines += [f"mov.b32 {k}{r}, {operands.get((k, r)) or _imm(sum(int(v[4 * r + i]) << (8 * i) for i in range(4)))};"
+              for k, v in planes.items() for r in range(2)]
+    lines += [
+        f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",  # bit 0 of the 8 codes in bits 0..7
+        "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",  # (y | t) & mask: 4 bits a half
+        "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",  # 2 bits a byte
+        "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",  # 1 bit a nibble, at bit 4k
+        f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",  # bits 1-2 of the 8 codes in bits 0..15
+        "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
+        "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
+        "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",  # 2 bits a nibble, at bits 4k..4k+1
+        "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
+        "shr.b32 jh, j, 16;",
+    ]
+    for sel, out0, out1 in (("j", "$0", "$1"), ("jh", "$2", "$3")):
+        lines += [f"prmt.b32 lo, nl0, nl1, {sel};", f"prmt.b32 hi, nh0, nh1, {sel};",
+                  f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
+    return "\n".join(lines + ["}"])
+
+
 def value_word_asm() -> str:
     """PTX: a uint32 word of 8 four-bit value codes (``$4``, code k in bits 4k..4k+3), a float16 pair ``$5`` =
     (2**e, 2**e) and ``$6`` = (-71.5 * 2**e, -71.5 * 2**e) -> the centred codes ``(code - 7.5) * 2**e`` as
@@ -206,6 +263,31 @@ def value_word_asm() -> str:
     for i, src in enumerate(("a", "$4", "b", "c")):
         lines += [f"lop3.b32 q, {src}, 0x00F000F0, 0x54005400, 0xEA;",  # (src & mask) | 64.0's bits
                   f"fma.rn.f16x2 ${i}, q, $5, $6;"]
+    return "\n".join(lines + ["}"])
+
+
+def value3_word_asm(byte: int, half: int) -> str:
+    """PTX: 8 three-bit value codes in :mod:`tqjax.packing`'s fields (``$4``: the 1-bit field's word, byte
+    ``byte`` the 8 codes' bit 0; ``$5``: the 2-bit field's word, half ``half`` their bits 1-2), ``$6`` = (2**e,
+    2**e) and ``$7`` = (-67.5 * 2**e, -67.5 * 2**e) -> the centred codes ``(code - 3.5) * 2**e`` as float16
+    pairs ``$0..$3`` in :func:`value_channel_order` (pair i: codes i and i + 4). The fields are spread to one
+    code a nibble (as :func:`key3_word_asm`), then :func:`value_word_asm`'s conversion (64 + code, one
+    ``fma.rn.f16x2``, exact). 25 instructions."""
+    if byte not in range(4) or half not in range(2):
+        raise ValueError(f"byte in 0..3 and half in 0..1, got {byte}, {half}")
+    lines = ["{", ".reg .b32 z, y, x, t, j, a, b, c, q;", "mov.b32 z, 0;",
+             f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",
+             "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",
+             "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",
+             "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",
+             f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",
+             "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
+             "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
+             "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",
+             "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
+             "shl.b32 a, j, 4;", "shr.b32 b, j, 4;", "shr.b32 c, j, 8;"]
+    for i, src in enumerate(("a", "j", "b", "c")):
+        lines += [f"lop3.b32 q, {src}, 0x00F000F0, 0x54005400, 0xEA;", f"fma.rn.f16x2 ${i}, q, $6, $7;"]
     return "\n".join(lines + ["}"])
 
 
@@ -333,30 +415,66 @@ def _load_words(ptr, offset, count: int) -> list:
     return words
 
 
-def _keys_wgmma(words_ref, dim: int, asm: str, words_per_group: int) -> mgpu.FragmentedArray:
-    """SMEM key words uint32 [64, dim * words_per_group / 8] -> float16 [64, dim] in registers (WGMMA layout,
-    channels in :func:`key_channel_order`), the score product's left operand: one PTX block per 8 channels
-    (``words_per_group`` words: 1 of 4-bit codes, 2 of float8 keys)."""
+def _keys_wgmma(words_ref, dim: int, groups_of_row) -> mgpu.FragmentedArray:
+    """SMEM key words uint32 [64, words a row] -> float16 [64, dim] in registers (WGMMA layout, channels in
+    :func:`key_channel_order`), the score product's left operand. ``groups_of_row(ptr, row, lane4)``: the
+    float16 pairs (i32) of this thread's dim/32 groups of 8 channels of token ``row``, 4 a group."""
     ir, arith, _, _, vector = _ir()
     i32, f16 = ir.IntegerType.get_signless(32), ir.F16Type.get()
-    c = functools.partial(mgpu.utils.c, ty=i32)
     layout = mgpu.WGMMA_LAYOUT
     regs = np.empty(layout.registers_shape((TOKENS, dim)), dtype=object)
     lane4, row0 = _thread_rows()
-    groups = dim // 32  # 8-channel groups of a row per thread
-    count = groups * words_per_group
-    row_words = dim // 8 * words_per_group
     ptr = mgpu.utils.memref_ptr(words_ref)
     for r in range(2):
-        row = arith.addi(row0, c(8 * r))
-        words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.muli(lane4, c(count))), count)
-        for g in range(groups):
-            parts = _convert(words[g * words_per_group:(g + 1) * words_per_group], asm, [])
+        row = arith.addi(row0, mgpu.utils.c(8 * r, i32))
+        for g, parts in enumerate(groups_of_row(ptr, row, lane4)):
             for i, part in enumerate(parts):
                 idx = (0, 4 * g + i, 0, 0, r) + (0,) * (regs.ndim - 5)
                 regs[idx] = vector.bitcast(ir.VectorType.get((2,), f16),
                                            vector.from_elements(ir.VectorType.get((1,), i32), [part]))
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+
+def _word_groups(dim: int, asm: str, words_per_group: int, extra=()):
+    """:func:`_keys_wgmma`'s ``groups_of_row`` for keys of ``words_per_group`` whole words per 8 channels (1 of
+    4-bit codes, 2 of float8 keys): the thread's words of the row in 16-byte loads, one PTX block a group."""
+    ir, arith, *_ = _ir()
+    c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
+    groups = dim // 32
+    count = groups * words_per_group
+    row_words = dim // 8 * words_per_group
+
+    def groups_of_row(ptr, row, lane4):
+        words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.muli(lane4, c(count))), count)
+        return [_convert(words[g * words_per_group:(g + 1) * words_per_group], asm, list(extra))
+                for g in range(groups)]
+
+    return groups_of_row
+
+
+def _key3_groups(dim: int, table: np.ndarray, extra):
+    """:func:`_keys_wgmma`'s ``groups_of_row`` for 3-bit keys (:mod:`tqjax.packing`'s fields: a row's dim/32
+    words of bit 0, then its dim/16 words of bits 1-2): the thread's channels 8(l dim/32 + g) + 0..7 take byte
+    g % 4 of its bit-0 words' word g // 4 (dim 64: two threads share a word, the upper one shifted down) and
+    half g % 2 of its two-bit words' word g // 2 (:func:`key3_word_asm`)."""
+    ir, arith, *_ = _ir()
+    c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
+    groups = dim // 32
+    row_words = 3 * dim // 32
+    asms = [key3_word_asm(table, g % 4, g % 2) for g in range(groups)]
+
+    def groups_of_row(ptr, row, lane4):
+        base = arith.muli(row, c(row_words))
+        n0 = max(1, groups // 4)  # bit-0 words of the thread
+        at0 = arith.divui(lane4, c(2)) if dim == 64 else arith.muli(lane4, c(n0))
+        bit0 = _load_words(ptr, arith.addi(base, at0), n0)
+        if dim == 64:  # channels 16 l .. 16 l + 15: half l % 2 of word l // 2
+            bit0 = [arith.shrui(bit0[0], arith.muli(arith.remui(lane4, c(2)), c(16)))]
+        n2 = groups // 2 if dim > 64 else 1  # two-bit words of the thread
+        two = _load_words(ptr, arith.addi(base, arith.addi(c(dim // 32), arith.muli(lane4, c(n2)))), n2)
+        return [_convert([bit0[g // 4], two[g // 2]], asms[g], list(extra)) for g in range(groups)]
+
+    return groups_of_row
 
 
 def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> None:
@@ -377,6 +495,31 @@ def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, cen
             parts = _convert([word], asm, extra)
             unit = tile_unit(row, word0 + i, dim)
             llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
+
+
+def _store_values3(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> None:
+    """SMEM 3-bit value words uint32 [64, 3 dim / 32] (:mod:`tqjax.packing`'s fields: a row's dim/32 words of bit 0,
+    then its dim/16 words of bits 1-2) -> ``(code - 3.5) * 2**e`` into the float16 tile (as :func:`_store_values`).
+    Thread t converts half t % 2 of row t // 2 (one value scale), its 8-channel groups in the order
+    g = i ^ 4 (t % 2), so that a quarter-warp's 16-byte stores meet 8 bank groups (the halves' units of a row
+    otherwise share theirs); its words are loaded in that order (the bit-0 word of g // 4, the two-bit word
+    of g // 2), so each group's byte and half stay static (:func:`value3_word_asm`)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32 = ir.IntegerType.get_signless(32)
+    t = _I32(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)))
+    row, h = t // 2, t % 2
+    extra = [vector.extract(x.registers.item(), [], [0]) for x in (pow2, centre)]
+    words_ptr, tile_ptr = mgpu.utils.memref_ptr(words_ref), mgpu.utils.memref_ptr(tile_ref)
+    unit_ty = ir.VectorType.get((4,), i32)
+    groups, n0, n2 = dim // 16, dim // 64, dim // 32  # a half row's groups, bit-0 words, two-bit words
+    base = row * (3 * dim // 32)
+    bit0 = [_load_words(words_ptr, (base + h * n0 + (h ^ k)).v, 1)[0] for k in range(n0)]
+    two = [w for k in range(0, n2, 2)
+           for w in _load_words(words_ptr, (base + dim // 32 + h * n2 + ((h * 2) ^ k)).v, 2)]
+    for i in range(groups):
+        parts = _convert([bit0[i // 4], two[i // 2]], value3_word_asm(i % 4, i % 2), extra)
+        unit = tile_unit(row, h * groups + ((h * 4) ^ i), dim)
+        llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
 
 
 def _fold_halves(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
@@ -439,7 +582,7 @@ def _tile_exponent(scale):
     return arith.extui(ir.IntegerType.get_signless(32), arith.shrui(ebits, c16(10)))
 
 
-def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool) -> list:
+def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool, value_bits: int) -> list:
     """Token ``row`` (i32) of page ``page``: float32 key norm (1.0 without norms: float8 keys), float32 value
     scale over the tile's power of two 2**e times 2**10 (in [2**10, 2**11), up to 2**15 for scales of 2**10 ..
     2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the probabilities' float16 split stays in range) and
@@ -453,13 +596,14 @@ def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: b
     scale16 = memref.load(vs_ref, [*at, arith.constant(index, 0)])
     scale = arith.extf(f32, scale16)
     zero = arith.extf(f32, memref.load(vs_ref, [*at, arith.constant(index, 1)]))
-    inv_bits = arith.shli(arith.subi(mgpu.utils.c(142 + _P_TOP, i32), _tile_exponent(scale16)),
-                          mgpu.utils.c(23, i32))  # 2**_P_TOP / 2**e in float32
+    centre, p_top, _ = value_constants(value_bits)
+    inv_bits = arith.shli(arith.subi(mgpu.utils.c(142 + p_top, i32), _tile_exponent(scale16)),
+                          mgpu.utils.c(23, i32))  # 2**p_top / 2**e in float32
     m = arith.mulf(scale, arith.bitcast(f32, inv_bits))  # exact
-    return [norm, m, arith.addf(zero, arith.mulf(scale, arith.constant(f32, 7.5)))]
+    return [norm, m, arith.addf(zero, arith.mulf(scale, arith.constant(f32, centre)))]
 
 
-def _tile_scalars(vs_ref, h, page, row, block_size: int) -> list:
+def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> list:
     """Token ``row`` (i32) of page ``page``: the value tile's factor and offset, float16 pairs in int32:
     (2**e, 2**e) and (-71.5 * 2**e, -71.5 * 2**e) (:func:`value_word_asm`)."""
     ir, arith, _, memref, _ = _ir()
@@ -467,11 +611,11 @@ def _tile_scalars(vs_ref, h, page, row, block_size: int) -> list:
     c = functools.partial(mgpu.utils.c, ty=i32)
     scale = memref.load(vs_ref, [*_row_at(h, page, row, block_size), arith.constant(index, 0)])
     e = arith.shli(_tile_exponent(scale), c(10))  # 2**e's float16 bits
-    n = arith.ori(arith.addi(e, c(6 << 10)), c(0x8078))  # -71.5 * 2**e = -1.1171875 * 2**(e + 6)
+    n = arith.ori(arith.addi(e, c(6 << 10)), c(0x8000 | value_constants(value_bits)[2]))  # -(64 + centre) * 2**e
     return [arith.ori(x, arith.shli(x, c(16))) for x in (e, n)]
 
 
-def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool):
+def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int):
     """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
     score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**10, centred zero
     point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
@@ -488,15 +632,53 @@ def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms:
     rows = [np.empty(reg_shape, dtype=object) for _ in range(3)]
     for idx in np.ndindex(*reg_shape):
         row = arith.addi(row0, mgpu.utils.c(8 * idx[2], i32))
-        for k, v in enumerate(_softmax_scalars(ks_ref, vs_ref, h, page, row, block_size, key_norms)):
+        for k, v in enumerate(_softmax_scalars(ks_ref, vs_ref, h, page, row, block_size, key_norms, value_bits)):
             rows[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
     out = [mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None) for r in rows]
     tile_row = arith.divui(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)), mgpu.utils.c(2, i32))
     strided = mgpu.WGStridedFragLayout(shape=(128,), vec_size=1)
-    for v in _tile_scalars(vs_ref, h, page, tile_row, block_size):
+    for v in _tile_scalars(vs_ref, h, page, tile_row, block_size, value_bits):
         regs = np.array([vector.from_elements(ir.VectorType.get((1,), i32), [v])], dtype=object)
         out.append(mgpu.FragmentedArray(_registers=regs, _layout=strided, _is_signed=False))
     return tuple(out)
+
+
+def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf) -> mgpu.FragmentedArray:
+    """float32 [64, 8] (WGMMA layout) -> its column maxima [8] (WGMMA column layout), with one warpgroup
+    barrier: shuffles within each warp, then each warp's maxima through ``scratch_ref`` (float32 [2 * 32],
+    half ``buf``: the next writes to it come two steps later, after other barriers). Scalar maxima (a vector
+    maximum lowers to compares and selects)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    c = functools.partial(mgpu.utils.c, ty=i32)
+
+    def fmax(a, b):  # one instruction (arith.maximumf lowers to a compare and selects)
+        return llvm.inline_asm(f32, [a, b], "max.NaN.f32 $0, $1, $2;", "=f,f,f")
+
+    vals = None
+    for reg in np.array(x.registers, dtype=object).flat:
+        parts = [vector.extract(reg, [], [k]) for k in range(2)]
+        vals = parts if vals is None else [fmax(a, b) for a, b in zip(vals, parts)]
+    for dist in (4, 8, 16):  # lanes with the same lane % 4 hold the same columns
+        vals = [fmax(v, mgpu.utils.shfl_bfly(v, dist)) for v in vals]
+    tid = arith.remui(mgpu.utils.thread_idx(), c(128))
+    warp, lane4 = arith.divui(tid, c(32)), arith.remui(tid, c(4))
+    base = arith.addi(arith.muli(buf.registers.item(), c(32)), arith.muli(lane4, c(8)))  # [buf, lane4, warp, 2]
+    ptr = mgpu.utils.memref_ptr(scratch_ref)
+    llvm.store(vector.from_elements(ir.VectorType.get((2,), f32), vals),
+               mgpu.utils.getelementptr(ptr, [arith.addi(base, arith.muli(warp, c(2)))], f32))
+    mgpu.utils.warpgroup_barrier()
+    out = None
+    for half in range(2):  # two 16-byte loads: the 4 warps' pairs
+        at = mgpu.utils.getelementptr(ptr, [arith.addi(base, c(4 * half))], f32)
+        quad = llvm.load(ir.VectorType.get((4,), f32), at)
+        for w in range(2):
+            parts = [vector.extract(quad, [], [2 * w + k]) for k in range(2)]
+            out = parts if out is None else [fmax(a, b) for a, b in zip(out, parts)]
+    vty = ir.VectorType.get((2,), f32)
+    layout = mgpu.WGMMA_COL_LAYOUT
+    regs = np.array([vector.from_elements(vty, out)], dtype=object).reshape(layout.registers_shape((HALF,)))
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,27 +688,31 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 stages: int, softcap: float | None):
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
+    key3 = not fp8 and cfg.key_segments[0].bits == 3
     words = d // 8  # 4-bit codes: one word per 8 channels
-    key_words_per_reg = 2 if fp8 else 1  # float8 keys: two
-    key_words = words * key_words_per_reg
+    value_words = 3 * d // 32 if cfg.value_bits == 3 else words
+    key_words = 3 * d // 32 if key3 else 2 * words if fp8 else words  # 3-bit: packing's two fields
     pps = TOKENS // block_size  # pages per step
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
-    if fp8:
-        kasm = fp8_words_asm()
-    else:
-        kasm = key_word_asm(np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32))
+    table = None if fp8 else np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
     per_thread = plgpu.Layout.WG_STRIDED((128,), vec_size=1)
     s_folded = plgpu.ShapeDtypeStruct((TOKENS, HALF), jnp.float32, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), splat, splat),
                        return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
-    def keys_f16(ctx, words_ref):
+    def keys_f16(ctx, words_ref, t0, t1):
         del ctx
-        return _keys_wgmma(words_ref, d, kasm, key_words_per_reg)
+        if fp8:
+            groups = _word_groups(d, fp8_words_asm(), 2)
+        elif key3:
+            groups = _key3_groups(d, table, (t0.registers.item(), t1.registers.item()))
+        else:
+            groups = _word_groups(d, key_word_asm(table), 1, (t0.registers.item(), t1.registers.item()))
+        return _keys_wgmma(words_ref, d, groups)
 
     rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
     pair_ty = plgpu.ShapeDtypeStruct((128,), jnp.int32, layout=per_thread)
@@ -536,12 +722,19 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     def step_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
         refs = (ks_ref, vs_ref, bt_ref)
-        return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8)
+        return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8,
+                             value_bits=cfg.value_bits)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
     def store_values(ctx, words_ref, tile_ref, pow2, centre):
         del ctx
-        _store_values(words_ref, tile_ref, d, pow2, centre)
+        (_store_values3 if cfg.value_bits == 3 else _store_values)(words_ref, tile_ref, d, pow2, centre)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), splat),
+                       return_type=plgpu.ShapeDtypeStruct((HALF,), jnp.float32, layout=col))
+    def column_max(ctx, x, scratch_ref, buf):
+        del ctx
+        return _column_max(x, scratch_ref, buf)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_folded)
     def fold(ctx, x):
@@ -560,8 +753,9 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         del ctx
         return _split_halves(x)
 
-    def tq_decode_mgpu(bt_ref, lens_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
-                       q_smem, qinv_smem, kw_smem, vw_smem, v16_smem, p_smem, o_smem, lse_smem, q_bar, kw_bar, vw_bar):
+    def tq_decode_mgpu(bt_ref, lens_ref, ktab_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
+                       q_smem, qinv_smem, kw_smem, vw_smem, v16_smem, p_smem, o_smem, lse_smem, red_smem, q_bar,
+                       kw_bar, vw_bar):
         b = lax.axis_index("b")
         h = lax.axis_index("h")
         sp = lax.axis_index("s")
@@ -596,6 +790,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             def _(s=s):
                 issue(pages_of(s), s)
 
+        ktab0, ktab1 = ktab_ref[0], ktab_ref[1]  # loaded once: ptxas keeps them (a constant it would rematerialise)
         plgpu.barrier_wait(q_bar.at[0])
         qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
@@ -609,7 +804,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
             next_pages = pages_of(i + stages + 1)
             plgpu.barrier_wait(kw_bar.at[slot])
-            keys = keys_f16(kw_smem.at[slot])
+            keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem, (1, 0)))
@@ -624,7 +819,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
                 s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
             s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=0))
+            m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
             a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
@@ -648,7 +843,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
             # round to nearest; tests/test_decode_mgpu.py::test_long_split)
             step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**_P_TOP
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
             return acc, m_new, l_i, z_i, prefetched, next_pages
 
         zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
@@ -659,7 +854,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
         acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
         l_sum = l_i.sum(axis=0)
-        acc = acc * 2.0**-_P_TOP + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
+        acc = acc * 2.0**-value_constants(cfg.value_bits)[1] + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
         l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
         lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
@@ -673,11 +868,12 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         plgpu.SMEM((COLS, d), jnp.float16, transforms=_F16_TILE),
         plgpu.SMEM((2 * COLS,), jnp.float32),
         plgpu.SMEM((stages, TOKENS, key_words), jnp.uint32),
-        plgpu.SMEM((stages, TOKENS, words), jnp.uint32),
+        plgpu.SMEM((stages, TOKENS, value_words), jnp.uint32),
         plgpu.SMEM((2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
         plgpu.SMEM((2, COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
         plgpu.SMEM((d, HALF), jnp.float32),
         plgpu.SMEM((TOKENS, HALF), jnp.float32),
+        plgpu.SMEM((64,), jnp.float32),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
@@ -801,7 +997,12 @@ def paged_decode_mgpu_jit(
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
-    o, lse = call(block_tables, seq_lens, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
+    ktab = jnp.zeros((2,), jnp.int32)  # float8 keys: no table
+    if cfg.key_format != "fp8":  # the low words of the 8-entry table's byte planes (key_word_asm's $5, $6)
+        table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32).astype(np.float16).view(np.uint16)
+        ktab = jnp.asarray(np.array([sum(int(table[i] & 0xFF) << (8 * i) for i in range(4)),
+                                     sum(int(table[i] >> 8) << (8 * i) for i in range(4))], np.uint32).view(np.int32))
+    o, lse = call(block_tables, seq_lens, ktab, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
                   cache.value_scales)
     return merge_kernel_splits(o, lse)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
