@@ -14,7 +14,8 @@ and ptxas (CUDA 13) and gcc on the machine. Then, from the repository root::
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
         [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4]
 
-Each point is preset suffix/head_dim/block_size/group. How: the kernel is lowered for CUDA (``jax.export``, as
+Each point is preset suffix/head_dim/block_size/group; the last column names the other files whose kernel
+at that point is the same machine code (instruction for instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as
 the CPU tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes,
 LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that
 reports one compute capability 9.0 device and refuses to load the module; the plugin registers its NVPTX
@@ -169,7 +170,13 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     instrs, labels = parse_sass(sass)
     loop = main_loop(instrs, labels)
     return {"registers": regs, "spills": spills, "total": len(instrs), "loop": len(loop),
-            "ops": collections.Counter(opcode(t) for t in loop)}
+            "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs)}
+
+
+def same_code(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """{label: kernel's instructions (no addresses)} -> {label: the other labels whose kernel is the same
+    machine code}: a restructured source that compiles to what already ran on the GPU needs no new run."""
+    return {a: [b for b in codes if b != a and codes[b] == codes[a]] for a in codes}
 
 
 def main(argv=None) -> None:
@@ -194,21 +201,26 @@ def main(argv=None) -> None:
         files[os.path.basename(path).removesuffix(".py")] = path
     rows = []
     for point in args.points.split(","):
+        codes, first = {}, len(rows)
         for label, path in files.items():
             try:
                 r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
             except RuntimeError as e:  # a kernel that does not take this point: say so, go on
                 lines = [ln for ln in str(e).splitlines() if "Error" in ln] or str(e).splitlines()
-                rows.append((point, label, "-", "-", "-", "failed: " + lines[-1].strip()[:200]))
+                rows.append([point, label, "-", "-", "-", "failed: " + lines[-1].strip()[:200]])
             else:
+                codes[label] = r["code"]
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
                 regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
-                rows.append((point, label, regs, r["loop"], r["total"], top))
+                rows.append([point, label, regs, r["loop"], r["total"], top])
             print("RESULT", *rows[-1], sep=" | ", flush=True)
-    print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes")
+        same = same_code(codes)
+        for row in rows[first:]:
+            row.append(", ".join(same.get(row[1], [])) or "-")
+    print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes"
+          " | the same machine code as")
     for row in rows:
         print(" | ".join(map(str, row)))
-
 
 if __name__ == "__main__":
     main()

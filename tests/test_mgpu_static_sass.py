@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.mgpu_static_sass import main_loop, opcode, parse_sass
+from experiments.mgpu_static_sass import main_loop, opcode, parse_sass, same_code
 
 # The shape of the decode kernel's listing: a prologue, the loop (both products, a one-warp branch), the
 # loop's back edge, an epilogue, and out-of-line barrier-wait retries that branch back into the loop
@@ -58,3 +58,9 @@ def test_opcode_drops_predicates_and_modifiers():
     assert opcode("@!P2 BRA `(.L_x_4)") == "BRA"
     assert opcode("IMAD.U32 R49, RZ, RZ, UR13") == "IMAD"
     assert opcode("@UP0 UIADD3 UR4, UR4, 0x1, URZ") == "UIADD3"
+
+
+def test_same_code_pairs_identical_listings_only():
+    a = tuple(t for _, t in parse_sass(LISTING)[0])
+    b = tuple(t for _, t in parse_sass(LISTING.replace("FADD R32, R32, R36", "FADD R32, R36, R32"))[0])
+    assert same_code({"this": a, "landed": a, "other": b}) == {"this": ["landed"], "landed": ["this"], "other": []}

@@ -26,6 +26,9 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   and the output accumulate on 8 columns;
 - the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
   value zero-point terms accumulate per token row and are summed once at the end;
+- with 4-bit values the value product's accumulator lives across the loop: step i's product is still in
+  flight while step i + 1 converts its tiles, and step i + 1's score-product wait covers it (3-bit values
+  wait for their own: their conversion needs the registers);
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
   next pages' ids are loaded from global memory a step ahead.
 
@@ -795,64 +798,93 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
-        def step_fn(i, carry):
-            # the step's scalars and the page ids of step i + stages were loaded a step ahead
-            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre), pages = carry
-            slot = lax.rem(i, stages)
-            buf = lax.rem(i, 2)  # the value and probability tiles alternate: step i - 1's product may still read
-            page0 = first_page + i * pps
-            prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
-            next_pages = pages_of(i + stages + 1)
-            plgpu.barrier_wait(kw_bar.at[slot])
-            keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
+        def make_step(pv_ref):
+            """The loop's step. With ``pv_ref`` (4-bit values: an accumulator that lives across the loop) step
+            i's value product stays in flight into step i + 1, whose score-product wait covers it, and the
+            carry holds step i's alpha for it; without (3-bit values: their conversion's registers plus a live
+            accumulator make 187, 2 programs a multiprocessor instead of 3, 7.5% slower on the H200) each
+            step waits for its own product."""
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem, (1, 0)))
-                plgpu.barrier_wait(vw_bar.at[slot])
-                store_values(vw_smem.at[slot], v16_smem.at[buf], pow2, centre)
-                return acc_ref[...]
+            def step_fn(i, carry):
+                # the step's scalars and the page ids of step i + stages were loaded a step ahead
+                acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre), pages, *alpha_prev = carry
+                slot = lax.rem(i, stages)
+                buf = lax.rem(i, 2)  # value and probability tiles alternate: step i - 1's product may still read
+                page0 = first_page + i * pps
+                prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+                next_pages = pages_of(i + stages + 1)
+                plgpu.barrier_wait(kw_bar.at[slot])
+                keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
 
-            s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
-            s = fold(s)
-            # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
-            s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
-            if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
-                s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
-            s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-            a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
-            l_i = l_i * a2 + p
-            z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
-            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
-            plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
-            # one barrier a step: every thread's value and probability tiles are stored (and fenced for the
-            # tensor cores), and every thread is done with the slot's words (the next copies may overwrite them)
-            plgpu.commit_smem()
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem, (1, 0)))
+                    plgpu.barrier_wait(vw_bar.at[slot])
+                    store_values(vw_smem.at[slot], v16_smem.at[buf], pow2, centre)
+                    return acc_ref[...]
 
-            @pl.when(i + stages < n_steps)
-            def _():
-                issue(pages, slot)  # from one warp
+                s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))  # waits for step i - 1's product
+                if pv_ref is not None:
+                    acc = acc * lax.broadcast_in_dim(alpha_prev[0], acc.shape, [1]) + fold_out(pv_ref[...])
+                s = fold(s)
+                # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
+                s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
+                if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
+                    s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
+                s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+                a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
+                l_i = l_i * a2 + p
+                z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
+                pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
+                plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(
+                    pw, plgpu.Layout.WGMMA_TRANSPOSED)
+                # one barrier a step: every thread's value and probability tiles are stored (and fenced for the
+                # tensor cores), and every thread is done with the slot's words (the next copies may overwrite)
+                plgpu.commit_smem()
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
-                            plgpu.transpose_ref(p_smem.at[buf], (1, 0)))
+                @pl.when(i + stages < n_steps)
+                def _():
+                    issue(pages, slot)  # from one warp
 
-            # this step's product in its own accumulator, added in float32: accumulating the steps in the
-            # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
-            # round to nearest; tests/test_decode_mgpu.py::test_long_split)
-            step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
-            return acc, m_new, l_i, z_i, prefetched, next_pages
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
+                                plgpu.transpose_ref(p_smem.at[buf], (1, 0)))
+
+                # each step's product in its own (zeroed) accumulator, added in float32: accumulating the steps
+                # in the wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do
+                # not round to nearest; tests/test_decode_mgpu.py::test_long_split)
+                if pv_ref is None:
+                    step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
+                    return acc, m_new, l_i, z_i, prefetched, next_pages
+                pv_ref[...] = zeros_wide
+                pv(pv_ref)  # in flight into the next step
+                return acc, m_new, l_i, z_i, prefetched, next_pages, alpha
+
+            return step_fn
+
+        def loop(pv_ref=None):
+            """acc [D, 8] (times 2**p_top), m_i [8], l_i and z_i [64, 8] (float32) after the steps."""
+            carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
+            if pv_ref is not None:
+                pv_ref[...] = zeros_wide  # step 0 adds it with alpha 0
+                carry += (plgpu.layout_cast(jnp.zeros((HALF,), jnp.float32), col),)
+            acc, m_i, l_i, z_i, _, _, *alpha = lax.fori_loop(0, n_steps, make_step(pv_ref), carry)
+            if pv_ref is not None:  # the last step's product
+                acc = acc * lax.broadcast_in_dim(alpha[0], acc.shape, [1]) + fold_out(pv_ref[...])
+            return acc, m_i, l_i, z_i
 
         zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
         zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
         l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
         first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
-        carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
-        acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
+        if cfg.value_bits == 4:
+            acc, m_i, l_i, z_i = pl.run_scoped(loop, plgpu.ACC((d, COLS), jnp.float32))
+        else:
+            acc, m_i, l_i, z_i = loop()
         l_sum = l_i.sum(axis=0)
         acc = acc * 2.0**-value_constants(cfg.value_bits)[1] + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
         l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
