@@ -1,4 +1,5 @@
-"""Static view of the Mosaic GPU decode's machine code without a GPU: ptxas registers and the main loop's SASS.
+"""Static view of the Mosaic GPU decode's machine code without a GPU: ptxas registers, shared memory, the
+programs that fit on a multiprocessor, and the main loop's SASS.
 
 Instruction count per step is what moved the kernel's time (docs/PERFORMANCE.md, "Eight columns": 913 -> 618
 SASS instructions per warp and step, 430 -> 350 us), so a variant can be weighed here before it costs device time.
@@ -62,7 +63,7 @@ CUresult cuModuleLoadData(void **m, const void *image) { return 999; }
 
 # The child: lower one kernel and compile it with the CUDA plugin (dumps the PTX, then aborts at the module load).
 _CHILD = r"""
-import ctypes, importlib.util, io, subprocess, sys
+import ctypes, importlib.util, io, re, subprocess, sys
 import jax, jax.numpy as jnp
 from jax.experimental.mosaic.gpu import core as mgpu_core
 path, name, head_dim, block_size, group = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
@@ -85,6 +86,8 @@ f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=
 jax.export.export(jax.jit(f), platforms=["cuda"])(
     q, cache, jax.ShapeDtypeStruct((3, 9), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
 module = modules[-1]
+smem = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", str(module))
+print("SMEM", smem.group(1) if smem else -1, flush=True)
 with module.context:
     module = mgpu_core._run_serde_pass(module, serialize=True, ir_version=None)
     buf = io.BytesIO()
@@ -101,6 +104,19 @@ dll.MosaicGpuCompile.restype = ctypes.c_void_p
 asm = buf.getvalue()
 dll.MosaicGpuCompile(asm, len(asm))
 """
+
+# Hopper (sm_90) per multiprocessor: 64K registers, 228 KB of shared memory (1 KB of it reserved per
+# block), 64 warps; registers are allocated per warp in units of 256 (8 a thread).
+_REGS_PER_SM, _SMEM_PER_SM, _SMEM_PER_BLOCK_RESERVED, _WARPS_PER_SM = 65536, 233472, 1024, 64
+
+
+def programs_per_sm(registers: int, smem_bytes: int, warps: int = 4) -> int:
+    """How many programs (thread blocks of ``warps`` warps) fit on one Hopper multiprocessor at once, limited
+    by registers (per thread, rounded up to 8), shared memory (plus the 1 KB reserved per block) and warps."""
+    by_regs = _REGS_PER_SM // (32 * -(-registers // 8) * 8) // warps
+    by_smem = _SMEM_PER_SM // (smem_bytes + _SMEM_PER_BLOCK_RESERVED)
+    return min(by_regs, by_smem, _WARPS_PER_SM // warps)
+
 
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -156,6 +172,7 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     # the child aborts once the stub refuses to load the module, after the PTX is written
     child = subprocess.run([sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group],
                            check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
+    smem = re.search(r"^SMEM (-?\d+)$", child.stdout, re.MULTILINE)
     ptx = glob.glob(os.path.join(dump, "*.ptx"))
     if not ptx:
         raise RuntimeError(f"no PTX from {path} {point} (is this the plugin's environment? see the docstring):\n"
@@ -169,7 +186,8 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     instrs, labels = parse_sass(sass)
     loop = main_loop(instrs, labels)
-    return {"registers": regs, "spills": spills, "total": len(instrs), "loop": len(loop),
+    smem_bytes = int(smem.group(1)) if smem else -1
+    return {"registers": regs, "spills": spills, "smem": smem_bytes, "total": len(instrs), "loop": len(loop),
             "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs)}
 
 
@@ -207,17 +225,19 @@ def main(argv=None) -> None:
                 r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
             except RuntimeError as e:  # a kernel that does not take this point: say so, go on
                 lines = [ln for ln in str(e).splitlines() if "Error" in ln] or str(e).splitlines()
-                rows.append([point, label, "-", "-", "-", "failed: " + lines[-1].strip()[:200]])
+                rows.append([point, label, "-", "-", "-", "-", "failed: " + lines[-1].strip()[:200]])
             else:
                 codes[label] = r["code"]
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
                 regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
-                rows.append([point, label, regs, r["loop"], r["total"], top])
+                smem = (f"{r['smem']} B, {programs_per_sm(r['registers'], r['smem'])} programs/SM" if r["smem"] > 0
+                        else "?")
+                rows.append([point, label, regs, smem, r["loop"], r["total"], top])
             print("RESULT", *rows[-1], sep=" | ", flush=True)
         same = same_code(codes)
         for row in rows[first:]:
             row.append(", ".join(same.get(row[1], [])) or "-")
-    print("point | kernel | registers | loop SASS instructions | kernel SASS instructions | loop's top opcodes"
+    print("point | kernel | registers | shared memory, programs per multiprocessor | loop SASS instructions | kernel SASS instructions | loop's top opcodes"
           " | the same machine code as")
     for row in rows:
         print(" | ".join(map(str, row)))

@@ -336,6 +336,15 @@ def test_default_splits_fill_the_device_in_few_waves():
     assert default_num_splits(2, 2, 300, 64, num_cores=132) == 75  # block 64: 300 steps, 4 a split
 
 
+def test_default_splits_follow_the_programs_a_core_holds():
+    """D=256 programs take 114-138 KB of shared memory, one a core: B=1, 128k gets 16 splits (128 programs, one
+    wave; 49 would be 3 waves); D=64 ones fit 4 a core: B=8, 32k gets 8 splits (512 <= 4 x 132) where D=128
+    gets 6."""
+    assert default_num_splits(1, 8, 8192, 16, head_dim=256, num_cores=132) == 16
+    assert default_num_splits(8, 8, 2048, 16, head_dim=64, num_cores=132) == 8
+    assert default_num_splits(8, 8, 2048, 16, head_dim=128, num_cores=132) == 6
+
+
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
 def test_refuses_other_caches_and_devices():
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.mgpu_static_sass import main_loop, opcode, parse_sass, same_code
+from experiments.mgpu_static_sass import main_loop, opcode, parse_sass, programs_per_sm, same_code
 
 # The shape of the decode kernel's listing: a prologue, the loop (both products, a one-warp branch), the
 # loop's back edge, an epilogue, and out-of-line barrier-wait retries that branch back into the loop
@@ -64,3 +64,15 @@ def test_same_code_pairs_identical_listings_only():
     a = tuple(t for _, t in parse_sass(LISTING)[0])
     b = tuple(t for _, t in parse_sass(LISTING.replace("FADD R32, R32, R36", "FADD R32, R36, R32"))[0])
     assert same_code({"this": a, "landed": a, "other": b}) == {"this": ["landed"], "landed": ["this"], "other": []}
+
+
+def test_programs_per_sm_by_registers_shared_memory_and_warps():
+    """The fourteenth session's profile: 155 registers (160 allocated), 66.6 KB: 3 programs; the limits each
+    bind in turn."""
+    assert programs_per_sm(155, 66_600) == 3
+    assert programs_per_sm(168, 40_000) == 3  # 12 warps of 168 (allocated 168) registers
+    assert programs_per_sm(128, 50_000) == 4  # 16 warps of 128
+    assert programs_per_sm(129, 50_000) == 3  # 136 allocated: 15 warps
+    assert programs_per_sm(128, 57_000) == 4 and programs_per_sm(128, 57_400) == 3  # 228 KB / (smem + 1 KB)
+    assert programs_per_sm(102, 10_000) == 4  # 104 allocated: 19 warps (102 would fit 20)
+    assert programs_per_sm(32, 1_000) == 16  # 64 warps

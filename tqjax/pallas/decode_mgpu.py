@@ -65,7 +65,7 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "BLOCKS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
+    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
     "key3_word_asm", "key_channel_order", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper",
     "paged_decode_mgpu", "tile_unit", "unsupported", "value3_word_asm", "value_channel_order", "value_constants",
     "value_tile_plan", "value_word_asm",
@@ -938,27 +938,30 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
-#: Programs (one per sequence, KV head and split) resident per multiprocessor: 144-155 registers per thread (ptxas;
-#: 4 programs would need at most 128) and 67 KB of shared memory per program allow 3 (ncu: both limits 3,
-#: docs/data/decode_mgpu_ncu_h200_2026-11-30_s15.log). H200, Hk=8, at 168 registers and 73 KB
-#: (docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log): B=8, 32k tokens: 4 splits (256 programs) 259 us,
-#: 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us; B=32, 16k: 1 split 481 us, 3 splits 444 us.
-BLOCKS_PER_CORE = 3
+#: Programs (one per sequence, KV head and split) resident per multiprocessor, by head_dim (2 page-copy
+#: stages): ptxas registers per thread and the kernel's shared memory, from ``python -m
+#: experiments.mgpu_static_sass`` (docs/data/decode_mgpu_static_sass_cpu_2026-11-30_s16.log): D=64: 127
+#: registers, 38-43 KB: 4; D=128: 166-168, 63-76 KB: 3 (ncu on the H200 agreed for 155 registers and 67 KB:
+#: docs/data/decode_mgpu_ncu_h200_2026-11-30_s15.log); D=256: 228-255, 114-138 KB: 1 (shared memory).
+#: The splits at D=128 were timed (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log): B=8, 32k
+#: tokens: 4 splits (256 programs) 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us; B=32,
+#: 16k: 1 split 481 us, 3 splits 444 us. D=64 and D=256 follow the same model, not timed.
+PROGRAMS_PER_CORE = {64: 4, 128: 3, 256: 1}
 #: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
 #: merge): keeps the wave count from favouring many tiny splits.
 PROGRAM_OVERHEAD_STEPS = 2
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, head_dim: int = 128,
                        num_cores: int | None = None) -> int:
     """KV splits per (sequence, KV head): the fewest that minimise the waves of programs over the device
     times a program's time (``ceil(B * Hk * S / resident) * (ceil(steps / S) + PROGRAM_OVERHEAD_STEPS)``,
-    resident = :data:`BLOCKS_PER_CORE` per core, in 64-token steps), at most one split per step. Splits no
-    longer bound the error (the value codes are centred: 8e-7 of max|out| against float64 attention for 32k
-    tokens in one split)."""
+    resident = :data:`PROGRAMS_PER_CORE` [head_dim] per core, in 64-token steps), at most one split per step.
+    Splits no longer bound the error (the value codes are centred: 8e-7 of max|out| against float64
+    attention for 32k tokens in one split)."""
     from tqjax.pallas.decode import _device_cores
 
-    resident = BLOCKS_PER_CORE * (num_cores or _device_cores())
+    resident = PROGRAMS_PER_CORE[head_dim] * (num_cores or _device_cores())
     steps = max(1, -(-max_blocks // (TOKENS // block_size)))
     programs = batch * num_kv_heads
 
@@ -995,7 +998,8 @@ def paged_decode_mgpu(
     if not on_hopper():
         raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {jax.devices()[0].device_kind}")
     if num_splits is None:
-        num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size)
+        num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size,
+                                        cache.config.head_dim)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
                                  num_splits=int(num_splits), stages=int(stages))
