@@ -8,10 +8,10 @@ is, at chosen split counts, and optionally another version of it loaded from a f
     ncu -k regex:tq_decode_mgpu --launch-skip 2 -c 1 python -m experiments.mgpu_decode_compare \\
         --points 4bit_nc/32/16384 --splits 1 --once
 
-Each point builds one cache (Hq=32, Hk=8, D=128, block 16, random K/V through the store), times each kernel on
-three query sets (``experiments.timing.time_fn``) and checks it against the float32 reference decode. The
-rows print as they finish (prefixed ``RESULT``) and again as a table with the copy bandwidth of the same
-run. Hopper GPUs only.
+Each point builds one cache (Hq=32, Hk=8, D=128 or ``--head-dim``, block 16, random K/V through the store),
+times each kernel on three query sets (``experiments.timing.time_fn``) and checks it against the float32
+reference decode. The rows print as they finish (prefixed ``RESULT``) and again as a table with the copy
+bandwidth of the same run. Hopper GPUs only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from experiments.timing import copy_bandwidth, device_description, time_fn
 from tqjax.pallas import decode_mgpu
 from tqjax.reference import paged_decode_reference
 
-HQ, HK, DIM, BLOCK = 32, 8, 128, 16
+HQ, HK, BLOCK = 32, 8, 16
 
 
 def _load(path: str):
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", default="2", help="comma-separated page-copy stages")
     ap.add_argument("--against", default="",
                     help="other decode_mgpu.py files (comma-separated) to time beside this one")
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
 
@@ -63,8 +64,8 @@ def main(argv=None) -> None:
         preset, b, ctx = point.split("/")
         name, b, ctx = f"turboquant_{preset}", int(b), int(ctx)
         rng = np.random.default_rng(0)
-        _, cache, bt, lens = build(name, b, ctx, HQ, HK, DIM, BLOCK, rng)
-        qs = [jnp.asarray(rng.standard_normal((b, HQ, DIM)), jnp.float32) for _ in range(3)]
+        _, cache, bt, lens = build(name, b, ctx, HQ, HK, args.head_dim, BLOCK, rng)
+        qs = [jnp.asarray(rng.standard_normal((b, HQ, args.head_dim)), jnp.float32) for _ in range(3)]
         nbytes = cache.nbytes * ctx * b // cache.num_slots
         ref = None if args.once else paged_decode_reference(qs[0], cache, bt, lens)
         for label, module in modules.items():
@@ -87,7 +88,8 @@ def main(argv=None) -> None:
                     print("RESULT", rows[-1], f"compile and first run {first:.1f} s", flush=True)
                 except Exception as e:  # noqa: BLE001 (an experiment: report and go on)
                     print("RESULT", name, b, ctx, kernel, "FAILED", type(e).__name__, str(e)[:2000], flush=True)
-    print(f"RESULT {device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={DIM} block {BLOCK}")
+    print(f"RESULT {device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={args.head_dim} "
+          f"block {BLOCK}")
     print("RESULT preset | B | ctx | kernel | us | of copy bw | max rel err vs reference")
     for name, b, ctx, kernel, t, frac, err in rows:
         print(f"RESULT {name} | {b} | {ctx} | {kernel} | {t * 1e6:.1f} | {frac:.2f} | {err:.1e}")

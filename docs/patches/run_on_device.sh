@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The patches here on the device, from the repository root, in two calls (each fits the 10-minute limit):
+#   bash docs/patches/run_on_device.sh test    # each patch applied in turn: tests/test_decode_mgpu.py -m gpu
+#   bash docs/patches/run_on_device.sh time    # main and every patch, one A/B at D=128 and one at D=256
+# Logs under $OUT (default /tmp/patches); the patched files under /tmp/patches (the A/B loads them from there).
+set -u
+out=${OUT:-/tmp/patches}
+mkdir -p "$out" /tmp/patches
+cp tqjax/pallas/decode_mgpu.py /tmp/patches/main_mgpu.py
+files=""
+for p in docs/patches/*.patch; do
+    name=$(basename "$p" .patch)
+    git apply "$p" || { echo "$name does not apply to this checkout"; continue; }
+    cp tqjax/pallas/decode_mgpu.py "/tmp/patches/${name//-/_}.py"
+    files="$files,/tmp/patches/${name//-/_}.py"
+    if [ "${1:-}" = test ]; then
+        timeout 260 python3 -m pytest -q -m gpu tests/test_decode_mgpu.py -o addopts="" -p no:cacheprovider \
+            -W ignore::DeprecationWarning > "$out/gpu_tests_$name.log" 2>&1
+        echo "$name: $(tail -1 "$out/gpu_tests_$name.log")"
+    fi
+    git apply -R "$p"
+done
+if [ "${1:-}" = time ]; then
+    timeout 280 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" \
+        --points 4bit_nc/32/16384,k8v4/32/16384,4bit_nc/128/4096 > "$out/compare_d128.log" 2>&1
+    timeout 280 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" --head-dim 256 \
+        --points 4bit_nc/1/131072,4bit_nc/8/32768,3bit_nc/8/32768,k8v4/8/32768 > "$out/compare_d256.log" 2>&1
+    grep -h "^RESULT" "$out"/compare_d*.log | grep -v "^RESULT (" | grep -v "^RESULT preset"
+fi
