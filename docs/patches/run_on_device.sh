@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The patches here on the device, from the repository root, in two calls (each fits the 10-minute limit):
-#   bash docs/patches/run_on_device.sh test    # each patch applied in turn: tests/test_decode_mgpu.py -m gpu
-#   bash docs/patches/run_on_device.sh time    # main and every patch, one A/B at D=128 and one at D=256
+# The patches here on the device, from the repository root, in calls that each fit the 10-minute limit:
+#   bash docs/patches/run_on_device.sh test [name]  # each patch (or the one named) applied in turn:
+#                                                   # tests/test_decode_mgpu.py -m gpu, about 170 s a patch
+#   bash docs/patches/run_on_device.sh time128   # main and every patch in one A/B at D=128
+#   bash docs/patches/run_on_device.sh time256   # the same at D=256
 # Logs under $OUT (default /tmp/patches); the patched files under /tmp/patches (the A/B loads them from there).
 set -u
 out=${OUT:-/tmp/patches}
@@ -10,6 +12,7 @@ cp tqjax/pallas/decode_mgpu.py /tmp/patches/main_mgpu.py
 files=""
 for p in docs/patches/*.patch; do
     name=$(basename "$p" .patch)
+    [ -n "${2:-}" ] && [ "$name" != "$2" ] && continue
     git apply "$p" || { echo "$name does not apply to this checkout"; continue; }
     cp tqjax/pallas/decode_mgpu.py "/tmp/patches/${name//-/_}.py"
     files="$files,/tmp/patches/${name//-/_}.py"
@@ -20,10 +23,12 @@ for p in docs/patches/*.patch; do
     fi
     git apply -R "$p"
 done
-if [ "${1:-}" = time ]; then
-    timeout 280 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" \
-        --points 4bit_nc/32/16384,k8v4/32/16384,4bit_nc/128/4096 > "$out/compare_d128.log" 2>&1
-    timeout 280 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" --head-dim 256 \
-        --points 4bit_nc/1/131072,4bit_nc/8/32768,3bit_nc/8/32768,k8v4/8/32768 > "$out/compare_d256.log" 2>&1
-    grep -h "^RESULT" "$out"/compare_d*.log | grep -v "^RESULT (" | grep -v "^RESULT preset"
+if [ "${1:-}" = time128 ]; then
+    timeout 500 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" \
+        --points 4bit_nc/32/16384,k8v4/32/16384,3bit_nc/32/16384,4bit_nc/8/32768 > "$out/compare_d128.log" 2>&1
 fi
+if [ "${1:-}" = time256 ]; then
+    timeout 500 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" --head-dim 256 \
+        --points 4bit_nc/1/131072,4bit_nc/8/32768,3bit_nc/8/32768,k8v4/8/32768 > "$out/compare_d256.log" 2>&1
+fi
+grep -h "^RESULT" "$out"/compare_d*.log 2>/dev/null | grep -v "^RESULT (" | grep -v "^RESULT preset"
