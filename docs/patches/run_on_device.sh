@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
 # The patches here on the device, from the repository root, in calls that each fit the 10-minute limit:
-#   bash docs/patches/run_on_device.sh test [name]  # each patch (or the one named) applied in turn:
-#                                                   # tests/test_decode_mgpu.py -m gpu, about 170 s a patch
-#   bash docs/patches/run_on_device.sh time128   # main and every patch in one A/B at D=128
-#   bash docs/patches/run_on_device.sh time256   # the same at D=256
-# Logs under $OUT (default /tmp/patches); the patched files under /tmp/patches (the A/B loads them from there).
+#   bash docs/patches/run_on_device.sh test [variant]  # each variant (or the one named) applied in turn:
+#                                                      # tests/test_decode_mgpu.py -m gpu, about 170 s each
+#   bash docs/patches/run_on_device.sh time128         # main and every variant in one A/B at D=128
+#   bash docs/patches/run_on_device.sh time256         # the same at D=256
+# A variant is a patch, or patches stacked with "+" (applied left to right). Logs under $OUT (default
+# /tmp/patches); the variants' decode_mgpu.py under /tmp/patches (the A/B loads them from there).
 set -u
+variants="mosaic-max value-tiles-hold-the-output four-programs four-programs+qjl-keys"
 out=${OUT:-/tmp/patches}
 mkdir -p "$out" /tmp/patches
-cp tqjax/pallas/decode_mgpu.py /tmp/patches/main_mgpu.py
 files=""
-for p in docs/patches/*.patch; do
-    name=$(basename "$p" .patch)
-    [ -n "${2:-}" ] && [ "$name" != "$2" ] && continue
-    git apply "$p" || { echo "$name does not apply to this checkout"; continue; }
-    cp tqjax/pallas/decode_mgpu.py "/tmp/patches/${name//-/_}.py"
-    files="$files,/tmp/patches/${name//-/_}.py"
+for v in $variants; do
+    [ -n "${2:-}" ] && [ "$v" != "$2" ] && continue
+    name=${v//[-+]/_}
+    applied=""
+    for p in ${v//+/ }; do
+        git apply "docs/patches/$p.patch" || { echo "$p does not apply"; break; }
+        applied="$p $applied"
+    done
+    cp tqjax/pallas/decode_mgpu.py "/tmp/patches/$name.py"
+    files="$files,/tmp/patches/$name.py"
     if [ "${1:-}" = test ]; then
         timeout 260 python3 -m pytest -q -m gpu tests/test_decode_mgpu.py -o addopts="" -p no:cacheprovider \
             -W ignore::DeprecationWarning > "$out/gpu_tests_$name.log" 2>&1
-        echo "$name: $(tail -1 "$out/gpu_tests_$name.log")"
+        echo "$v: $(tail -1 "$out/gpu_tests_$name.log")"
     fi
-    git apply -R "$p"
+    for p in $applied; do git apply -R "docs/patches/$p.patch"; done
 done
 if [ "${1:-}" = time128 ]; then
     timeout 500 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" \
-        --points 4bit_nc/32/16384,k8v4/32/16384,3bit_nc/32/16384,4bit_nc/8/32768 > "$out/compare_d128.log" 2>&1
+        --points 4bit_nc/32/16384,k8v4/32/16384,3bit_nc/32/16384,kqjl4v4/32/16384 > "$out/compare_d128.log" 2>&1
 fi
 if [ "${1:-}" = time256 ]; then
     timeout 500 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" --head-dim 256 \
         --points 4bit_nc/1/131072,4bit_nc/8/32768,3bit_nc/8/32768,k8v4/8/32768 > "$out/compare_d256.log" 2>&1
 fi
-grep -h "^RESULT" "$out"/compare_d*.log 2>/dev/null | grep -v "^RESULT (" | grep -v "^RESULT preset"
+grep -h "^RESULT" "$out"/compare_d*.log 2>/dev/null | grep -v "^RESULT (" | grep -v "^RESULT preset" || true
