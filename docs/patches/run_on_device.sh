@@ -7,7 +7,7 @@
 # A variant is a patch, or patches stacked with "+" (applied left to right). Logs under $OUT (default
 # /tmp/patches); the variants' decode_mgpu.py under /tmp/patches (the A/B loads them from there).
 set -u
-variants="mosaic-max value-tiles-hold-the-output four-programs four-programs+qjl-keys"
+variants="mosaic-max value-tiles-hold-the-output four-programs four-programs+qjl-keys four-programs+qjl-keys+three-bit-gather"
 out=${OUT:-/tmp/patches}
 mkdir -p "$out" /tmp/patches
 files=""
