@@ -4,6 +4,8 @@
 #                                                      # tests/test_decode_mgpu.py -m gpu, about 170 s each
 #   bash docs/patches/run_on_device.sh time128         # main and every variant in one A/B at D=128
 #   bash docs/patches/run_on_device.sh time256         # the same at D=256
+#   bash docs/patches/run_on_device.sh sweep VARIANT   # that variant applied: decode_sweep of the Mosaic presets
+#                                                      # with peers (B=32/16k, B=8/16k, B=8/128k), reverted
 # A variant is a patch, or patches stacked with "+" (applied left to right). Logs under $OUT (default
 # /tmp/patches); the variants' decode_mgpu.py under /tmp/patches (the A/B loads them from there).
 set -u
@@ -35,5 +37,13 @@ fi
 if [ "${1:-}" = time256 ]; then
     timeout 500 python3 -u -m experiments.mgpu_decode_compare --against "${files#,}" --head-dim 256 \
         --points 4bit_nc/1/131072,4bit_nc/8/32768,3bit_nc/8/32768,k8v4/8/32768 > "$out/compare_d256.log" 2>&1
+fi
+if [ "${1:-}" = sweep ] && [ -n "${2:-}" ]; then
+    for p in ${2//+/ }; do git apply "docs/patches/$p.patch"; done
+    timeout 560 python3 -u -m experiments.decode_sweep --presets turboquant_4bit_nc turboquant_k8v4 \
+        turboquant_k3v4_nc turboquant_3bit_nc turboquant_kqjl4v4 --batch 32 8 --context 16384 131072 \
+        --max-tokens 1100000 --no-store --out "$out/sweep" > "$out/sweep.log" 2>&1
+    tail -40 "$out/sweep.log"
+    for p in $(echo ${2//+/ } | tr ' ' '\n' | tac); do git apply -R "docs/patches/$p.patch"; done
 fi
 grep -h "^RESULT" "$out"/compare_d*.log 2>/dev/null | grep -v "^RESULT (" | grep -v "^RESULT preset" || true
