@@ -9,7 +9,8 @@
 # A variant is a patch, or patches stacked with "+" (applied left to right). Logs under $OUT (default
 # /tmp/patches); the variants' decode_mgpu.py under /tmp/patches (the A/B loads them from there).
 set -u
-variants="mosaic-max value-tiles-hold-the-output four-programs four-programs+qjl-keys four-programs+qjl-keys+three-bit-gather"
+variants="mosaic-max value-tiles-hold-the-output four-programs four-programs+qjl-keys four-programs+qjl-keys+three-bit-gather
+    four-programs+qjl-keys+three-bit-gather+qjl-2bit-keys"
 out=${OUT:-/tmp/patches}
 mkdir -p "$out" /tmp/patches
 files=""
@@ -41,7 +42,7 @@ fi
 if [ "${1:-}" = sweep ] && [ -n "${2:-}" ]; then
     for p in ${2//+/ }; do git apply "docs/patches/$p.patch"; done
     timeout 560 python3 -u -m experiments.decode_sweep --presets turboquant_4bit_nc turboquant_k8v4 \
-        turboquant_k3v4_nc turboquant_3bit_nc turboquant_kqjl4v4 --batch 32 8 --context 16384 131072 \
+        turboquant_k3v4_nc turboquant_3bit_nc turboquant_kqjl4v4 turboquant_kqjl3v4 --batch 32 8 --context 16384 131072 \
         --max-tokens 1100000 --no-store --out "$out/sweep" > "$out/sweep.log" 2>&1
     tail -40 "$out/sweep.log"
     for p in $(echo ${2//+/ } | tr ' ' '\n' | tac); do git apply -R "docs/patches/$p.patch"; done
