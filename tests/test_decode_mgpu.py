@@ -436,25 +436,18 @@ def test_fp8_keys_match_reference(head_dim, block_size, group, num_splits):
         _check(q, cache, tables, lens, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("head_dim,block_size,group", [(128, 16, 4), (128, 16, 8), (128, 64, 1), (256, 32, 4)])
+@pytest.mark.parametrize("name,head_dim,block_size,group", [
+    ("turboquant_k3v4_nc", 128, 16, 4), ("turboquant_k3v4_nc", 128, 16, 8), ("turboquant_k3v4_nc", 128, 64, 1),
+    ("turboquant_k3v4_nc", 256, 32, 4), ("turboquant_3bit_nc", 128, 16, 4), ("turboquant_3bit_nc", 128, 32, 8),
+    ("turboquant_3bit_nc", 256, 16, 1)])
 @pytest.mark.gpu
 @needs_hopper
-def test_3bit_keys_match_reference(head_dim, block_size, group):
-    """turboquant_k3v4_nc: 3-bit keys in packing's two fields (key3_word_asm), 4-bit values."""
+def test_3bit_codes_match_reference(name, head_dim, block_size, group):
+    """turboquant_k3v4_nc: 3-bit keys in packing's two fields (key3_word_asm), 4-bit values;
+    turboquant_3bit_nc: 3-bit values too (value3_word_asm)."""
     lens = [0, 1, 17, 64, 65, 333, 1500]
-    q, cache, tables, lens = make_case("turboquant_k3v4_nc", head_dim=head_dim, block_size=block_size, hk=2,
-                                       group=group, lens=lens, seed=head_dim + block_size + group)
-    _check(q, cache, tables, lens, num_splits=2)
-
-
-@pytest.mark.parametrize("head_dim,block_size,group", [(128, 16, 4), (128, 32, 8), (256, 16, 1)])
-@pytest.mark.gpu
-@needs_hopper
-def test_3bit_values_match_reference(head_dim, block_size, group):
-    """turboquant_3bit_nc: 3-bit keys and 3-bit values in packing's two fields (value3_word_asm)."""
-    lens = [0, 1, 17, 64, 65, 333, 1500]
-    q, cache, tables, lens = make_case("turboquant_3bit_nc", head_dim=head_dim, block_size=block_size, hk=2,
-                                       group=group, lens=lens, seed=head_dim + block_size + group)
+    q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=block_size, hk=2, group=group, lens=lens,
+                                       seed=head_dim + block_size + group)
     _check(q, cache, tables, lens, num_splits=2)
 
 
