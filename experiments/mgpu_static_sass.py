@@ -15,19 +15,19 @@ and ptxas (CUDA 13) and gcc on the machine. Then, from the repository root::
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
         [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4]
 
-Each point is preset suffix/head_dim/block_size/group; the last column names the other files whose kernel
-at that point is the same machine code (instruction for instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as
-the CPU tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes,
-LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that
-reports one compute capability 9.0 device and refuses to load the module; the plugin registers its NVPTX
-target when its client starts on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered``
-(not exported: found with ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the
-predicated backward branch around both products' ``HGMMA``s; its instructions run once per 64-token step in
-every warp, except a branch taken by one warp (the page copies).
+Each point is preset suffix/head_dim/block_size/group; the last column names the other files whose kernel at that
+point is the same machine code (instruction for instruction, addresses aside). How: the kernel is lowered for CUDA
+(``jax.export``, as the CPU tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a
+GPU (Mosaic passes, LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built
+here) that reports one compute capability 9.0 device and refuses to load the module; the plugin registers its
+NVPTX target when its client starts on a GPU, so the child calls the plugin's own
+``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the
+PTX. The main loop is the predicated backward branch around both products' ``HGMMA``s; its instructions run once
+per 64-token step in every warp, except a branch taken by one warp (the page copies).
 
-A proxy, not a measurement: static counts (no stalls, no occupancy), the CPU's jax/plugin (0.10.2) and ptxas
-(13.0) rather than the GPU machine's (0.11.2; CUDA 13); on the H200 the kept kernel of the fourteenth session had
-150-155 registers and 596 + 77 (warp 0) loop instructions per step in the profile.
+A proxy, not a measurement: static counts (no stalls; occupancy by registers and shared memory only), the CPU's
+jax/plugin (0.10.2) and ptxas (13.0) rather than the GPU machine's (0.11.2; CUDA 13); on the H200 the kept kernel
+of the fourteenth session had 150-155 registers and 596 + 77 (warp 0) loop instructions per step in the profile.
 """
 
 from __future__ import annotations
@@ -164,8 +164,9 @@ def opcode(instruction: str) -> str:
 
 
 def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str) -> dict:
-    """One decode_mgpu.py file at one point -> registers, spill stores (bytes), kernel and main-loop instruction
-    counts, the loop's opcodes. RuntimeError (with the child's error) where the file's kernel does not compile for the point."""
+    """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
+    main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
+    error) where the file's kernel does not compile for the point."""
     preset, head_dim, block_size, group = point.split("/")
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
@@ -237,8 +238,8 @@ def main(argv=None) -> None:
         same = same_code(codes)
         for row in rows[first:]:
             row.append(", ".join(same.get(row[1], [])) or "-")
-    print("point | kernel | registers | shared memory, programs per multiprocessor | loop SASS instructions | kernel SASS instructions | loop's top opcodes"
-          " | the same machine code as")
+    print("point | kernel | registers | shared memory, programs per multiprocessor | loop SASS instructions"
+          " | kernel SASS instructions | loop's top opcodes | the same machine code as")
     for row in rows:
         print(" | ".join(map(str, row)))
 
