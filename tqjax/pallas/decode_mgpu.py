@@ -212,6 +212,24 @@ def fp8_words_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _code3_nibbles_asm(byte: int, half: int) -> list[str]:
+    """PTX lines: 8 three-bit codes in :mod:`tqjax.packing`'s fields -> register ``j``, code k in nibble k (bit 3
+    clear). ``$4``: the 1-bit field's word, byte ``byte`` their bit 0; ``$5``: the 2-bit field's word, 16-bit
+    half ``half`` their bits 1-2; each field spread to nibbles by three shift-and-mask rounds. Uses registers z
+    (zero), y, x, t."""
+    return [
+        f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",  # bit 0 of the 8 codes in bits 0..7
+        "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",  # (y | t) & mask: 4 bits a half
+        "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",  # 2 bits a byte
+        "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",  # 1 bit a nibble, at bit 4k
+        f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",  # bits 1-2 of the 8 codes in bits 0..15
+        "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
+        "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
+        "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",  # 2 bits a nibble, at bits 4k..4k+1
+        "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
+    ]
+
+
 def key3_word_asm(table: np.ndarray, byte: int, half: int) -> str:
     """PTX: 8 three-bit key codes in :mod:`tqjax.packing`'s fields -> the 8 table values as float16 pairs
     ``$0..$3`` (codes 2i, 2i+1; the first in the low half). ``$4``: the 1-bit field's word (code bit 0 of 32
@@ -232,18 +250,7 @@ def key3_word_asm(table: np.ndarray, byte: int, half: int) -> str:
     operands = {("nl", 0): "$6", ("nh", 0): "$7"}
     lines += [f"mov.b32 {k}{r}, {operands.get((k, r)) or _imm(sum(int(v[4 * r + i]) << (8 * i) for i in range(4)))};"
               for k, v in planes.items() for r in range(2)]
-    lines += [
-        f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",  # bit 0 of the 8 codes in bits 0..7
-        "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",  # (y | t) & mask: 4 bits a half
-        "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",  # 2 bits a byte
-        "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",  # 1 bit a nibble, at bit 4k
-        f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",  # bits 1-2 of the 8 codes in bits 0..15
-        "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
-        "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
-        "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",  # 2 bits a nibble, at bits 4k..4k+1
-        "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
-        "shr.b32 jh, j, 16;",
-    ]
+    lines += _code3_nibbles_asm(byte, half) + ["shr.b32 jh, j, 16;"]
     for sel, out0, out1 in (("j", "$0", "$1"), ("jh", "$2", "$3")):
         lines += [f"prmt.b32 lo, nl0, nl1, {sel};", f"prmt.b32 hi, nh0, nh1, {sel};",
                   f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
@@ -278,16 +285,7 @@ def value3_word_asm(byte: int, half: int) -> str:
     ``fma.rn.f16x2``, exact). 25 instructions."""
     if byte not in range(4) or half not in range(2):
         raise ValueError(f"byte in 0..3 and half in 0..1, got {byte}, {half}")
-    lines = ["{", ".reg .b32 z, y, x, t, j, a, b, c, q;", "mov.b32 z, 0;",
-             f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",
-             "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",
-             "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",
-             "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",
-             f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",
-             "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
-             "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
-             "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",
-             "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
+    lines = ["{", ".reg .b32 z, y, x, t, j, a, b, c, q;", "mov.b32 z, 0;", *_code3_nibbles_asm(byte, half),
              "shl.b32 a, j, 4;", "shr.b32 b, j, 4;", "shr.b32 c, j, 8;"]
     for i, src in enumerate(("a", "j", "b", "c")):
         lines += [f"lop3.b32 q, {src}, 0x00F000F0, 0x54005400, 0xEA;", f"fma.rn.f16x2 ${i}, q, $6, $7;"]
