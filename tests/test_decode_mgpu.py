@@ -28,6 +28,8 @@ from tqjax.pallas.decode_mgpu import (
     VALUE_EXP_MAX,
     default_num_splits,
     fp8_words_asm,
+    key2_word_asm,
+    key3_channel_order,
     key3_word_asm,
     key_channel_order,
     key_word_asm,
@@ -36,8 +38,12 @@ from tqjax.pallas.decode_mgpu import (
     on_hopper,
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
+    programs_per_core,
+    qjl_channel_order,
+    qjl_word_asm,
     tile_unit,
     unsupported,
+    value3_channel_order,
     value3_word_asm,
     value_channel_order,
     value_constants,
@@ -46,7 +52,8 @@ from tqjax.pallas.decode_mgpu import (
 )
 from tqjax.reference import paged_decode_jit
 
-MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc",
+                  "turboquant_kqjl4v4", "turboquant_kqjl3v4")
 
 
 def _halves(regs: dict, names) -> np.ndarray:
@@ -84,7 +91,7 @@ def test_key_word_asm_gives_the_table(head_dim, odd):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_key3_word_asm_gives_the_table(seed):
     """3-bit keys (turboquant_k3v4_nc) as tqjax.packing stores them (bit 0 of 32 channels in one word, bits 1-2
-    of 16 in another): every byte / half position of 32 channels' words, every code in every position."""
+    of 16 in another): both spans and parities of 32 channels' words, every code in every position."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_k3v4_nc", 128)
     table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
     rng = np.random.default_rng(seed)
@@ -93,13 +100,43 @@ def test_key3_word_asm_gives_the_table(seed):
     words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)  # [2048, 3]: bit-0 word, 2 two-bit words
     f16 = table.astype(np.float16).view(np.uint16)
     low = [np.full(len(words), sum(int(f16[i] >> s & 0xFF) << (8 * i) for i in range(4)), np.uint32) for s in (0, 8)]
-    for g in range(4):  # 8 channels: byte g of the bit-0 word, half g % 2 of two-bit word g // 2
-        regs = run_ptx(key3_word_asm(table, g, g % 2),
-                       {"$4": words[:, 0], "$5": words[:, 1 + g // 2], "$6": low[0], "$7": low[1]})
-        got = _halves(regs, ["$0", "$1", "$2", "$3"])
-        np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes[:, 8 * g:8 * g + 8]])
+    for half in range(2):  # the 16-channel span: half of the bit-0 word, two-bit word `half`
+        for parity in range(2):  # its channels 2n + parity
+            regs = run_ptx(key3_word_asm(table, half, parity),
+                           {"$4": words[:, 0], "$5": words[:, 1 + half], "$6": low[0], "$7": low[1]})
+            got = _halves(regs, ["$0", "$1", "$2", "$3"])
+            channels = 16 * half + 2 * np.arange(8) + parity
+            np.testing.assert_array_equal(got, table.astype(np.float16).view(np.uint16)[codes[:, channels]])
     with pytest.raises(ValueError, match="8 entries"):
         key3_word_asm(np.zeros(16, np.float32), 0, 0)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_key2_tile_in_registers_follows_key3_channel_order(head_dim):
+    """2-bit keys (turboquant_kqjl3v4's MSE part) as the kernel builds its tile: thread lane % 4 = l loads its
+    D/64 words of a row (l * D/64 ..), group g from word g // 2 with parity g % 2 (key2_word_asm on the PTX
+    interpreter); column c holds the table value of channel key3_channel_order[c] (the 3-bit keys' spans and
+    parities), every code in every position."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl3v4", 128)
+    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    f16 = table.astype(np.float16)
+    rng = np.random.default_rng(head_dim)
+    rows = 64
+    codes = rng.integers(0, 4, (rows, head_dim)).astype(np.uint32)
+    codes[:4] = (np.arange(4)[:, None] + np.arange(head_dim)) % 4
+    words = np.asarray(tqjax.packing.pack_codes(codes, 2, xp=np), np.uint32)  # [rows, D/16]
+    planes = [np.full(rows, sum(int(f16.view(np.uint16)[i] >> s & 0xFF) << (8 * i) for i in range(4)), np.uint32)
+              for s in (0, 8)]
+    n2 = head_dim // 64
+    tile = np.zeros((rows, head_dim), np.float16)
+    for lane4 in range(4):
+        for g in range(head_dim // 32):
+            regs = run_ptx(key2_word_asm(table, g % 2),
+                           {"$4": words[:, lane4 * n2 + g // 2], "$5": planes[0], "$6": planes[1]})
+            _place_group(tile, regs, g, lane4)
+    np.testing.assert_array_equal(tile, f16[codes][:, key3_channel_order(head_dim)])
+    with pytest.raises(ValueError, match="4 entries"):
+        key2_word_asm(np.zeros(8, np.float32), 0)
 
 
 def test_key_word_asm_rejects_other_tables():
@@ -143,25 +180,25 @@ def test_value_word_asm_centres_and_scales_codes_exactly():
 
 def test_value3_word_asm_centres_and_scales_codes_exactly():
     """3-bit values (turboquant_3bit_nc) as tqjax.packing stores them: (code - 3.5) * 2**e exactly, in
-    value_channel_order, for every code in every position of 32 channels' words and every power of two the
+    value3_channel_order, for every code in every position of 32 channels' words and every power of two the
     kernel meets; the offset -67.5 * 2**e as the kernel builds its float16 bits (value_constants)."""
     rng = np.random.default_rng(5)
     codes = rng.integers(0, 8, (1024, 32)).astype(np.uint32)
     codes[:8] = (np.arange(8)[:, None] + np.arange(32)) % 8
     words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)
     centre, _, mantissa = value_constants(3)
-    order = value_channel_order(8)
+    order = value3_channel_order(32)
     for e in range(-14, VALUE_EXP_MAX + 1):
         p2 = int(np.float16(2.0**e).view(np.uint16))
         n2 = (p2 + (6 << 10)) | 0x8000 | mantissa
         assert np.uint16(n2).view(np.float16) == -(64 + centre) * 2.0**e, e
-        for g in range(4):
-            regs = run_ptx(value3_word_asm(g, g % 2), {
+        for g in range(4):  # span g // 2 (half of the bit-0 word, two-bit word), parity g % 2
+            regs = run_ptx(value3_word_asm(g // 2, g % 2), {
                 "$4": words[:, 0], "$5": words[:, 1 + g // 2],
                 "$6": np.full(len(words), p2 | (p2 << 16), np.uint32),
                 "$7": np.full(len(words), n2 | (n2 << 16), np.uint32)})
             got = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16).astype(np.float64)
-            want = (codes[:, 8 * g:8 * g + 8][:, order] - centre) * 2.0**e
+            want = (codes[:, order[8 * g:8 * g + 8]] - centre) * 2.0**e
             np.testing.assert_array_equal(got, want, err_msg=f"e={e} g={g}")
 
 
@@ -179,6 +216,33 @@ def test_3bit_value_stores_cover_the_tile_without_bank_conflicts(head_dim):
             assert _bank_conflicts(np.array(units)) == 0, (warp, i)
             seen.update(units)
     assert sorted(seen) == list(range(64 * head_dim // 8)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_3bit_value_tile_follows_value3_channel_order(head_dim):
+    """_store_values3 as the kernel runs it (thread t: half h = t % 2 of row t // 2, bit-0 words h n0 + (h ^ k),
+    two-bit words h n2 + (2h ^ m), group i from bit-0 word i // 4 half i // 2 % 2 and two-bit word i // 2,
+    parity i % 2, into unit h groups + (4h ^ i); value3_word_asm on the PTX interpreter) fills column c of
+    the tile with channel value3_channel_order[c]."""
+    rng = np.random.default_rng(head_dim)
+    rows = 4
+    codes = rng.integers(0, 8, (rows, head_dim)).astype(np.uint32)
+    words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)
+    p2 = int(np.float16(1.0).view(np.uint16))
+    n2 = (p2 + (6 << 10)) | 0x8000 | value_constants(3)[2]
+    one = {"$6": np.full(rows, p2 | (p2 << 16), np.uint32), "$7": np.full(rows, n2 | (n2 << 16), np.uint32)}
+    groups, n0, n2w = head_dim // 16, head_dim // 64, head_dim // 32
+    tile = np.full((rows, head_dim), np.nan)
+    for h in range(2):
+        bit0 = [words[:, h * n0 + (h ^ k)] for k in range(n0)]
+        two = [words[:, head_dim // 32 + h * n2w + ((2 * h) ^ m)] for m in range(n2w)]
+        for i in range(groups):
+            regs = run_ptx(value3_word_asm(i // 2 % 2, i % 2), {"$4": bit0[i // 4], "$5": two[i // 2], **one})
+            unit = h * groups + ((4 * h) ^ i)
+            tile[:, 8 * unit:8 * unit + 8] = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16)
+    order = value3_channel_order(head_dim)
+    np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
+    np.testing.assert_array_equal(tile, codes[:, order] - 3.5)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -253,8 +317,84 @@ def test_key_channel_order_matches_the_threads_words(head_dim):
     np.testing.assert_allclose(k[:, order] @ q[order], k @ q, rtol=1e-12)
 
 
-def test_merge_kernel_splits_against_float64():
-    """The kernel's per-split outputs ([B, Hk, S, D, 8], D rows in value_channel_order) and base-2
+def _place_group(tile: np.ndarray, regs: dict, g: int, lane4: int) -> None:
+    """Group g's four float16 pairs ($0..$3) of lane lane4 into a [rows, D] key tile as Mosaic's WGMMA layout
+    places them: register j = 4g + i holds columns 8j + 2 lane4 + 0..1 (low half first)."""
+    for i in range(4):
+        for e in range(2):
+            half = (regs[f"${i}"].astype(np.uint32) >> (16 * e)) & 0xFFFF
+            tile[:, 8 * (4 * g + i) + 2 * lane4 + e] = half.astype(np.uint16).view(np.float16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_sign_tile_in_registers_is_the_sketch_times_gamma(head_dim):
+    """The QJL sign tile as the kernel builds it (thread lane % 4 = l loads its sign words of a row: D >= 128
+    words l * D/128 .., D = 64 half l % 2 of word l // 2 shifted down; group g of 4 registers from word
+    4g // 16 of those, bits from 4g % 16, by qjl_word_asm run on the PTX interpreter) holds (2 s - 1) g of
+    sketch coordinate qjl_channel_order[c] in column c (Mosaic's WGMMA layout: register j of lane l is columns
+    8j + 2l + 0..1), so its product with the projected query in that order is the sketch's."""
+    rng = np.random.default_rng(head_dim)
+    order = qjl_channel_order(head_dim)
+    np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
+    rows = 8
+    signs = rng.integers(0, 2, (rows, head_dim))
+    words = (signs.reshape(rows, -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1)
+    gamma = rng.uniform(0.05, 0.6, rows).astype(np.float16)
+    pair = gamma.view(np.uint16).astype(np.uint32) * 0x10001
+    tile = np.zeros((rows, head_dim))
+    n = max(1, head_dim // 128)
+    for lane4 in range(4):
+        if head_dim == 64:
+            mine = [words[:, lane4 // 2] >> (8 * (lane4 % 2))]
+        else:
+            mine = [words[:, lane4 * n + k] for k in range(n)]
+        for g in range(head_dim // 32):
+            out = run_ptx(qjl_word_asm(4 * g % 16), {"$4": mine[4 * g // 16] & 0xFFFFFFFF, "$5": pair})
+            _place_group(tile, out, g, lane4)
+    expected = (2.0 * signs - 1.0) * gamma.astype(np.float64)[:, None]
+    np.testing.assert_array_equal(tile, expected[:, order])
+    q = rng.standard_normal(head_dim)
+    np.testing.assert_allclose(tile @ q[order], expected @ q, rtol=1e-12)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_key3_tile_in_registers_follows_key3_channel_order(head_dim):
+    """The 3-bit key tile as the kernel builds it (thread lane % 4 = l loads its bit-0 words, D = 64 half
+    l % 2 of word l // 2 shifted down, and its two-bit words; group g from bit-0 word g // 4, half g // 2 % 2,
+    two-bit word g // 2, parity g % 2, by key3_word_asm on the PTX interpreter) holds the table value of
+    channel key3_channel_order[c] in column c (register j of lane l: columns 8j + 2l + 0..1)."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_k3v4_nc", 128)
+    table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    f16 = table.astype(np.float16)
+    order = key3_channel_order(head_dim)
+    np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
+    rng = np.random.default_rng(head_dim)
+    rows = 16
+    codes = rng.integers(0, 8, (rows, head_dim)).astype(np.uint32)
+    words = np.asarray(tqjax.packing.pack_codes(codes, 3, xp=np), np.uint32)  # [rows, 3 D/32]
+    bit0_words, two_words = words[:, :head_dim // 32], words[:, head_dim // 32:]
+    low = [np.full(rows, sum(int(f16.view(np.uint16)[i] >> s & 0xFF) << (8 * i) for i in range(4)), np.uint32)
+           for s in (0, 8)]
+    groups = head_dim // 32
+    n0, n2 = max(1, groups // 4), groups // 2
+    tile = np.zeros((rows, head_dim), np.float16)
+    for lane4 in range(4):
+        if head_dim == 64:
+            bit0 = [bit0_words[:, lane4 // 2] >> (16 * (lane4 % 2))]
+        else:
+            bit0 = [bit0_words[:, lane4 * n0 + k] for k in range(n0)]
+        two = [two_words[:, lane4 * n2 + k] for k in range(n2)]
+        for g in range(groups):
+            regs = run_ptx(key3_word_asm(table, g // 2 % 2, g % 2),
+                           {"$4": bit0[g // 4], "$5": two[g // 2], "$6": low[0], "$7": low[1]})
+            _place_group(tile, regs, g, lane4)
+    np.testing.assert_array_equal(tile, f16[codes][:, order])
+
+
+@pytest.mark.parametrize("value_bits", [4, 3])
+def test_merge_kernel_splits_against_float64(value_bits):
+    """The kernel's per-split outputs ([B, Hk, S, D, 8], D rows in value_channel_order, 3-bit values
+    value3_channel_order) and base-2
     log-sum-exps ([B, Hk, S, 8, 8], row 0) merge into the softmax over all splits' tokens: float64 on the
     host, channels in their order, empty splits (-inf) weigh nothing, a row with every split empty gives
     zeros."""
@@ -265,13 +405,14 @@ def test_merge_kernel_splits_against_float64():
     lse[:, :, :, 0, :] = (rng.standard_normal((b, hk, s, 8)) * 20).astype(np.float32)
     lse[0, 1, 2, 0, :] = -np.inf  # one empty split
     lse[1, 2, :, 0, 5] = -np.inf  # every split of one row empty
-    got = np.asarray(merge_kernel_splits(jnp.asarray(o), jnp.asarray(lse)))
+    got = np.asarray(merge_kernel_splits(jnp.asarray(o), jnp.asarray(lse), value_bits))
     chex.assert_shape(got, (b, hk, 8, d))
     lse2 = lse[:, :, :, 0, :].astype(np.float64)  # [B, Hk, S, 8]
     m = np.max(lse2, axis=2, keepdims=True)
     w = np.where(np.isfinite(lse2), np.exp2(lse2 - np.where(np.isfinite(m), m, 0)), 0.0)
     channels = np.empty_like(o, dtype=np.float64)
-    channels[:, :, :, value_channel_order(d)] = o  # row c of the kernel's output is channel order[c]
+    order = (value3_channel_order if value_bits == 3 else value_channel_order)(d)
+    channels[:, :, :, order] = o  # row c of the kernel's output is channel order[c]
     num = np.einsum("bhsr,bhsdr->bhrd", w, channels)
     den = w.sum(axis=2)[..., None]
     want = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
@@ -280,7 +421,7 @@ def test_merge_kernel_splits_against_float64():
 
 
 def test_unsupported_names_the_reason():
-    for name in ("turboquant_k3v4_nc", "turboquant_3bit_nc"):
+    for name in ("turboquant_k3v4_nc", "turboquant_3bit_nc", "turboquant_kqjl3v4"):
         assert "16-byte" in unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16)
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128)
     assert unsupported(cfg, 8, 16) is None
@@ -305,6 +446,11 @@ def test_unsupported_names_the_reason():
     ("turboquant_k3v4_nc", 256, 16, 1, None, 3),
     ("turboquant_3bit_nc", 128, 16, 4, None, 2),
     ("turboquant_3bit_nc", 256, 64, 8, 30.0, 1),
+    ("turboquant_kqjl4v4", 128, 16, 4, None, 2),
+    ("turboquant_kqjl4v4", 64, 32, 8, 30.0, 1),
+    ("turboquant_kqjl4v4", 256, 16, 1, None, 3),
+    ("turboquant_kqjl3v4", 128, 16, 4, None, 2),
+    ("turboquant_kqjl3v4", 256, 64, 8, 30.0, 1),
 ])
 def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
@@ -323,26 +469,27 @@ def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
 
 
 def test_default_splits_fill_the_device_in_few_waves():
-    """The default split counts at the H200's 132 cores (3 programs resident on each): those measured
-    fastest (B=8, 32k: 6 splits, one wave of 384 programs; B=32, 16k: 3 splits, 444 us against 481 us for 1;
-    B=1, 128k: 49 splits, 129 us against 135 us for 33 and 146 us for 66), never more splits than 64-token
-    steps."""
-    assert default_num_splits(8, 8, 2048, 16, num_cores=132) == 6
-    assert default_num_splits(32, 8, 1024, 16, num_cores=132) == 3
-    assert default_num_splits(1, 8, 8192, 16, num_cores=132) == 49  # 128k: 392 programs, one wave
-    assert default_num_splits(1, 8, 256, 16, num_cores=132) == 32  # 4k tokens: 64 steps, 2 a split
+    """The default split counts at the H200's 132 cores, 4 programs resident on each at D=128 (528): one wave
+    where the steps allow (B=8, 32k: 8 splits, 512 programs; B=32, 16k: 2; B=1, 128k: 64), never more splits
+    than 64-token steps."""
+    assert default_num_splits(8, 8, 2048, 16, num_cores=132) == 8
+    assert default_num_splits(32, 8, 1024, 16, num_cores=132) == 2
+    assert default_num_splits(1, 8, 8192, 16, num_cores=132) == 64  # 128k: 512 programs, one wave
+    assert default_num_splits(1, 8, 256, 16, num_cores=132) == 64  # 4k tokens: 64 steps, 1 a split
     assert default_num_splits(1, 1, 3, 16, num_cores=132) == 1
     assert default_num_splits(1, 1, 2, 16, num_cores=132) == 1  # fewer steps than the device could take
-    assert default_num_splits(2, 2, 300, 64, num_cores=132) == 75  # block 64: 300 steps, 4 a split
+    assert default_num_splits(2, 2, 300, 64, num_cores=132) == 100  # block 64: 300 steps, 3 a split
 
 
 def test_default_splits_follow_the_programs_a_core_holds():
-    """D=256 programs take 114-138 KB of shared memory, one a core: B=1, 128k gets 16 splits (128 programs, one
-    wave; 49 would be 3 waves); D=64 ones fit 4 a core: B=8, 32k gets 8 splits (512 <= 4 x 132) where D=128
-    gets 6."""
-    assert default_num_splits(1, 8, 8192, 16, head_dim=256, num_cores=132) == 16
-    assert default_num_splits(8, 8, 2048, 16, head_dim=64, num_cores=132) == 8
-    assert default_num_splits(8, 8, 2048, 16, head_dim=128, num_cores=132) == 6
+    """D=256 programs take 83-107 KB of shared memory, two a core: B=1, 128k gets 33 splits (264 programs, one
+    wave of 2 x 132) where D=128 (4 a core) gets 64; QJL keys at D=128 fit 3 a core."""
+    assert default_num_splits(1, 8, 8192, 16, programs=2, num_cores=132) == 33
+    assert default_num_splits(1, 8, 8192, 16, programs=4, num_cores=132) == 64
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype
+    assert programs_per_core(cfg("turboquant_4bit_nc", 256)) == 2
+    assert programs_per_core(cfg("turboquant_k8v4", 128)) == 4
+    assert programs_per_core(cfg("turboquant_kqjl4v4", 128)) == 3
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
@@ -351,7 +498,7 @@ def test_refuses_other_caches_and_devices():
                                        lens=[5], seed=0)
     with pytest.raises(RuntimeError, match="Hopper"):
         paged_decode_mgpu(q, cache, tables, lens)
-    q, cache, tables, lens = make_case("turboquant_kqjl4v4", head_dim=128, block_size=16, hk=1, group=4,
+    q, cache, tables, lens = make_case("turboquant_k3p5v4", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[5], seed=0)
     with pytest.raises(NotImplementedError, match="MSE keys"):
         paged_decode_mgpu(q, cache, tables, lens)
@@ -375,7 +522,9 @@ def test_paged_decode_chooses_the_kernel(monkeypatch):
     assert choose_implementation(cache("turboquant_4bit_nc", 128), 4) == "triton"  # block_size 128
     assert choose_implementation(cache("turboquant_k8v4"), 4) == "mosaic"
     assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "mosaic"
-    assert choose_implementation(cache("turboquant_kqjl4v4"), 4) == "triton"
+    assert choose_implementation(cache("turboquant_kqjl4v4"), 4) == "mosaic"
+    assert choose_implementation(cache("turboquant_kqjl3v4"), 4) == "mosaic"
+    assert choose_implementation(cache("turboquant_k3p5v4"), 4) == "triton"  # split keys
     assert choose_implementation(cache("turboquant_k3v4_nc"), 4) == "mosaic"
     monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)
     assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "triton"
@@ -439,12 +588,16 @@ def test_fp8_keys_match_reference(head_dim, block_size, group, num_splits):
 @pytest.mark.parametrize("name,head_dim,block_size,group", [
     ("turboquant_k3v4_nc", 128, 16, 4), ("turboquant_k3v4_nc", 128, 16, 8), ("turboquant_k3v4_nc", 128, 64, 1),
     ("turboquant_k3v4_nc", 256, 32, 4), ("turboquant_3bit_nc", 128, 16, 4), ("turboquant_3bit_nc", 128, 32, 8),
-    ("turboquant_3bit_nc", 256, 16, 1)])
+    ("turboquant_3bit_nc", 256, 16, 1), ("turboquant_kqjl4v4", 64, 16, 4),
+    ("turboquant_kqjl4v4", 128, 16, 4), ("turboquant_kqjl4v4", 128, 32, 8), ("turboquant_kqjl4v4", 256, 16, 1),
+    ("turboquant_kqjl3v4", 128, 16, 4), ("turboquant_kqjl3v4", 256, 32, 2)])
 @pytest.mark.gpu
 @needs_hopper
 def test_3bit_codes_match_reference(name, head_dim, block_size, group):
     """turboquant_k3v4_nc: 3-bit keys in packing's two fields (key3_word_asm), 4-bit values;
-    turboquant_3bit_nc: 3-bit values too (value3_word_asm)."""
+    turboquant_3bit_nc: 3-bit values too (value3_word_asm); the QJL presets: 3-bit / 2-bit MSE codes plus the
+    sign sketch (qjl_word_asm, times the residual norm), a second score product with the projected query
+    (D=256: one value tile)."""
     lens = [0, 1, 17, 64, 65, 333, 1500]
     q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=block_size, hk=2, group=group, lens=lens,
                                        seed=head_dim + block_size + group)

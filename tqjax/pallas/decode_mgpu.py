@@ -16,8 +16,11 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   instructions per word; ``2**e`` is the token's value scale's power of two, the rest of the scale goes
   with the probabilities; the channels in :func:`value_channel_order`, undone on the output), and stores
   it into the float16 tile with 16-byte stores in an order (:func:`value_tile_plan`) that meets no
-  shared-memory bank conflict; the tile and the probabilities
-  alternate between two buffers, so one barrier a step suffices;
+  shared-memory bank conflict, after the score product is waited for (so the keys' registers are free:
+  at most 128 registers a thread, 4 programs a multiprocessor at D=128); two value tiles alternate (float8
+  keys, whose words take twice the shared memory: one tile, stored after the maximum's barrier), one
+  probability tile, stored after that barrier, which follows every warp's wait for the previous step's
+  value product; two barriers a step;
 - the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
   K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
   heads) twice: the float16 high parts of the (power-of-2 scaled) query and its low parts, and after the
@@ -26,19 +29,19 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   and the output accumulate on 8 columns;
 - the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
   value zero-point terms accumulate per token row and are summed once at the end;
-- with 4-bit values the value product's accumulator lives across the loop: step i's product is still in
-  flight while step i + 1 converts its tiles, and step i + 1's score-product wait covers it (3-bit values
-  wait for their own: their conversion needs the registers);
+- the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
   next pages' ids are loaded from global memory a step ahead.
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
 says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 3- or 4-bit MSE
-keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`) or float8 keys
-(``cvt.rn.f16x2.e4m3x2``, no norms), and 3- or 4-bit values (3-bit: :func:`value3_word_asm`, codes centred
-on 3.5): ``turboquant_4bit_nc``, ``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``;
-head_dim 64, 128 or 256 (3-bit codes: 128 or 256, a row of 64 is 24 bytes, no TMA stride), at most 8 query
+keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`), 3-bit MSE keys with
+a QJL sign sketch (the sketch times the token's residual norm, :func:`qjl_word_asm`, a second score product
+with the projected query into the same sums) or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and 3- or
+4-bit values (3-bit: :func:`value3_word_asm`, codes centred on 3.5): ``turboquant_4bit_nc``,
+``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``, ``turboquant_kqjl4v4``; head_dim 64,
+128 or 256 (3-bit MSE keys and 3-bit values: 128 or 256, a row of 64 is 24 bytes, no TMA stride), at most 8 query
 heads per KV head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the
 kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
@@ -66,9 +69,10 @@ from tqjax.layout import PagedKVCache
 
 __all__ = [
     "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
-    "key3_word_asm", "key_channel_order", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper",
-    "paged_decode_mgpu", "tile_unit", "unsupported", "value3_word_asm", "value_channel_order", "value_constants",
-    "value_tile_plan", "value_word_asm",
+    "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_word_asm",
+    "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu", "programs_per_core", "qjl_channel_order",
+    "qjl_word_asm", "qjl_word_plan", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm",
+    "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -109,14 +113,16 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
     """Why this kernel cannot decode ``config`` (None if it can)."""
     segs = config.key_segments
     fp8 = config.key_format == "fp8"
-    if not fp8 and (config.key_format != "mse" or len(segs) != 1 or segs[0].bits not in (3, 4)):
+    mse = config.key_format == "mse" and len(segs) == 1 and segs[0].bits in (3, 4)
+    qjl = config.key_format == "prod" and [s.bits for s in segs] in ([3, 1], [2, 1])
+    if not (fp8 or mse or qjl):
         return (f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 3- and 4-bit MSE "
-                "keys and fp8 keys only")
+                "keys, 2- and 3-bit MSE keys with a QJL sign sketch, and fp8 keys only")
     if config.value_bits not in (3, 4):
         return f"values are {config.value_bits}-bit, this kernel reads 3- and 4-bit values only"
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} not in {HEAD_DIMS}"
-    if (config.value_bits == 3 or not fp8 and segs[0].bits == 3) and config.head_dim == 64:
+    if (config.value_bits == 3 or mse and segs[0].bits == 3 or qjl and segs[0].bits == 2) and config.head_dim == 64:
         return "3-bit codes of head_dim 64 are rows of 24 bytes: the page copies (TMA) need 16-byte strides"
     if group > HALF:
         return f"{group} query heads per KV head, this kernel takes at most {HALF}"
@@ -212,45 +218,98 @@ def fp8_words_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
-def _code3_nibbles_asm(byte: int, half: int) -> list[str]:
-    """PTX lines: 8 three-bit codes in :mod:`tqjax.packing`'s fields -> register ``j``, code k in nibble k (bit 3
-    clear). ``$4``: the 1-bit field's word, byte ``byte`` their bit 0; ``$5``: the 2-bit field's word, 16-bit
-    half ``half`` their bits 1-2; each field spread to nibbles by three shift-and-mask rounds. Uses registers z
-    (zero), y, x, t."""
-    return [
-        f"prmt.b32 y, $4, z, {_imm(0x4440 | byte)};",  # bit 0 of the 8 codes in bits 0..7
-        "shl.b32 t, y, 12;", "lop3.b32 y, y, t, 0x000F000F, 0xA8;",  # (y | t) & mask: 4 bits a half
-        "shl.b32 t, y, 6;", "lop3.b32 y, y, t, 0x03030303, 0xA8;",  # 2 bits a byte
-        "shl.b32 t, y, 3;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",  # 1 bit a nibble, at bit 4k
-        f"prmt.b32 x, $5, z, {_imm(0x4432 if half else 0x4410)};",  # bits 1-2 of the 8 codes in bits 0..15
-        "shl.b32 t, x, 8;", "lop3.b32 x, x, t, 0x00FF00FF, 0xA8;",
-        "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",
-        "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",  # 2 bits a nibble, at bits 4k..4k+1
-        "shl.b32 t, x, 1;", "or.b32 j, t, y;",  # nibble k: code k
+def qjl_word_asm(first: int) -> str:
+    """PTX: a QJL sign word (``$4``: bit i the sign of sketch coordinate i of the word's 32) and ``$5`` = (g, g),
+    float16 (the token's residual norm, >= 0) -> 4 float16 pairs ``$0..$3``: pair i holds (2 s - 1) g for the
+    bits ``first + i`` (low half) and ``first + i + 16`` (high half), ``first`` in 0, 4, 8, 12. One shift puts
+    both bits at their halves' sign bits, one ``lop3`` inverts them (a set bit is +g) and sets g. 8
+    instructions."""
+    if first not in (0, 4, 8, 12):
+        raise ValueError(f"first in 0, 4, 8, 12, got {first}")
+    lines = ["{", ".reg .b32 t;"]
+    for i in range(4):
+        lines += [f"shl.b32 t, $4, {15 - first - i};", f"lop3.b32 ${i}, t, 0x80008000, $5, 0xAE;"]  # ~a & b | c
+    return "\n".join(lines + ["}"])
+
+
+def qjl_word_plan(lane4, block, dim: int):
+    """Thread lane ``lane4`` (lane % 4) and the key tile's column block ``block`` (0..dim/8 - 1, its register
+    :func:`_keys_wgmma` index) -> (the row's sign word, first bit): the block's pair of columns takes bits
+    ``first`` and ``first + 16`` of that word (:func:`qjl_word_asm`). Plain ints or :class:`_I32` values."""
+    g = lane4 * (dim // 8) + block  # the thread's blocks in a row of 16 a word
+    return g // 16, g % 16
+
+
+def qjl_channel_order(dim: int) -> np.ndarray:
+    """int [dim]: the sketch coordinate that column c of the sign tile in registers holds (the projected
+    query's coordinates are taken in this order; the product sums over them): column 8 j + 2 l + k, of lane
+    l % 4 = l's register j, is bit first + 16 k of sign word w, (w, first) = :func:`qjl_word_plan` (l, j)."""
+    col = np.arange(dim)
+    word, first = qjl_word_plan(col % 8 // 2, col // 8, dim)
+    return 32 * word + first + 16 * (col % 2)
+
+
+def key2_word_asm(table: np.ndarray, parity: int) -> str:
+    """PTX: a word of 16 two-bit key codes (``$4``, channel c at bits 2c..2c+1) -> the table values of its
+    channels 2n + ``parity`` (n = 0..7) as float16 pairs ``$0..$3`` (codes 2i, 2i+1 of the 8; the first in the
+    low half), :func:`key3_channel_order`'s spans and parities. ``$5``, ``$6``: the table's byte planes (its 4
+    entries), held in registers by the caller. One shift and a mask put code n in nibble n (bits 2, 3 clear),
+    ``prmt`` looks it up in each plane. 11 instructions (parity 0: 10)."""
+    f16 = np.asarray(table, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
+    if f16.shape != (4,):
+        raise ValueError(f"a 2-bit table has 4 entries, got {f16.shape}")
+    if parity not in range(2):
+        raise ValueError(f"parity in 0..1, got {parity}")
+    lines = ["{", ".reg .b32 t, j, jh, lo, hi;",
+             f"shr.b32 t, $4, {2 * parity};", "and.b32 j, t, 0x33333333;", "shr.b32 jh, j, 16;"]
+    for sel, out0, out1 in (("j", "$0", "$1"), ("jh", "$2", "$3")):
+        lines += [f"prmt.b32 lo, $5, $5, {sel};", f"prmt.b32 hi, $6, $6, {sel};",
+                  f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
+    return "\n".join(lines + ["}"])
+
+
+def _code3_nibbles_asm(half: int, parity: int) -> list[str]:
+    """PTX lines: the 8 three-bit codes of channels 2n + ``parity`` (n = 0..7) of a 16-channel span in
+    :mod:`tqjax.packing`'s fields -> register ``j``, code n in nibble n (bit 3 clear). ``$4``: the 1-bit
+    field's word, 16-bit half ``half`` the span's bit 0 (one ``prmt``, a byte a half, and two shift-and-mask
+    rounds); ``$5``: the 2-bit field's word of the span (channel c at bits 2c..2c+1: one shift and a masked
+    merge). Uses registers z (zero), y, t."""
+    lines = [f"prmt.b32 y, $4, z, {_imm(0x4040 | (2 * half + 1) << 8 | 2 * half)};"]  # a byte of bits a half
+    if parity:
+        lines += ["shr.b32 y, y, 1;"]
+    return lines + [
+        "shl.b32 t, y, 4;", "lop3.b32 y, y, t, 0x05050505, 0xA8;",  # (y | t) & mask: bits 2m -> 0, 2, 8, 10
+        "shl.b32 t, y, 2;", "lop3.b32 y, y, t, 0x11111111, 0xA8;",  # -> 0, 4, 8, 12: bit 0 of nibble n
+        f"{'shr' if parity else 'shl'}.b32 t, $5, 1;",
+        "lop3.b32 j, t, 0x66666666, y, 0xEA;",  # (t & mask) | y: nibble n is the code
     ]
 
 
-def key3_word_asm(table: np.ndarray, byte: int, half: int) -> str:
+def key3_word_asm(table: np.ndarray, half: int, parity: int) -> str:
     """PTX: 8 three-bit key codes in :mod:`tqjax.packing`'s fields -> the 8 table values as float16 pairs
-    ``$0..$3`` (codes 2i, 2i+1; the first in the low half). ``$4``: the 1-bit field's word (code bit 0 of 32
-    channels), whose byte ``byte`` holds the 8 codes' bit 0; ``$5``: the 2-bit field's word (bits 1-2 of 16
-    channels), whose 16-bit half ``half`` holds theirs; ``$6``, ``$7``: the low words of the table's byte planes
-    (entries 0..3), held in registers by the caller (ptxas would rematerialise a constant before each ``prmt``).
+    ``$0..$3`` (codes 2i, 2i+1 of the 8; the first in the low half). The 8 are the channels of one parity of a
+    16-channel span (:func:`key3_channel_order`): ``$4``: the 1-bit field's word (code bit 0 of 32 channels),
+    whose 16-bit half ``half`` holds the span's; ``$5``: the 2-bit field's word (bits 1-2 of the span's 16
+    channels, channel c at bits 2c..2c+1); the 8 are channels 2n + ``parity``, n = 0..7; ``$6``, ``$7``: the
+    low words of the table's byte planes (entries 0..3), held in registers by the caller (ptxas would
+    rematerialise a constant before each ``prmt``).
 
     ``table``: 8 values exact in float16, looked up by ``prmt`` in each byte plane with 4-bit selectors
-    (the code, bit 3 clear); the selectors are the fields spread to nibbles: bit 0 to bit 4k, bits 1-2 to
-    bits 4k+1..4k+2 (three shift-and-mask rounds each). 25 instructions."""
+    (the code, bit 3 clear). Selector nibble n = code of channel 2n + parity: its bits 1-2 are the 2-bit
+    field's bits 4n + 2 parity.. shifted by one (one shift, one masked merge), its bit 0 one ``prmt`` (a byte
+    a half) and two shift-and-mask rounds away (16 instructions, parity 1: 17; was 25 with 8 consecutive
+    channels, whose two fields have different strides)."""
     f16 = np.asarray(table, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
     if f16.shape != (8,):
         raise ValueError(f"a 3-bit table has 8 entries, got {f16.shape}")
-    if byte not in range(4) or half not in range(2):
-        raise ValueError(f"byte in 0..3 and half in 0..1, got {byte}, {half}")
+    if half not in range(2) or parity not in range(2):
+        raise ValueError(f"half and parity in 0..1, got {half}, {parity}")
     planes = {"nl": f16 & 0xFF, "nh": f16 >> 8}
-    lines = ["{", ".reg .b32 z, y, x, t, j, jh, lo, hi, nl0, nl1, nh0, nh1;", "mov.b32 z, 0;"]
+    lines = ["{", ".reg .b32 z, y, t, j, jh, lo, hi, nl0, nl1, nh0, nh1;", "mov.b32 z, 0;"]
     operands = {("nl", 0): "$6", ("nh", 0): "$7"}
     lines += [f"mov.b32 {k}{r}, {operands.get((k, r)) or _imm(sum(int(v[4 * r + i]) << (8 * i) for i in range(4)))};"
               for k, v in planes.items() for r in range(2)]
-    lines += _code3_nibbles_asm(byte, half) + ["shr.b32 jh, j, 16;"]
+    lines += _code3_nibbles_asm(half, parity) + ["shr.b32 jh, j, 16;"]
     for sel, out0, out1 in (("j", "$0", "$1"), ("jh", "$2", "$3")):
         lines += [f"prmt.b32 lo, nl0, nl1, {sel};", f"prmt.b32 hi, nh0, nh1, {sel};",
                   f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
@@ -276,16 +335,17 @@ def value_word_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
-def value3_word_asm(byte: int, half: int) -> str:
-    """PTX: 8 three-bit value codes in :mod:`tqjax.packing`'s fields (``$4``: the 1-bit field's word, byte
-    ``byte`` the 8 codes' bit 0; ``$5``: the 2-bit field's word, half ``half`` their bits 1-2), ``$6`` = (2**e,
-    2**e) and ``$7`` = (-67.5 * 2**e, -67.5 * 2**e) -> the centred codes ``(code - 3.5) * 2**e`` as float16
-    pairs ``$0..$3`` in :func:`value_channel_order` (pair i: codes i and i + 4). The fields are spread to one
-    code a nibble (as :func:`key3_word_asm`), then :func:`value_word_asm`'s conversion (64 + code, one
-    ``fma.rn.f16x2``, exact). 25 instructions."""
-    if byte not in range(4) or half not in range(2):
-        raise ValueError(f"byte in 0..3 and half in 0..1, got {byte}, {half}")
-    lines = ["{", ".reg .b32 z, y, x, t, j, a, b, c, q;", "mov.b32 z, 0;", *_code3_nibbles_asm(byte, half),
+def value3_word_asm(half: int, parity: int) -> str:
+    """PTX: 8 three-bit value codes in :mod:`tqjax.packing`'s fields, the channels 2n + ``parity`` (n = 0..7) of
+    a 16-channel span (``$4``: the 1-bit field's word, half ``half`` the span's bit 0; ``$5``: the 2-bit field's
+    word of the span), ``$6`` = (2**e, 2**e) and ``$7`` = (-67.5 * 2**e, -67.5 * 2**e) -> the centred codes
+    ``(code - 3.5) * 2**e`` as float16 pairs ``$0..$3``, pair i holding codes n = i and i + 4
+    (:func:`value3_channel_order`). The codes are gathered one a nibble as :func:`key3_word_asm` does, then
+    :func:`value_word_asm`'s conversion (64 + code, one ``fma.rn.f16x2``, exact). 17 instructions (parity 1:
+    18; was 25 with 8 consecutive channels)."""
+    if half not in range(2) or parity not in range(2):
+        raise ValueError(f"half and parity in 0..1, got {half}, {parity}")
+    lines = ["{", ".reg .b32 z, y, t, j, a, b, c, q;", "mov.b32 z, 0;", *_code3_nibbles_asm(half, parity),
              "shl.b32 a, j, 4;", "shr.b32 b, j, 4;", "shr.b32 c, j, 8;"]
     for i, src in enumerate(("a", "j", "b", "c")):
         lines += [f"lop3.b32 q, {src}, 0x00F000F0, 0x54005400, 0xEA;", f"fma.rn.f16x2 ${i}, q, $6, $7;"]
@@ -297,6 +357,15 @@ def value_channel_order(dim: int) -> np.ndarray:
     kernel's output (:func:`value_word_asm` pairs codes i and i + 4 of each 8-channel word)."""
     col = np.arange(dim)
     return 8 * (col // 8) + (col % 8) // 2 + 4 * (col % 2)
+
+
+def value3_channel_order(dim: int) -> np.ndarray:
+    """int [dim]: the value channel that column c of the 3-bit values' float16 tile holds, and so row c of the
+    kernel's output: 8-column unit u holds the channels of parity u % 2 of span u // 2 (16 channels), in
+    :func:`value3_word_asm`'s pair order (codes n and n + 4 of the 8 in each pair)."""
+    col = np.arange(dim)
+    u, p = col // 8, col % 8
+    return 16 * (u // 2) + u % 2 + 2 * (p // 2 + 4 * (p % 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +442,18 @@ def key_channel_order(dim: int) -> np.ndarray:
     return 8 * (lane4 * g + j // 4) + 2 * (j % 4) + e
 
 
+def key3_channel_order(dim: int) -> np.ndarray:
+    """int [dim]: the channel that column c of the 3-bit key tile in registers holds (:func:`key_channel_order`'s
+    role for 3-bit codes). Thread lane % 4 = l converts the dim/64 16-channel spans l * dim/64 .. of its rows,
+    each as two groups of 8 (its even channels, then its odd ones, :func:`key3_word_asm`): group g = 2 s + k
+    of span s, code n of the group (channel 16 (l dim/64 + s) + 2n + k) into register j = 4g + n // 2,
+    half n % 2."""
+    col = np.arange(dim)
+    j, lane4, e = col // 8, (col % 8) // 2, col % 2
+    g, n = j // 4, 2 * (j % 4) + e
+    return 16 * (lane4 * (dim // 64) + g // 2) + 2 * n + g % 2
+
+
 def value_tile_plan(t, j, i, dim: int):
     """Thread ``t`` (0..127) of the value tile's conversion, its 16-byte load ``j`` (0..dim/64 - 1) and the
     load's word ``i`` (0..3) -> (token row, word of the row) it converts and stores. Plain ints or
@@ -418,8 +499,9 @@ def _load_words(ptr, offset, count: int) -> list:
 
 def _keys_wgmma(words_ref, dim: int, groups_of_row) -> mgpu.FragmentedArray:
     """SMEM key words uint32 [64, words a row] -> float16 [64, dim] in registers (WGMMA layout, channels in
-    :func:`key_channel_order`), the score product's left operand. ``groups_of_row(ptr, row, lane4)``: the
-    float16 pairs (i32) of this thread's dim/32 groups of 8 channels of token ``row``, 4 a group."""
+    :func:`key_channel_order`), the score product's left operand. ``groups_of_row(ptr, row, lane4, r)``: the
+    float16 pairs (i32) of this thread's dim/32 groups of 8 channels of token ``row`` (its register row r), 4 a
+    group."""
     ir, arith, _, _, vector = _ir()
     i32, f16 = ir.IntegerType.get_signless(32), ir.F16Type.get()
     layout = mgpu.WGMMA_LAYOUT
@@ -428,7 +510,7 @@ def _keys_wgmma(words_ref, dim: int, groups_of_row) -> mgpu.FragmentedArray:
     ptr = mgpu.utils.memref_ptr(words_ref)
     for r in range(2):
         row = arith.addi(row0, mgpu.utils.c(8 * r, i32))
-        for g, parts in enumerate(groups_of_row(ptr, row, lane4)):
+        for g, parts in enumerate(groups_of_row(ptr, row, lane4, r)):
             for i, part in enumerate(parts):
                 idx = (0, 4 * g + i, 0, 0, r) + (0,) * (regs.ndim - 5)
                 regs[idx] = vector.bitcast(ir.VectorType.get((2,), f16),
@@ -445,7 +527,8 @@ def _word_groups(dim: int, asm: str, words_per_group: int, extra=()):
     count = groups * words_per_group
     row_words = dim // 8 * words_per_group
 
-    def groups_of_row(ptr, row, lane4):
+    def groups_of_row(ptr, row, lane4, r):
+        del r
         words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.muli(lane4, c(count))), count)
         return [_convert(words[g * words_per_group:(g + 1) * words_per_group], asm, list(extra))
                 for g in range(groups)]
@@ -453,27 +536,68 @@ def _word_groups(dim: int, asm: str, words_per_group: int, extra=()):
     return groups_of_row
 
 
-def _key3_groups(dim: int, table: np.ndarray, extra):
-    """:func:`_keys_wgmma`'s ``groups_of_row`` for 3-bit keys (:mod:`tqjax.packing`'s fields: a row's dim/32
-    words of bit 0, then its dim/16 words of bits 1-2): the thread's channels 8(l dim/32 + g) + 0..7 take byte
-    g % 4 of its bit-0 words' word g // 4 (dim 64: two threads share a word, the upper one shifted down) and
-    half g % 2 of its two-bit words' word g // 2 (:func:`key3_word_asm`)."""
+def _key2_groups(dim: int, table: np.ndarray, extra, row_words: int):
+    """:func:`_keys_wgmma`'s ``groups_of_row`` for 2-bit keys (a row's dim/16 words, then the QJL sign words;
+    ``row_words``: the row's stride): the thread's span s (16 channels, groups 2s and 2s + 1,
+    :func:`key3_channel_order`) is its word s (:func:`key2_word_asm`)."""
     ir, arith, *_ = _ir()
     c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
     groups = dim // 32
-    row_words = 3 * dim // 32
-    asms = [key3_word_asm(table, g % 4, g % 2) for g in range(groups)]
+    asms = [key2_word_asm(table, g % 2) for g in range(groups)]
 
-    def groups_of_row(ptr, row, lane4):
+    def groups_of_row(ptr, row, lane4, r):
+        del r
+        n2 = groups // 2  # the thread's words
+        words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.muli(lane4, c(n2))), n2)
+        return [_convert([words[g // 2]], asms[g], list(extra)) for g in range(groups)]
+
+    return groups_of_row
+
+
+def _key3_groups(dim: int, table: np.ndarray, extra, row_words: int):
+    """:func:`_keys_wgmma`'s ``groups_of_row`` for 3-bit keys (:mod:`tqjax.packing`'s fields: a row's dim/32
+    words of bit 0, then its dim/16 words of bits 1-2): the thread's span s (16 channels, two groups: g = 2s
+    and 2s + 1, :func:`key3_channel_order`) takes half s % 2 of its bit-0 words' word s // 2 (dim 64: two
+    threads share a word, the upper one shifted down) and its two-bit words' word s (:func:`key3_word_asm`).
+    ``row_words``: the row's stride (QJL keys: the sign words follow)."""
+    ir, arith, *_ = _ir()
+    c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
+    groups = dim // 32
+    asms = [key3_word_asm(table, g // 2 % 2, g % 2) for g in range(groups)]
+
+    def groups_of_row(ptr, row, lane4, r):
+        del r
         base = arith.muli(row, c(row_words))
         n0 = max(1, groups // 4)  # bit-0 words of the thread
         at0 = arith.divui(lane4, c(2)) if dim == 64 else arith.muli(lane4, c(n0))
         bit0 = _load_words(ptr, arith.addi(base, at0), n0)
         if dim == 64:  # channels 16 l .. 16 l + 15: half l % 2 of word l // 2
             bit0 = [arith.shrui(bit0[0], arith.muli(arith.remui(lane4, c(2)), c(16)))]
-        n2 = groups // 2 if dim > 64 else 1  # two-bit words of the thread
+        n2 = groups // 2  # two-bit words of the thread
         two = _load_words(ptr, arith.addi(base, arith.addi(c(dim // 32), arith.muli(lane4, c(n2)))), n2)
         return [_convert([bit0[g // 4], two[g // 2]], asms[g], list(extra)) for g in range(groups)]
+
+    return groups_of_row
+
+
+def _sign_groups(dim: int, word0: int, row_words: int, gammas):
+    """:func:`_keys_wgmma`'s ``groups_of_row`` for the QJL sign sketch: the row's sign words from word ``word0``
+    of its ``row_words``; thread lane l's column blocks as :func:`qjl_word_plan` says (dim 64: two threads share
+    a word, the upper one's half shifted down), ``gammas[r]``: the (g, g) float16 pair (i32) of its register row
+    r's token."""
+    ir, arith, *_ = _ir()
+    c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
+    n = max(1, dim // 128)  # sign words of the thread
+
+    def groups_of_row(ptr, row, lane4, r):
+        at = arith.divui(lane4, c(2)) if dim == 64 else arith.muli(lane4, c(n))
+        words = _load_words(ptr, arith.addi(arith.muli(row, c(row_words)), arith.addi(c(word0), at)), n)
+        if dim == 64:
+            words = [arith.shrui(words[0], arith.muli(arith.remui(lane4, c(2)), c(8)))]
+        out = []
+        for g in range(dim // 32):  # blocks 4 g .. 4 g + 3: word (4 g) // 16 of the thread's, bits from 4 g % 16
+            out.append(_convert([words[4 * g // 16]], qjl_word_asm(4 * g % 16), [gammas[r]]))
+        return out
 
     return groups_of_row
 
@@ -501,10 +625,11 @@ def _store_values(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, cen
 def _store_values3(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, centre: mgpu.FragmentedArray) -> None:
     """SMEM 3-bit value words uint32 [64, 3 dim / 32] (:mod:`tqjax.packing`'s fields: a row's dim/32 words of bit 0,
     then its dim/16 words of bits 1-2) -> ``(code - 3.5) * 2**e`` into the float16 tile (as :func:`_store_values`).
-    Thread t converts half t % 2 of row t // 2 (one value scale), its 8-channel groups in the order
+    Thread t converts half t % 2 of row t // 2 (one value scale), its 8-channel units in the order
     g = i ^ 4 (t % 2), so that a quarter-warp's 16-byte stores meet 8 bank groups (the halves' units of a row
-    otherwise share theirs); its words are loaded in that order (the bit-0 word of g // 4, the two-bit word
-    of g // 2), so each group's byte and half stay static (:func:`value3_word_asm`)."""
+    otherwise share theirs); unit g holds parity g % 2 of span g // 2 (:func:`value3_channel_order`), its words
+    are loaded in that order (the bit-0 word of g // 4, the two-bit word of g // 2), so each group's half and
+    parity stay static (:func:`value3_word_asm`)."""
     ir, arith, llvm, _, vector = _ir()
     i32 = ir.IntegerType.get_signless(32)
     t = _I32(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)))
@@ -518,7 +643,7 @@ def _store_values3(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, ce
     two = [w for k in range(0, n2, 2)
            for w in _load_words(words_ptr, (base + dim // 32 + h * n2 + ((h * 2) ^ k)).v, 2)]
     for i in range(groups):
-        parts = _convert([bit0[i // 4], two[i // 2]], value3_word_asm(i % 4, i % 2), extra)
+        parts = _convert([bit0[i // 4], two[i // 2]], value3_word_asm(i // 2 % 2, i % 2), extra)
         unit = tile_unit(row, h * groups + ((h * 4) ^ i), dim)
         llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
 
@@ -616,13 +741,15 @@ def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> lis
     return [arith.ori(x, arith.shli(x, c(16))) for x in (e, n)]
 
 
-def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int):
+def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int,
+                  qjl: bool = False):
     """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
     score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**10, centred zero
     point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
-    :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`). All these rows lie in the
-    warp's page (:func:`_warp_page`), one block-table load."""
-    ir, arith, _, _, vector = _ir()
+    :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`); with ``qjl``, then the
+    residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32). All these
+    rows lie in the warp's page (:func:`_warp_page`), one block-table load."""
+    ir, arith, _, memref, vector = _ir()
     i32 = ir.IntegerType.get_signless(32)
     ks_ref, vs_ref, bt_ref = refs
     b, h, first_page, last_page = (x.registers.item() for x in (b, h, first_page, last_page))
@@ -641,20 +768,30 @@ def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms:
     for v in _tile_scalars(vs_ref, h, page, tile_row, block_size, value_bits):
         regs = np.array([vector.from_elements(ir.VectorType.get((1,), i32), [v])], dtype=object)
         out.append(mgpu.FragmentedArray(_registers=regs, _layout=strided, _is_signed=False))
+    if qjl:
+        index = ir.IndexType.get()
+        pairs = np.empty(reg_shape, dtype=object)
+        for idx in np.ndindex(*reg_shape):
+            at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
+            bits = arith.extui(i32, arith.bitcast(ir.IntegerType.get_signless(16),
+                                                  memref.load(ks_ref, [*at, arith.constant(index, 1)])))
+            pair = arith.ori(bits, arith.shli(bits, mgpu.utils.c(16, i32)))
+            pairs[idx] = vector.from_elements(ir.VectorType.get((1,), i32), [pair])
+        out.append(mgpu.FragmentedArray(_registers=pairs, _layout=layout, _is_signed=False))
     return tuple(out)
 
 
-def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf) -> mgpu.FragmentedArray:
-    """float32 [64, 8] (WGMMA layout) -> its column maxima [8] (WGMMA column layout), with one warpgroup
-    barrier: shuffles within each warp, then each warp's maxima through ``scratch_ref`` (float32 [2 * 32],
-    half ``buf``: the next writes to it come two steps later, after other barriers). Scalar maxima (a vector
-    maximum lowers to compares and selects)."""
+def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") -> mgpu.FragmentedArray:
+    """float32 [64, 8] (WGMMA layout) -> its column maxima [8] (WGMMA column layout; ``op="add.rn"``: sums),
+    with one warpgroup barrier: shuffles within each warp, then each warp's maxima through ``scratch_ref``
+    (float32 [2 * 32], half ``buf``: the next writes to it come two steps later, after other barriers).
+    Scalar maxima (a vector maximum lowers to compares and selects)."""
     ir, arith, llvm, _, vector = _ir()
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     c = functools.partial(mgpu.utils.c, ty=i32)
 
     def fmax(a, b):  # one instruction (arith.maximumf lowers to a compare and selects)
-        return llvm.inline_asm(f32, [a, b], "max.NaN.f32 $0, $1, $2;", "=f,f,f")
+        return llvm.inline_asm(f32, [a, b], f"{op}.f32 $0, $1, $2;", "=f,f,f")
 
     vals = None
     for reg in np.array(x.registers, dtype=object).flat:
@@ -690,10 +827,16 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
     key3 = not fp8 and cfg.key_segments[0].bits == 3
+    key2 = not fp8 and cfg.key_segments[0].bits == 2  # QJL keys of 2-bit codes
+    qjl = cfg.key_format == "prod"  # 3-bit MSE codes, then the sign sketch's words; a second score product
     words = d // 8  # 4-bit codes: one word per 8 channels
     value_words = 3 * d // 32 if cfg.value_bits == 3 else words
-    key_words = 3 * d // 32 if key3 else 2 * words if fp8 else words  # 3-bit: packing's two fields
+    key_words = cfg.key_words  # 3-bit: packing's two fields (QJL keys: then d / 32 sign words); fp8: 2 words
     pps = TOKENS // block_size  # pages per step
+    # one value tile for float8 keys (their words take twice the shared memory; its stores then wait for the
+    # maximum's barrier, which costs registers the other keys cannot spare under 128) and for QJL keys at
+    # D=256 (2 programs a multiprocessor instead of 1), two for the others
+    single_tile = fp8 or (qjl and d == 256)
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
     table = None if fp8 else np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
@@ -710,21 +853,34 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         if fp8:
             groups = _word_groups(d, fp8_words_asm(), 2)
         elif key3:
-            groups = _key3_groups(d, table, (t0.registers.item(), t1.registers.item()))
+            groups = _key3_groups(d, table, (t0.registers.item(), t1.registers.item()), key_words)
+        elif key2:
+            groups = _key2_groups(d, table, (t0.registers.item(), t1.registers.item()), key_words)
         else:
             groups = _word_groups(d, key_word_asm(table), 1, (t0.registers.item(), t1.registers.item()))
         return _keys_wgmma(words_ref, d, groups)
 
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row),
+                       return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
+    def signs_f16(ctx, words_ref, gamma):
+        del ctx
+        *_, vector = _ir()
+        regs = np.array(gamma.registers, dtype=object)
+        pairs = [vector.extract(regs[idx], [], [0]) for idx in sorted(np.ndindex(*regs.shape), key=lambda i: i[2])]
+        return _keys_wgmma(words_ref, d, _sign_groups(d, key_words - d // 32, key_words, pairs))
+
     rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.float32, layout=row)
     pair_ty = plgpu.ShapeDtypeStruct((128,), jnp.int32, layout=per_thread)
+    gamma_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
     scalar_args = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat)
 
-    @plgpu.inline_mgpu(arg_types=scalar_args, return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty))
+    @plgpu.inline_mgpu(arg_types=scalar_args,
+                       return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty) + ((gamma_ty,) if qjl else ()))
     def step_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
         refs = (ks_ref, vs_ref, bt_ref)
         return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8,
-                             value_bits=cfg.value_bits)
+                             value_bits=cfg.value_bits, qjl=qjl)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
     def store_values(ctx, words_ref, tile_ref, pow2, centre):
@@ -736,6 +892,12 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     def column_max(ctx, x, scratch_ref, buf):
         del ctx
         return _column_max(x, scratch_ref, buf)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), splat),
+                       return_type=plgpu.ShapeDtypeStruct((HALF,), jnp.float32, layout=col))
+    def column_sum(ctx, x, scratch_ref, buf):  # no Mosaic reduction: its 2 KB of scratch stay unreserved
+        del ctx
+        return _column_max(x, scratch_ref, buf, op="add.rn")
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_folded)
     def fold(ctx, x):
@@ -755,8 +917,11 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         return _split_halves(x)
 
     def tq_decode_mgpu(bt_ref, lens_ref, ktab_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
-                       q_smem, qinv_smem, kw_smem, vw_smem, v16_smem, p_smem, o_smem, lse_smem, red_smem, q_bar,
-                       kw_bar, vw_bar):
+                       q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar):
+        # the value tiles, and after the loop the output and the log-sum-exps in the same shared memory; the
+        # reductions' scratch (64 float32) and the query's inverse powers (32) in one 1 KB buffer
+        v16_smem, (o_smem, lse_smem) = tiles_or_out
+        red_smem, qinv_smem = small_smem.at[pl.ds(0, 64)], small_smem.at[pl.ds(64, 2 * COLS)]
         b = lax.axis_index("b")
         h = lax.axis_index("h")
         sp = lax.axis_index("s")
@@ -796,95 +961,86 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
-        def make_step(pv_ref):
-            """The loop's step. With ``pv_ref`` (4-bit values: an accumulator that lives across the loop) step
-            i's value product stays in flight into step i + 1, whose score-product wait covers it, and the
-            carry holds step i's alpha for it; without (3-bit values: their conversion's registers plus a live
-            accumulator make 187, 2 programs a multiprocessor instead of 3, 7.5% slower on the H200) each
-            step waits for its own product."""
+        def step_fn(i, carry):
+            # the step's scalars and the page ids of step i + stages were loaded a step ahead
+            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre, *gamma), pages = carry
+            slot = lax.rem(i, stages)
+            buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
+            vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
+            page0 = first_page + i * pps
+            prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+            next_pages = pages_of(i + stages + 1)
+            plgpu.barrier_wait(kw_bar.at[slot])
+            keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
 
-            def step_fn(i, carry):
-                # the step's scalars and the page ids of step i + stages were loaded a step ahead
-                acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre), pages, *alpha_prev = carry
-                slot = lax.rem(i, stages)
-                buf = lax.rem(i, 2)  # value and probability tiles alternate: step i - 1's product may still read
-                page0 = first_page + i * pps
-                prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
-                next_pages = pages_of(i + stages + 1)
-                plgpu.barrier_wait(kw_bar.at[slot])
-                keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, d)], (1, 0)))
+                if qjl:  # the sign sketch times the projected query, into the same sums (the key tile's registers
+                    # are free once its product is done)
+                    plgpu.wgmma_wait(0)
+                    signs = signs_f16(kw_smem.at[slot], gamma[0])
+                    plgpu.wgmma(acc_ref, signs, plgpu.transpose_ref(q_smem.at[:, pl.ds(d, d)], (1, 0)))
+                return acc_ref[...]
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem, (1, 0)))
-                    plgpu.barrier_wait(vw_bar.at[slot])
-                    store_values(vw_smem.at[slot], v16_smem.at[buf], pow2, centre)
-                    return acc_ref[...]
+            # the score product waited for before the value words are converted: the keys' registers are free
+            # by then (overlapping them cost 30 registers a thread: 3 programs a multiprocessor instead of 4)
+            s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
 
-                s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))  # waits for step i - 1's product
-                if pv_ref is not None:
-                    acc = acc * lax.broadcast_in_dim(alpha_prev[0], acc.shape, [1]) + fold_out(pv_ref[...])
-                s = fold(s)
-                # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
-                s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
-                if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
-                    s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
-                s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-                a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
-                l_i = l_i * a2 + p
-                z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
-                pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
-                plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(
-                    pw, plgpu.Layout.WGMMA_TRANSPOSED)
-                # one barrier a step: every thread's value and probability tiles are stored (and fenced for the
-                # tensor cores), and every thread is done with the slot's words (the next copies may overwrite)
-                plgpu.commit_smem()
+            def values():
+                plgpu.barrier_wait(vw_bar.at[slot])
+                store_values(vw_smem.at[slot], v16_smem.at[vbuf], pow2, centre)
 
-                @pl.when(i + stages < n_steps)
-                def _():
-                    issue(pages, slot)  # from one warp
+            if not single_tile:
+                values()
+            s = fold(s)
+            # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
+            s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
+            if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
+                s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
+            s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
+            # the maximum's barrier follows every warp's wait for step i - 1's value product: from here the
+            # probability tile (and a single value tile) may be overwritten
+            m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
+            if single_tile:
+                values()
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+            a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
+            l_i = l_i * a2 + p
+            z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
+            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
+            plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+            # every thread's value and probability tiles are stored (and fenced for the tensor cores), and every
+            # thread is done with the slot's words (the next copies may overwrite them)
+            plgpu.commit_smem()
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
-                                plgpu.transpose_ref(p_smem.at[buf], (1, 0)))
+            @pl.when(i + stages < n_steps)
+            def _():
+                issue(pages, slot)  # from one warp
 
-                # each step's product in its own (zeroed) accumulator, added in float32: accumulating the steps
-                # in the wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do
-                # not round to nearest; tests/test_decode_mgpu.py::test_long_split)
-                if pv_ref is None:
-                    step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
-                    return acc, m_new, l_i, z_i, prefetched, next_pages
-                pv_ref[...] = zeros_wide
-                pv(pv_ref)  # in flight into the next step
-                return acc, m_new, l_i, z_i, prefetched, next_pages, alpha
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[vbuf], (1, 0)),
+                            plgpu.transpose_ref(p_smem, (1, 0)))
 
-            return step_fn
-
-        def loop(pv_ref=None):
-            """acc [D, 8] (times 2**p_top), m_i [8], l_i and z_i [64, 8] (float32) after the steps."""
-            carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
-            if pv_ref is not None:
-                pv_ref[...] = zeros_wide  # step 0 adds it with alpha 0
-                carry += (plgpu.layout_cast(jnp.zeros((HALF,), jnp.float32), col),)
-            acc, m_i, l_i, z_i, _, _, *alpha = lax.fori_loop(0, n_steps, make_step(pv_ref), carry)
-            if pv_ref is not None:  # the last step's product
-                acc = acc * lax.broadcast_in_dim(alpha[0], acc.shape, [1]) + fold_out(pv_ref[...])
-            return acc, m_i, l_i, z_i
+            # this step's product in its own accumulator, added in float32: accumulating the steps in the
+            # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
+            # round to nearest; tests/test_decode_mgpu.py::test_long_split)
+            step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
+            return acc, m_new, l_i, z_i, prefetched, next_pages
 
         zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
         zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
         l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
         first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
-        if cfg.value_bits == 4:
-            acc, m_i, l_i, z_i = pl.run_scoped(loop, plgpu.ACC((d, COLS), jnp.float32))
-        else:
-            acc, m_i, l_i, z_i = loop()
-        l_sum = l_i.sum(axis=0)
-        acc = acc * 2.0**-value_constants(cfg.value_bits)[1] + lax.broadcast_in_dim(z_i.sum(axis=0), acc.shape, [1])
+        carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
+        acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
+        # the sums' barriers also order every warp's last value product before the output overwrites the tiles
+        # (a warp's wait for it covers only the warp's own rows)
+        l_sum = column_sum(l_i, red_smem, n_steps % 2)
+        z_sum = column_sum(z_i, red_smem, (n_steps + 1) % 2)
+        acc = acc * 2.0**-value_constants(cfg.value_bits)[1] + lax.broadcast_in_dim(z_sum, acc.shape, [1])
         l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
         lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
@@ -895,15 +1051,13 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        plgpu.SMEM((COLS, d), jnp.float16, transforms=_F16_TILE),
-        plgpu.SMEM((2 * COLS,), jnp.float32),
+        plgpu.SMEM((COLS, 2 * d if qjl else d), jnp.float16, transforms=_F16_TILE),  # QJL: then the projected
+        plgpu.SMEM((64 + 2 * COLS,), jnp.float32),
         plgpu.SMEM((stages, TOKENS, key_words), jnp.uint32),
         plgpu.SMEM((stages, TOKENS, value_words), jnp.uint32),
-        plgpu.SMEM((2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
-        plgpu.SMEM((2, COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
-        plgpu.SMEM((d, HALF), jnp.float32),
-        plgpu.SMEM((TOKENS, HALF), jnp.float32),
-        plgpu.SMEM((64,), jnp.float32),
+        plgpu.RefUnion(plgpu.SMEM((1 if single_tile else 2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
+                       (plgpu.SMEM((d, HALF), jnp.float32), plgpu.SMEM((TOKENS, HALF), jnp.float32))),
+        plgpu.SMEM((COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
@@ -938,28 +1092,34 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 #: Programs (one per sequence, KV head and split) resident per multiprocessor, by head_dim (2 page-copy
 #: stages): ptxas registers per thread and the kernel's shared memory, from ``python -m
-#: experiments.mgpu_static_sass`` (docs/data/decode_mgpu_static_sass_cpu_2026-11-30_s16.log): D=64: 127
-#: registers, 38-43 KB: 4; D=128: 166-168, 63-76 KB: 3 (ncu on the H200 agreed for 155 registers and 67 KB:
-#: docs/data/decode_mgpu_ncu_h200_2026-11-30_s15.log); D=256: 228-255, 114-138 KB: 1 (shared memory).
-#: The splits at D=128 were timed (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log): B=8, 32k
-#: tokens: 4 splits (256 programs) 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 (512) 249 us; B=32,
-#: 16k: 1 split 481 us, 3 splits 444 us. D=64 and D=256 follow the same model, not timed.
-PROGRAMS_PER_CORE = {64: 4, 128: 3, 256: 1}
+#: experiments.mgpu_static_sass`` (docs/data/decode_mgpu_static_sass_cpu_2026-11-30_s16.log, "four programs"):
+#: D=64: 95-112 registers, 25-32 KB: 4 (float8 keys 5); D=128: 112-128 registers, 47-56 KB: 4 (QJL keys, whose
+#: projected query takes 4 KB more: 59 KB, 3); D=256: 178-215 registers, 83-107 KB: 2. Not yet timed: the
+#: 3-program kernel's splits were (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log: B=8, 32k
+#: tokens: 4 splits 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 249 us).
+PROGRAMS_PER_CORE = {64: 4, 128: 4, 256: 2}
+
+
+def programs_per_core(config: TurboQuantConfig) -> int:
+    """Programs of this kernel resident per multiprocessor for ``config`` (:data:`PROGRAMS_PER_CORE`)."""
+    if config.key_format == "prod" and config.head_dim == 128:
+        return 3
+    return PROGRAMS_PER_CORE[config.head_dim]
 #: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
 #: merge): keeps the wave count from favouring many tiny splits.
 PROGRAM_OVERHEAD_STEPS = 2
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, head_dim: int = 128,
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, programs: int = 4,
                        num_cores: int | None = None) -> int:
     """KV splits per (sequence, KV head): the fewest that minimise the waves of programs over the device
     times a program's time (``ceil(B * Hk * S / resident) * (ceil(steps / S) + PROGRAM_OVERHEAD_STEPS)``,
-    resident = :data:`PROGRAMS_PER_CORE` [head_dim] per core, in 64-token steps), at most one split per step.
+    resident = ``programs`` per core (:func:`programs_per_core`), in 64-token steps), at most one split per step.
     Splits no longer bound the error (the value codes are centred: 8e-7 of max|out| against float64
     attention for 32k tokens in one split)."""
     from tqjax.pallas.decode import _device_cores
 
-    resident = PROGRAMS_PER_CORE[head_dim] * (num_cores or _device_cores())
+    resident = programs * (num_cores or _device_cores())
     steps = max(1, -(-max_blocks // (TOKENS // block_size)))
     programs = batch * num_kv_heads
 
@@ -997,7 +1157,7 @@ def paged_decode_mgpu(
         raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {jax.devices()[0].device_kind}")
     if num_splits is None:
         num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size,
-                                        cache.config.head_dim)
+                                        programs_per_core(cache.config))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
                                  num_splits=int(num_splits), stages=int(stages))
@@ -1022,8 +1182,13 @@ def paged_decode_mgpu_jit(
     g = hq // hk
     max_blocks = block_tables.shape[1]
     q = query.astype(jnp.float32).reshape(b, hk, g, d)
-    (q_rot,) = key_codec(cfg).prepare_query(q)
-    q16, qinv = _split_query(q_rot[..., key_channel_order(d)])  # the key tile's channel order
+    codec = key_codec(cfg)
+    q_rot, *q_proj = codec.prepare_query(q)
+    spans = cfg.key_format != "fp8" and cfg.key_segments[0].bits in (2, 3)  # spans and parities
+    q_cat = q_rot[..., (key3_channel_order if spans else key_channel_order)(d)]  # the key tile's channel order
+    if cfg.key_format == "prod":  # the projected query, in the sign tile's order and times the QJL scale
+        q_cat = jnp.concatenate([q_cat, q_proj[0][..., qjl_channel_order(d)] * codec.prod.qjl_scale], axis=-1)
+    q16, qinv = _split_query(q_cat)
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     qinv = qinv * (scale * _LOG2E if softcap is None else scale / softcap)
@@ -1038,17 +1203,19 @@ def paged_decode_mgpu_jit(
                                      sum(int(table[i] >> 8) << (8 * i) for i in range(4))], np.uint32).view(np.int32))
     o, lse = call(block_tables, seq_lens, ktab, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
                   cache.value_scales)
-    return merge_kernel_splits(o, lse)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    return merge_kernel_splits(o, lse, cfg.value_bits)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
-def merge_kernel_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
+def merge_kernel_splits(o: jax.Array, lse: jax.Array, value_bits: int = 4) -> jax.Array:
     """The kernel's outputs -> [B, Hk, 8, D] float32: ``o`` [B, Hk, S, D, 8] (each split's output for the 8
-    query rows, normalised within the split, its D rows in :func:`value_channel_order`), ``lse``
+    query rows, normalised within the split, its D rows in :func:`value_channel_order`, 3-bit values
+    :func:`value3_channel_order`), ``lse``
     [B, Hk, S, 8, 8] (row 0: the splits' log-sum-exps in base 2, -inf for an empty split), merged by
     :func:`tqjax.pallas.decode.merge_splits`."""
     from tqjax.pallas.decode import merge_splits
 
-    rows = np.argsort(value_channel_order(o.shape[3]))  # channel c is the kernel's row rows[c]
+    order = (value3_channel_order if value_bits == 3 else value_channel_order)(o.shape[3])
+    rows = np.argsort(order)  # channel c is the kernel's row rows[c]
     o = jnp.moveaxis(jnp.swapaxes(o[:, :, :, rows], -1, -2), 2, 0)  # [S, B, Hk, 8, D]
     lse = jnp.moveaxis(lse[:, :, :, 0, :], 2, 0) * math.log(2.0)  # [S, B, Hk, 8], natural log
     return merge_splits(o, lse)
