@@ -14,7 +14,9 @@ no collective):
 Either way every device reads ``batch_per_device * context * Hk`` compressed token slots per step, the
 load of one device at n = 1, so ideal scaling keeps the step time flat and multiplies the throughput
 (tokens/s = requests per step / step time) by n. The efficiency column is tokens/s(n) / (n *
-tokens/s(1)) (the baseline is the smallest device count run). Each compiled step is checked to contain no collective.
+tokens/s(1)) (the baseline is the smallest device count run). Each compiled step is checked to contain no collective,
+and its output against the single-device decode (the same backend on one device over the whole cache, global block
+ids): ``err vs 1 dev`` is max|difference| / max|out|, and a run fails above one ulp of the output dtype.
 
 The cache is filled by the sharded store with random K/V generated on the devices, in chunks. Timing
 is :func:`experiments.timing.time_fn` (warmed up, median of device-synchronised repetitions, rotating
@@ -73,6 +75,7 @@ class Row:
     efficiency: float
     bytes_per_device: int
     gbps_per_device: float
+    err_vs_single_device: float
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -119,8 +122,36 @@ def fill_cache(
     return cache
 
 
-def measure(mode: str, n: int, a: argparse.Namespace, rng: np.random.Generator) -> tuple[float, int]:
-    """(seconds per decode step, requests per step) for ``mode`` on ``n`` devices."""
+# The sharded decode runs the single-device kernel on each device's heads and requests; only the split count
+# (chosen from the local head count and batch) may differ from the single-device run. That moves the float32
+# log-sum-exp merge by a few float32 ulps, which can flip the output's final rounding: one ulp of the output
+# dtype at max|out| (bf16: 2**-7 of it), or 1e-5 of max|out| (~100 float32 ulps) for a float32 output. An
+# indexing error (a wrong page, head or request) moves the output by O(max|out|).
+def sharded_tolerance(dtype) -> float:
+    return max(1e-5, float(jnp.finfo(dtype).eps))
+
+
+def single_device_error(
+    out: jax.Array, query: jax.Array, cache: tqjax.PagedKVCache, tables: jax.Array, lens: jax.Array, data: int,
+    blocks_per_shard: int, backend: str | None,
+) -> float:
+    """max|sharded out - single-device out| / max|single-device out|, the latter from :func:`tqjax.paged_decode`
+    on device 0 over the whole cache (the data shards' pages concatenated: local block b of shard i is global
+    block i * blocks_per_shard + b)."""
+    dev0 = jax.devices()[0]
+    local_tables = np.asarray(tables)
+    rows = local_tables.shape[0] // data
+    shard_of_row = np.arange(local_tables.shape[0]) // rows
+    global_tables = local_tables + (shard_of_row * blocks_per_shard)[:, None]
+    whole = jax.device_put(cache, dev0)
+    ref = tqjax.paged_decode(jax.device_put(query, dev0), whole, jax.device_put(jnp.asarray(global_tables), dev0),
+                             jax.device_put(lens, dev0), backend=backend)
+    ref = np.asarray(ref, np.float32)
+    return float(np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max())
+
+
+def measure(mode: str, n: int, a: argparse.Namespace, rng: np.random.Generator) -> tuple[float, int, float]:
+    """(seconds per decode step, requests per step, :func:`single_device_error`) for ``mode`` on ``n`` devices."""
     mesh = sharding.make_mesh(1, n) if mode == "tp" else sharding.make_mesh(n, 1)
     data = mesh.shape[sharding.DATA]
     batch = n * a.batch_per_device
@@ -141,8 +172,10 @@ def measure(mode: str, n: int, a: argparse.Namespace, rng: np.random.Generator) 
                for _ in range(3)]
 
     out = sharding.sharded_paged_decode(queries[0], cache, tables, lens, mesh=mesh, backend=a.backend)  # checked once
-    if not bool(jnp.isfinite(out.astype(jnp.float32)).all()):
-        raise RuntimeError(f"{mode} on {n} devices: non-finite decode output")
+    err = single_device_error(out, queries[0], cache, tables, lens, data, blocks_per_shard, a.backend)
+    if not err <= sharded_tolerance(out.dtype):  # also catches NaN
+        raise RuntimeError(f"{mode} on {n} devices: the sharded decode differs from the single-device decode by "
+                           f"{err:.2e} of max|out| (tolerance {sharded_tolerance(out.dtype):.1e})")
     step = jax.jit(lambda q, c, t, s: sharding.sharded_paged_decode(q, c, t, s, mesh=mesh, backend=a.backend))
     found = sharding.collectives_in(step.lower(queries[0], cache, tables, lens).compile().as_text())
     if found:
@@ -151,7 +184,7 @@ def measure(mode: str, n: int, a: argparse.Namespace, rng: np.random.Generator) 
         lambda q: step(q, cache, tables, lens), [(q,) for q in queries],
         iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3,
     )
-    return t, batch
+    return t, batch, err
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -176,14 +209,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             if mode == "tp" and a.hk % n:
                 print(f"skip tp on {n} devices: Hk = {a.hk} is not divisible by {n}")
                 continue
-            t, batch = measure(mode, n, a, rng)
+            t, batch, err = measure(mode, n, a, rng)
             tps = batch / t
             first = (n, tps) if first is None else first
             mesh = f"1x{n}" if mode == "tp" else f"{n}x1"
             efficiency = (tps / n) / (first[1] / first[0])
             rows.append(
                 Row(mode, n, mesh, batch, a.batch_per_device, a.context, t * 1e6, tps, tps / first[1], efficiency,
-                    bytes_per_device, bytes_per_device / t / 1e9)
+                    bytes_per_device, bytes_per_device / t / 1e9, err)
             )
             r = rows[-1]
             print(f"[{time.time() - t0:5.0f}s] {mode} n={n} mesh {mesh}: {r.time_us:9.1f} us/step, "
@@ -206,10 +239,10 @@ def report(a: argparse.Namespace, rows: list[Row], dev: str) -> None:
     print(f"\n== decode scaling: {dev}, {a.preset}, Hq={a.hq} Hk={a.hk} D={a.head_dim} block={a.block_size}, "
           f"{a.batch_per_device} requests x {a.context} tokens per device" + ("" if ON_GPU else "  [CPU: not GPU timings]"))
     print(f"{'mode':4s} {'n':>3s} {'mesh':>5s} {'batch':>6s} {'us/step':>10s} {'tok/s':>11s} {'speedup':>8s} "
-          f"{'eff':>5s} {'GB/s/dev':>9s}")
+          f"{'eff':>5s} {'GB/s/dev':>9s} {'err vs 1 dev':>12s}")
     for r in rows:
         print(f"{r.mode:4s} {r.devices:3d} {r.mesh:>5s} {r.batch:6d} {r.time_us:10.1f} {r.tokens_per_s:11.0f} "
-              f"{r.speedup:7.2f}x {r.efficiency:5.0%} {r.gbps_per_device:9.2f}")
+              f"{r.speedup:7.2f}x {r.efficiency:5.0%} {r.gbps_per_device:9.2f} {r.err_vs_single_device:12.1e}")
     print(f"\nresults: {a.out}/scaling.csv, scaling.json")
 
 
