@@ -26,7 +26,9 @@ import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
     VALUE_EXP_MAX,
+    copy_shape,
     default_num_splits,
+    flat_pages,
     fp8_words_asm,
     key2_word_asm,
     key3_channel_order,
@@ -111,7 +113,7 @@ def test_key3_word_asm_gives_the_table(seed):
         key3_word_asm(np.zeros(16, np.float32), 0, 0)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_key2_tile_in_registers_follows_key3_channel_order(head_dim):
     """2-bit keys (turboquant_kqjl3v4's MSE part) as the kernel builds its tile: thread lane % 4 = l loads its
     D/64 words of a row (l * D/64 ..), group g from word g // 2 with parity g % 2 (key2_word_asm on the PTX
@@ -202,28 +204,29 @@ def test_value3_word_asm_centres_and_scales_codes_exactly():
             np.testing.assert_array_equal(got, want, err_msg=f"e={e} g={g}")
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_3bit_value_stores_cover_the_tile_without_bank_conflicts(head_dim):
-    """_store_values3's order: thread t stores the 8-channel groups g = i ^ 4 (t % 2) of half t % 2 of row t // 2:
-    every unit of the tile once, no quarter-warp store meets a bank conflict (without the stagger the two
-    halves of a row share bank groups)."""
+    """_store_values3's order: thread t stores the 8-channel groups g = i ^ 4 (t % 2) of half t % 2 of row t // 2
+    (D = 64: g = i): every unit of the tile once, no quarter-warp store meets a bank conflict (without the
+    stagger the two halves of a row share bank groups at D >= 128)."""
     groups = head_dim // 16
+    stagger = 0 if head_dim == 64 else 4
     seen = collections.Counter()
     for warp in range(4):
         lanes = np.arange(32) + 32 * warp
         for i in range(groups):
-            units = [tile_unit(t // 2, (t % 2) * groups + (i ^ (4 * (t % 2))), head_dim) for t in map(int, lanes)]
+            units = [tile_unit(t // 2, (t % 2) * groups + (i ^ (stagger * (t % 2))), head_dim) for t in map(int, lanes)]
             assert _bank_conflicts(np.array(units)) == 0, (warp, i)
             seen.update(units)
     assert sorted(seen) == list(range(64 * head_dim // 8)) and set(seen.values()) == {1}
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_3bit_value_tile_follows_value3_channel_order(head_dim):
     """_store_values3 as the kernel runs it (thread t: half h = t % 2 of row t // 2, bit-0 words h n0 + (h ^ k),
     two-bit words h n2 + (2h ^ m), group i from bit-0 word i // 4 half i // 2 % 2 and two-bit word i // 2,
-    parity i % 2, into unit h groups + (4h ^ i); value3_word_asm on the PTX interpreter) fills column c of
-    the tile with channel value3_channel_order[c]."""
+    parity i % 2, into unit h groups + (4h ^ i); D = 64: bit-0 word h, two-bit words 2h + m, unit 4h + i;
+    value3_word_asm on the PTX interpreter) fills column c of the tile with channel value3_channel_order[c]."""
     rng = np.random.default_rng(head_dim)
     rows = 4
     codes = rng.integers(0, 8, (rows, head_dim)).astype(np.uint32)
@@ -233,12 +236,13 @@ def test_3bit_value_tile_follows_value3_channel_order(head_dim):
     one = {"$6": np.full(rows, p2 | (p2 << 16), np.uint32), "$7": np.full(rows, n2 | (n2 << 16), np.uint32)}
     groups, n0, n2w = head_dim // 16, head_dim // 64, head_dim // 32
     tile = np.full((rows, head_dim), np.nan)
+    stagger = 0 if head_dim == 64 else 1
     for h in range(2):
-        bit0 = [words[:, h * n0 + (h ^ k)] for k in range(n0)]
-        two = [words[:, head_dim // 32 + h * n2w + ((2 * h) ^ m)] for m in range(n2w)]
+        bit0 = [words[:, h * n0 + ((stagger * h) ^ k)] for k in range(n0)]
+        two = [words[:, head_dim // 32 + h * n2w + ((2 * stagger * h) ^ m)] for m in range(n2w)]
         for i in range(groups):
             regs = run_ptx(value3_word_asm(i // 2 % 2, i % 2), {"$4": bit0[i // 4], "$5": two[i // 2], **one})
-            unit = h * groups + ((4 * h) ^ i)
+            unit = h * groups + ((4 * stagger * h) ^ i)
             tile[:, 8 * unit:8 * unit + 8] = _halves(regs, ["$0", "$1", "$2", "$3"]).view(np.float16)
     order = value3_channel_order(head_dim)
     np.testing.assert_array_equal(np.sort(order), np.arange(head_dim))
@@ -286,6 +290,20 @@ def test_value_tile_plan_covers_the_tile_without_bank_conflicts(head_dim):
                     seen[r, w] += 1
                 assert _bank_conflicts(np.array([tile_unit(r, w, head_dim) for r, w in plan])) == 0, (warp, j, i)
     np.testing.assert_array_equal(seen, 1)
+
+
+def test_copy_shape_keeps_rows_or_copies_pages_flat():
+    """Rows of a multiple of 16 bytes are copied as they are; rows of 24 bytes (3-bit codes at D=64) as whole
+    pages of 64-byte rows, which flat_pages reads from the same row-major words."""
+    assert copy_shape(16, 16) == (16, 16) and copy_shape(64, 4) == (64, 4)
+    assert copy_shape(16, 6) == (6, 16) and copy_shape(64, 6) == (24, 16)
+    with pytest.raises(ValueError, match="64-byte"):
+        copy_shape(4, 6)
+    words = jnp.arange(2 * 3 * 32 * 6, dtype=jnp.uint32).reshape(2, 3, 32, 6)
+    flat = flat_pages(words)
+    assert flat.shape == (2, 3, 12, 16)
+    np.testing.assert_array_equal(flat[1, 2].reshape(-1), words[1, 2].reshape(-1))
+    assert flat_pages(words[..., :4]).shape == (2, 3, 32, 4)
 
 
 def test_tile_unit_is_the_swizzled_tiled_layout():
@@ -421,8 +439,8 @@ def test_merge_kernel_splits_against_float64(value_bits):
 
 
 def test_unsupported_names_the_reason():
-    for name in ("turboquant_k3v4_nc", "turboquant_3bit_nc", "turboquant_kqjl3v4"):
-        assert "16-byte" in unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16)
+    for name in MOSAIC_PRESETS:  # 3-bit codes at D=64 too: rows of 24 bytes, copied flat (copy_shape)
+        assert unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16) is None, name
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128)
     assert unsupported(cfg, 8, 16) is None
     assert "at most 8" in unsupported(cfg, 16, 16)
@@ -451,6 +469,9 @@ def test_unsupported_names_the_reason():
     ("turboquant_kqjl4v4", 256, 16, 1, None, 3),
     ("turboquant_kqjl3v4", 128, 16, 4, None, 2),
     ("turboquant_kqjl3v4", 256, 64, 8, 30.0, 1),
+    ("turboquant_k3v4_nc", 64, 16, 4, None, 2),
+    ("turboquant_3bit_nc", 64, 64, 8, 30.0, 1),
+    ("turboquant_kqjl3v4", 64, 32, 1, None, 3),
 ])
 def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
@@ -590,7 +611,8 @@ def test_fp8_keys_match_reference(head_dim, block_size, group, num_splits):
     ("turboquant_k3v4_nc", 256, 32, 4), ("turboquant_3bit_nc", 128, 16, 4), ("turboquant_3bit_nc", 128, 32, 8),
     ("turboquant_3bit_nc", 256, 16, 1), ("turboquant_kqjl4v4", 64, 16, 4),
     ("turboquant_kqjl4v4", 128, 16, 4), ("turboquant_kqjl4v4", 128, 32, 8), ("turboquant_kqjl4v4", 256, 16, 1),
-    ("turboquant_kqjl3v4", 128, 16, 4), ("turboquant_kqjl3v4", 256, 32, 2)])
+    ("turboquant_kqjl3v4", 128, 16, 4), ("turboquant_kqjl3v4", 256, 32, 2), ("turboquant_k3v4_nc", 64, 16, 4),
+    ("turboquant_3bit_nc", 64, 32, 8), ("turboquant_3bit_nc", 64, 64, 1), ("turboquant_kqjl3v4", 64, 16, 4)])
 @pytest.mark.gpu
 @needs_hopper
 def test_3bit_codes_match_reference(name, head_dim, block_size, group):

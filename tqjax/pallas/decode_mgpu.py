@@ -36,14 +36,15 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
 says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 3- or 4-bit MSE
-keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`), 3-bit MSE keys with
-a QJL sign sketch (the sketch times the token's residual norm, :func:`qjl_word_asm`, a second score product
-with the projected query into the same sums) or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and 3- or
-4-bit values (3-bit: :func:`value3_word_asm`, codes centred on 3.5): ``turboquant_4bit_nc``,
-``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``, ``turboquant_kqjl4v4``; head_dim 64,
-128 or 256 (3-bit MSE keys and 3-bit values: 128 or 256, a row of 64 is 24 bytes, no TMA stride), at most 8 query
-heads per KV head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the
-kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
+keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`), 2- or 3-bit MSE keys
+with a QJL sign sketch (the sketch times the token's residual norm, :func:`qjl_word_asm`, a second score
+product with the projected query into the same sums) or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and
+3- or 4-bit values (3-bit: :func:`value3_word_asm`, codes centred on 3.5): ``turboquant_4bit_nc``,
+``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``, ``turboquant_kqjl4v4``,
+``turboquant_kqjl3v4``; head_dim 64, 128 or 256 (rows of 24 bytes, 3-bit codes at 64, are copied as whole
+pages: :func:`copy_shape`), at most 8 query heads per KV head, block_size 16, 32 or 64. There is no interpret
+mode: the CPU tests check that the kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right
+values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
 
 Index arithmetic: the cache arrays are indexed per dimension (KV head, page, row, word), each index far
@@ -122,8 +123,6 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
         return f"values are {config.value_bits}-bit, this kernel reads 3- and 4-bit values only"
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} not in {HEAD_DIMS}"
-    if (config.value_bits == 3 or mse and segs[0].bits == 3 or qjl and segs[0].bits == 2) and config.head_dim == 64:
-        return "3-bit codes of head_dim 64 are rows of 24 bytes: the page copies (TMA) need 16-byte strides"
     if group > HALF:
         return f"{group} query heads per KV head, this kernel takes at most {HALF}"
     if block_size not in BLOCK_SIZES:
@@ -627,9 +626,9 @@ def _store_values3(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, ce
     then its dim/16 words of bits 1-2) -> ``(code - 3.5) * 2**e`` into the float16 tile (as :func:`_store_values`).
     Thread t converts half t % 2 of row t // 2 (one value scale), its 8-channel units in the order
     g = i ^ 4 (t % 2), so that a quarter-warp's 16-byte stores meet 8 bank groups (the halves' units of a row
-    otherwise share theirs); unit g holds parity g % 2 of span g // 2 (:func:`value3_channel_order`), its words
-    are loaded in that order (the bit-0 word of g // 4, the two-bit word of g // 2), so each group's half and
-    parity stay static (:func:`value3_word_asm`)."""
+    otherwise share theirs; dim 64: g = i, a half row's 4 units); unit g holds parity g % 2 of span g // 2
+    (:func:`value3_channel_order`), its words are loaded in that order (the bit-0 word of g // 4, the two-bit
+    word of g // 2), so each group's half and parity stay static (:func:`value3_word_asm`)."""
     ir, arith, llvm, _, vector = _ir()
     i32 = ir.IntegerType.get_signless(32)
     t = _I32(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)))
@@ -639,12 +638,16 @@ def _store_values3(words_ref, tile_ref, dim: int, pow2: mgpu.FragmentedArray, ce
     unit_ty = ir.VectorType.get((4,), i32)
     groups, n0, n2 = dim // 16, dim // 64, dim // 32  # a half row's groups, bit-0 words, two-bit words
     base = row * (3 * dim // 32)
-    bit0 = [_load_words(words_ptr, (base + h * n0 + (h ^ k)).v, 1)[0] for k in range(n0)]
-    two = [w for k in range(0, n2, 2)
-           for w in _load_words(words_ptr, (base + dim // 32 + h * n2 + ((h * 2) ^ k)).v, 2)]
+    if dim == 64:  # a half row is 4 units, one bit-0 word, two two-bit words: no stagger
+        bit0 = _load_words(words_ptr, (base + h).v, 1)
+        two = _load_words(words_ptr, (base + 2 + h * 2).v, 2)
+    else:
+        bit0 = [_load_words(words_ptr, (base + h * n0 + (h ^ k)).v, 1)[0] for k in range(n0)]
+        two = [w for k in range(0, n2, 2)
+               for w in _load_words(words_ptr, (base + dim // 32 + h * n2 + ((h * 2) ^ k)).v, 2)]
     for i in range(groups):
         parts = _convert([bit0[i // 4], two[i // 2]], value3_word_asm(i // 2 % 2, i % 2), extra)
-        unit = tile_unit(row, h * groups + ((h * 4) ^ i), dim)
+        unit = tile_unit(row, h * groups + (i if dim == 64 else (h * 4) ^ i), dim)
         llvm.store(vector.from_elements(unit_ty, parts), mgpu.utils.getelementptr(tile_ptr, [unit.v], unit_ty))
 
 
@@ -822,6 +825,25 @@ def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") 
 # --------------------------------------------------------------------------------------------------
 
 
+def copy_shape(block_size: int, row_words: int) -> tuple[int, int]:
+    """(rows, words a row) of one page's copy into shared memory. A page copy (TMA) needs 16-byte strides, so a
+    page of rows whose length is not a multiple of 4 words (3-bit codes at head_dim 64: 24 bytes) is copied flat,
+    as [block_size * row_words / 16, 16] (the cache array reshaped so by :func:`flat_pages`); shared memory holds
+    the same row-major words either way."""
+    if row_words % 4 == 0:
+        return block_size, row_words
+    if block_size * row_words % 16:
+        raise ValueError(f"a page of {block_size} rows of {row_words} words is not a whole number of 64-byte rows")
+    return block_size * row_words // 16, 16
+
+
+def flat_pages(words: jax.Array) -> jax.Array:
+    """A cache array uint32 [Hk, num_blocks, block_size, row_words] as its page copies read it
+    (:func:`copy_shape`: itself, or [Hk, num_blocks, block_size * row_words / 16, 16]; a free reshape)."""
+    hk, blocks, block_size, row_words = words.shape
+    return words.reshape(hk, blocks, *copy_shape(block_size, row_words))
+
+
 def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, block_size: int, num_splits: int,
                 stages: int, softcap: float | None):
     d = cfg.head_dim
@@ -833,6 +855,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     value_words = 3 * d // 32 if cfg.value_bits == 3 else words
     key_words = cfg.key_words  # 3-bit: packing's two fields (QJL keys: then d / 32 sign words); fp8: 2 words
     pps = TOKENS // block_size  # pages per step
+    k_rows, k_width = copy_shape(block_size, key_words)
+    v_rows, v_width = copy_shape(block_size, value_words)
     # one value tile for float8 keys (their words take twice the shared memory; its stores then wait for the
     # maximum's barrier, which costs registers the other keys cannot spare under 128) and for QJL keys at
     # D=256 (2 programs a multiprocessor instead of 1), two for the others
@@ -947,9 +971,10 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 @pl.when(warp == 0)
                 def _():
                     for k, page in enumerate(pages):
-                        rows = pl.ds(k * block_size, block_size)
-                        plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, rows], kw_bar.at[slot])
-                        plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, rows], vw_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, pl.ds(k * k_rows, k_rows)],
+                                                kw_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, pl.ds(k * v_rows, v_rows)],
+                                                vw_bar.at[slot])
 
         for s in range(stages):
             @pl.when(s < n_steps)
@@ -1053,8 +1078,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     scratch = [
         plgpu.SMEM((COLS, 2 * d if qjl else d), jnp.float16, transforms=_F16_TILE),  # QJL: then the projected
         plgpu.SMEM((64 + 2 * COLS,), jnp.float32),
-        plgpu.SMEM((stages, TOKENS, key_words), jnp.uint32),
-        plgpu.SMEM((stages, TOKENS, value_words), jnp.uint32),
+        plgpu.SMEM((stages, pps * k_rows, k_width), jnp.uint32),  # [TOKENS, key_words] row-major either way
+        plgpu.SMEM((stages, pps * v_rows, v_width), jnp.uint32),
         plgpu.RefUnion(plgpu.SMEM((1 if single_tile else 2, TOKENS, d), jnp.float16, transforms=_F16_TILE),
                        (plgpu.SMEM((d, HALF), jnp.float32), plgpu.SMEM((TOKENS, HALF), jnp.float32))),
         plgpu.SMEM((COLS, TOKENS), jnp.float16, transforms=_F16_TILE),  # p^T, stored transposed
@@ -1201,8 +1226,8 @@ def paged_decode_mgpu_jit(
         table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32).astype(np.float16).view(np.uint16)
         ktab = jnp.asarray(np.array([sum(int(table[i] & 0xFF) << (8 * i) for i in range(4)),
                                      sum(int(table[i] >> 8) << (8 * i) for i in range(4))], np.uint32).view(np.int32))
-    o, lse = call(block_tables, seq_lens, ktab, q16, qinv, cache.key_codes, key_scales, cache.value_codes,
-                  cache.value_scales)
+    o, lse = call(block_tables, seq_lens, ktab, q16, qinv, flat_pages(cache.key_codes), key_scales,
+                  flat_pages(cache.value_codes), cache.value_scales)
     return merge_kernel_splits(o, lse, cfg.value_bits)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
