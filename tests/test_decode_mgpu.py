@@ -12,6 +12,7 @@ and value tiles, float32 accumulation).
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import chex
 import jax
@@ -55,7 +56,8 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.reference import paged_decode_jit
 
 MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc",
-                  "turboquant_kqjl4v4", "turboquant_kqjl3v4")
+                  "turboquant_kqjl4v4", "turboquant_kqjl3v4", "turboquant_k3p5v4", "turboquant_k2p5v4")
+SPLIT_PRESETS = ("turboquant_k3p5v4", "turboquant_k2p5v4")
 
 
 def _halves(regs: dict, names) -> np.ndarray:
@@ -439,18 +441,18 @@ def test_merge_kernel_splits_against_float64(value_bits):
 
 
 def test_unsupported_names_the_reason():
-    for name in MOSAIC_PRESETS:  # 3-bit codes at D=64 too: rows of 24 bytes, copied flat (copy_shape)
-        assert unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16) is None, name
+    assert sorted(MOSAIC_PRESETS) == sorted(tqjax.PRESETS)  # every preset at D=128 and 256
+    for name in MOSAIC_PRESETS:
+        for head_dim in (128, 256):
+            assert unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim), 4, 16) is None, name
+        # D=64: 3-bit codes too (rows of 24 bytes, copied flat: copy_shape), not split keys (32-channel segments)
+        reason = unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 64), 4, 16)
+        assert (reason is not None and "split keys" in reason) if name in SPLIT_PRESETS else reason is None, name
     cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128)
     assert unsupported(cfg, 8, 16) is None
     assert "at most 8" in unsupported(cfg, 16, 16)
     assert "block_size" in unsupported(cfg, 4, 128)
-    for name in tqjax.PRESETS:
-        reason = unsupported(tqjax.TurboQuantConfig.from_cache_dtype(name, 128), 4, 16)
-        if name in MOSAIC_PRESETS:
-            assert reason is None, (name, reason)
-        else:
-            assert reason and ("4-bit" in reason), (name, reason)
+    assert "values are 8-bit" in unsupported(dataclasses.replace(cfg, value_bits=8), 4, 16)
 
 
 @pytest.mark.parametrize("name,head_dim,block_size,group,softcap,splits", [
@@ -472,6 +474,10 @@ def test_unsupported_names_the_reason():
     ("turboquant_k3v4_nc", 64, 16, 4, None, 2),
     ("turboquant_3bit_nc", 64, 64, 8, 30.0, 1),
     ("turboquant_kqjl3v4", 64, 32, 1, None, 3),
+    ("turboquant_k3p5v4", 128, 16, 4, None, 2),
+    ("turboquant_k3p5v4", 256, 64, 1, 30.0, 1),
+    ("turboquant_k2p5v4", 128, 32, 8, None, 3),
+    ("turboquant_k2p5v4", 256, 16, 4, None, 2),
 ])
 def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     """The Pallas -> Mosaic GPU lowering (layouts, transfers, products) accepts the kernel (no GPU
@@ -511,6 +517,7 @@ def test_default_splits_follow_the_programs_a_core_holds():
     assert programs_per_core(cfg("turboquant_4bit_nc", 256)) == 2
     assert programs_per_core(cfg("turboquant_k8v4", 128)) == 4
     assert programs_per_core(cfg("turboquant_kqjl4v4", 128)) == 3
+    assert programs_per_core(cfg("turboquant_k3p5v4", 128)) == 4
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
@@ -519,9 +526,9 @@ def test_refuses_other_caches_and_devices():
                                        lens=[5], seed=0)
     with pytest.raises(RuntimeError, match="Hopper"):
         paged_decode_mgpu(q, cache, tables, lens)
-    q, cache, tables, lens = make_case("turboquant_k3p5v4", head_dim=128, block_size=16, hk=1, group=4,
+    q, cache, tables, lens = make_case("turboquant_k3p5v4", head_dim=64, block_size=16, hk=1, group=4,
                                        lens=[5], seed=0)
-    with pytest.raises(NotImplementedError, match="MSE keys"):
+    with pytest.raises(NotImplementedError, match="split keys at head_dim 64"):
         paged_decode_mgpu(q, cache, tables, lens)
 
 
@@ -545,7 +552,8 @@ def test_paged_decode_chooses_the_kernel(monkeypatch):
     assert choose_implementation(cache("turboquant_3bit_nc"), 4) == "mosaic"
     assert choose_implementation(cache("turboquant_kqjl4v4"), 4) == "mosaic"
     assert choose_implementation(cache("turboquant_kqjl3v4"), 4) == "mosaic"
-    assert choose_implementation(cache("turboquant_k3p5v4"), 4) == "triton"  # split keys
+    assert choose_implementation(cache("turboquant_k3p5v4"), 4) == "mosaic"
+    assert choose_implementation(cache("turboquant_k2p5v4"), 4) == "mosaic"
     assert choose_implementation(cache("turboquant_k3v4_nc"), 4) == "mosaic"
     monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)
     assert choose_implementation(cache("turboquant_4bit_nc"), 4) == "triton"
@@ -624,6 +632,21 @@ def test_3bit_codes_match_reference(name, head_dim, block_size, group):
     q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=block_size, hk=2, group=group, lens=lens,
                                        seed=head_dim + block_size + group)
     _check(q, cache, tables, lens, num_splits=2)
+
+
+@pytest.mark.parametrize("name,head_dim,block_size,group,num_splits", [
+    ("turboquant_k3p5v4", 128, 16, 4, 2), ("turboquant_k3p5v4", 128, 64, 8, 1), ("turboquant_k3p5v4", 256, 32, 1, 3),
+    ("turboquant_k2p5v4", 128, 16, 4, 2), ("turboquant_k2p5v4", 128, 32, 2, 1), ("turboquant_k2p5v4", 256, 16, 8, 2)])
+@pytest.mark.gpu
+@needs_hopper
+def test_split_keys_match_reference(name, head_dim, block_size, group, num_splits):
+    """Split keys: two segments of D/2 channels (4+3 or 3+2 bits) with their own tables, rotations and norms: two
+    key tiles, two score products into separate sums, each times its norm (rows of 56 and 40 bytes at D=128:
+    pages copied whole)."""
+    lens = [0, 1, 17, 64, 65, 333, 1500]
+    q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=block_size, hk=2, group=group, lens=lens,
+                                       seed=head_dim + block_size + group)
+    _check(q, cache, tables, lens, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("num_splits,stages", [(2, 2), (3, 3), (5, 2), (16, 1)])

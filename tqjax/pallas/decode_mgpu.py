@@ -38,11 +38,14 @@ sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: 
 says why not (then :func:`tqjax.pallas.decode.paged_decode` runs the Triton kernel): 3- or 4-bit MSE
 keys of one segment (3-bit: :mod:`tqjax.packing`'s two fields, :func:`key3_word_asm`), 2- or 3-bit MSE keys
 with a QJL sign sketch (the sketch times the token's residual norm, :func:`qjl_word_asm`, a second score
-product with the projected query into the same sums) or float8 keys (``cvt.rn.f16x2.e4m3x2``, no norms), and
-3- or 4-bit values (3-bit: :func:`value3_word_asm`, codes centred on 3.5): ``turboquant_4bit_nc``,
-``turboquant_k8v4``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``, ``turboquant_kqjl4v4``,
-``turboquant_kqjl3v4``; head_dim 64, 128 or 256 (rows of 24 bytes, 3-bit codes at 64, are copied as whole
-pages: :func:`copy_shape`), at most 8 query heads per KV head, block_size 16, 32 or 64. There is no interpret
+product with the projected query into the same sums), split keys of 4+3 or 3+2 bits (two segments of D/2
+channels with their own tables and norms: two key tiles, two score products into their own sums) or float8
+keys (``cvt.rn.f16x2.e4m3x2``, no norms), and 3- or 4-bit values (3-bit: :func:`value3_word_asm`, codes centred
+on 3.5): every preset (``turboquant_4bit_nc``, ``turboquant_k8v4``, ``turboquant_k3v4_nc``,
+``turboquant_3bit_nc``, ``turboquant_kqjl4v4``, ``turboquant_kqjl3v4``, ``turboquant_k3p5v4``,
+``turboquant_k2p5v4``); head_dim 64, 128 or 256 (rows not a multiple of 16 bytes, 3-bit codes at 64 and split
+keys at 128, are copied as whole pages: :func:`copy_shape`; split keys not at 64), at most 8 query heads per KV
+head, block_size 16, 32 or 64. There is no interpret
 mode: the CPU tests check that the kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right
 values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
@@ -116,20 +119,24 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
     fp8 = config.key_format == "fp8"
     mse = config.key_format == "mse" and len(segs) == 1 and segs[0].bits in (3, 4)
     qjl = config.key_format == "prod" and [s.bits for s in segs] in ([3, 1], [2, 1])
-    if not (fp8 or mse or qjl):
+    split = config.key_format == "split" and [s.bits for s in segs] in ([4, 3], [3, 2])
+    if not (fp8 or mse or qjl or split):
         return (f"keys are {config.key_format} {[s.bits for s in segs]}-bit, this kernel reads 3- and 4-bit MSE "
-                "keys, 2- and 3-bit MSE keys with a QJL sign sketch, and fp8 keys only")
+                "keys, 2- and 3-bit MSE keys with a QJL sign sketch, 4+3- and 3+2-bit split keys and fp8 keys only")
     if config.value_bits not in (3, 4):
         return f"values are {config.value_bits}-bit, this kernel reads 3- and 4-bit values only"
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} not in {HEAD_DIMS}"
+    if split and config.head_dim == 64:
+        return "split keys at head_dim 64 are two segments of 32 channels, this kernel's key tiles take 64 or more"
     if group > HALF:
         return f"{group} query heads per KV head, this kernel takes at most {HALF}"
     if block_size not in BLOCK_SIZES:
         return f"block_size {block_size} not in {BLOCK_SIZES}"
     from tqjax.pallas.decode import _exact_in_f16
 
-    if not fp8 and not _exact_in_f16(key_codec(config).quantizers[0].centroids):
+    quantizers = key_codec(config).quantizers  # {segment: its MSE quantizer}
+    if not fp8 and not all(_exact_in_f16(quantizers[i].centroids) for i in range(2 if split else 1)):
         return "the key table is not exact in float16"
     return None
 
@@ -496,17 +503,19 @@ def _load_words(ptr, offset, count: int) -> list:
     return words
 
 
-def _keys_wgmma(words_ref, dim: int, groups_of_row) -> mgpu.FragmentedArray:
+def _keys_wgmma(words_ref, dim: int, groups_of_row, word0: int = 0) -> mgpu.FragmentedArray:
     """SMEM key words uint32 [64, words a row] -> float16 [64, dim] in registers (WGMMA layout, channels in
     :func:`key_channel_order`), the score product's left operand. ``groups_of_row(ptr, row, lane4, r)``: the
     float16 pairs (i32) of this thread's dim/32 groups of 8 channels of token ``row`` (its register row r), 4 a
-    group."""
+    group, from the words at ``ptr`` (the row's word ``word0``: a split key's second segment)."""
     ir, arith, _, _, vector = _ir()
     i32, f16 = ir.IntegerType.get_signless(32), ir.F16Type.get()
     layout = mgpu.WGMMA_LAYOUT
     regs = np.empty(layout.registers_shape((TOKENS, dim)), dtype=object)
     lane4, row0 = _thread_rows()
     ptr = mgpu.utils.memref_ptr(words_ref)
+    if word0:
+        ptr = mgpu.utils.getelementptr(ptr, [mgpu.utils.c(word0, i32)], i32)
     for r in range(2):
         row = arith.addi(row0, mgpu.utils.c(8 * r, i32))
         for g, parts in enumerate(groups_of_row(ptr, row, lane4, r)):
@@ -517,14 +526,15 @@ def _keys_wgmma(words_ref, dim: int, groups_of_row) -> mgpu.FragmentedArray:
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
-def _word_groups(dim: int, asm: str, words_per_group: int, extra=()):
+def _word_groups(dim: int, asm: str, words_per_group: int, extra=(), row_words: int | None = None):
     """:func:`_keys_wgmma`'s ``groups_of_row`` for keys of ``words_per_group`` whole words per 8 channels (1 of
-    4-bit codes, 2 of float8 keys): the thread's words of the row in 16-byte loads, one PTX block a group."""
+    4-bit codes, 2 of float8 keys): the thread's words of the row in 16-byte loads, one PTX block a group.
+    ``row_words``: the row's stride (None: these words only; split keys: both segments')."""
     ir, arith, *_ = _ir()
     c = functools.partial(mgpu.utils.c, ty=ir.IntegerType.get_signless(32))
     groups = dim // 32
     count = groups * words_per_group
-    row_words = dim // 8 * words_per_group
+    row_words = dim // 8 * words_per_group if row_words is None else row_words
 
     def groups_of_row(ptr, row, lane4, r):
         del r
@@ -745,13 +755,14 @@ def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> lis
 
 
 def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int,
-                  qjl: bool = False):
+                  qjl: bool = False, split: bool = False):
     """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
     score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**10, centred zero
     point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
     :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`); with ``qjl``, then the
-    residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32). All these
-    rows lie in the warp's page (:func:`_warp_page`), one block-table load."""
+    residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32); with
+    ``split``, then the second segment's key norms (WGMMA_ROW_LAYOUT [64] float32). All these rows lie in the
+    warp's page (:func:`_warp_page`), one block-table load."""
     ir, arith, _, memref, vector = _ir()
     i32 = ir.IntegerType.get_signless(32)
     ks_ref, vs_ref, bt_ref = refs
@@ -781,6 +792,14 @@ def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms:
             pair = arith.ori(bits, arith.shli(bits, mgpu.utils.c(16, i32)))
             pairs[idx] = vector.from_elements(ir.VectorType.get((1,), i32), [pair])
         out.append(mgpu.FragmentedArray(_registers=pairs, _layout=layout, _is_signed=False))
+    if split:
+        index, f32 = ir.IndexType.get(), ir.F32Type.get()
+        norms = np.empty(reg_shape, dtype=object)
+        for idx in np.ndindex(*reg_shape):
+            at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
+            norm = arith.extf(f32, memref.load(ks_ref, [*at, arith.constant(index, 1)]))
+            norms[idx] = vector.from_elements(ir.VectorType.get((1,), f32), [norm])
+        out.append(mgpu.FragmentedArray(_registers=norms, _layout=layout, _is_signed=None))
     return tuple(out)
 
 
@@ -827,9 +846,9 @@ def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") 
 
 def copy_shape(block_size: int, row_words: int) -> tuple[int, int]:
     """(rows, words a row) of one page's copy into shared memory. A page copy (TMA) needs 16-byte strides, so a
-    page of rows whose length is not a multiple of 4 words (3-bit codes at head_dim 64: 24 bytes) is copied flat,
-    as [block_size * row_words / 16, 16] (the cache array reshaped so by :func:`flat_pages`); shared memory holds
-    the same row-major words either way."""
+    page of rows whose length is not a multiple of 4 words (3-bit codes at head_dim 64: 24 bytes; split keys at
+    128: 56 and 40) is copied flat, as [block_size * row_words / 16, 16] (the cache array reshaped so by
+    :func:`flat_pages`); shared memory holds the same row-major words either way."""
     if row_words % 4 == 0:
         return block_size, row_words
     if block_size * row_words % 16:
@@ -848,9 +867,11 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 stages: int, softcap: float | None):
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
-    key3 = not fp8 and cfg.key_segments[0].bits == 3
-    key2 = not fp8 and cfg.key_segments[0].bits == 2  # QJL keys of 2-bit codes
     qjl = cfg.key_format == "prod"  # 3-bit MSE codes, then the sign sketch's words; a second score product
+    # split keys: two segments of d / 2 channels (4+3 or 3+2 bits), each with its table and norm: two key tiles,
+    # two score products into their own sums (scaled by their norms), K = d / 2 each
+    split_keys = cfg.key_format == "split"
+    kd = d // 2 if split_keys else d  # channels of a key tile
     words = d // 8  # 4-bit codes: one word per 8 channels
     value_words = 3 * d // 32 if cfg.value_bits == 3 else words
     key_words = cfg.key_words  # 3-bit: packing's two fields (QJL keys: then d / 32 sign words); fp8: 2 words
@@ -863,26 +884,36 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     single_tile = fp8 or (qjl and d == 256)
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
-    table = None if fp8 else np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32)
+    quantizers = key_codec(cfg).quantizers  # {segment: its MSE quantizer}
+    tables = [] if fp8 else [np.asarray(quantizers[i].centroids, np.float32) for i in range(2 if split_keys else 1)]
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
     per_thread = plgpu.Layout.WG_STRIDED((128,), vec_size=1)
     s_folded = plgpu.ShapeDtypeStruct((TOKENS, HALF), jnp.float32, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), splat, splat),
-                       return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
-    def keys_f16(ctx, words_ref, t0, t1):
-        del ctx
-        if fp8:
-            groups = _word_groups(d, fp8_words_asm(), 2)
-        elif key3:
-            groups = _key3_groups(d, table, (t0.registers.item(), t1.registers.item()), key_words)
-        elif key2:
-            groups = _key2_groups(d, table, (t0.registers.item(), t1.registers.item()), key_words)
-        else:
-            groups = _word_groups(d, key_word_asm(table), 1, (t0.registers.item(), t1.registers.item()))
-        return _keys_wgmma(words_ref, d, groups)
+    def key_tile(seg: int):  # the key tile of segment seg (its words from the row's word_start)
+        bits, word0 = cfg.key_segments[seg].bits, cfg.key_segments[seg].word_start
+
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), splat, splat),
+                           return_type=plgpu.ShapeDtypeStruct((TOKENS, kd), jnp.float16, layout=plgpu.Layout.WGMMA))
+        def keys_f16(ctx, words_ref, t0, t1):
+            del ctx
+            low = (t0.registers.item(), t1.registers.item())
+            if fp8:
+                groups = _word_groups(kd, fp8_words_asm(), 2)
+            elif bits == 3:
+                groups = _key3_groups(kd, tables[seg], low, key_words)
+            elif bits == 2:
+                groups = _key2_groups(kd, tables[seg], low, key_words)
+            else:
+                groups = _word_groups(kd, key_word_asm(tables[seg]), 1, low, key_words)
+            return _keys_wgmma(words_ref, kd, groups, word0)
+
+        return keys_f16
+
+    keys_f16 = key_tile(0)
+    keys2_f16 = key_tile(1) if split_keys else None
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), row),
                        return_type=plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA))
@@ -899,12 +930,13 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     scalar_args = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat)
 
     @plgpu.inline_mgpu(arg_types=scalar_args,
-                       return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty) + ((gamma_ty,) if qjl else ()))
+                       return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty) + ((gamma_ty,) if qjl else ())
+                       + ((rows_ty,) if split_keys else ()))
     def step_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
         refs = (ks_ref, vs_ref, bt_ref)
         return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8,
-                             value_bits=cfg.value_bits, qjl=qjl)
+                             value_bits=cfg.value_bits, qjl=qjl, split=split_keys)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
     def store_values(ctx, words_ref, tile_ref, pow2, centre):
@@ -982,13 +1014,15 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
                 issue(pages_of(s), s)
 
         ktab0, ktab1 = ktab_ref[0], ktab_ref[1]  # loaded once: ptxas keeps them (a constant it would rematerialise)
+        ktab2, ktab3 = (ktab_ref[2], ktab_ref[3]) if split_keys else (None, None)  # the second segment's table
         plgpu.barrier_wait(q_bar.at[0])
         qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
         def step_fn(i, carry):
             # the step's scalars and the page ids of step i + stages were loaded a step ahead
-            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre, *gamma), pages = carry
+            # extra: the QJL residual norms' float16 pairs, or a split key's second norms
+            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre, *extra), pages = carry
             slot = lax.rem(i, stages)
             buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
             vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
@@ -998,18 +1032,24 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             plgpu.barrier_wait(kw_bar.at[slot])
             keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, d)], (1, 0)))
+            def qk(acc_ref, *acc2_ref):
+                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, kd)], (1, 0)))
+                if split_keys:  # the second segment's tile, into its own sums (converted once the first tile's
+                    # registers are free: overlapping them cost 13-18 registers, 3 programs a multiprocessor)
+                    plgpu.wgmma_wait(0)
+                    keys2 = keys2_f16(kw_smem.at[slot], ktab2, ktab3)
+                    plgpu.wgmma(acc2_ref[0], keys2, plgpu.transpose_ref(q_smem.at[:, pl.ds(kd, kd)], (1, 0)))
+                    return acc_ref[...], acc2_ref[0][...]
                 if qjl:  # the sign sketch times the projected query, into the same sums (the key tile's registers
                     # are free once its product is done)
                     plgpu.wgmma_wait(0)
-                    signs = signs_f16(kw_smem.at[slot], gamma[0])
+                    signs = signs_f16(kw_smem.at[slot], extra[0])
                     plgpu.wgmma(acc_ref, signs, plgpu.transpose_ref(q_smem.at[:, pl.ds(d, d)], (1, 0)))
                 return acc_ref[...]
 
             # the score product waited for before the value words are converted: the keys' registers are free
             # by then (overlapping them cost 30 registers a thread: 3 programs a multiprocessor instead of 4)
-            s = pl.run_scoped(qk, plgpu.ACC((TOKENS, COLS), jnp.float32))
+            s = pl.run_scoped(qk, *[plgpu.ACC((TOKENS, COLS), jnp.float32)] * (2 if split_keys else 1))
 
             def values():
                 plgpu.barrier_wait(vw_bar.at[slot])
@@ -1017,9 +1057,14 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
 
             if not single_tile:
                 values()
-            s = fold(s)
-            # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
-            s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
+            if split_keys:  # each segment's sums times its norm
+                s1, s2 = fold(s[0]), fold(s[1])
+                s = (s1 * lax.broadcast_in_dim(kn, s1.shape, [0]) + s2 * lax.broadcast_in_dim(extra[0], s2.shape, [0])
+                     ) * lax.broadcast_in_dim(qinv, s1.shape, [1])
+            else:
+                s = fold(s)
+                # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
+                s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
             if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
                 s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
             s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
@@ -1119,9 +1164,10 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
 #: stages): ptxas registers per thread and the kernel's shared memory, from ``python -m
 #: experiments.mgpu_static_sass`` (docs/data/decode_mgpu_static_sass_cpu_2026-11-30_s16.log, "four programs"):
 #: D=64: 95-112 registers, 25-32 KB: 4 (float8 keys 5); D=128: 112-128 registers, 47-56 KB: 4 (QJL keys, whose
-#: projected query takes 4 KB more: 59 KB, 3); D=256: 178-215 registers, 83-107 KB: 2. Not yet timed: the
-#: 3-program kernel's splits were (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log: B=8, 32k
-#: tokens: 4 splits 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 249 us).
+#: projected query takes 4 KB more: 59 KB, 3; split keys 128 registers, 53-55 KB: 4,
+#: docs/data/decode_mgpu_static_sass_split_cpu_2026-11-30_s17.log); D=256: 168-215 registers, 83-108 KB: 2. Not
+#: yet timed: the 3-program kernel's splits were (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log:
+#: B=8, 32k tokens: 4 splits 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 249 us).
 PROGRAMS_PER_CORE = {64: 4, 128: 4, 256: 2}
 
 
@@ -1208,9 +1254,17 @@ def paged_decode_mgpu_jit(
     max_blocks = block_tables.shape[1]
     q = query.astype(jnp.float32).reshape(b, hk, g, d)
     codec = key_codec(cfg)
-    q_rot, *q_proj = codec.prepare_query(q)
-    spans = cfg.key_format != "fp8" and cfg.key_segments[0].bits in (2, 3)  # spans and parities
-    q_cat = q_rot[..., (key3_channel_order if spans else key_channel_order)(d)]  # the key tile's channel order
+    q_segs = codec.prepare_query(q)
+
+    def tile_order(bits: int, dim: int) -> np.ndarray:  # a key tile's channel order (2-, 3-bit: spans and parities)
+        return (key3_channel_order if cfg.key_format != "fp8" and bits in (2, 3) else key_channel_order)(dim)
+
+    if cfg.key_format == "split":  # each segment's rotated query in its tile's order
+        q_cat = jnp.concatenate([q_segs[i][..., tile_order(seg.bits, seg.dim)]
+                                 for i, seg in enumerate(cfg.key_segments)], axis=-1)
+    else:
+        q_rot, *q_proj = q_segs
+        q_cat = q_rot[..., tile_order(cfg.key_segments[0].bits, d)]
     if cfg.key_format == "prod":  # the projected query, in the sign tile's order and times the QJL scale
         q_cat = jnp.concatenate([q_cat, q_proj[0][..., qjl_channel_order(d)] * codec.prod.qjl_scale], axis=-1)
     q16, qinv = _split_query(q_cat)
@@ -1222,10 +1276,14 @@ def paged_decode_mgpu_jit(
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
     ktab = jnp.zeros((2,), jnp.int32)  # float8 keys: no table
-    if cfg.key_format != "fp8":  # the low words of the 8-entry table's byte planes (key_word_asm's $5, $6)
-        table = np.asarray(key_codec(cfg).quantizers[0].centroids, np.float32).astype(np.float16).view(np.uint16)
-        ktab = jnp.asarray(np.array([sum(int(table[i] & 0xFF) << (8 * i) for i in range(4)),
-                                     sum(int(table[i] >> 8) << (8 * i) for i in range(4))], np.uint32).view(np.int32))
+    if cfg.key_format != "fp8":  # the low words of the 8-entry table's byte planes (key_word_asm's $5, $6); split
+        # keys: then the second segment's
+        words = []
+        for i in range(2 if cfg.key_format == "split" else 1):
+            table = np.asarray(codec.quantizers[i].centroids, np.float32).astype(np.float16).view(np.uint16)
+            words += [sum(int(table[i] & 0xFF) << (8 * i) for i in range(4)),
+                      sum(int(table[i] >> 8) << (8 * i) for i in range(4))]
+        ktab = jnp.asarray(np.array(words, np.uint32).view(np.int32))
     o, lse = call(block_tables, seq_lens, ktab, q16, qinv, flat_pages(cache.key_codes), key_scales,
                   flat_pages(cache.value_codes), cache.value_scales)
     return merge_kernel_splits(o, lse, cfg.value_bits)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
