@@ -44,6 +44,9 @@ from tqjax.pallas.decode_mgpu import (
     programs_per_core,
     qjl_channel_order,
     qjl_word_asm,
+    table_words,
+    tile_order,
+    tile_query,
     tile_unit,
     unsupported,
     value3_channel_order,
@@ -292,6 +295,49 @@ def test_value_tile_plan_covers_the_tile_without_bank_conflicts(head_dim):
                     seen[r, w] += 1
                 assert _bank_conflicts(np.array([tile_unit(r, w, head_dim) for r, w in plan])) == 0, (warp, j, i)
     np.testing.assert_array_equal(seen, 1)
+
+
+@pytest.mark.parametrize("name,head_dim", [(name, 128) for name in MOSAIC_PRESETS] + [
+    ("turboquant_kqjl3v4", 64), ("turboquant_3bit_nc", 64), ("turboquant_k2p5v4", 256), ("turboquant_kqjl4v4", 256)])
+def test_tile_query_and_tables_give_the_reference_scores(name, head_dim):
+    """The kernel's view of a key: each segment's tile (its codes looked up in the float16 table whose low words
+    table_words gives, in the converters' column order; float8 keys as they are; QJL: then the signs (2 s - 1)
+    times the residual norm in qjl_channel_order) times tile_query's matching columns, times the segment's norm,
+    is the reference score <q, k> of tqjax.codec (float64 sums of the same float32 operands)."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+    codec = key_codec(cfg)
+    rng = np.random.default_rng(head_dim + len(name))
+    keys = jnp.asarray(rng.standard_normal((40, head_dim)) * rng.uniform(0.1, 10, (40, 1)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((3, head_dim)), jnp.float32)
+    words, scales = codec.encode(keys)
+    ref = sum(np.asarray(qs, np.float64) @ np.asarray(v, np.float64).T
+              for qs, v in zip(codec.prepare_query(q), codec.score_vectors(words, scales)))
+    qt = np.asarray(tile_query(cfg, q), np.float64)
+    lows = table_words(cfg).view(np.uint32)
+    got = np.zeros_like(ref)
+    segments = [s for s in cfg.key_segments if s.kind != "qjl"]
+    for i, seg in enumerate(segments):
+        cols = slice(i * seg.dim, (i + 1) * seg.dim)
+        if cfg.key_format == "fp8":
+            tile = np.asarray(codec.score_vectors(words, None)[0], np.float64)[:, key_channel_order(head_dim)]
+            got += qt[:, cols] @ tile.T
+            continue
+        f16 = np.asarray(codec.quantizers[i].centroids, np.float32).astype(np.float16)
+        lo, hi = lows[2 * i], lows[2 * i + 1]
+        first4 = [(int(lo) >> 8 * k & 0xFF) | (int(hi) >> 8 * k & 0xFF) << 8 for k in range(4)]
+        np.testing.assert_array_equal(np.array(first4, np.uint16), f16.view(np.uint16)[:4])
+        codes = np.asarray(codec.segment_codes(words, seg))
+        # the converters' column orders (test_key*_tile_in_registers_follow*)
+        order = (key3_channel_order if seg.bits in (2, 3) else key_channel_order)(seg.dim)
+        np.testing.assert_array_equal(tile_order(cfg, i), order)
+        tile = f16.astype(np.float64)[codes][:, order]
+        norm = np.asarray(scales[:, i], np.float64)
+        got += (qt[:, cols] @ tile.T) * norm
+    if cfg.key_format == "prod":
+        signs = np.asarray(codec.segment_codes(words, cfg.key_segments[-1]), np.float64)[:, qjl_channel_order(head_dim)]
+        sign_tile = (2 * signs - 1) * np.asarray(scales[:, 1], np.float64)[:, None]
+        got += (qt[:, head_dim:] @ sign_tile.T) * np.asarray(scales[:, 0], np.float64)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_copy_shape_keeps_rows_or_copies_pages_flat():

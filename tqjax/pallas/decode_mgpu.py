@@ -72,11 +72,12 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "default_num_splits", "fp8_words_asm",
-    "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_word_asm",
+    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits", "flat_pages",
+    "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_word_asm",
     "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu", "programs_per_core", "qjl_channel_order",
-    "qjl_word_asm", "qjl_word_plan", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm",
-    "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
+    "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
+    "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
+    "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -1234,6 +1235,46 @@ def paged_decode_mgpu(
                                  num_splits=int(num_splits), stages=int(stages))
 
 
+def tile_order(config: TurboQuantConfig, seg: int) -> np.ndarray:
+    """int [segment dim]: the channel of key segment ``seg`` (of its rotated query) in each column of its key
+    tile: :func:`key3_channel_order` (spans and parities) for 2- and 3-bit codes, :func:`key_channel_order` for
+    4-bit codes and float8 keys."""
+    segment = config.key_segments[seg]
+    spans = config.key_format != "fp8" and segment.bits in (2, 3)
+    return (key3_channel_order if spans else key_channel_order)(segment.dim)
+
+
+def tile_query(config: TurboQuantConfig, q: jax.Array) -> jax.Array:
+    """float32 [..., D] queries -> the score products' right operands, float32 [..., D] (QJL keys: [..., 2 D]):
+    each key tile's query (the segment's rotated query) in that tile's column order (:func:`tile_order`; split
+    keys: both segments', concatenated), and for QJL keys then the projected query in the sign tile's order
+    (:func:`qjl_channel_order`) times the QJL scale."""
+    codec = key_codec(config)
+    q_segs = codec.prepare_query(q)
+    if config.key_format == "split":
+        return jnp.concatenate([q_segs[i][..., tile_order(config, i)] for i in range(2)], axis=-1)
+    q_cat = q_segs[0][..., tile_order(config, 0)]
+    if config.key_format == "prod":
+        proj = q_segs[1][..., qjl_channel_order(config.head_dim)] * codec.prod.qjl_scale
+        q_cat = jnp.concatenate([q_cat, proj], axis=-1)
+    return q_cat
+
+
+def table_words(config: TurboQuantConfig) -> np.ndarray:
+    """int32 [2 per MSE key table]: the low words (entries 0-3) of a table's float16 low-byte and high-byte
+    planes, the kernel's table operands (:func:`key_word_asm`'s ``$5, $6``, :func:`key3_word_asm`'s ``$6, $7``,
+    :func:`key2_word_asm`'s ``$5, $6``); split keys: the second segment's after the first's. Float8 keys: zeros
+    (no table)."""
+    if config.key_format == "fp8":
+        return np.zeros(2, np.int32)
+    quantizers = key_codec(config).quantizers
+    words = []
+    for seg in range(2 if config.key_format == "split" else 1):
+        f16 = np.asarray(quantizers[seg].centroids, np.float32).astype(np.float16).view(np.uint16)
+        words += [sum(int(f16[k] >> shift & 0xFF) << (8 * k) for k in range(4)) for shift in (0, 8)]
+    return np.array(words, np.uint32).view(np.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages"))
 def paged_decode_mgpu_jit(
     query: jax.Array,
@@ -1252,22 +1293,7 @@ def paged_decode_mgpu_jit(
     hk = cache.num_kv_heads
     g = hq // hk
     max_blocks = block_tables.shape[1]
-    q = query.astype(jnp.float32).reshape(b, hk, g, d)
-    codec = key_codec(cfg)
-    q_segs = codec.prepare_query(q)
-
-    def tile_order(bits: int, dim: int) -> np.ndarray:  # a key tile's channel order (2-, 3-bit: spans and parities)
-        return (key3_channel_order if cfg.key_format != "fp8" and bits in (2, 3) else key_channel_order)(dim)
-
-    if cfg.key_format == "split":  # each segment's rotated query in its tile's order
-        q_cat = jnp.concatenate([q_segs[i][..., tile_order(seg.bits, seg.dim)]
-                                 for i, seg in enumerate(cfg.key_segments)], axis=-1)
-    else:
-        q_rot, *q_proj = q_segs
-        q_cat = q_rot[..., tile_order(cfg.key_segments[0].bits, d)]
-    if cfg.key_format == "prod":  # the projected query, in the sign tile's order and times the QJL scale
-        q_cat = jnp.concatenate([q_cat, q_proj[0][..., qjl_channel_order(d)] * codec.prod.qjl_scale], axis=-1)
-    q16, qinv = _split_query(q_cat)
+    q16, qinv = _split_query(tile_query(cfg, query.astype(jnp.float32).reshape(b, hk, g, d)))
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     qinv = qinv * (scale * _LOG2E if softcap is None else scale / softcap)
@@ -1275,17 +1301,8 @@ def paged_decode_mgpu_jit(
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
-    ktab = jnp.zeros((2,), jnp.int32)  # float8 keys: no table
-    if cfg.key_format != "fp8":  # the low words of the 8-entry table's byte planes (key_word_asm's $5, $6); split
-        # keys: then the second segment's
-        words = []
-        for i in range(2 if cfg.key_format == "split" else 1):
-            table = np.asarray(codec.quantizers[i].centroids, np.float32).astype(np.float16).view(np.uint16)
-            words += [sum(int(table[i] & 0xFF) << (8 * i) for i in range(4)),
-                      sum(int(table[i] >> 8) << (8 * i) for i in range(4))]
-        ktab = jnp.asarray(np.array(words, np.uint32).view(np.int32))
-    o, lse = call(block_tables, seq_lens, ktab, q16, qinv, flat_pages(cache.key_codes), key_scales,
-                  flat_pages(cache.value_codes), cache.value_scales)
+    o, lse = call(block_tables, seq_lens, jnp.asarray(table_words(cfg)), q16, qinv, flat_pages(cache.key_codes),
+                  key_scales, flat_pages(cache.value_codes), cache.value_scales)
     return merge_kernel_splits(o, lse, cfg.value_bits)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
