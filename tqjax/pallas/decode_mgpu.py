@@ -45,9 +45,8 @@ on 3.5): every preset (``turboquant_4bit_nc``, ``turboquant_k8v4``, ``turboquant
 ``turboquant_3bit_nc``, ``turboquant_kqjl4v4``, ``turboquant_kqjl3v4``, ``turboquant_k3p5v4``,
 ``turboquant_k2p5v4``); head_dim 64, 128 or 256 (rows not a multiple of 16 bytes, 3-bit codes at 64 and split
 keys at 128, are copied as whole pages: :func:`copy_shape`; split keys not at 64), at most 8 query heads per KV
-head, block_size 16, 32 or 64. There is no interpret
-mode: the CPU tests check that the kernel lowers (``jax.export`` for "cuda") and that its PTX computes the right
-values (an emulator);
+head, block_size 16, 32 or 64. There is no interpret mode: the CPU tests check that the kernel lowers
+(``jax.export`` for "cuda") and that its PTX computes the right values (an emulator);
 ``tests/test_decode_mgpu.py -m gpu`` runs it against the reference on a Hopper GPU.
 
 Index arithmetic: the cache arrays are indexed per dimension (KV head, page, row, word), each index far
@@ -72,12 +71,12 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits", "flat_pages",
-    "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_word_asm",
-    "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu", "programs_per_core", "qjl_channel_order",
-    "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
-    "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
-    "value_word_asm",
+    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits",
+    "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order",
+    "key_tables", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
+    "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order",
+    "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
+    "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -136,10 +135,18 @@ def unsupported(config: TurboQuantConfig, group: int, block_size: int) -> str | 
         return f"block_size {block_size} not in {BLOCK_SIZES}"
     from tqjax.pallas.decode import _exact_in_f16
 
-    quantizers = key_codec(config).quantizers  # {segment: its MSE quantizer}
-    if not fp8 and not all(_exact_in_f16(quantizers[i].centroids) for i in range(2 if split else 1)):
+    if not all(_exact_in_f16(table) for table in key_tables(config)):
         return "the key table is not exact in float16"
     return None
+
+
+def key_tables(config: TurboQuantConfig) -> list[np.ndarray]:
+    """float32 [2**bits] each: the MSE key tables (codebooks) of ``config``'s key tiles: one, split keys two
+    (one per segment), float8 keys none."""
+    if config.key_format == "fp8":
+        return []
+    quantizers = key_codec(config).quantizers  # {segment: its MSE quantizer}
+    return [np.asarray(quantizers[i].centroids, np.float32) for i in range(2 if config.key_format == "split" else 1)]
 
 
 def _imm(x: int) -> str:
@@ -783,24 +790,19 @@ def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms:
     for v in _tile_scalars(vs_ref, h, page, tile_row, block_size, value_bits):
         regs = np.array([vector.from_elements(ir.VectorType.get((1,), i32), [v])], dtype=object)
         out.append(mgpu.FragmentedArray(_registers=regs, _layout=strided, _is_signed=False))
-    if qjl:
+    if qjl or split:  # the rows' second key scales
         index = ir.IndexType.get()
-        pairs = np.empty(reg_shape, dtype=object)
+        second = np.empty(reg_shape, dtype=object)
         for idx in np.ndindex(*reg_shape):
             at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
-            bits = arith.extui(i32, arith.bitcast(ir.IntegerType.get_signless(16),
-                                                  memref.load(ks_ref, [*at, arith.constant(index, 1)])))
-            pair = arith.ori(bits, arith.shli(bits, mgpu.utils.c(16, i32)))
-            pairs[idx] = vector.from_elements(ir.VectorType.get((1,), i32), [pair])
-        out.append(mgpu.FragmentedArray(_registers=pairs, _layout=layout, _is_signed=False))
-    if split:
-        index, f32 = ir.IndexType.get(), ir.F32Type.get()
-        norms = np.empty(reg_shape, dtype=object)
-        for idx in np.ndindex(*reg_shape):
-            at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
-            norm = arith.extf(f32, memref.load(ks_ref, [*at, arith.constant(index, 1)]))
-            norms[idx] = vector.from_elements(ir.VectorType.get((1,), f32), [norm])
-        out.append(mgpu.FragmentedArray(_registers=norms, _layout=layout, _is_signed=None))
+            scale = memref.load(ks_ref, [*at, arith.constant(index, 1)])
+            if qjl:
+                bits = arith.extui(i32, arith.bitcast(ir.IntegerType.get_signless(16), scale))
+                scale = arith.ori(bits, arith.shli(bits, mgpu.utils.c(16, i32)))
+            else:
+                scale = arith.extf(ir.F32Type.get(), scale)
+            second[idx] = vector.from_elements(ir.VectorType.get((1,), scale.type), [scale])
+        out.append(mgpu.FragmentedArray(_registers=second, _layout=layout, _is_signed=False if qjl else None))
     return tuple(out)
 
 
@@ -885,8 +887,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     single_tile = fp8 or (qjl and d == 256)
     pages_per_split = -(-max_blocks // num_splits)
     pages_per_split = -(-pages_per_split // pps) * pps
-    quantizers = key_codec(cfg).quantizers  # {segment: its MSE quantizer}
-    tables = [] if fp8 else [np.asarray(quantizers[i].centroids, np.float32) for i in range(2 if split_keys else 1)]
+    tables = key_tables(cfg)
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
@@ -1267,10 +1268,9 @@ def table_words(config: TurboQuantConfig) -> np.ndarray:
     (no table)."""
     if config.key_format == "fp8":
         return np.zeros(2, np.int32)
-    quantizers = key_codec(config).quantizers
     words = []
-    for seg in range(2 if config.key_format == "split" else 1):
-        f16 = np.asarray(quantizers[seg].centroids, np.float32).astype(np.float16).view(np.uint16)
+    for table in key_tables(config):
+        f16 = table.astype(np.float16).view(np.uint16)
         words += [sum(int(f16[k] >> shift & 0xFF) << (8 * k) for k in range(4)) for shift in (0, 8)]
     return np.array(words, np.uint32).view(np.int32)
 
