@@ -1,6 +1,7 @@
 """The main job: decode (and store) throughput of every TurboQuant preset against JAX's peers.
 
     python -m experiments.decode_sweep [--presets ...] [--batch 1 8 32] [--context 4096 16384] [--out results]
+                                       [--no-peers] [--no-xla] [--no-store] [--no-decode]
 
 For each preset x batch x context it stores random K/V into a paged cache, then times the paged decode
 (``tqjax.pallas.decode.paged_decode``'s default kernel: the Mosaic GPU one on Hopper where it reads the
@@ -79,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-xla", action="store_true",
+                   help="GPU: skip the XLA reference path over the quantized cache (the slowest row to time)")
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--no-decode", action="store_true", help="only time the store kernel")
     p.add_argument("--out", default="results/decode_sweep")
@@ -238,12 +241,12 @@ def main(argv=None) -> None:
                 tt = time_fn(ft, [(q,) for q in q_sets], iters=20, reps=5)
                 rows.append(Row(f"triton_{name}", batch, context, tt * 1e6, nbytes, nbytes / tt / 1e9, nbytes / tt / bw,
                                 rel_err(ft(q_sets[0])[:nb_err], ref)))
-            if ON_GPU:  # the XLA path over the same quantized cache, as a peer
+            if ON_GPU and not a.no_xla:  # the XLA path over the same quantized cache, as a peer
                 g = functools.partial(paged_decode_jit, cache=cache, block_tables=tables, seq_lens=lens)
                 tg = time_fn(g, [(q,) for q in q_sets], iters=5, reps=3)
                 rows.append(Row(f"xla_{name}", batch, context, tg * 1e6, nbytes, nbytes / tg / 1e9, nbytes / tg / bw, None))
                 _progress(done, total, t_start, rows[-1])
-            elif batch == a.batch[0] and context == a.context[0]:
+            elif not ON_GPU and batch == a.batch[0] and context == a.context[0]:
                 kern = paged_decode(q_sets[0], cache, tables, lens, interpret=True)
                 ref_q = paged_decode_jit(q_sets[0], cache, tables, lens)
                 diff = float(jnp.max(jnp.abs(kern.astype(jnp.float32) - ref_q.astype(jnp.float32))))
