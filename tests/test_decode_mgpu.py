@@ -26,6 +26,7 @@ from test_pallas_decode import RTOL, make_case
 import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas.decode_mgpu import (
+    LAZY_MAX_BITS,
     VALUE_EXP_MAX,
     copy_shape,
     default_num_splits,
@@ -36,6 +37,7 @@ from tqjax.pallas.decode_mgpu import (
     key3_word_asm,
     key_channel_order,
     key_word_asm,
+    lazy_maximum,
     merge_kernel_splits,
     odd_table,
     on_hopper,
@@ -56,7 +58,7 @@ from tqjax.pallas.decode_mgpu import (
     value_tile_plan,
     value_word_asm,
 )
-from tqjax.reference import paged_decode_jit
+from tqjax.reference import paged_decode_jit, store_jit
 
 MOSAIC_PRESETS = ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc",
                   "turboquant_kqjl4v4", "turboquant_kqjl3v4", "turboquant_k3p5v4", "turboquant_k2p5v4")
@@ -486,6 +488,27 @@ def test_merge_kernel_splits_against_float64(value_bits):
     assert np.all(got[1, 2, 5] == 0)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_probability_factor_leaves_room_for_lazy_probabilities(bits):
+    """p * value scale / 2**e * 2**p_top is split into float16 parts: below 2**15 for the largest value scale the
+    store writes (2 * 65504 / (2**bits - 1); its 2**e stops at 2**VALUE_EXP_MAX) and the largest probability, 1
+    with the maximum taken every step, 2**LAZY_MAX_BITS with a lazy one."""
+    top = float(np.float16(2 * 65504 / (2**bits - 1)))
+    e = min(int(np.floor(np.log2(top))), VALUE_EXP_MAX)
+    for lazy, p_max in ((False, 1), (True, 2**LAZY_MAX_BITS)):
+        _, p_top, _ = value_constants(bits, lazy)
+        factor = top / 2**e * 2**p_top
+        assert factor * p_max < 2**15, (lazy, factor)
+        assert factor * p_max >= 2**12  # no precision given away: the lazy factor is smaller only by p's room
+
+
+def test_lazy_maximum_where_it_was_faster():
+    """The lazy maximum for 4-bit values (not split keys: registers; not 3-bit values: slower on the H200)."""
+    lazy = {name: lazy_maximum(tqjax.TurboQuantConfig.from_cache_dtype(name, 128)) for name in tqjax.PRESETS}
+    assert lazy == {name: name not in ("turboquant_3bit_nc", "turboquant_k3p5v4", "turboquant_k2p5v4")
+                    for name in tqjax.PRESETS}
+
+
 def test_unsupported_names_the_reason():
     assert sorted(MOSAIC_PRESETS) == sorted(tqjax.PRESETS)  # every preset at D=128 and 256
     for name in MOSAIC_PRESETS:
@@ -735,6 +758,40 @@ def test_long_split():
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4,
                                        lens=[16384, 9000], seed=5)
     _check(q, cache, tables, lens)
+
+
+def ramped_keys_case(name: str, ramps, *, head_dim: int = 128, block_size: int = 16, seed: int = 21):
+    """make_case's sequences (one per ramp, 1000 tokens each) with keys re-stored at gain ``ramp(t)`` for
+    position t: logits that climb (the running maximum raised at many steps), fall, or jump."""
+    lens = [1000] * len(ramps)
+    q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=block_size, hk=2, group=4, lens=lens,
+                                       seed=seed)
+    n = cache.num_slots
+    gain = np.ones(n, np.float32)
+    for i, ramp in enumerate(ramps):
+        t = np.arange(1000)
+        gain[np.asarray(tables)[i, t // block_size] * block_size + t % block_size] = ramp(t)
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((n, 2, head_dim)) * gain[:, None, None]
+    v = rng.standard_normal((n, 2, head_dim))
+    fresh = tqjax.PagedKVCache.allocate(cache.config, cache.num_blocks, block_size, 2)
+    fresh = store_jit(fresh, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.arange(n, dtype=jnp.int32))
+    return q, fresh, tables, lens
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3p5v4"])
+def test_lazy_maximum_where_logits_climb_fall_and_jump(name):
+    """The running maximum is raised only where a logit exceeds it by more than LAZY_MAX_BITS (log2 units).
+    Keys whose gain climbs 1.5 every 64 tokens push the maximum up ~5 at most steps (each must be raised, or
+    probabilities up to 2**60 overflow float16: inf); falling gains never raise it after the first step;
+    a sawtooth jumps by 7 and falls back. Also k8v4 (one value tile, stored after the wait for every warp's
+    value product) and a split preset."""
+    ramps = [lambda t: 1 + 1.5 * t / 64, lambda t: 16 - 1.5 * t / 64, lambda t: 1 + 1.5 * ((t // 64) % 5)]
+    q, cache, tables, lens = ramped_keys_case(name, ramps)
+    for num_splits in (1, 3):
+        _check(q, cache, tables, lens, num_splits=num_splits)
 
 
 def float64_decode(q, cache, tables, lens, scale: float) -> np.ndarray:

@@ -18,17 +18,20 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   it into the float16 tile with 16-byte stores in an order (:func:`value_tile_plan`) that meets no
   shared-memory bank conflict, after the score product is waited for (so the keys' registers are free:
   at most 128 registers a thread, 4 programs a multiprocessor at D=128); two value tiles alternate (float8
-  keys, whose words take twice the shared memory: one tile, stored after the maximum's barrier), one
-  probability tile, stored after that barrier, which follows every warp's wait for the previous step's
-  value product; two barriers a step;
+  keys, whose words take twice the shared memory: one tile), one probability tile; the single tiles are
+  stored once every warp is done with the previous step's value product (an mbarrier each thread arrives on
+  after its warp's wait; with split keys, the maximum's barrier); one barrier a step, two with split keys;
 - the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
   K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
   heads) twice: the float16 high parts of the (power-of-2 scaled) query and its low parts, and after the
   softmax the high and low float16 parts of the probabilities; the halves are added in registers
   (fp32-accurate products from float16 operands, as the Triton kernel's split products), so the softmax
   and the output accumulate on 8 columns;
-- the softmax statistics reduce across the warpgroup only for the maximum: the denominators and the
-  value zero-point terms accumulate per token row and are summed once at the end;
+- the softmax statistics reduce across the warpgroup only for the maximum, and that lazily: the probabilities
+  are taken against the running maximum unless a logit exceeds it by more than :data:`LAZY_MAX_BITS` (the
+  barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
+  where the logits climb) does the step take the maximum (split keys: every step, for registers). The
+  denominators and the value zero-point terms accumulate per token row and are summed once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
   next pages' ids are loaded from global memory a step ahead.
@@ -71,9 +74,9 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits",
+    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits",
     "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order",
-    "key_tables", "key_word_asm", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
+    "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
     "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order",
     "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
     "value_constants", "value_tile_plan", "value_word_asm",
@@ -88,22 +91,37 @@ _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
 #: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
-#: excess goes with the probabilities, whose factor stays below 2**15 for scales below 2**14 (the store's 4-bit
+#: excess goes with the probabilities, whose factor stays below 2**12 for scales below 2**14 (the store's 4-bit
 #: value scales are at most 2 * 65504 / 15 = 8734: it clamps values to float16's range).
 VALUE_EXP_MAX = 9
 _P_TOP = 10  # the probabilities' factor: value scale / 2**e * 2**10, in [2**10, 2**15) for scales below 2**14
+#: With a lazy maximum (:func:`lazy_maximum`) the running maximum is raised only when a logit exceeds it by more
+#: than this many powers of 2 (log2 units): the probabilities stay below 2**LAZY_MAX_BITS, and their factor is
+#: 2**LAZY_MAX_BITS smaller (times a probability, still below 2**15, float16's largest power of 2).
+LAZY_MAX_BITS = 3
 
 
-def value_constants(bits: int) -> tuple[float, int, int]:
+def value_constants(bits: int, lazy: bool = False) -> tuple[float, int, int]:
     """(centre, probability factor's power of 2, mantissa bits of the tile offset's float16) of ``bits``-bit value
     codes: the codes are centred on (2**bits - 1) / 2, the tile offset is -(64 + centre) * 2**e (0x078: 71.5,
     0x038: 67.5), and 3-bit scales reach 2 * 65504 / 7 = 18715, so their probability factor is scale / 2**e
-    * 2**9 (below 2**15 for scales below 2**15)."""
+    * 2**9 (below 2**15 for scales below 2**15). ``lazy``: a lazy maximum's probabilities (at most
+    2**:data:`LAZY_MAX_BITS`), the factor that much smaller."""
+    top = _P_TOP - (LAZY_MAX_BITS if lazy else 0)
     if bits == 4:
-        return 7.5, _P_TOP, 0x078
+        return 7.5, top, 0x078
     if bits == 3:
-        return 3.5, _P_TOP - 1, 0x038
+        return 3.5, top - 1, 0x038
     raise ValueError(f"value bits must be 3 or 4, got {bits}")
+
+
+def lazy_maximum(config: TurboQuantConfig) -> bool:
+    """Whether the kernel takes the softmax maximum lazily for ``config`` (raised only where a logit exceeds the
+    running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the warpgroup every step). Not
+    for split keys (the logits kept across the barrier: 137 registers instead of 128, 3 programs a
+    multiprocessor) nor 3-bit values (H200, B=32, 16k tokens, same call: 3bit_nc 373.4 against 351.8 us;
+    docs/data/decode_mgpu_lazy_ab_h200_2026-11-30_s18.log)."""
+    return config.key_format != "split" and config.value_bits == 4
 
 
 def on_hopper() -> bool:
@@ -729,9 +747,10 @@ def _tile_exponent(scale):
     return arith.extui(ir.IntegerType.get_signless(32), arith.shrui(ebits, c16(10)))
 
 
-def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool, value_bits: int) -> list:
+def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool, value_bits: int,
+                     lazy: bool) -> list:
     """Token ``row`` (i32) of page ``page``: float32 key norm (1.0 without norms: float8 keys), float32 value
-    scale over the tile's power of two 2**e times 2**10 (in [2**10, 2**11), up to 2**15 for scales of 2**10 ..
+    scale over the tile's power of two 2**e times 2**_P_TOP (in [2**7, 2**8), up to 2**12 for scales of 2**10 ..
     2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the probabilities' float16 split stays in range) and
     float32 zero point of the centred codes (the value zero plus 7.5 value scales). ``ks_ref``: key scales
     [Hk, NB, BS, 1] f16, ``vs_ref``: value scales [Hk, NB, BS, 2] f16, in global memory."""
@@ -743,7 +762,7 @@ def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: b
     scale16 = memref.load(vs_ref, [*at, arith.constant(index, 0)])
     scale = arith.extf(f32, scale16)
     zero = arith.extf(f32, memref.load(vs_ref, [*at, arith.constant(index, 1)]))
-    centre, p_top, _ = value_constants(value_bits)
+    centre, p_top, _ = value_constants(value_bits, lazy)
     inv_bits = arith.shli(arith.subi(mgpu.utils.c(142 + p_top, i32), _tile_exponent(scale16)),
                           mgpu.utils.c(23, i32))  # 2**p_top / 2**e in float32
     m = arith.mulf(scale, arith.bitcast(f32, inv_bits))  # exact
@@ -763,9 +782,9 @@ def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> lis
 
 
 def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int,
-                  qjl: bool = False, split: bool = False):
+                  lazy: bool, qjl: bool = False, split: bool = False):
     """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
-    score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**10, centred zero
+    score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**_P_TOP, centred zero
     point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
     :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`); with ``qjl``, then the
     residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32); with
@@ -782,7 +801,8 @@ def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms:
     rows = [np.empty(reg_shape, dtype=object) for _ in range(3)]
     for idx in np.ndindex(*reg_shape):
         row = arith.addi(row0, mgpu.utils.c(8 * idx[2], i32))
-        for k, v in enumerate(_softmax_scalars(ks_ref, vs_ref, h, page, row, block_size, key_norms, value_bits)):
+        for k, v in enumerate(_softmax_scalars(ks_ref, vs_ref, h, page, row, block_size, key_norms, value_bits,
+                                               lazy)):
             rows[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
     out = [mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None) for r in rows]
     tile_row = arith.divui(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)), mgpu.utils.c(2, i32))
@@ -844,6 +864,28 @@ def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") 
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
+def _commit_and_vote(s: mgpu.FragmentedArray, m: mgpu.FragmentedArray, bits: int) -> mgpu.FragmentedArray:
+    """``plgpu.commit_smem`` (the shared-memory stores fenced for the tensor cores, a warpgroup barrier) whose
+    barrier also votes: int32 1 in every thread if any thread's logit of ``s`` (float32 [64, 8], WGMMA layout)
+    exceeds its column's ``m`` (float32 [8], WGMMA column layout) plus ``bits``, else 0 (``bar.red.or``)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    (m_reg,) = np.array(m.registers, dtype=object).flat  # the thread's two columns
+    tops = [arith.addf(vector.extract(m_reg, [], [k]), arith.constant(f32, float(bits))) for k in range(2)]
+    over = None
+    for reg in np.array(s.registers, dtype=object).flat:  # rows r and r + 8, the same two columns
+        for k in range(2):
+            gt = arith.cmpf(arith.CmpFPredicate.OGT, vector.extract(reg, [], [k]), tops[k])
+            over = gt if over is None else arith.ori(over, gt)
+    bar = arith.addi(mgpu.utils.warpgroup_idx(sync=False), mgpu.utils.c(1, i32))  # warpgroup_barrier's
+    vote = llvm.inline_asm(
+        i32, [arith.extui(i32, over), bar],
+        "{ .reg .pred over, any; setp.ne.u32 over, $1, 0; fence.proxy.async.shared::cta;"
+        " bar.red.or.pred any, $2, 128, over; selp.u32 $0, 1, 0, any; }",
+        "=r,r,r", has_side_effects=True)
+    return mgpu.FragmentedArray.splat(vote, (), is_signed=False)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -874,6 +916,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     # split keys: two segments of d / 2 channels (4+3 or 3+2 bits), each with its table and norm: two key tiles,
     # two score products into their own sums (scaled by their norms), K = d / 2 each
     split_keys = cfg.key_format == "split"
+    lazy_max = lazy_maximum(cfg)
     kd = d // 2 if split_keys else d  # channels of a key tile
     words = d // 8  # 4-bit codes: one word per 8 channels
     value_words = 3 * d // 32 if cfg.value_bits == 3 else words
@@ -938,7 +981,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         del ctx
         refs = (ks_ref, vs_ref, bt_ref)
         return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8,
-                             value_bits=cfg.value_bits, qjl=qjl, split=split_keys)
+                             value_bits=cfg.value_bits, lazy=lazy_max, qjl=qjl, split=split_keys)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
     def store_values(ctx, words_ref, tile_ref, pow2, centre):
@@ -950,6 +993,12 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     def column_max(ctx, x, scratch_ref, buf):
         del ctx
         return _column_max(x, scratch_ref, buf)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, col),
+                       return_type=plgpu.ShapeDtypeStruct((), jnp.int32, layout=splat))
+    def commit_and_vote(ctx, s, m):
+        del ctx
+        return _commit_and_vote(s, m, LAZY_MAX_BITS)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), splat),
                        return_type=plgpu.ShapeDtypeStruct((HALF,), jnp.float32, layout=col))
@@ -975,7 +1024,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         return _split_halves(x)
 
     def tq_decode_mgpu(bt_ref, lens_ref, ktab_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
-                       q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar):
+                       q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar,
+                       *pv_bar):  # pv_bar: the lazy maximum's (every warp done with the value product)
         # the value tiles, and after the loop the output and the log-sum-exps in the same shared memory; the
         # reductions' scratch (64 float32) and the query's inverse powers (32) in one 1 KB buffer
         v16_smem, (o_smem, lse_smem) = tiles_or_out
@@ -1070,21 +1120,50 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
                 s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
             s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
-            # the maximum's barrier follows every warp's wait for step i - 1's value product: from here the
-            # probability tile (and a single value tile) may be overwritten
-            m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
-            if single_tile:
-                values()
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+
+            def probabilities(m):  # p (at most 2**LAZY_MAX_BITS)
+                return jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [1]))
+
+            def store_probabilities(p):  # as p * scale / 2**e * 2**_P_TOP, high and low parts
+                pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))
+                plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+
+            if lazy_max:
+                # the probabilities against the running maximum m_i, unless a logit exceeds it by more than
+                # LAZY_MAX_BITS (log2 units: the first step, and wherever the logits climb); then the step takes
+                # the maximum (two barriers more) and stores its probabilities again. Every warp has waited for
+                # step i - 1's value product: the probability tile (and a single value tile) may be overwritten
+                plgpu.barrier_wait(pv_bar[0].at[0])
+                if single_tile:
+                    values()
+                store_probabilities(probabilities(m_i))
+                # every thread's value and probability tiles are stored (and fenced for the tensor cores), and
+                # every thread is done with the slot's words (the next copies may overwrite them); the barrier
+                # votes
+                raise_max = commit_and_vote(s, m_i)
+
+                def raised():
+                    m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
+                    store_probabilities(probabilities(m_new))
+                    plgpu.commit_smem()
+                    return m_new
+
+                m_new = lax.cond(raise_max != 0, raised, lambda: m_i)
+                p = probabilities(m_new)
+                alpha = jnp.exp2(m_i - m_new)
+            else:
+                # the maximum's barrier follows every warp's wait for step i - 1's value product: from here the
+                # probability tile (and a single value tile) may be overwritten
+                m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
+                if single_tile:
+                    values()
+                alpha = jnp.exp2(m_i - m_new)
+                p = probabilities(m_new)
+                store_probabilities(p)
+                plgpu.commit_smem()  # as above
             a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
             l_i = l_i * a2 + p
             z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
-            pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))  # p * scale / 2**e * 2**10
-            plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
-            # every thread's value and probability tiles are stored (and fenced for the tensor cores), and every
-            # thread is done with the slot's words (the next copies may overwrite them)
-            plgpu.commit_smem()
 
             @pl.when(i + stages < n_steps)
             def _():
@@ -1098,6 +1177,9 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
             # round to nearest; tests/test_decode_mgpu.py::test_long_split)
             step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+            if lazy_max:
+                # each thread after its warp's wait: complete once every warp's product is
+                plgpu.barrier_arrive(pv_bar[0].at[0])
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
             return acc, m_new, l_i, z_i, prefetched, next_pages
 
@@ -1106,13 +1188,15 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
         l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
         first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
+        if lazy_max:
+            plgpu.barrier_arrive(pv_bar[0].at[0])  # for step -1's product
         carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
         acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
         # the sums' barriers also order every warp's last value product before the output overwrites the tiles
         # (a warp's wait for it covers only the warp's own rows)
         l_sum = column_sum(l_i, red_smem, n_steps % 2)
         z_sum = column_sum(z_i, red_smem, (n_steps + 1) % 2)
-        acc = acc * 2.0**-value_constants(cfg.value_bits)[1] + lax.broadcast_in_dim(z_sum, acc.shape, [1])
+        acc = acc * 2.0**-value_constants(cfg.value_bits, lazy_max)[1] + lax.broadcast_in_dim(z_sum, acc.shape, [1])
         l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
         lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
@@ -1133,7 +1217,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
         plgpu.Barrier(num_arrivals=pps, num_barriers=stages),
-    ]
+    ] + ([plgpu.Barrier(num_arrivals=1, num_barriers=1)] if lazy_max else [])
     return plgpu.kernel(
         tq_decode_mgpu,
         out_type=(jax.ShapeDtypeStruct((batch, hk, num_splits, d, HALF), jnp.float32),
