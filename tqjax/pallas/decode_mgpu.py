@@ -19,8 +19,9 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   shared-memory bank conflict, after the score product is waited for (so the keys' registers are free:
   at most 128 registers a thread, 4 programs a multiprocessor at D=128); two value tiles alternate (float8
   keys, whose words take twice the shared memory: one tile), one probability tile; the single tiles are
-  stored once every warp is done with the previous step's value product (an mbarrier each thread arrives on
-  after its warp's wait; with split keys, the maximum's barrier); one barrier a step, two with split keys;
+  stored once every warp is done with the previous step's value product (with the lazy maximum below, an
+  mbarrier each thread arrives on after its warp's wait; else the maximum's barrier); one barrier a step, two
+  without the lazy maximum;
 - the products are ``wgmma`` with the tokens as the M dimension (64 per step): logits^T [64, 16] =
   K [64, D] @ q^T, out^T [D, 16] = V^T [D, 64] @ p^T. The 16 columns are the GQA group (at most 8 query
   heads) twice: the float16 high parts of the (power-of-2 scaled) query and its low parts, and after the
@@ -30,7 +31,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 - the softmax statistics reduce across the warpgroup only for the maximum, and that lazily: the probabilities
   are taken against the running maximum unless a logit exceeds it by more than :data:`LAZY_MAX_BITS` (the
   barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
-  where the logits climb) does the step take the maximum (split keys: every step, for registers). The
+  where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for split keys or 3-bit
+  values, which take it every step). The
   denominators and the value zero-point terms accumulate per token row and are summed once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
@@ -91,7 +93,7 @@ _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
 #: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
-#: excess goes with the probabilities, whose factor stays below 2**12 for scales below 2**14 (the store's 4-bit
+#: excess goes with the probabilities, whose factor stays below 2**15 for scales below 2**14 (the store's 4-bit
 #: value scales are at most 2 * 65504 / 15 = 8734: it clamps values to float16's range).
 VALUE_EXP_MAX = 9
 _P_TOP = 10  # the probabilities' factor: value scale / 2**e * 2**10, in [2**10, 2**15) for scales below 2**14
@@ -750,8 +752,9 @@ def _tile_exponent(scale):
 def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool, value_bits: int,
                      lazy: bool) -> list:
     """Token ``row`` (i32) of page ``page``: float32 key norm (1.0 without norms: float8 keys), float32 value
-    scale over the tile's power of two 2**e times 2**_P_TOP (in [2**7, 2**8), up to 2**12 for scales of 2**10 ..
-    2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the probabilities' float16 split stays in range) and
+    scale over the tile's power of two 2**e times 2**p_top (:func:`value_constants`; in [2**p_top, 2**(p_top + 1)),
+    up to 2**(p_top + 5) for scales of 2**10 .. 2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the
+    probabilities' float16 split stays in range) and
     float32 zero point of the centred codes (the value zero plus 7.5 value scales). ``ks_ref``: key scales
     [Hk, NB, BS, 1] f16, ``vs_ref``: value scales [Hk, NB, BS, 2] f16, in global memory."""
     ir, arith, _, memref, _ = _ir()
@@ -784,7 +787,7 @@ def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> lis
 def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int,
                   lazy: bool, qjl: bool = False, split: bool = False):
     """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
-    score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**_P_TOP, centred zero
+    score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**p_top, centred zero
     point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
     :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`); with ``qjl``, then the
     residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32); with
@@ -1124,7 +1127,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             def probabilities(m):  # p (at most 2**LAZY_MAX_BITS)
                 return jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [1]))
 
-            def store_probabilities(p):  # as p * scale / 2**e * 2**_P_TOP, high and low parts
+            def store_probabilities(p):  # as p * scale / 2**e * 2**p_top, high and low parts
                 pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))
                 plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
 
