@@ -5,8 +5,9 @@ is, at chosen split counts, and optionally another version of it loaded from a f
     python -m experiments.mgpu_decode_compare --against /tmp/decode_mgpu_old.py
     python -m experiments.mgpu_decode_compare --points 4bit_nc/8/32768 --splits 4,6,8 --stages 2,3
     MOSAIC_GPU_DUMP_PTXAS=1 python -m experiments.mgpu_decode_compare ...   (ptxas prints registers per thread)
-    ncu -k regex:tq_decode_mgpu --launch-skip 2 -c 1 python -m experiments.mgpu_decode_compare \\
-        --points 4bit_nc/32/16384 --splits 1 --once
+    ncu --clock-control none --set full -k regex:tq_decode_mgpu --launch-skip 2 -c 1 -o prof \\
+        python -m experiments.mgpu_decode_compare --points 4bit_nc/32/16384 --once
+    ncu -i prof.ncu-rep --page source --csv --print-source sass > sass.csv; python -m experiments.ncu_loop sass.csv
 
 Each point builds one cache (Hq=32, Hk=8, D=128 or ``--head-dim``, block 16, random K/V through the store),
 times each kernel on three query sets (``experiments.timing.time_fn``) and checks it against the float32
