@@ -1,5 +1,5 @@
-"""Static view of the Mosaic GPU decode's machine code without a GPU: ptxas registers, shared memory, the
-programs that fit on a multiprocessor, and the main loop's SASS.
+"""Static view of the Mosaic GPU decode's (or store's, ``--kernel store``) machine code without a GPU: ptxas
+registers, shared memory, the programs that fit on a multiprocessor, and the main loop's SASS.
 
 Instruction count per step is what moved the kernel's time (docs/PERFORMANCE.md, "Eight columns": 913 -> 618
 SASS instructions per warp and step, 430 -> 350 us), so a variant can be weighed here before it costs device time.
@@ -67,6 +67,7 @@ import ctypes, importlib.util, io, re, subprocess, sys
 import jax, jax.numpy as jnp
 from jax.experimental.mosaic.gpu import core as mgpu_core
 path, name, head_dim, block_size, group = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+kind = sys.argv[6]
 sys.path.insert(0, ".")
 import tqjax
 modules = []
@@ -81,10 +82,14 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
 cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 64, block_size, 2))
-q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
-f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=2, stages=2)
-jax.export.export(jax.jit(f), platforms=["cuda"])(
-    q, cache, jax.ShapeDtypeStruct((3, 9), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
+if kind == "store":  # 200 tokens of group * 2 KV heads
+    x = jax.ShapeDtypeStruct((200, 2, head_dim), jnp.bfloat16)
+    jax.export.export(mod.store_mgpu_jit, platforms=["cuda"])(cache, x, x, jax.ShapeDtypeStruct((200,), jnp.int32))
+else:
+    q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
+    f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=2, stages=2)
+    jax.export.export(jax.jit(f), platforms=["cuda"])(
+        q, cache, jax.ShapeDtypeStruct((3, 9), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
 module = modules[-1]
 smem = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", str(module))
 print("SMEM", smem.group(1) if smem else -1, flush=True)
@@ -163,16 +168,16 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
-def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str) -> dict:
+def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str, kind: str = "decode") -> dict:
     """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
     main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
     error) where the file's kernel does not compile for the point."""
-    preset, head_dim, block_size, group = point.split("/")
+    preset, head_dim, block_size, group = (point + "/1" if kind == "store" else point).split("/")
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
     # the child aborts once the stub refuses to load the module, after the PTX is written
-    child = subprocess.run([sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group],
-                           check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
+    argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group, kind]
+    child = subprocess.run(argv, check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
     smem = re.search(r"^SMEM (-?\d+)$", child.stdout, re.MULTILINE)
     ptx = glob.glob(os.path.join(dump, "*.ptx"))
     if not ptx:
@@ -186,7 +191,7 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     instrs, labels = parse_sass(sass)
-    loop = main_loop(instrs, labels)
+    loop = main_loop(instrs, labels) if kind == "decode" else [t for _, t in instrs]  # the store: no loop
     smem_bytes = int(smem.group(1)) if smem else -1
     return {"registers": regs, "spills": spills, "smem": smem_bytes, "total": len(instrs), "loop": len(loop),
             "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs)}
@@ -202,7 +207,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="4bit_nc/128/16/4,k8v4/128/16/4",
                     help="comma-separated preset suffix/head_dim/block_size/group")
-    ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated)")
+    ap.add_argument("--against", default="", help="other decode_mgpu.py (store_mgpu.py) files (comma-separated)")
+    ap.add_argument("--kernel", choices=("decode", "store"), default="decode",
+                    help="decode_mgpu's kernel (points: preset/head_dim/block_size/group) or store_mgpu's "
+                         "(points: preset/head_dim/block_size; straight-line code: the 'loop' is the whole kernel)")
     ap.add_argument("--nvdisasm", default="nvdisasm")
     ap.add_argument("--ptxas", default="ptxas")
     ap.add_argument("--cuda-root", default="/usr/local/cuda-13.0", help="for libdevice (MOSAIC_GPU_CUDA_ROOT)")
@@ -215,7 +223,7 @@ def main(argv=None) -> None:
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", stub, os.path.join(work, "stub.c")], check=True)
     env = dict(os.environ, LD_LIBRARY_PATH=f"{work}:{os.environ.get('LD_LIBRARY_PATH', '')}",
                MOSAIC_GPU_CUDA_ROOT=args.cuda_root)
-    files = {"this": "tqjax/pallas/decode_mgpu.py"}
+    files = {"this": f"tqjax/pallas/{args.kernel}_mgpu.py"}
     for path in filter(None, args.against.split(",")):
         files[os.path.basename(path).removesuffix(".py")] = path
     rows = []
@@ -223,7 +231,7 @@ def main(argv=None) -> None:
         codes, first = {}, len(rows)
         for label, path in files.items():
             try:
-                r = analyse(path, point, env, args.ptxas, args.nvdisasm, work)
+                r = analyse(path, point, env, args.ptxas, args.nvdisasm, work, args.kernel)
             except RuntimeError as e:  # a kernel that does not take this point: say so, go on
                 lines = [ln for ln in str(e).splitlines() if "Error" in ln] or str(e).splitlines()
                 rows.append([point, label, "-", "-", "-", "-", "failed: " + lines[-1].strip()[:200]])

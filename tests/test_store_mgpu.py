@@ -1,0 +1,217 @@
+"""The Mosaic GPU store (tqjax.pallas.store_mgpu) against the reference store, bit for bit.
+
+On a CPU (CI): the kernel lowers for CUDA (``jax.export``: the Pallas -> Mosaic GPU lowering) for every preset
+it takes, the caches it does not take are named, and the host-side operands (the rotation matrix permuted on
+both sides, the squares' table) are checked against the quantizer's own math. On a Hopper GPU (``-m gpu``):
+every cache array written by the kernel equals ``tqjax.reference.store_reference``'s on the same inputs
+(codes, fp16 key norms, value scales), slots it must not write keep their random words, and the cache is
+updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cache_helpers import random_cache
+from test_pallas_store import _inputs, _slots, _to_numpy
+
+import tqjax
+from tqjax.codec import key_codec
+from tqjax.layout import PagedKVCache
+from tqjax.pallas import store_mgpu
+from tqjax.pallas.decode_mgpu import key_channel_order, on_hopper
+from tqjax.pallas.store import choose_implementation, store
+from tqjax.reference import store_reference
+
+PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc")
+needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
+_reference_jit = jax.jit(store_reference)
+
+
+def _config(name: str, head_dim: int = 128) -> tqjax.TurboQuantConfig:
+    return tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+
+
+# ---- CPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("n, block_size", [(1, 16), (200, 64)])
+def test_kernel_lowers_for_cuda(name: str, n: int, block_size: int) -> None:
+    cfg = _config(name)
+    cache = jax.eval_shape(lambda: PagedKVCache.allocate(cfg, 64, block_size, 2))
+    x = jax.ShapeDtypeStruct((n, 2, 128), jnp.bfloat16)
+    text = jax.export.export(store_mgpu.store_mgpu_jit, platforms=["cuda"])(
+        cache, x, x, jax.ShapeDtypeStruct((n,), jnp.int32)).mlir_module()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("name, head_dim, reason", [
+    ("turboquant_k8v4", 128, "fp8 keys"),
+    ("turboquant_kqjl4v4", 128, "prod keys"),
+    ("turboquant_k3p5v4", 128, "split keys"),
+    ("turboquant_4bit_nc", 64, "head_dim 64"),
+    ("turboquant_4bit_nc", 256, "head_dim 256"),
+])
+def test_unsupported_caches_are_named(name: str, head_dim: int, reason: str) -> None:
+    assert reason in store_mgpu.unsupported(_config(name, head_dim))
+    for taken in PRESETS:
+        assert store_mgpu.unsupported(_config(taken)) is None
+
+
+def test_haar_rotation_is_not_taken() -> None:
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128, rotation="haar")
+    assert "rotation" in store_mgpu.unsupported(cfg)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_rotation_operand_gives_each_thread_its_channels(name: str) -> None:
+    """With the left operand's columns in key_channel_order, the product with the operand (stored as B^T) is the
+    quantizer's integer rotation ``n @ M^T`` with its columns in the same order, exactly."""
+    cfg = _config(name)
+    q = key_codec(cfg).quantizers[0]
+    order = key_channel_order(128)
+    rng = np.random.default_rng(0)
+    n = rng.integers(-(2**11), 2**11 + 1, (64, 128)).astype(np.float64)
+    got = n[:, order] @ store_mgpu.rotation_operand(cfg).astype(np.float64).T
+    np.testing.assert_array_equal(got, (n @ np.asarray(q.pm1, np.float64).T)[:, order])
+    # thread lane % 4 = c holds columns 8j + 2c + e, j < 16: channels 32c .. 32c + 31, in order
+    for c in range(4):
+        cols = [8 * j + 2 * c + e for j in range(16) for e in range(2)]
+        np.testing.assert_array_equal(order[cols], np.arange(32 * c, 32 * c + 32))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
+    q = key_codec(_config(name)).quantizers[0]
+    table = store_mgpu.square_table(_config(name))
+    half = len(q._squares) // 2
+    for m in range(half):  # count m of positive limits below: code half + m (z > 0) or half - 1 - m
+        assert table[m] == q._squares[half + m] == q._squares[half - 1 - m]
+    assert not table[half:].any()
+
+
+@pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
+def test_refused_off_hopper() -> None:
+    cfg = _config("turboquant_4bit_nc")
+    cache = PagedKVCache.allocate(cfg, 4, 16, 2)
+    x = jnp.ones((3, 2, 128), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        store_mgpu.store_mgpu(cache, x, x, jnp.arange(3, dtype=jnp.int32))
+    with pytest.raises(NotImplementedError, match="bf16"):
+        store_mgpu.store_mgpu(cache, x.astype(jnp.float32), x, jnp.arange(3, dtype=jnp.int32))
+
+
+def test_store_refuses_mosaic_with_the_reason_and_unknown_implementations() -> None:
+    cfg = _config("turboquant_4bit_nc")
+    cache = PagedKVCache.allocate(cfg, 4, 16, 2)
+    x = jnp.ones((3, 2, 128), jnp.bfloat16)
+    slots = jnp.arange(3, dtype=jnp.int32)
+    assert choose_implementation(cache, x, x, interpret=True) == "triton"
+    with pytest.raises(NotImplementedError, match="interpret mode"):
+        store(cache, x, x, slots, interpret=True, implementation="mosaic")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        store(cache, x, x, slots, interpret=True, implementation="cuda")
+
+
+@pytest.mark.skipif(on_hopper(), reason="checks the choice off Hopper")
+def test_store_chooses_triton_off_hopper() -> None:
+    cfg = _config("turboquant_4bit_nc")
+    x = jnp.ones((3, 2, 128), jnp.bfloat16)
+    assert choose_implementation(PagedKVCache.allocate(cfg, 4, 16, 2), x, x) == "triton"
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+
+
+def _on_cpu(fn, *args):
+    """``fn(*args)`` jitted on the CPU: the reference with IEEE float32 square roots and divisions."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return jax.jit(fn)(*jax.device_put(args, cpu))
+
+
+def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pad_every: int = 5,
+           slots: np.ndarray | None = None) -> None:
+    """The kernel's cache equals the reference's computed on the CPU, bit for bit, and XLA's GPU reference's but
+    for rare one-ulp key norms (its float32 division is ``div.full``); slots not stored keep their words."""
+    rng = np.random.default_rng(seed)
+    cfg = _config(name)
+    num_blocks = max(2, -(-2 * n // block_size))
+    cache = random_cache(cfg, num_blocks, block_size, hk, rng)
+    key, value = _inputs(n, hk, 128, jnp.bfloat16, rng)
+    if slots is None:
+        slots = _slots(n, cache.num_slots, rng, pad_every=pad_every)
+    before = _to_numpy(cache)
+    expected = _to_numpy(_on_cpu(store_reference, cache, key, value, jnp.asarray(slots)))
+    on_gpu = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
+    got = _to_numpy(store_mgpu.store_mgpu_jit(cache, key, value, jnp.asarray(slots)))
+    written = np.zeros((hk, num_blocks, block_size), bool)
+    for s in slots[(slots >= 0) & (slots < num_blocks * block_size)]:
+        written[:, s // block_size, s % block_size] = True
+    for array in expected:
+        where = f"{name} n={n} bs={block_size}: {array}"
+        bad = np.argwhere(np.any((got[array] != expected[array]).reshape(*got[array].shape[:3], -1), axis=-1))
+        assert bad.size == 0, f"{where} differs from store_reference at (head, page, row) {bad[:5].tolist()}"
+        assert np.array_equal(got[array][~written], before[array][~written]), f"{where}: unwritten slots changed"
+        if array == "key_scales":
+            ulps = np.abs(got[array].view(np.int16).astype(np.int32) - on_gpu[array].view(np.int16).astype(np.int32))
+            assert ulps.max() <= 1 and np.mean(ulps > 0) < 1e-3, where
+        else:
+            assert np.array_equal(got[array], on_gpu[array]), f"{where} differs from the reference on the GPU"
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("n, block_size", [(1, 16), (63, 16), (64, 32), (200, 64), (4099, 16), (4101, 32)])
+def test_gpu_bit_exact(name: str, n: int, block_size: int) -> None:
+    _check(name, n, block_size)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_bit_exact_many_heads_contiguous_slots() -> None:
+    _check("turboquant_4bit_nc", 16384, 16, hk=8, pad_every=0, slots=np.arange(16384, dtype=np.int32) + 5)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_out_of_range_and_padding_slots_are_skipped() -> None:
+    """Inside jit (no input check) a slot >= num_slots is dropped, like the reference's."""
+    slots = np.array([3, -1, 10**6, 7, -5, 2**31 - 1, 0], np.int32)
+    _check("turboquant_k3v4_nc", len(slots), 16, slots=slots)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_cache_is_donated_and_updated_in_place() -> None:
+    rng = np.random.default_rng(5)
+    cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)
+    key, value = _inputs(9, 2, 128, jnp.bfloat16, rng)
+    old = cache.arrays()
+    new = store_mgpu.store_mgpu(cache, key, value, jnp.asarray(_slots(9, cache.num_slots, rng)))
+    for name, array in old.items():
+        assert array.is_deleted(), f"{name} was not donated"
+        assert not new.arrays()[name].is_deleted()
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_store_defaults_to_mosaic_where_it_runs() -> None:
+    rng = np.random.default_rng(8)
+    x = jnp.ones((3, 2, 128), jnp.bfloat16)
+    for name, dtype, expected in [("turboquant_4bit_nc", jnp.bfloat16, "mosaic"), ("turboquant_k3v4_nc", jnp.bfloat16,
+                                  "mosaic"), ("turboquant_k8v4", jnp.bfloat16, "triton"),
+                                  ("turboquant_4bit_nc", jnp.float16, "triton")]:
+        cache = PagedKVCache.allocate(_config(name), 4, 16, 2)
+        assert choose_implementation(cache, x.astype(dtype), x.astype(dtype)) == expected, (name, dtype)
+    cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)
+    key, value = _inputs(40, 2, 128, jnp.bfloat16, rng)
+    slots = jnp.asarray(_slots(40, cache.num_slots, rng))
+    expected = _to_numpy(_on_cpu(store_reference, cache, key, value, slots))
+    got = _to_numpy(store(cache, key, value, slots))
+    for array in expected:
+        assert np.array_equal(got[array], expected[array]), array

@@ -1,0 +1,609 @@
+"""Fused TurboQuant quantize + paged store as a Mosaic GPU kernel (Pallas ``plgpu``): NVIDIA Hopper (sm_90a) only.
+
+Why a second store kernel. :mod:`tqjax.pallas.store` (Triton lowering, CUDA and ROCm) spends most of an MSE
+key's store in instructions Triton's layouts impose (per-row scalars replicated across a row's threads, codes
+packed through reshapes) and leaves the fp16 key norms to XLA after it (a reduction over the packed words and a
+scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole words:
+
+- work item = 64 tokens of one KV head; persistent programs of one warpgroup, 2 a multiprocessor, each taking
+  every ``programs``-th item (heads fastest) with the next item's copies in flight (double-buffered shared
+  memory); the +-1 matrix is copied once per program. Copies (TMA) alone read the inputs: the slots, the bf16
+  key rows and value rows ``[64, D]`` of the item;
+- thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
+  and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128): four 16-byte shared-memory
+  loads a row of the key and of the value;
+- keys (exact Hadamard codes, :meth:`tqjax.quantizers.TurboQuantMSE.quantize`): the row's largest magnitude
+  (``max.u16x2`` on the bf16 pairs, then the quad's shuffles), the grid exponent, ``n = floor(x 2**s + 1/2)``,
+  ``||n||**2`` in integers; the integers are the rotation's left operand **in registers** (float16 pairs in
+  the WGMMA layout, the channels in :func:`tqjax.pallas.decode_mgpu.key_channel_order`) and the +-1 matrix,
+  permuted the same way on both sides (:func:`rotation_operand`), the right one in shared memory: one
+  ``wgmma`` gives ``z`` in the accumulator layout, where the thread again holds its 32 channels of each row.
+  Each ``z |z|`` is bucketized against ``||n||**2 t_j`` by a binary search over the positive limits (the
+  sign gives the top bit: :func:`tqjax.pallas.store._search_codes`, same comparisons), the codes packed into
+  the thread's words (4-bit: 4; 3-bit: one word of the low bits, two of the high pairs) and stored (16-,
+  8- and 4-byte stores); the fixed-point squares of the codes' centroids summed (:func:`square_table` in
+  shared memory, the quad's shuffles), and the fp16 key norm formed with IEEE float32 operations
+  (``sqrt.rn``, ``div.rn``) and stored by the quad's first thread;
+- values (:func:`tqjax.quantizers.quantize_values`): min/max on the bf16 pairs (``min.bf16x2``), the quad's
+  shuffles, the fp16 scale and zero, the reciprocal ``rcp.rn`` (correctly rounded: the entry of
+  :func:`tqjax.quantizers.fp16_reciprocals`), then per element ``(v - zero) * inv`` and ``floor(t + 1/2)``
+  with ``add.rm`` + ``cvt.rmi.s32`` and an integer clip (:func:`tqjax.pallas.store._value_codes`), packed and
+  stored like the keys. Elements are not clipped to float16's range before the codes: a clipped element is
+  the row's minimum or maximum, whose code (0 or the top) the unclipped one gets too.
+
+Contract: bit for bit :func:`tqjax.reference.store_reference` computed with IEEE float32 arithmetic (on a CPU):
+codes, fp16 norms and value scales. XLA's own reference on the GPU gives the same codes and value scales but
+about 1 in 10**4 key norms one fp16 ulp away (H200: 6 of 131072 at 16k tokens; its float32 division is
+``div.full``, ``-nvptx-prec-divf32=1``, and ``div.full`` here did not reproduce its bits either: some other of
+its float32 operations differs too); ``tests/test_store_mgpu.py`` checks both. The cache is updated in place
+(its arrays are GMEM refs, ``jax.new_ref``, that only the kernel writes; the jit donates the cache); ``slot <
+0`` and ``slot >= num_slots`` are skipped; keys and values without NaN. :func:`unsupported` says which caches it
+takes (MSE keys of one 3- or 4-bit segment with a Hadamard rotation, 3- or 4-bit values, head_dim 128);
+:func:`tqjax.pallas.store.store` runs the Triton kernel for the others and is the entry point. There is no
+interpret mode: ``tests/test_store_mgpu.py`` lowers the kernel on the CPU and compares it with the reference
+on a Hopper GPU (``-m gpu``).
+
+Index arithmetic: every cache address is formed in 64-bit integers from (KV head, page, row, word); the
+copies' descriptors take 64-bit strides. Caches of any size are addressed correctly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from tqjax.codec import key_codec
+from tqjax.config import TurboQuantConfig
+from tqjax.layout import PagedKVCache
+from tqjax.pallas.decode_mgpu import (
+    _F16_TILE,
+    _ir,
+    _thread_rows,
+    key_channel_order,
+    on_hopper,
+)
+from tqjax.quantizers import _TINY, FP16_MAX
+from tqjax.reference import check_store_inputs
+
+__all__ = ["HEAD_DIMS", "TOKENS", "on_hopper", "rotation_operand", "square_table", "store_mgpu", "store_mgpu_jit",
+           "unsupported"]
+
+TOKENS = 64  # tokens per program: the rotation product's M
+HEAD_DIMS = (128,)  # a thread holds head_dim / 4 channels of a row: 32, whole words of every field
+
+
+def unsupported(config: TurboQuantConfig) -> str | None:
+    """Why this kernel cannot store ``config`` (None if it can)."""
+    if config.head_dim not in HEAD_DIMS:
+        return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
+    segs = config.key_segments
+    if config.key_format != "mse" or len(segs) != 1 or segs[0].bits not in (3, 4):
+        bits = [s.bits for s in segs]
+        return f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys)"
+    q = key_codec(config).quantizers[0]
+    if not q.exact:
+        return f"a {config.rotation} rotation (the Mosaic store codes Hadamard rotations exactly)"
+    if segs[0].channel_run != 0:
+        return "calibrated key channels"
+    if config.value_bits not in (3, 4):
+        return f"{config.value_bits}-bit values (the Mosaic store takes 3 or 4)"
+    return None
+
+
+def rotation_operand(config: TurboQuantConfig) -> np.ndarray:
+    """float16 [D, D]: the rotation's right operand, stored transposed (``B^T``) in shared memory: the +-1
+    matrix ``M`` (``z = n M^T``) with its rows and columns in :func:`key_channel_order`, so that the left
+    operand's column k is channel ``order[k]`` of ``n`` and the product's column j is channel ``order[j]`` of
+    ``z`` (each thread holds its own 32 channels on both sides)."""
+    order = key_channel_order(config.head_dim)
+    return np.asarray(key_codec(config).quantizers[0].pm1, np.float16)[np.ix_(order, order)]
+
+
+def square_table(config: TurboQuantConfig) -> np.ndarray:
+    """int32 [32] (a copy of at least 128 bytes): entry m (< 2**(bits - 1)) the fixed-point square of the
+    centroids ``half + m`` and ``half - 1 - m`` (equal: the codebooks are odd), the rest 0; ``m`` is the search's
+    count of positive limits below the element (``tqjax.quantizers.TurboQuantMSE.stored_norm`` sums these)."""
+    q = key_codec(config).quantizers[0]
+    squares = np.asarray(q._squares, np.int64)
+    half = len(squares) // 2
+    if not np.array_equal(squares, squares[::-1]):
+        raise ValueError("the Mosaic store needs an odd codebook (symmetric squares)")
+    out = np.zeros(32, np.int32)
+    out[:half] = squares[half:]
+    return out
+
+
+# ---- MLIR helpers (inside plgpu.inline_mgpu) -------------------------------------------------------
+
+
+def _types():
+    ir, *_ = _ir()
+    return ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.F32Type.get()
+
+
+def _ci(v: int):
+    return mgpu.utils.c(int(np.int64(v).astype(np.int32)), _types()[0])
+
+
+def _asm(out_ty, operands: list, text: str, constraints: str):
+    _, _, llvm, _, _ = _ir()
+    return llvm.inline_asm(out_ty, operands, text, constraints)
+
+
+def _op2(name: str, a, b):
+    """One PTX instruction on two 32-bit registers (e.g. ``max.u16x2``, ``min.bf16x2``)."""
+    return _asm(_types()[0], [a, b], f"{name} $0, $1, $2;", "=r,r,r")
+
+
+def _global_ptr(ref, offset, dtype):
+    """Global-memory pointer to element ``offset`` (i64) of GMEM ``ref`` (its flat, row-major index)."""
+    _, _, llvm, _, _ = _ir()
+    ptr = llvm.addrspacecast(llvm.PointerType.get(1), mgpu.utils.memref_ptr(ref))
+    return mgpu.utils.getelementptr(ptr, [offset], dtype)
+
+
+def _i64(x):
+    ir, arith, *_ = _ir()
+    return arith.extsi(ir.IntegerType.get_signless(64), x)
+
+
+def _store_words(ref, offset, words: list) -> None:
+    """``words`` (1, 2 or 4 i32) at i32 word ``offset`` (i64, aligned to the store) of GMEM ``ref``."""
+    ir, _, llvm, _, vector = _ir()
+    i32 = _types()[0]
+    ptr = _global_ptr(ref, offset, i32)
+    if len(words) == 1:
+        llvm.store(words[0], ptr)
+    else:
+        llvm.store(vector.from_elements(ir.VectorType.get((len(words),), i32), words), ptr)
+
+
+def _quad(x, op: str):
+    """``op`` (a two-operand PTX instruction on 32-bit registers) across the 4 lanes of this lane's quad."""
+    for dist in (1, 2):
+        x = _op2(op, x, mgpu.utils.shfl_bfly(x, dist))
+    return x
+
+
+def _bits_f32(x):
+    ir, arith, *_ = _ir()
+    return arith.bitcast(ir.F32Type.get(), x)
+
+
+def _bits_i32(x):
+    _, arith, *_ = _ir()
+    return arith.bitcast(_types()[0], x)
+
+
+class _Row:
+    """One of this thread's two token rows of a program: its row of the program's tiles, whether it is stored,
+    and its cache position (``page``, ``offset``; i64)."""
+
+    def __init__(self, r: int, tile, start, slots_smem, num_tokens: int, num_slots: int, block_size: int):
+        _, arith, llvm, _, _ = _ir()
+        i32, i64, _ = _types()
+        self.lane4, row0 = _thread_rows()
+        self.row = arith.addi(row0, _ci(8 * r))  # of the tiles, which start at token ``start``
+        token = arith.addi(start, self.row)
+        # slots_smem holds the slots of tokens tile * 64 .. + 63 (rows before tile * 64 are not stored)
+        at = arith.maxsi(arith.subi(token, arith.muli(tile, _ci(TOKENS))), _ci(0))
+        slot = llvm.load(i32, mgpu.utils.getelementptr(mgpu.utils.memref_ptr(slots_smem), [at], i32))
+        lt, ge = arith.CmpIPredicate.slt, arith.CmpIPredicate.sge
+        # the last tile starts early when N is not a multiple of 64: the rows before ``tile * 64`` are the
+        # previous program's
+        stored = arith.andi(arith.cmpi(ge, token, arith.muli(tile, _ci(TOKENS))),
+                            arith.cmpi(lt, token, _ci(num_tokens)))
+        self.valid = arith.andi(stored, arith.andi(arith.cmpi(ge, slot, _ci(0)), arith.cmpi(lt, slot, _ci(num_slots))))
+        slot = _i64(arith.maxsi(slot, _ci(0)))
+        self.page = arith.divui(slot, mgpu.utils.c(block_size, i64))
+        self.offset = arith.remui(slot, mgpu.utils.c(block_size, i64))
+        self.first = arith.cmpi(arith.CmpIPredicate.eq, self.lane4, _ci(0))
+
+    def input_words(self, tile_smem, dim: int) -> list:
+        """The thread's 16 words (bf16 pairs: channels 32c + 2i, + 1 in word i) of its row of a row-major bf16
+        [64, D] tile in shared memory, in 16-byte loads."""
+        ir, arith, llvm, _, vector = _ir()
+        i32 = _types()[0]
+        ptr = mgpu.utils.memref_ptr(tile_smem)
+        base = arith.addi(arith.muli(self.row, _ci(dim // 2)), arith.muli(self.lane4, _ci(dim // 8)))
+        words = []
+        for k in range(dim // 32):
+            at = mgpu.utils.getelementptr(ptr, [arith.addi(base, _ci(4 * k))], i32)
+            vec = llvm.load(ir.VectorType.get((4,), i32), at)
+            words += [vector.extract(vec, [], [x]) for x in range(4)]
+        return words
+
+    def cache_at(self, h, num_pages: int, block_size: int, row_len: int, start):
+        """i64 element index of (head h, this row's page and offset, element ``start`` (i32 or int)) of a
+        [Hk, pages, block_size, row_len] cache array."""
+        _, arith, *_ = _ir()
+        i64 = _types()[1]
+        c = functools.partial(mgpu.utils.c, ty=i64)
+        at = arith.addi(arith.muli(_i64(h), c(num_pages)), self.page)
+        at = arith.addi(arith.muli(at, c(block_size)), self.offset)
+        start = c(start) if isinstance(start, int) else _i64(start)
+        return arith.addi(arith.muli(at, c(row_len)), start)
+
+
+def _pack(codes: list, bits: int, lane4) -> list:
+    """The thread's 32 codes (channel 32c + i: ``codes[i]``, i32) -> [(word index (i32), [words])] of the
+    cache row (:func:`tqjax.packing.pack_codes`: the 1-bit field's D/32 words, then the 2-bit field's; or the
+    4-bit field), each run stored at once."""
+    _, arith, *_ = _ir()
+    out = []
+    start = 0
+    fields = ((4, 0),) if bits == 4 else ((1, 0), (2, 1))
+    for width, shift in fields:
+        per_word = 32 // width
+        words = []
+        for w in range(32 // per_word):
+            word = None
+            for i in range(per_word):
+                code = codes[w * per_word + i]
+                if shift:
+                    code = arith.shrui(code, _ci(shift))
+                if width < 4 or shift:
+                    code = arith.andi(code, _ci((1 << width) - 1))
+                if i:
+                    code = arith.shli(code, _ci(width * i))
+                word = code if word is None else arith.ori(word, code)
+            words.append(word)
+        out.append((arith.addi(_ci(start), arith.muli(lane4, _ci(len(words)))), words))
+        start += 4 * len(words)  # D/32 threads' runs of this field: 128 channels / width words in all
+    return out
+
+
+def _search(s_bits, up, limits: list) -> tuple:
+    """(code, count) of elements with ``s_bits`` = the bits of ``|z| z`` masked to magnitude plus ``[z <= 0]``,
+    ``up`` = ``z |z| > 0``, against the row's ascending positive limits (bit patterns, ``2**m - 1`` of them):
+    count = #{limits below}, by binary search (:func:`tqjax.pallas.store._count_below`), code = half + count
+    or half - 1 - count."""
+    _, arith, *_ = _ir()
+    m = (len(limits) + 1).bit_length() - 1
+    count = _ci(0)
+    for level in range(m):
+        step = 1 << (m - 1 - level)
+        options = [limits[k * 2 * step + step - 1] for k in range(1 << level)]
+        selector = 2 * step
+        while len(options) > 1:
+            bit = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(count, _ci(selector)), _ci(0))
+            options = [arith.select(bit, hi, lo) for lo, hi in zip(options[0::2], options[1::2])]
+            selector *= 2
+        above = arith.cmpi(arith.CmpIPredicate.sgt, s_bits, options[0])
+        count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
+    half = 1 << m
+    code = arith.select(up, arith.addi(count, _ci(half)), arith.subi(_ci(half - 1), count))
+    return code, count
+
+
+# ---- the kernel's three parts -----------------------------------------------------------------------
+
+
+def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
+    """Snap this thread's key elements to the grid: (float16 [64, D] WGMMA-layout registers of ``n``, for each
+    row (``||n||**2`` i32, grid field i32))."""
+    ir, arith, _, _, vector = _ir()
+    i32, _, f32 = _types()
+    d = cfg.head_dim
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((TOKENS, d)), dtype=object)
+    stats = []
+    for r, row in enumerate(rows):
+        words = row.input_words(key_smem, d)
+        top = None
+        for w in words:
+            mag = arith.andi(w, _ci(0x7FFF7FFF))
+            top = mag if top is None else _op2("max.u16x2", top, mag)
+        top = arith.maxui(arith.andi(top, _ci(0xFFFF)), arith.shrui(top, _ci(16)))
+        top = arith.shrui(_quad(top, "max.u32"), _ci(7))  # the float32 exponent field of max |x|
+        field = arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
+        scale = _bits_f32(arith.shli(field, _ci(23)))
+        n2 = _ci(0)
+        for j, w in enumerate(words):
+            pair = []
+            for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000))):
+                n = _asm(f32, [_bits_f32(x), scale],
+                         "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }", "=f,f,f")
+                k = arith.fptosi(i32, n)
+                n2 = arith.addi(n2, arith.muli(k, k))
+                pair.append(n)
+            packed = _asm(i32, [pair[1], pair[0]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
+            regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)] = vector.bitcast(
+                ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
+        stats.append((_quad(n2, "add.u32"), field))
+    n_f16 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+    return n_f16, stats
+
+
+def _rows_array(values: list):
+    """Per-row i32 values (this thread's rows 0 and 1) as a WGMMA_ROW_LAYOUT [64] int32 array."""
+    ir, _, _, _, vector = _ir()
+    layout = mgpu.WGMMA_ROW_LAYOUT
+    regs = np.empty(layout.registers_shape((TOKENS,)), dtype=object)
+    for idx in np.ndindex(*regs.shape):
+        regs[idx] = vector.from_elements(ir.VectorType.get((1,), _types()[0]), [values[idx[2]]])
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=True)
+
+
+def _row_values(x: mgpu.FragmentedArray) -> list:
+    """Inverse of :func:`_rows_array`: the thread's two row values."""
+    *_, vector = _ir()
+    regs = np.array(x.registers, dtype=object)
+    return [vector.extract(regs[idx], [], [0]) for idx in sorted(np.ndindex(*regs.shape), key=lambda i: i[2])]
+
+
+def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squares_ref, kc_ref, ks_ref, h,
+              cfg: TurboQuantConfig, num_pages: int, block_size: int) -> None:
+    """Bucketize, pack and store the rotated keys ``z`` (float32 [64, D], WGMMA layout, channels in
+    :func:`key_channel_order`) and their fp16 norms."""
+    ir, arith, llvm, _, vector = _ir()
+    i32, _, f32 = _types()
+    q = key_codec(cfg).quantizers[0]
+    bits = cfg.key_segments[0].bits
+    half = 1 << (bits - 1)
+    positive = np.asarray(q.thresholds, np.float32)[half:]  # the limits above the middle one (0)
+    regs = np.array(z.registers, dtype=object)
+    sq_ptr = mgpu.utils.memref_ptr(squares_ref)
+    key_words = cfg.key_words
+    for r, row in enumerate(rows):
+        n2f = arith.sitofp(f32, n2s[r])
+        limits = [_bits_i32(arith.mulf(n2f, arith.constant(f32, float(t)))) for t in positive]
+        codes, total = [], _ci(0)
+        for j in range(regs.shape[1]):
+            pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
+            for e in range(2):
+                zz = vector.extract(pair, [], [e])
+                s = arith.mulf(zz, _abs(zz))
+                up = arith.cmpf(arith.CmpFPredicate.OGT, s, arith.constant(f32, 0.0))
+                s_bits = arith.addi(arith.andi(_bits_i32(s), _ci(0x7FFFFFFF)),
+                                    arith.select(up, _ci(0), _ci(1)))
+                code, count = _search(s_bits, up, limits)
+                codes.append(code)
+                sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [count], i32))
+                total = arith.addi(total, sq)
+        total = _quad(total, "add.u32")
+        with mgpu.utils.when(row.valid):
+            for start, words in _pack(codes, bits, row.lane4):
+                _store_words(kc_ref, row.cache_at(h, num_pages, block_size, key_words, start), words)
+            with mgpu.utils.when(row.first):
+                # stored_norm: sqrt(n2) * step / max(sqrt(total * 2**-s), tiny), min(FP16_MAX), to fp16
+                step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
+                length = arith.mulf(arith.sitofp(f32, total), arith.constant(f32, 2.0 ** -q._square_shift))
+                norm16 = _asm(
+                    i32, [n2f, step, length, arith.constant(f32, float(np.float32(_TINY))),
+                          arith.constant(f32, float(FP16_MAX))],
+                    "{ .reg .f32 a, b; .reg .b16 h; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2; sqrt.rn.f32 b, $3;"
+                    " max.f32 b, b, $4; div.rn.f32 a, a, b; min.NaN.f32 a, a, $5; cvt.rn.f16.f32 h, a;"
+                    " cvt.u32.u16 $0, h; }",
+                    "=r,f,f,f,f,f")
+                ptr = _global_ptr(ks_ref, row.cache_at(h, num_pages, block_size, 1, 0), ir.IntegerType.get_signless(16))
+                llvm.store(arith.trunci(ir.IntegerType.get_signless(16), norm16), ptr)
+
+
+def _abs(x):
+    _, _, f32 = _types()
+    return _asm(f32, [x], "abs.f32 $0, $1;", "=f,f")
+
+
+def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, num_pages: int,
+            block_size: int) -> None:
+    """Quantize, pack and store this thread's value elements and its rows' (scale, zero)."""
+    _, arith, llvm, _, _ = _ir()
+    i32, _, f32 = _types()
+    d = cfg.head_dim
+    levels = (1 << cfg.value_bits) - 1
+    value_words = cfg.value_words
+    for row in rows:
+        words = row.input_words(value_smem, d)
+        lo = hi = None
+        for w in words:
+            lo = w if lo is None else _op2("min.bf16x2", lo, w)
+            hi = w if hi is None else _op2("max.bf16x2", hi, w)
+        lo = _op2("min.bf16x2", lo, arith.shrui(lo, _ci(16)))  # the low half holds the minimum
+        hi = _op2("max.bf16x2", hi, arith.shrui(hi, _ci(16)))
+        lo = _quad(arith.shli(lo, _ci(16)), "min.f32")  # float32 bits of the bf16 minimum
+        hi = _quad(arith.shli(hi, _ci(16)), "max.f32")
+        lo = arith.maximumf(_bits_f32(lo), arith.constant(f32, -FP16_MAX))
+        hi = arith.minimumf(_bits_f32(hi), arith.constant(f32, FP16_MAX))
+        # scale = f16((hi - lo) * f32(1 / levels)), zero = f16(lo): their fp16 bits, and zero as float32
+        scale16, zero16, zero = _value_scalars(hi, lo, levels)
+        # 1 / scale correctly rounded (fp16_reciprocals' entry), 1 for a zero scale
+        inv = _asm(f32, [scale16], "{ .reg .pred z; .reg .b16 h; .reg .f32 x; cvt.u16.u32 h, $1; cvt.f32.f16 x, h;"
+                   " setp.eq.f32 z, x, 0f00000000; rcp.rn.f32 $0, x; @z mov.f32 $0, 0f3F800000; }", "=f,r")
+        codes = []
+        for w in words:
+            for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000))):
+                t = arith.mulf(arith.subf(_bits_f32(x), zero), inv)
+                codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000; cvt.rmi.s32.f32 $0, s;"
+                                            f" max.s32 $0, $0, 0; min.s32 $0, $0, {levels}; }}", "=r,f"))
+        with mgpu.utils.when(row.valid):
+            for start, words_out in _pack(codes, cfg.value_bits, row.lane4):
+                _store_words(vc_ref, row.cache_at(h, num_pages, block_size, value_words, start), words_out)
+            with mgpu.utils.when(row.first):
+                pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
+                llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
+
+
+def _value_scalars(hi, lo, levels: int):
+    """(scale's fp16 bits, zero's fp16 bits, zero as float32), i32/i32/f32."""
+    i32, _, f32 = _types()
+    _, arith, llvm, _, _ = _ir()
+    out = llvm.inline_asm(
+        _ir()[0].Type.parse("!llvm.struct<(i32, i32, f32)>"),
+        [hi, lo, arith.constant(f32, float(np.float32(1.0 / levels)))],
+        "{ .reg .f32 d; .reg .b16 s, z; sub.rn.f32 d, $3, $4; mul.rn.f32 d, d, $5; cvt.rn.f16.f32 s, d;"
+        " cvt.rn.f16.f32 z, $4; cvt.u32.u16 $0, s; cvt.u32.u16 $1, z; cvt.f32.f16 $2, z; }",
+        "=r,=r,=f,f,f,f")
+    return tuple(llvm.extractvalue(ty, out, [k]) for k, ty in enumerate((i32, i32, f32)))
+
+
+# ---- the call ----------------------------------------------------------------------------------------
+
+
+def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int, programs_per_core: int = 2):
+    """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
+    value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, ``programs_per_core`` a
+    multiprocessor, each storing every ``programs``-th (tile, head) with the next one's copies in flight."""
+    d = cfg.head_dim
+    q = key_codec(cfg).quantizers[0]
+    num_slots = num_pages * block_size
+    rows_len = max(n, TOKENS)  # the inputs' tokens (padded)
+    splat = plgpu.Layout.WG_SPLAT(())
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    rows_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row_layout)
+
+    def rows_of(tile, start, slots_smem):
+        tile, start = tile.registers.item(), start.registers.item()
+        return [_Row(r, tile, start, slots_smem, n, num_slots, block_size) for r in range(2)]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), splat, splat),
+                       return_type=(plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA),
+                                    rows_ty, rows_ty))
+    def keys_in(ctx, key_smem, slots_smem, tile, start):
+        del ctx
+        n_f16, stats = _keys_in(rows_of(tile, start, slots_smem), key_smem, cfg, q.grid_bits)
+        return n_f16, _rows_array([s[0] for s in stats]), _rows_array([s[1] for s in stats])
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4 + (splat,) * 3)
+    def values(ctx, value_smem, slots_smem, vc_ref, vs_ref, tile, start, h):
+        del ctx
+        _values(rows_of(tile, start, slots_smem), value_smem, vc_ref, vs_ref, h.registers.item(), cfg, num_pages,
+                block_size)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, row_layout, row_layout) + (plgpu.RefType(),) * 4
+                       + (splat,) * 3)
+    def keys_out(ctx, z, n2, field, slots_smem, squares_smem, kc_ref, ks_ref, tile, start, h):
+        del ctx
+        _keys_out(rows_of(tile, start, slots_smem), z, _row_values(n2), _row_values(field), squares_smem, kc_ref,
+                  ks_ref, h.registers.item(), cfg, num_pages, block_size)
+
+    @plgpu.inline_mgpu()
+    def sync(ctx):  # every thread's shared-memory reads done (and fenced) before a copy overwrites them
+        del ctx
+        _asm(_ir()[0].Type.parse("!llvm.void"), [], "fence.proxy.async.shared::cta;", "")
+        mgpu.utils.warpgroup_barrier()
+
+    total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
+    programs = min(total, programs_per_core * _num_cores())
+
+    def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
+               key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
+        mat_bar = mat_bar if mat_bar.shape == () else mat_bar.at[0]  # jax 0.10: shape (1,); 0.11: a scalar's
+        p = lax.axis_index("p")
+        count = (total - p + programs - 1) // programs  # this program's work items p, p + programs, ...
+
+        def item(i):  # (tile, head, first token of the tiles): the last tile ends at the last token (it overlaps
+            # the previous one when N % 64 != 0: _Row skips those rows)
+            w = p + i * programs
+            tile = w // hk
+            return tile, w % hk, jnp.minimum(tile * TOKENS, rows_len - TOKENS)
+
+        def issue(i, buf):  # only copies read the inputs (so XLA need not copy them: the cache refs alone are written)
+            tile, h, start = item(i)
+            # the slots from tile * 64 (a copy's source is 16-byte aligned; the slots are padded to whole tiles)
+            plgpu.copy_gmem_to_smem(slot_ref.at[pl.ds(tile * TOKENS, TOKENS)], slots_smem.at[buf], key_bar.at[buf])
+            plgpu.copy_gmem_to_smem(key_ref.at[pl.ds(start, TOKENS), h], key_smem.at[buf], key_bar.at[buf])
+            plgpu.copy_gmem_to_smem(value_ref.at[pl.ds(start, TOKENS), h], value_smem.at[buf], value_bar.at[buf])
+
+        plgpu.copy_gmem_to_smem(mat_ref, mat_smem, mat_bar)  # once per program
+        plgpu.copy_gmem_to_smem(sq_ref, sq_smem, mat_bar)
+        issue(0, 0)
+
+        @pl.when(count > 1)
+        def _():
+            issue(1, 1)
+
+        plgpu.barrier_wait(mat_bar)
+
+        def step(i, carry):
+            buf = lax.rem(i, 2)
+            tile, h, start = item(i)
+            slots = slots_smem.at[buf]
+            plgpu.barrier_wait(key_bar.at[buf])
+            n_f16, n2, field = keys_in(key_smem.at[buf], slots, tile, start)
+            plgpu.barrier_wait(value_bar.at[buf])
+            values(value_smem.at[buf], slots, vc_ref, vs_ref, tile, start, h)
+
+            def rotate(acc_ref):
+                plgpu.wgmma(acc_ref, n_f16, plgpu.transpose_ref(mat_smem, (1, 0)))
+                return acc_ref[...]
+
+            z = pl.run_scoped(rotate, plgpu.ACC((TOKENS, d), jnp.float32))
+            keys_out(z, n2, field, slots, sq_smem, kc_ref, ks_ref, tile, start, h)
+            sync()
+
+            @pl.when(i + 2 < count)
+            def _():
+                issue(i + 2, buf)  # the copies of item i + 1 were issued a step ago
+
+            return carry
+
+        lax.fori_loop(0, count, step, 0)
+
+    scratch = (plgpu.SMEM((2, TOKENS, d), jnp.bfloat16), plgpu.SMEM((2, TOKENS, d), jnp.bfloat16),
+               plgpu.SMEM((2, TOKENS), jnp.int32), plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE),
+               plgpu.SMEM((32,), jnp.int32),
+               plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
+               plgpu.Barrier(num_arrivals=2))  # arrivals: the copies on each
+    mesh = plgpu.Mesh(grid=(programs,), grid_names=("p",))
+
+    def call(*refs) -> None:  # GMEM refs: the inputs, then the cache arrays (written in place)
+        @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
+        def _():
+            pl.run_scoped(functools.partial(kernel, *refs), *scratch)
+
+    return call
+
+
+def _num_cores() -> int:
+    """The default GPU's multiprocessors (132 where there is none: an H100/H200, for lowering on a CPU)."""
+    if jax.default_backend() != "gpu":
+        return 132
+    return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
+def _store_impl(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array) -> PagedKVCache:
+    cfg = cache.config
+    n, hk = key.shape[0], cache.num_kv_heads
+    if n == 0:
+        return cache
+    slots = slot_mapping.astype(jnp.int32)
+    if n % TOKENS:  # whole tiles of slots (padding: -1)
+        slots = jnp.pad(slots, (0, -n % TOKENS), constant_values=-1)
+    if n < TOKENS:  # one whole tile of keys and values to copy
+        key, value = (jnp.pad(x, ((0, TOKENS - n), (0, 0), (0, 0))) for x in (key, value))
+    inputs = (slots, jnp.asarray(rotation_operand(cfg)), jnp.asarray(square_table(cfg)), key, value)
+    # every operand a GMEM ref; the kernel writes only the cache's, which XLA aliases to its outputs (in place:
+    # the jit donates the cache); the inputs only copies read, so they are not copied
+    cache_refs = [jax.new_ref(a, memory_space=plgpu.GMEM)
+                  for a in (cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales)]
+    _build_call(cfg, n, hk, cache.num_blocks, cache.block_size)(
+        *[jax.new_ref(x, memory_space=plgpu.GMEM) for x in inputs], *cache_refs)
+    kc, ks, vc, vs = (jax.freeze(r) for r in cache_refs)
+    return PagedKVCache(key_codes=kc, key_scales=ks, value_codes=vc, value_scales=vs, config=cfg)
+
+
+#: Jitted entry point; donates (and updates in place) the cache. Prefer :func:`store_mgpu`, which checks inputs.
+store_mgpu_jit = jax.jit(_store_impl, donate_argnums=0)
+
+
+def store_mgpu(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array) -> PagedKVCache:
+    """Quantize bf16 key/value ``[N, Hk, D]`` into ``cache`` at ``slot_mapping`` ``[N]`` int32, in place, on a
+    Hopper GPU; bit for bit :func:`tqjax.reference.store_reference`. Raises ``NotImplementedError`` for caches
+    this kernel does not take (:func:`unsupported`) and ``RuntimeError`` off Hopper."""
+    check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
+    why = unsupported(cache.config)
+    if why is not None:
+        raise NotImplementedError(f"the Mosaic GPU store does not take {why}; use tqjax.pallas.store.store")
+    if key.dtype != jnp.bfloat16 or value.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"the Mosaic GPU store reads bf16 keys and values, got {key.dtype}/{value.dtype}")
+    if not on_hopper():
+        raise RuntimeError("the Mosaic GPU store needs a Hopper GPU (sm_90a); tqjax.pallas.store.store runs the "
+                           "Triton kernel elsewhere")
+    return store_mgpu_jit(cache, key, value, slot_mapping)
