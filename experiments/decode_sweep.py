@@ -114,12 +114,13 @@ def fill_cache(cfg, k, v, block_size, hk):
 
 
 def store_fn():
-    """The jitted, donating store (no eager input checks, which read slot_mapping back to the host)."""
+    """The jitted, donating store (no eager input checks, which read slot_mapping back to the host): on a GPU the
+    Pallas store with its default kernel (:func:`tqjax.pallas.store.choose_implementation`: the Mosaic GPU one on
+    Hopper where it takes the preset, else Triton's)."""
     if ON_GPU:
-        from tqjax.pallas.store import store_arithmetic
-        from tqjax.pallas.store import store_jit as pallas_store_jit
+        from tqjax.pallas.store import store as pallas_store
 
-        return functools.partial(pallas_store_jit, arithmetic=store_arithmetic(False))
+        return jax.jit(pallas_store, donate_argnums=0)
     return store_jit
 
 

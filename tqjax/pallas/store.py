@@ -5,6 +5,11 @@
 jitted entry point donates the cache and the ``pallas_call`` aliases every cache array input to its
 output, so XLA reuses the old buffers and never copies a cache.
 
+Two kernels sit behind :func:`store` (``implementation``, :func:`choose_implementation`): this module's (Triton
+lowering: CUDA, ROCm, interpret mode; every preset) and, on Hopper GPUs, :mod:`tqjax.pallas.store_mgpu`'s
+(Mosaic GPU: MSE keys of one 3- or 4-bit segment at head_dim 128, bf16 inputs; 1.3-1.8x faster on the H200,
+docs/PERFORMANCE.md), which is the default where it runs.
+
 What runs where
 ---------------
 
@@ -113,7 +118,9 @@ from tqjax.reference import _slot_writer, check_store_inputs
 __all__ = [
     "ARITHMETIC",
     "DEFAULT_BLOCK_TOKENS",
+    "IMPLEMENTATIONS",
     "check_kernel_config",
+    "choose_implementation",
     "fp8_e4m3fn_bits",
     "round_half_up",
     "store",
@@ -606,6 +613,29 @@ _STATIC = ("interpret", "block_tokens", "num_warps", "num_stages", "arithmetic")
 store_jit = jax.jit(_store_impl, donate_argnums=0, static_argnames=_STATIC)
 
 
+#: The kernels behind :func:`store`.
+IMPLEMENTATIONS = ("mosaic", "triton")
+
+
+def _mosaic_refusal(cache: PagedKVCache, key: jax.Array, value: jax.Array, interpret: bool) -> str | None:
+    """Why :func:`tqjax.pallas.store_mgpu.store_mgpu` cannot run this store here (None if it can)."""
+    from tqjax.pallas import store_mgpu
+
+    if interpret:
+        return "interpret mode (the Mosaic GPU store has none)"
+    if not store_mgpu.on_hopper():
+        return "this device (the Mosaic GPU store needs a Hopper GPU, sm_90a)"
+    if key.dtype != jnp.bfloat16 or value.dtype != jnp.bfloat16:
+        return f"{key.dtype} keys / {value.dtype} values (the Mosaic GPU store reads bf16)"
+    return store_mgpu.unsupported(cache.config)
+
+
+def choose_implementation(cache: PagedKVCache, key: jax.Array, value: jax.Array, *, interpret: bool = False) -> str:
+    """The kernel :func:`store` runs by default: "mosaic" (:mod:`tqjax.pallas.store_mgpu`, faster:
+    docs/PERFORMANCE.md) on a Hopper GPU for bf16 keys and values into a cache it takes, "triton" otherwise."""
+    return "mosaic" if _mosaic_refusal(cache, key, value, interpret) is None else "triton"
+
+
 def check_kernel_config(config: TurboQuantConfig, block_tokens: int, num_warps: int, num_stages: int) -> None:
     """Raise unless the kernel supports ``config`` and the tuning arguments are valid."""
     if not is_power_of_two(config.head_dim):
@@ -631,6 +661,7 @@ def store(
     num_warps: int = 4,
     num_stages: int = 1,
     arithmetic: str | None = None,
+    implementation: str | None = None,
 ) -> PagedKVCache:
     """Quantize key/value ``[N, Hk, D]`` and write them into ``cache`` at ``slot_mapping`` ``[N]`` int32.
 
@@ -640,9 +671,23 @@ def store(
     ``interpret=True`` runs the kernel through the Pallas interpreter (the CPU path). ``block_tokens``
     (tokens per program), ``num_warps`` and ``num_stages`` tune the Triton kernel. ``arithmetic``
     (:data:`ARITHMETIC`; None: :func:`store_arithmetic` of this platform) picks the kernel's conversions;
-    "cuda" needs a compiled kernel on an NVIDIA GPU of sm_89 or later.
+    "cuda" needs a compiled kernel on an NVIDIA GPU of sm_89 or later. These tune the Triton kernel.
+    ``implementation`` (:data:`IMPLEMENTATIONS`): "triton", this module's kernel (CUDA, ROCm, interpret mode);
+    "mosaic", :func:`tqjax.pallas.store_mgpu.store_mgpu` (Hopper GPUs, bf16 inputs, the caches of
+    :func:`tqjax.pallas.store_mgpu.unsupported`); None: :func:`choose_implementation`, "mosaic" where it runs.
     """
     check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
+    if implementation is None:
+        implementation = choose_implementation(cache, key, value, interpret=bool(interpret))
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation == "mosaic":
+        why = _mosaic_refusal(cache, key, value, bool(interpret))
+        if why is not None:
+            raise NotImplementedError(f"the Mosaic GPU store does not take {why}; use implementation='triton'")
+        from tqjax.pallas.store_mgpu import store_mgpu_jit
+
+        return store_mgpu_jit(cache, key, value, slot_mapping)
     check_kernel_config(cache.config, block_tokens, num_warps, num_stages)
     if arithmetic is None:
         arithmetic = store_arithmetic(bool(interpret))
