@@ -637,6 +637,26 @@ def test_paged_decode_chooses_the_kernel(monkeypatch):
             paged_decode(q, c, tables, lens, implementation="mosaic")
 
 
+def test_mosaic_decode_checks_its_inputs_once(monkeypatch) -> None:
+    """paged_decode checks the inputs (reading seq_lens back to the host) once, not again in the Mosaic kernel's
+    entry; paged_decode_mgpu on its own checks them too."""
+    from tqjax import reference
+    from tqjax.pallas import decode_mgpu
+    from tqjax.pallas.decode import paged_decode
+
+    calls = []
+    check = reference.check_sequence_inputs
+    monkeypatch.setattr(reference, "check_sequence_inputs", lambda *a: calls.append(1) or check(*a))
+    monkeypatch.setattr(decode_mgpu, "on_hopper", lambda: False)  # stop at the launch: the checks are before it
+    q, c, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=1, group=4, lens=[5], seed=0)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        paged_decode(q, c, tables, lens, implementation="mosaic")
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="Hopper"):
+        decode_mgpu.paged_decode_mgpu(q, c, tables, lens)
+    assert len(calls) == 2
+
+
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 
 

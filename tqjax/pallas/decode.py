@@ -789,10 +789,10 @@ def paged_decode(
         given = [k for k, v in triton_args.items() if v is not None] + (["interpret"] if interpret else [])
         if given:
             raise ValueError(f"the Mosaic GPU decode takes num_splits only, not {given}")
-        from tqjax.pallas.decode_mgpu import paged_decode_mgpu
+        from tqjax.pallas.decode_mgpu import paged_decode_mgpu_unchecked
 
-        return paged_decode_mgpu(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
-                                 num_splits=num_splits)
+        return paged_decode_mgpu_unchecked(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
+                                           num_splits=num_splits)
     platform = detect_platform()
     tuned = decode_params(cache.config.name, platform)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens

@@ -76,12 +76,13 @@ from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
 
 __all__ = [
-    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape", "default_num_splits",
-    "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order",
-    "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_splits", "odd_table", "on_hopper", "paged_decode_mgpu",
-    "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order",
-    "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
-    "value_constants", "value_tile_plan", "value_word_asm",
+    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape",
+    "default_num_splits", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
+    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_splits", "odd_table",
+    "on_hopper", "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order",
+    "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
+    "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
+    "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -1310,6 +1311,15 @@ def paged_decode_mgpu(
     from tqjax.reference import check_decode_inputs
 
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
+    return paged_decode_mgpu_unchecked(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
+                                     num_splits=num_splits, stages=stages)
+
+
+def paged_decode_mgpu_unchecked(query: jax.Array, cache: PagedKVCache, block_tables: jax.Array, seq_lens: jax.Array,
+                              *, scale: float | None = None, softcap: float | None = None,
+                              num_splits: int | None = None, stages: int = 2) -> jax.Array:
+    """:func:`paged_decode_mgpu` on inputs already checked (``tqjax.reference.check_decode_inputs``: it reads
+    ``seq_lens`` back to the host, once is enough; :func:`tqjax.pallas.decode.paged_decode` checks them first)."""
     group = query.shape[1] // cache.num_kv_heads
     if (why := unsupported(cache.config, group, cache.block_size)) is not None:
         raise NotImplementedError(f"the Mosaic GPU decode cannot read this cache: {why}")
