@@ -100,6 +100,16 @@ def test_refused_off_hopper() -> None:
     x = jnp.ones((3, 2, 128), jnp.bfloat16)
     with pytest.raises(RuntimeError, match="Hopper"):
         store_mgpu.store_mgpu(cache, x, x, jnp.arange(3, dtype=jnp.int32))
+
+
+def test_refusal_names_dtypes_and_caches(monkeypatch) -> None:
+    monkeypatch.setattr(store_mgpu, "on_hopper", lambda: True)
+    x = jnp.ones((3, 2, 128), jnp.bfloat16)
+    cache = PagedKVCache.allocate(_config("turboquant_4bit_nc"), 4, 16, 2)
+    assert store_mgpu.refusal(cache, x, x) is None
+    assert "bf16" in store_mgpu.refusal(cache, x.astype(jnp.float32), x)
+    assert "bf16" in store_mgpu.refusal(cache, x, x.astype(jnp.float16))
+    assert "fp8 keys" in store_mgpu.refusal(PagedKVCache.allocate(_config("turboquant_k8v4"), 4, 16, 2), x, x)
     with pytest.raises(NotImplementedError, match="bf16"):
         store_mgpu.store_mgpu(cache, x.astype(jnp.float32), x, jnp.arange(3, dtype=jnp.int32))
 

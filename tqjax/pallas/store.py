@@ -619,15 +619,11 @@ IMPLEMENTATIONS = ("mosaic", "triton")
 
 def _mosaic_refusal(cache: PagedKVCache, key: jax.Array, value: jax.Array, interpret: bool) -> str | None:
     """Why :func:`tqjax.pallas.store_mgpu.store_mgpu` cannot run this store here (None if it can)."""
-    from tqjax.pallas import store_mgpu
-
     if interpret:
         return "interpret mode (the Mosaic GPU store has none)"
-    if not store_mgpu.on_hopper():
-        return "this device (the Mosaic GPU store needs a Hopper GPU, sm_90a)"
-    if key.dtype != jnp.bfloat16 or value.dtype != jnp.bfloat16:
-        return f"{key.dtype} keys / {value.dtype} values (the Mosaic GPU store reads bf16)"
-    return store_mgpu.unsupported(cache.config)
+    from tqjax.pallas.store_mgpu import refusal
+
+    return refusal(cache, key, value)
 
 
 def choose_implementation(cache: PagedKVCache, key: jax.Array, value: jax.Array, *, interpret: bool = False) -> str:

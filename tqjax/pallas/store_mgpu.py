@@ -72,8 +72,8 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "TOKENS", "on_hopper", "rotation_operand", "square_table", "store_mgpu", "store_mgpu_jit",
-           "unsupported"]
+__all__ = ["HEAD_DIMS", "TOKENS", "on_hopper", "refusal", "rotation_operand", "square_table", "store_mgpu",
+           "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
 HEAD_DIMS = (128,)  # a thread holds head_dim / 4 channels of a row: 32, whole words of every field
@@ -593,17 +593,22 @@ def _store_impl(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapp
 store_mgpu_jit = jax.jit(_store_impl, donate_argnums=0)
 
 
+def refusal(cache: PagedKVCache, key: jax.Array, value: jax.Array) -> str | None:
+    """Why this kernel cannot run this store here (None if it can): the device, the inputs' dtypes, the cache."""
+    if not on_hopper():
+        return "this device (the Mosaic GPU store needs a Hopper GPU, sm_90a)"
+    if key.dtype != jnp.bfloat16 or value.dtype != jnp.bfloat16:
+        return f"{key.dtype} keys / {value.dtype} values (the Mosaic GPU store reads bf16)"
+    return unsupported(cache.config)
+
+
 def store_mgpu(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapping: jax.Array) -> PagedKVCache:
     """Quantize bf16 key/value ``[N, Hk, D]`` into ``cache`` at ``slot_mapping`` ``[N]`` int32, in place, on a
-    Hopper GPU; bit for bit :func:`tqjax.reference.store_reference`. Raises ``NotImplementedError`` for caches
-    this kernel does not take (:func:`unsupported`) and ``RuntimeError`` off Hopper."""
+    Hopper GPU; bit for bit :func:`tqjax.reference.store_reference` (module docstring). Raises ``RuntimeError``
+    off Hopper and ``NotImplementedError`` for inputs or caches this kernel does not take (:func:`refusal`)."""
     check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
-    why = unsupported(cache.config)
+    why = refusal(cache, key, value)
     if why is not None:
-        raise NotImplementedError(f"the Mosaic GPU store does not take {why}; use tqjax.pallas.store.store")
-    if key.dtype != jnp.bfloat16 or value.dtype != jnp.bfloat16:
-        raise NotImplementedError(f"the Mosaic GPU store reads bf16 keys and values, got {key.dtype}/{value.dtype}")
-    if not on_hopper():
-        raise RuntimeError("the Mosaic GPU store needs a Hopper GPU (sm_90a); tqjax.pallas.store.store runs the "
-                           "Triton kernel elsewhere")
+        raise (NotImplementedError if on_hopper() else RuntimeError)(
+            f"the Mosaic GPU store does not take {why}; tqjax.pallas.store.store runs the Triton kernel")
     return store_mgpu_jit(cache, key, value, slot_mapping)
