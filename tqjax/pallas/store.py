@@ -673,12 +673,12 @@ def store(
     :func:`tqjax.pallas.store_mgpu.unsupported`); None: :func:`choose_implementation`, "mosaic" where it runs.
     """
     check_store_inputs(cache, key, value, slot_mapping, kind="turboquant")
-    if implementation is None:
-        implementation = choose_implementation(cache, key, value, interpret=bool(interpret))
-    if implementation not in IMPLEMENTATIONS:
+    if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    why = None if implementation == "triton" else _mosaic_refusal(cache, key, value, bool(interpret))
+    if implementation is None:  # choose_implementation's choice
+        implementation = "triton" if why is not None else "mosaic"
     if implementation == "mosaic":
-        why = _mosaic_refusal(cache, key, value, bool(interpret))
         if why is not None:
             raise NotImplementedError(f"the Mosaic GPU store does not take {why}; use implementation='triton'")
         from tqjax.pallas.store_mgpu import store_mgpu_jit
