@@ -93,6 +93,20 @@ def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
     assert not table[half:].any()
 
 
+@pytest.mark.parametrize("cores", [132, 114, 8])
+def test_num_programs_balances_the_rounds(cores: int) -> None:
+    """Persistent programs: at most PROGRAMS_PER_CORE a multiprocessor, the fewest rounds, and then the fewest
+    programs: every program takes ``rounds`` or ``rounds - 1`` items, none idles."""
+    cap = store_mgpu.PROGRAMS_PER_CORE * cores
+    for items in list(range(1, 3 * cap)) + [2048, 4096, 10**5 + 7]:
+        programs = store_mgpu.num_programs(items, cores)
+        rounds = -(-items // cap)
+        counts = [len(range(p, items, programs)) for p in range(programs)]  # the kernel's items p, p + programs, ..
+        assert programs <= cap, (items, programs)
+        assert max(counts) == rounds and min(counts) >= rounds - 1 and min(counts) >= 1, (items, programs, counts)
+    assert store_mgpu.num_programs(512, 132) == 256  # 4096 tokens x 8 heads: 2 rounds, not 396 programs
+
+
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
 def test_refused_off_hopper() -> None:
     cfg = _config("turboquant_4bit_nc")
@@ -185,6 +199,13 @@ def test_gpu_bit_exact(name: str, n: int, block_size: int) -> None:
 @pytest.mark.gpu
 def test_gpu_bit_exact_many_heads_contiguous_slots() -> None:
     _check("turboquant_4bit_nc", 16384, 16, hk=8, pad_every=0, slots=np.arange(16384, dtype=np.int32) + 5)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_bit_exact_two_rounds_with_an_overlapping_last_tile() -> None:
+    """528 items: each program stores two (the second's copies issued during the first's keys)."""
+    _check("turboquant_3bit_nc", 4101, 16, hk=8)
 
 
 @needs_hopper

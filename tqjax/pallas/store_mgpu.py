@@ -5,10 +5,11 @@ key's store in instructions Triton's layouts impose (per-row scalars replicated 
 packed through reshapes) and leaves the fp16 key norms to XLA after it (a reduction over the packed words and a
 scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole words:
 
-- work item = 64 tokens of one KV head; persistent programs of one warpgroup, 2 a multiprocessor, each taking
-  every ``programs``-th item (heads fastest) with the next item's copies in flight (double-buffered shared
-  memory); the +-1 matrix is copied once per program. Copies (TMA) alone read the inputs: the slots, the bf16
-  key rows and value rows ``[64, D]`` of the item;
+- work item = 64 tokens of one KV head; persistent programs of one warpgroup, up to 3 a multiprocessor
+  (:func:`num_programs`), each taking every ``programs``-th item (heads fastest); once an item's key and value
+  rows are in registers, the next item's copies fill the same shared memory while this item's keys are rotated
+  and stored (one buffer each: 67.6 KB a program); the +-1 matrix is copied once per program. Copies (TMA)
+  alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
 - thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
   and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128): four 16-byte shared-memory
   loads a row of the key and of the value;
@@ -19,7 +20,8 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
   permuted the same way on both sides (:func:`rotation_operand`), the right one in shared memory: one
   ``wgmma`` gives ``z`` in the accumulator layout, where the thread again holds its 32 channels of each row.
   Each ``z |z|`` is bucketized against ``||n||**2 t_j`` by a binary search over the positive limits (the
-  sign gives the top bit: :func:`tqjax.pallas.store._search_codes`, same comparisons), the codes packed into
+  sign gives the top bit: :func:`tqjax.pallas.store._search_codes`, same comparisons; four elements at a time,
+  chained so that ptxas does not interleave them all: 153 registers, not 217), the codes packed into
   the thread's words (4-bit: 4; 3-bit: one word of the low bits, two of the high pairs) and stored (16-,
   8- and 4-byte stores); the fixed-point squares of the codes' centroids summed (:func:`square_table` in
   shared memory, the quad's shuffles), and the fp16 key norm formed with IEEE float32 operations
@@ -27,9 +29,10 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
 - values (:func:`tqjax.quantizers.quantize_values`): min/max on the bf16 pairs (``min.bf16x2``), the quad's
   shuffles, the fp16 scale and zero, the reciprocal ``rcp.rn`` (correctly rounded: the entry of
   :func:`tqjax.quantizers.fp16_reciprocals`), then per element ``(v - zero) * inv`` and ``floor(t + 1/2)``
-  with ``add.rm`` + ``cvt.rmi.s32`` and an integer clip (:func:`tqjax.pallas.store._value_codes`), packed and
-  stored like the keys. Elements are not clipped to float16's range before the codes: a clipped element is
-  the row's minimum or maximum, whose code (0 or the top) the unclipped one gets too.
+  with ``add.rm`` + ``cvt.rmi.u32`` (which saturates at 0) and a ``min``
+  (:func:`tqjax.pallas.store._value_codes`), packed and stored like the keys. Elements are not clipped to
+  float16's range before the codes: a clipped element is the row's minimum or maximum, whose code (0 or the
+  top) the unclipped one gets too.
 
 Contract: bit for bit :func:`tqjax.reference.store_reference` computed with IEEE float32 arithmetic (on a CPU):
 codes, fp16 norms and value scales. XLA's own reference on the GPU gives the same codes and value scales but
@@ -72,11 +75,13 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "TOKENS", "on_hopper", "refusal", "rotation_operand", "square_table", "store_mgpu",
-           "store_mgpu_jit", "unsupported"]
+__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "num_programs", "on_hopper", "refusal", "rotation_operand",
+           "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
 HEAD_DIMS = (128,)  # a thread holds head_dim / 4 channels of a row: 32, whole words of every field
+PROGRAMS_PER_CORE = 3  # resident a multiprocessor: 153 registers (4-bit keys) and 67.6 KB of shared memory each
+_CHAIN = 2  # register pairs (4 elements) of a row bucketized at once (:func:`_keys_out`)
 
 
 def unsupported(config: TurboQuantConfig) -> str | None:
@@ -338,10 +343,19 @@ def _row_values(x: mgpu.FragmentedArray) -> list:
     return [vector.extract(regs[idx], [], [0]) for idx in sorted(np.ndindex(*regs.shape), key=lambda i: i[2])]
 
 
+def _after(x, dep):
+    """``x`` (f32), made to depend on ``dep`` (i32) in PTX (``prmt`` picks x's own four bytes): ptxas then
+    computes what uses ``x`` after ``dep``."""
+    return _bits_f32(_asm(_types()[0], [_bits_i32(x), dep], "prmt.b32 $0, $1, $2, 0x3210;", "=r,r,r"))
+
+
 def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squares_ref, kc_ref, ks_ref, h,
               cfg: TurboQuantConfig, num_pages: int, block_size: int) -> None:
     """Bucketize, pack and store the rotated keys ``z`` (float32 [64, D], WGMMA layout, channels in
-    :func:`key_channel_order`) and their fp16 norms."""
+    :func:`key_channel_order`) and their fp16 norms. Every ``_CHAIN`` register pairs of a row are bucketized
+    after the previous ones (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32
+    searches of a row and keeps their sign predicates in registers (217 registers, 2 programs a multiprocessor
+    for 4-bit keys; chained: 153, 3)."""
     ir, arith, llvm, _, vector = _ir()
     i32, _, f32 = _types()
     q = key_codec(cfg).quantizers[0]
@@ -354,11 +368,13 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
     for r, row in enumerate(rows):
         n2f = arith.sitofp(f32, n2s[r])
         limits = [_bits_i32(arith.mulf(n2f, arith.constant(f32, float(t)))) for t in positive]
-        codes, total = [], _ci(0)
+        codes, total = [], n2s[r]  # the squares' sum (less n2: see below)
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
             for e in range(2):
                 zz = vector.extract(pair, [], [e])
+                if j and j % _CHAIN == 0:
+                    zz = _after(zz, total)
                 s = arith.mulf(zz, _abs(zz))
                 up = arith.cmpf(arith.CmpFPredicate.OGT, s, arith.constant(f32, 0.0))
                 s_bits = arith.addi(arith.andi(_bits_i32(s), _ci(0x7FFFFFFF)),
@@ -367,7 +383,7 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 codes.append(code)
                 sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [count], i32))
                 total = arith.addi(total, sq)
-        total = _quad(total, "add.u32")
+        total = _quad(arith.subi(total, n2s[r]), "add.u32")
         with mgpu.utils.when(row.valid):
             for start, words in _pack(codes, bits, row.lane4):
                 _store_words(kc_ref, row.cache_at(h, num_pages, block_size, key_words, start), words)
@@ -420,8 +436,9 @@ def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, nu
         for w in words:
             for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000))):
                 t = arith.mulf(arith.subf(_bits_f32(x), zero), inv)
-                codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000; cvt.rmi.s32.f32 $0, s;"
-                                            f" max.s32 $0, $0, 0; min.s32 $0, $0, {levels}; }}", "=r,f"))
+                # cvt to u32 clamps below at 0 (PTX float-to-integer conversions saturate)
+                codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000;"
+                                            f" cvt.rmi.u32.f32 $0, s; min.u32 $0, $0, {levels}; }}", "=r,f"))
         with mgpu.utils.when(row.valid):
             for start, words_out in _pack(codes, cfg.value_bits, row.lane4):
                 _store_words(vc_ref, row.cache_at(h, num_pages, block_size, value_words, start), words_out)
@@ -446,10 +463,11 @@ def _value_scalars(hi, lo, levels: int):
 # ---- the call ----------------------------------------------------------------------------------------
 
 
-def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int, programs_per_core: int = 2):
+def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
     """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
-    value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, ``programs_per_core`` a
-    multiprocessor, each storing every ``programs``-th (tile, head) with the next one's copies in flight."""
+    value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs (:func:`num_programs`), each
+    storing every ``programs``-th (tile, head); an item's key and value are read from shared memory first, then
+    the next item's copies are issued into the same buffers while this item's keys are rotated and stored."""
     d = cfg.head_dim
     q = key_codec(cfg).quantizers[0]
     num_slots = num_pages * block_size
@@ -490,7 +508,7 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         mgpu.utils.warpgroup_barrier()
 
     total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
-    programs = min(total, programs_per_core * _num_cores())
+    programs = num_programs(total, _num_cores())
 
     def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
                key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
@@ -508,16 +526,12 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
             tile, h, start = item(i)
             # the slots from tile * 64 (a copy's source is 16-byte aligned; the slots are padded to whole tiles)
             plgpu.copy_gmem_to_smem(slot_ref.at[pl.ds(tile * TOKENS, TOKENS)], slots_smem.at[buf], key_bar.at[buf])
-            plgpu.copy_gmem_to_smem(key_ref.at[pl.ds(start, TOKENS), h], key_smem.at[buf], key_bar.at[buf])
-            plgpu.copy_gmem_to_smem(value_ref.at[pl.ds(start, TOKENS), h], value_smem.at[buf], value_bar.at[buf])
+            plgpu.copy_gmem_to_smem(key_ref.at[pl.ds(start, TOKENS), h], key_smem, key_bar.at[buf])
+            plgpu.copy_gmem_to_smem(value_ref.at[pl.ds(start, TOKENS), h], value_smem, value_bar.at[buf])
 
         plgpu.copy_gmem_to_smem(mat_ref, mat_smem, mat_bar)  # once per program
         plgpu.copy_gmem_to_smem(sq_ref, sq_smem, mat_bar)
         issue(0, 0)
-
-        @pl.when(count > 1)
-        def _():
-            issue(1, 1)
 
         plgpu.barrier_wait(mat_bar)
 
@@ -526,9 +540,14 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
             tile, h, start = item(i)
             slots = slots_smem.at[buf]
             plgpu.barrier_wait(key_bar.at[buf])
-            n_f16, n2, field = keys_in(key_smem.at[buf], slots, tile, start)
+            n_f16, n2, field = keys_in(key_smem, slots, tile, start)
             plgpu.barrier_wait(value_bar.at[buf])
-            values(value_smem.at[buf], slots, vc_ref, vs_ref, tile, start, h)
+            values(value_smem, slots, vc_ref, vs_ref, tile, start, h)
+            sync()  # key and value read: the next item's copies overwrite them while this item's keys finish
+
+            @pl.when(i + 1 < count)
+            def _():
+                issue(i + 1, 1 - buf)  # its slots into the other buffer (this item's keys_out reads these)
 
             def rotate(acc_ref):
                 plgpu.wgmma(acc_ref, n_f16, plgpu.transpose_ref(mat_smem, (1, 0)))
@@ -536,17 +555,12 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
 
             z = pl.run_scoped(rotate, plgpu.ACC((TOKENS, d), jnp.float32))
             keys_out(z, n2, field, slots, sq_smem, kc_ref, ks_ref, tile, start, h)
-            sync()
-
-            @pl.when(i + 2 < count)
-            def _():
-                issue(i + 2, buf)  # the copies of item i + 1 were issued a step ago
 
             return carry
 
         lax.fori_loop(0, count, step, 0)
 
-    scratch = (plgpu.SMEM((2, TOKENS, d), jnp.bfloat16), plgpu.SMEM((2, TOKENS, d), jnp.bfloat16),
+    scratch = (plgpu.SMEM((TOKENS, d), jnp.bfloat16), plgpu.SMEM((TOKENS, d), jnp.bfloat16),
                plgpu.SMEM((2, TOKENS), jnp.int32), plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE),
                plgpu.SMEM((32,), jnp.int32),
                plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
@@ -559,6 +573,15 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
             pl.run_scoped(functools.partial(kernel, *refs), *scratch)
 
     return call
+
+
+def num_programs(items: int, cores: int) -> int:
+    """Persistent programs for ``items`` work items on ``cores`` multiprocessors: as many rounds as
+    :data:`PROGRAMS_PER_CORE` resident programs a multiprocessor need, and the fewest programs that finish in that
+    many (each takes ``rounds`` or ``rounds - 1`` items; 512 items on 132 multiprocessors: 256 programs of 2, not
+    396 of which 116 take a second item while the rest idle)."""
+    rounds = -(-items // (PROGRAMS_PER_CORE * cores))
+    return -(-items // rounds)
 
 
 def _num_cores() -> int:
