@@ -1,7 +1,7 @@
 """A/B timing of the Pallas store's kernels (``tqjax.pallas.store``: Triton; ``tqjax.pallas.store_mgpu``: Mosaic GPU)
 on the same inputs, with their differences from the reference store.
 
-    python -m experiments.store_compare [--presets turboquant_4bit_nc ...] [--tokens 4096 16384]
+    python -m experiments.store_compare [--presets turboquant_4bit_nc ...] [--tokens 4096 16384] [--once]
 
 For each preset and N (Hk=8, D=128, block 16, random distinct slots, bf16 keys and values): each kernel stores
 into a fresh cache once, and its arrays are compared with ``tqjax.reference.store_reference`` jitted on the same
@@ -46,6 +46,21 @@ def differences(got: dict, ref: dict) -> dict:
     return out
 
 
+def once(a) -> None:
+    """Each preset's Mosaic store of ``a.tokens[0]`` tokens, twice (compile, then the run to profile)."""
+    rng = np.random.default_rng(0)
+    n = a.tokens[0]
+    for name in a.presets:
+        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+        k, v = (jnp.asarray(rng.standard_normal((n, a.hk, 128)), jnp.bfloat16) for _ in range(2))
+        num_blocks = 2 * n // a.block_size + 8
+        slots = jnp.asarray(rng.permutation(num_blocks * a.block_size)[:n].astype(np.int32))
+        cache = tqjax.PagedKVCache.allocate(cfg, num_blocks, a.block_size, a.hk)
+        for _ in range(2):
+            cache = jax.block_until_ready(store_mgpu.store_mgpu(cache, k, v, slots))
+        print(f"{name}: stored {n} tokens twice", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+",
@@ -53,9 +68,15 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--hk", type=int, default=8)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--once", action="store_true",
+                   help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
+                        "profiler: ncu -k regex:tq_store_mgpu --launch-skip 1 -c 1 ...)")
     a = p.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
+    if a.once:
+        once(a)
+        return
     dev = device_description()
     print(dev, flush=True)
     bw = copy_bandwidth()
