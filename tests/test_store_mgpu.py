@@ -93,20 +93,6 @@ def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
     assert not table[half:].any()
 
 
-@pytest.mark.parametrize("cores", [132, 114, 8])
-def test_num_programs_balances_the_rounds(cores: int) -> None:
-    """Persistent programs: at most PROGRAMS_PER_CORE a multiprocessor, the fewest rounds, and then the fewest
-    programs: every program takes ``rounds`` or ``rounds - 1`` items, none idles."""
-    cap = store_mgpu.PROGRAMS_PER_CORE * cores
-    for items in list(range(1, 3 * cap)) + [2048, 4096, 10**5 + 7]:
-        programs = store_mgpu.num_programs(items, cores)
-        rounds = -(-items // cap)
-        counts = [len(range(p, items, programs)) for p in range(programs)]  # the kernel's items p, p + programs, ..
-        assert programs <= cap, (items, programs)
-        assert max(counts) == rounds and min(counts) >= rounds - 1 and min(counts) >= 1, (items, programs, counts)
-    assert store_mgpu.num_programs(512, 132) == 256  # 4096 tokens x 8 heads: 2 rounds, not 396 programs
-
-
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
 def test_refused_off_hopper() -> None:
     cfg = _config("turboquant_4bit_nc")

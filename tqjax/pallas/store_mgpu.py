@@ -5,11 +5,11 @@ key's store in instructions Triton's layouts impose (per-row scalars replicated 
 packed through reshapes) and leaves the fp16 key norms to XLA after it (a reduction over the packed words and a
 scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole words:
 
-- work item = 64 tokens of one KV head; persistent programs of one warpgroup, up to 3 a multiprocessor
-  (:func:`num_programs`), each taking every ``programs``-th item (heads fastest); once an item's key and value
-  rows are in registers, the next item's copies fill the same shared memory while this item's keys are rotated
-  and stored (one buffer each: 67.6 KB a program); the +-1 matrix is copied once per program. Copies (TMA)
-  alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
+- work item = 64 tokens of one KV head; persistent programs of one warpgroup, up to 3 a multiprocessor,
+  each taking every ``programs``-th item (heads fastest); once an item's key and value rows are in registers,
+  the next item's copies fill the same shared memory while this item's keys are rotated and stored (one
+  buffer each: 67.6 KB a program); the +-1 matrix is copied once per program. Copies (TMA) alone read the
+  inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
 - thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
   and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128): four 16-byte shared-memory
   loads a row of the key and of the value;
@@ -75,7 +75,7 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "num_programs", "on_hopper", "refusal", "rotation_operand",
+__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "on_hopper", "refusal", "rotation_operand",
            "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
@@ -465,8 +465,8 @@ def _value_scalars(hi, lo, levels: int):
 
 def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
     """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
-    value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs (:func:`num_programs`), each
-    storing every ``programs``-th (tile, head); an item's key and value are read from shared memory first, then
+    value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, up to
+    :data:`PROGRAMS_PER_CORE` a multiprocessor, each storing every ``programs``-th (tile, head); an item's key and value are read from shared memory first, then
     the next item's copies are issued into the same buffers while this item's keys are rotated and stored."""
     d = cfg.head_dim
     q = key_codec(cfg).quantizers[0]
@@ -508,7 +508,7 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         mgpu.utils.warpgroup_barrier()
 
     total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
-    programs = num_programs(total, _num_cores())
+    programs = min(total, PROGRAMS_PER_CORE * _num_cores())
 
     def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
                key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
@@ -573,15 +573,6 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
             pl.run_scoped(functools.partial(kernel, *refs), *scratch)
 
     return call
-
-
-def num_programs(items: int, cores: int) -> int:
-    """Persistent programs for ``items`` work items on ``cores`` multiprocessors: as many rounds as
-    :data:`PROGRAMS_PER_CORE` resident programs a multiprocessor need, and the fewest programs that finish in that
-    many (each takes ``rounds`` or ``rounds - 1`` items; 512 items on 132 multiprocessors: 256 programs of 2, not
-    396 of which 116 take a second item while the rest idle)."""
-    rounds = -(-items // (PROGRAMS_PER_CORE * cores))
-    return -(-items // rounds)
 
 
 def _num_cores() -> int:
