@@ -10,6 +10,8 @@ updated in place.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ from tqjax.pallas.decode_mgpu import key_channel_order, on_hopper
 from tqjax.pallas.store import choose_implementation, store
 from tqjax.reference import store_reference
 
-PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc")
+PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc", "turboquant_k3p5v4", "turboquant_k2p5v4")
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 _reference_jit = jax.jit(store_reference)
 
@@ -51,7 +53,7 @@ def test_kernel_lowers_for_cuda(name: str, n: int, block_size: int) -> None:
 @pytest.mark.parametrize("name, head_dim, reason", [
     ("turboquant_k8v4", 128, "fp8 keys"),
     ("turboquant_kqjl4v4", 128, "prod keys"),
-    ("turboquant_k3p5v4", 128, "split keys"),
+    ("turboquant_k3p5v4", 64, "head_dim 64"),
     ("turboquant_4bit_nc", 64, "head_dim 64"),
     ("turboquant_4bit_nc", 256, "head_dim 256"),
 ])
@@ -66,17 +68,30 @@ def test_haar_rotation_is_not_taken() -> None:
     assert "rotation" in store_mgpu.unsupported(cfg)
 
 
+def test_calibrated_outliers_and_uncorrected_norms_are_not_taken() -> None:
+    outliers = tuple(range(1, 128, 2))  # odd channels: a gather, not the first half
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_k3p5v4", 128, outlier_channels=outliers)
+    assert "calibrated" in store_mgpu.unsupported(cfg)
+    cfg = dataclasses.replace(_config("turboquant_4bit_nc"), norm_correction=False)
+    assert "norm correction" in store_mgpu.unsupported(cfg)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_rotation_operand_gives_each_thread_its_channels(name: str) -> None:
     """With the left operand's columns in key_channel_order, the product with the operand (stored as B^T) is the
     quantizer's integer rotation ``n @ M^T`` with its columns in the same order, exactly."""
     cfg = _config(name)
-    q = key_codec(cfg).quantizers[0]
+    codec = key_codec(cfg)
     order = key_channel_order(128)
     rng = np.random.default_rng(0)
     n = rng.integers(-(2**11), 2**11 + 1, (64, 128)).astype(np.float64)
     got = n[:, order] @ store_mgpu.rotation_operand(cfg).astype(np.float64).T
-    np.testing.assert_array_equal(got, (n @ np.asarray(q.pm1, np.float64).T)[:, order])
+    # each key segment's channels rotated by its own +-1 matrix (split keys: two halves, two matrices)
+    expected = np.zeros_like(n)
+    for i, seg in enumerate(cfg.key_segments):
+        at = list(seg.channels)
+        expected[:, at] = n[:, at] @ np.asarray(codec.quantizers[i].pm1, np.float64).T
+    np.testing.assert_array_equal(got, expected[:, order])
     # thread lane % 4 = c holds columns 8j + 2c + e, j < 16: channels 32c .. 32c + 31, in order
     for c in range(4):
         cols = [8 * j + 2 * c + e for j in range(16) for e in range(2)]
@@ -85,12 +100,16 @@ def test_rotation_operand_gives_each_thread_its_channels(name: str) -> None:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
-    q = key_codec(_config(name)).quantizers[0]
-    table = store_mgpu.square_table(_config(name))
-    half = len(q._squares) // 2
-    for m in range(half):  # count m of positive limits below: code half + m (z > 0) or half - 1 - m
-        assert table[m] == q._squares[half + m] == q._squares[half - 1 - m]
-    assert not table[half:].any()
+    cfg = _config(name)
+    table = store_mgpu.square_table(cfg)
+    used = np.zeros(32, bool)
+    for i in range(len(cfg.key_segments)):  # segment i's squares from entry 16 i
+        q = key_codec(cfg).quantizers[i]
+        half = len(q._squares) // 2
+        for m in range(half):  # count m of positive limits below: code half + m (z > 0) or half - 1 - m
+            assert table[16 * i + m] == q._squares[half + m] == q._squares[half - 1 - m]
+        used[16 * i:16 * i + half] = True
+    assert not table[~used].any()
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")

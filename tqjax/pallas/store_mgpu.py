@@ -65,6 +65,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
+from tqjax.packing import bit_fields
 from tqjax.pallas.decode_mgpu import (
     _F16_TILE,
     _ir,
@@ -89,14 +90,17 @@ def unsupported(config: TurboQuantConfig) -> str | None:
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
     segs = config.key_segments
-    if config.key_format != "mse" or len(segs) != 1 or segs[0].bits not in (3, 4):
-        bits = [s.bits for s in segs]
-        return f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys)"
-    q = key_codec(config).quantizers[0]
-    if not q.exact:
+    bits = [s.bits for s in segs]
+    if config.key_format == "mse" and bits not in ([3], [4]) or config.key_format == "split" and (
+            bits not in ([4, 3], [3, 2])) or config.key_format not in ("mse", "split"):
+        return (f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys and the "
+                "3.5- and 2.5-bit split keys)")
+    if not all(key_codec(config).quantizers[i].exact for i in range(len(segs))):
         return f"a {config.rotation} rotation (the Mosaic store codes Hadamard rotations exactly)"
-    if segs[0].channel_run != 0:
-        return "calibrated key channels"
+    if [s.channel_run for s in segs] != [i * config.head_dim // len(segs) for i in range(len(segs))]:
+        return "calibrated key channels (the Mosaic store takes the outliers as the first half)"
+    if not config.norm_correction:
+        return "keys without norm correction (the Mosaic store forms corrected norms)"
     if config.value_bits not in (3, 4):
         return f"{config.value_bits}-bit values (the Mosaic store takes 3 or 4)"
     return None
@@ -104,24 +108,30 @@ def unsupported(config: TurboQuantConfig) -> str | None:
 
 def rotation_operand(config: TurboQuantConfig) -> np.ndarray:
     """float16 [D, D]: the rotation's right operand, stored transposed (``B^T``) in shared memory: the +-1
-    matrix ``M`` (``z = n M^T``) with its rows and columns in :func:`key_channel_order`, so that the left
-    operand's column k is channel ``order[k]`` of ``n`` and the product's column j is channel ``order[j]`` of
-    ``z`` (each thread holds its own 32 channels on both sides)."""
+    matrix ``M`` (``z = n M^T``; block diagonal for split keys, one block a segment) with its rows and columns in
+    :func:`key_channel_order`, so that the left operand's column k is channel ``order[k]`` of ``n`` and the
+    product's column j is channel ``order[j]`` of ``z`` (each thread holds its own 32 channels on both sides)."""
+    codec = key_codec(config)
+    m = np.zeros((config.head_dim, config.head_dim), np.float32)
+    for i, seg in enumerate(config.key_segments):
+        at = np.asarray(seg.channels)
+        m[np.ix_(at, at)] = codec.quantizers[i].pm1
     order = key_channel_order(config.head_dim)
-    return np.asarray(key_codec(config).quantizers[0].pm1, np.float16)[np.ix_(order, order)]
+    return m.astype(np.float16)[np.ix_(order, order)]
 
 
 def square_table(config: TurboQuantConfig) -> np.ndarray:
-    """int32 [32] (a copy of at least 128 bytes): entry m (< 2**(bits - 1)) the fixed-point square of the
-    centroids ``half + m`` and ``half - 1 - m`` (equal: the codebooks are odd), the rest 0; ``m`` is the search's
-    count of positive limits below the element (``tqjax.quantizers.TurboQuantMSE.stored_norm`` sums these)."""
-    q = key_codec(config).quantizers[0]
-    squares = np.asarray(q._squares, np.int64)
-    half = len(squares) // 2
-    if not np.array_equal(squares, squares[::-1]):
-        raise ValueError("the Mosaic store needs an odd codebook (symmetric squares)")
+    """int32 [32] (a copy of at least 128 bytes): entry ``16 s + m`` (``m < 2**(bits - 1)``) the fixed-point
+    square of segment s's centroids ``half + m`` and ``half - 1 - m`` (equal: the codebooks are odd), the rest 0;
+    ``m`` is the search's count of positive limits below the element
+    (``tqjax.quantizers.TurboQuantMSE.stored_norm`` sums these)."""
     out = np.zeros(32, np.int32)
-    out[:half] = squares[half:]
+    for i in range(len(config.key_segments)):
+        squares = np.asarray(key_codec(config).quantizers[i]._squares, np.int64)
+        half = len(squares) // 2
+        if not np.array_equal(squares, squares[::-1]):
+            raise ValueError("the Mosaic store needs an odd codebook (symmetric squares)")
+        out[16 * i:16 * i + half] = squares[half:]
     return out
 
 
@@ -159,20 +169,29 @@ def _i64(x):
     return arith.extsi(ir.IntegerType.get_signless(64), x)
 
 
-def _store_words(ref, offset, words: list) -> None:
-    """``words`` (1, 2 or 4 i32) at i32 word ``offset`` (i64, aligned to the store) of GMEM ``ref``."""
-    ir, _, llvm, _, vector = _ir()
-    i32 = _types()[0]
-    ptr = _global_ptr(ref, offset, i32)
-    if len(words) == 1:
-        llvm.store(words[0], ptr)
-    else:
-        llvm.store(vector.from_elements(ir.VectorType.get((len(words),), i32), words), ptr)
+def _store_words(ref, offset, words: list, chunk: int) -> None:
+    """``words`` (i32) at i32 word ``offset`` (i64) of GMEM ``ref``, in stores of ``chunk`` (1, 2 or 4) words
+    (``offset`` a multiple of ``chunk`` words)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32, i64, _ = _types()
+    for k in range(0, len(words), chunk):
+        ptr = _global_ptr(ref, arith.addi(offset, mgpu.utils.c(k, i64)) if k else offset, i32)
+        part = words[k:k + chunk]
+        if len(part) == 1:
+            llvm.store(part[0], ptr)
+        else:
+            llvm.store(vector.from_elements(ir.VectorType.get((len(part),), i32), part), ptr)
 
 
-def _quad(x, op: str):
-    """``op`` (a two-operand PTX instruction on 32-bit registers) across the 4 lanes of this lane's quad."""
-    for dist in (1, 2):
+def _chunk(*word_counts: int) -> int:
+    """The widest store (1, 2 or 4 words) that every count divides into: the rows', fields' and runs' lengths."""
+    return next(c for c in (4, 2, 1) if all(n % c == 0 for n in word_counts))
+
+
+def _quad(x, op: str, lanes: int = 4):
+    """``op`` (a two-operand PTX instruction on 32-bit registers) across ``lanes`` (4: this lane's quad; 2: its
+    half of the quad, a key segment's lanes for split keys)."""
+    for dist in (1, 2)[:lanes.bit_length() - 1]:
         x = _op2(op, x, mgpu.utils.shfl_bfly(x, dist))
     return x
 
@@ -211,6 +230,16 @@ class _Row:
         self.offset = arith.remui(slot, mgpu.utils.c(block_size, i64))
         self.first = arith.cmpi(arith.CmpIPredicate.eq, self.lane4, _ci(0))
 
+    def segment(self, segments: int) -> tuple:
+        """(this thread's key segment (i32), its lane among the segment's ``4 // segments``, whether it is the
+        segment's first lane): the lanes of a quad hold channels 32 c .. 32 c + 31, a segment 128 // segments."""
+        _, arith, *_ = _ir()
+        if segments == 1:
+            return _ci(0), self.lane4, self.first
+        lanes = 4 // segments
+        lane = arith.remui(self.lane4, _ci(lanes))
+        return arith.divui(self.lane4, _ci(lanes)), lane, arith.cmpi(arith.CmpIPredicate.eq, lane, _ci(0))
+
     def input_words(self, tile_smem, dim: int) -> list:
         """The thread's 16 words (bf16 pairs: channels 32c + 2i, + 1 in word i) of its row of a row-major bf16
         [64, D] tile in shared memory, in 16-byte loads."""
@@ -237,39 +266,40 @@ class _Row:
         return arith.addi(arith.muli(at, c(row_len)), start)
 
 
-def _pack(codes: list, bits: int, lane4) -> list:
-    """The thread's 32 codes (channel 32c + i: ``codes[i]``, i32) -> [(word index (i32), [words])] of the
-    cache row (:func:`tqjax.packing.pack_codes`: the 1-bit field's D/32 words, then the 2-bit field's; or the
-    4-bit field), each run stored at once."""
+def _pack(codes: list, bits: int, lane, seg_dim: int, word_start: int) -> list:
+    """The thread's 32 codes (channel 32 lane + i of a key segment (or of the value): ``codes[i]``, i32) ->
+    [(constant word index, word index (i32), [words])] of the cache row (:func:`tqjax.packing.pack_codes` of the
+    segment's ``seg_dim`` codes at word ``word_start``: its ``bit_fields`` one after the other, each
+    ``seg_dim * width / 32`` words, ``width`` of them this thread's)."""
     _, arith, *_ = _ir()
     out = []
-    start = 0
-    fields = ((4, 0),) if bits == 4 else ((1, 0), (2, 1))
-    for width, shift in fields:
+    start = word_start
+    for width, shift in bit_fields(bits):
         per_word = 32 // width
         words = []
-        for w in range(32 // per_word):
+        for w in range(width):
             word = None
             for i in range(per_word):
                 code = codes[w * per_word + i]
                 if shift:
                     code = arith.shrui(code, _ci(shift))
-                if width < 4 or shift:
+                if bits - shift > width:
                     code = arith.andi(code, _ci((1 << width) - 1))
                 if i:
                     code = arith.shli(code, _ci(width * i))
                 word = code if word is None else arith.ori(word, code)
             words.append(word)
-        out.append((arith.addi(_ci(start), arith.muli(lane4, _ci(len(words)))), words))
-        start += 4 * len(words)  # D/32 threads' runs of this field: 128 channels / width words in all
+        out.append((start, arith.addi(_ci(start), arith.muli(lane, _ci(width))), words))
+        start += seg_dim * width // 32
     return out
 
 
-def _search(s_bits, up, limits: list) -> tuple:
+def _search(s_bits, up, limits: list, half) -> tuple:
     """(code, count) of elements with ``s_bits`` = the bits of ``|z| z`` masked to magnitude plus ``[z <= 0]``,
-    ``up`` = ``z |z| > 0``, against the row's ascending positive limits (bit patterns, ``2**m - 1`` of them):
-    count = #{limits below}, by binary search (:func:`tqjax.pallas.store._count_below`), code = half + count
-    or half - 1 - count."""
+    ``up`` = ``z |z| > 0``, against the row's ascending positive limits (bit patterns, ``2**m - 1`` of them; a
+    segment of fewer bits has its list padded with ``0x7FFFFFFF``, above every element): count = #{limits
+    below}, by binary search (:func:`tqjax.pallas.store._count_below`), code = half + count or half - 1 - count
+    (``half`` = 2**(bits - 1): an int, or the thread's segment's as i32)."""
     _, arith, *_ = _ir()
     m = (len(limits) + 1).bit_length() - 1
     count = _ci(0)
@@ -283,8 +313,9 @@ def _search(s_bits, up, limits: list) -> tuple:
             selector *= 2
         above = arith.cmpi(arith.CmpIPredicate.sgt, s_bits, options[0])
         count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
-    half = 1 << m
-    code = arith.select(up, arith.addi(count, _ci(half)), arith.subi(_ci(half - 1), count))
+    below = _ci(half - 1) if isinstance(half, int) else arith.subi(half, _ci(1))
+    half = _ci(half) if isinstance(half, int) else half
+    code = arith.select(up, arith.addi(count, half), arith.subi(below, count))
     return code, count
 
 
@@ -293,10 +324,11 @@ def _search(s_bits, up, limits: list) -> tuple:
 
 def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
     """Snap this thread's key elements to the grid: (float16 [64, D] WGMMA-layout registers of ``n``, for each
-    row (``||n||**2`` i32, grid field i32))."""
+    row (``||n||**2`` i32, grid field i32) of the thread's key segment)."""
     ir, arith, _, _, vector = _ir()
     i32, _, f32 = _types()
     d = cfg.head_dim
+    lanes = 4 // len(cfg.key_segments)
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((TOKENS, d)), dtype=object)
     stats = []
     for r, row in enumerate(rows):
@@ -306,7 +338,7 @@ def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
             mag = arith.andi(w, _ci(0x7FFF7FFF))
             top = mag if top is None else _op2("max.u16x2", top, mag)
         top = arith.maxui(arith.andi(top, _ci(0xFFFF)), arith.shrui(top, _ci(16)))
-        top = arith.shrui(_quad(top, "max.u32"), _ci(7))  # the float32 exponent field of max |x|
+        top = arith.shrui(_quad(top, "max.u32", lanes), _ci(7))  # the float32 exponent field of max |x|
         field = arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
         scale = _bits_f32(arith.shli(field, _ci(23)))
         n2 = _ci(0)
@@ -321,7 +353,7 @@ def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
             packed = _asm(i32, [pair[1], pair[0]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
             regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)] = vector.bitcast(
                 ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
-        stats.append((_quad(n2, "add.u32"), field))
+        stats.append((_quad(n2, "add.u32", lanes), field))
     n_f16 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
     return n_f16, stats
 
@@ -352,22 +384,45 @@ def _after(x, dep):
 def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squares_ref, kc_ref, ks_ref, h,
               cfg: TurboQuantConfig, num_pages: int, block_size: int) -> None:
     """Bucketize, pack and store the rotated keys ``z`` (float32 [64, D], WGMMA layout, channels in
-    :func:`key_channel_order`) and their fp16 norms. Every ``_CHAIN`` register pairs of a row are bucketized
-    after the previous ones (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32
-    searches of a row and keeps their sign predicates in registers (217 registers, 2 programs a multiprocessor
-    for 4-bit keys; chained: 153, 3)."""
+    :func:`key_channel_order`) and their fp16 norms, one a key segment (split keys: lanes ``c < 2`` hold the
+    outliers, ``c >= 2`` the rest; their limits, halves and squares picked per lane, the search as deep as the
+    wider segment's). Every ``_CHAIN`` register pairs of a row are bucketized after the previous ones
+    (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32 searches of a row and
+    keeps their sign predicates in registers (217 registers, 2 programs a multiprocessor for 4-bit keys;
+    chained: 153, 3)."""
     ir, arith, llvm, _, vector = _ir()
     i32, _, f32 = _types()
-    q = key_codec(cfg).quantizers[0]
-    bits = cfg.key_segments[0].bits
-    half = 1 << (bits - 1)
-    positive = np.asarray(q.thresholds, np.float32)[half:]  # the limits above the middle one (0)
+    i16 = ir.IntegerType.get_signless(16)
+    segs = cfg.key_segments
+    qs = [key_codec(cfg).quantizers[i] for i in range(len(segs))]
+    lanes = 4 // len(segs)
+    # per segment: the positive limits t_j (those above the middle one, 0), padded to the widest segment's
+    positive = [np.asarray(q.thresholds, np.float32)[1 << (seg.bits - 1):] for q, seg in zip(qs, segs)]
+    num_limits = max(len(p) for p in positive)
     regs = np.array(z.registers, dtype=object)
-    sq_ptr = mgpu.utils.memref_ptr(squares_ref)
     key_words = cfg.key_words
     for r, row in enumerate(rows):
+        seg, lane, seg_first = row.segment(len(segs))
+        other = arith.cmpi(arith.CmpIPredicate.ne, seg, _ci(0)) if len(segs) > 1 else None
+
+        def per_lane(values, ty=f32, other=other):  # segment 0's value, or segment 1's where this lane is there
+            make = (lambda v: arith.constant(ty, v)) if ty is f32 else _ci
+            return make(values[0]) if other is None or values[0] == values[1] else arith.select(
+                other, make(values[1]), make(values[0]))
+
         n2f = arith.sitofp(f32, n2s[r])
-        limits = [_bits_i32(arith.mulf(n2f, arith.constant(f32, float(t)))) for t in positive]
+        limits = []
+        for j in range(num_limits):
+            ts = [float(p[j]) if j < len(p) else None for p in positive]
+            assert ts[0] is not None  # segment 0 (the outliers) is the wider
+            bits_j = _bits_i32(arith.mulf(n2f, per_lane([t if t is not None else ts[0] for t in ts])))
+            if None in ts:  # the narrower segment's list ends: its lanes compare with 0x7FFFFFFF
+                bits_j = arith.select(other, _ci(0x7FFFFFFF), bits_j)
+            limits.append(bits_j)
+        half = per_lane([1 << (seg_.bits - 1) for seg_ in segs], i32) if len(segs) > 1 else 1 << (segs[0].bits - 1)
+        sq_ptr = mgpu.utils.memref_ptr(squares_ref)
+        if len(segs) > 1:  # segment s's squares at 16 s (square_table)
+            sq_ptr = mgpu.utils.getelementptr(sq_ptr, [arith.muli(seg, _ci(16))], i32)
         codes, total = [], n2s[r]  # the squares' sum (less n2: see below)
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
@@ -379,27 +434,32 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 up = arith.cmpf(arith.CmpFPredicate.OGT, s, arith.constant(f32, 0.0))
                 s_bits = arith.addi(arith.andi(_bits_i32(s), _ci(0x7FFFFFFF)),
                                     arith.select(up, _ci(0), _ci(1)))
-                code, count = _search(s_bits, up, limits)
+                code, count = _search(s_bits, up, limits, half)
                 codes.append(code)
                 sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [count], i32))
                 total = arith.addi(total, sq)
-        total = _quad(arith.subi(total, n2s[r]), "add.u32")
-        with mgpu.utils.when(row.valid):
-            for start, words in _pack(codes, bits, row.lane4):
-                _store_words(kc_ref, row.cache_at(h, num_pages, block_size, key_words, start), words)
-            with mgpu.utils.when(row.first):
-                # stored_norm: sqrt(n2) * step / max(sqrt(total * 2**-s), tiny), min(FP16_MAX), to fp16
-                step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
-                length = arith.mulf(arith.sitofp(f32, total), arith.constant(f32, 2.0 ** -q._square_shift))
-                norm16 = _asm(
-                    i32, [n2f, step, length, arith.constant(f32, float(np.float32(_TINY))),
-                          arith.constant(f32, float(FP16_MAX))],
-                    "{ .reg .f32 a, b; .reg .b16 h; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2; sqrt.rn.f32 b, $3;"
-                    " max.f32 b, b, $4; div.rn.f32 a, a, b; min.NaN.f32 a, a, $5; cvt.rn.f16.f32 h, a;"
-                    " cvt.u32.u16 $0, h; }",
-                    "=r,f,f,f,f,f")
-                ptr = _global_ptr(ks_ref, row.cache_at(h, num_pages, block_size, 1, 0), ir.IntegerType.get_signless(16))
-                llvm.store(arith.trunci(ir.IntegerType.get_signless(16), norm16), ptr)
+        total = _quad(arith.subi(total, n2s[r]), "add.u32", lanes)
+        for k, seg_ in enumerate(segs):
+            here = row.valid if other is None else arith.andi(
+                row.valid, arith.cmpi(arith.CmpIPredicate.eq, seg, _ci(k)))
+            with mgpu.utils.when(here):
+                for start, at, words in _pack(codes, seg_.bits, lane, seg_.dim, seg_.word_start):
+                    chunk = _chunk(key_words, start, len(words))
+                    _store_words(kc_ref, row.cache_at(h, num_pages, block_size, key_words, at), words, chunk)
+        with mgpu.utils.when(arith.andi(row.valid, seg_first)):
+            # stored_norm: sqrt(n2) * step / max(sqrt(total * 2**-s), tiny), min(FP16_MAX), to fp16
+            step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
+            length = arith.mulf(arith.sitofp(f32, total), per_lane([2.0 ** -q._square_shift for q in qs]))
+            norm16 = _asm(
+                i32, [n2f, step, length, arith.constant(f32, float(np.float32(_TINY))),
+                      arith.constant(f32, float(FP16_MAX))],
+                "{ .reg .f32 a, b; .reg .b16 h; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2; sqrt.rn.f32 b, $3;"
+                " max.f32 b, b, $4; div.rn.f32 a, a, b; min.NaN.f32 a, a, $5; cvt.rn.f16.f32 h, a;"
+                " cvt.u32.u16 $0, h; }",
+                "=r,f,f,f,f,f")
+            at = row.cache_at(h, num_pages, block_size, len(segs), seg if other is not None else 0)
+            ptr = _global_ptr(ks_ref, at, i16)
+            llvm.store(arith.trunci(i16, norm16), ptr)
 
 
 def _abs(x):
@@ -440,8 +500,9 @@ def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, nu
                 codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000;"
                                             f" cvt.rmi.u32.f32 $0, s; min.u32 $0, $0, {levels}; }}", "=r,f"))
         with mgpu.utils.when(row.valid):
-            for start, words_out in _pack(codes, cfg.value_bits, row.lane4):
-                _store_words(vc_ref, row.cache_at(h, num_pages, block_size, value_words, start), words_out)
+            for start, at, words_out in _pack(codes, cfg.value_bits, row.lane4, d, 0):
+                _store_words(vc_ref, row.cache_at(h, num_pages, block_size, value_words, at), words_out,
+                             _chunk(value_words, start, len(words_out)))
             with mgpu.utils.when(row.first):
                 pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
                 llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
@@ -466,10 +527,13 @@ def _value_scalars(hi, lo, levels: int):
 def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
     """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
     value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, up to
-    :data:`PROGRAMS_PER_CORE` a multiprocessor, each storing every ``programs``-th (tile, head); an item's key and value are read from shared memory first, then
-    the next item's copies are issued into the same buffers while this item's keys are rotated and stored."""
+    :data:`PROGRAMS_PER_CORE` a multiprocessor, each storing every ``programs``-th (tile, head); an item's key
+    and value are read from shared memory first, then the next item's copies are issued into the same buffers
+    while this item's keys are rotated and stored."""
     d = cfg.head_dim
-    q = key_codec(cfg).quantizers[0]
+    grid = {key_codec(cfg).quantizers[i].grid_bits for i in range(len(cfg.key_segments))}
+    assert len(grid) == 1, grid  # one grid for every segment (grid_bits(64) == grid_bits(128) == 11)
+    grid_bits = grid.pop()
     num_slots = num_pages * block_size
     rows_len = max(n, TOKENS)  # the inputs' tokens (padded)
     splat = plgpu.Layout.WG_SPLAT(())
@@ -485,7 +549,7 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
                                     rows_ty, rows_ty))
     def keys_in(ctx, key_smem, slots_smem, tile, start):
         del ctx
-        n_f16, stats = _keys_in(rows_of(tile, start, slots_smem), key_smem, cfg, q.grid_bits)
+        n_f16, stats = _keys_in(rows_of(tile, start, slots_smem), key_smem, cfg, grid_bits)
         return n_f16, _rows_array([s[0] for s in stats]), _rows_array([s[1] for s in stats])
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4 + (splat,) * 3)
