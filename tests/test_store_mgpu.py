@@ -22,6 +22,7 @@ from test_pallas_store import _inputs, _slots, _to_numpy
 import tqjax
 from tqjax.codec import key_codec
 from tqjax.layout import PagedKVCache
+from tqjax.packing import pack_codes
 from tqjax.pallas import store_mgpu
 from tqjax.pallas.decode_mgpu import key_channel_order, on_hopper
 from tqjax.pallas.store import choose_implementation, store
@@ -110,6 +111,41 @@ def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
             assert table[16 * i + m] == q._squares[half + m] == q._squares[half - 1 - m]
         used[16 * i:16 * i + half] = True
     assert not table[~used].any()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_threads_words_make_the_packed_rows(name: str) -> None:
+    """Each thread packs its 32 codes (channels 32 c .. of a quad lane c: a key segment's lane c % (4 / segments))
+    field by field and stores them where field_runs says: the rows are the codec's (pack_codes of each segment),
+    every word written once, every store aligned to its width."""
+    cfg = _config(name)
+    rng = np.random.default_rng(3)
+    segs = cfg.key_segments
+    lanes = 4 // len(segs)
+    key = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
+    codes = [np.asarray(c) for c in key_codec(cfg).mse_codes(key)[0]]  # per segment [5, seg.dim]
+    expected_keys = np.asarray(key_codec(cfg).encode(key)[0])
+    values = rng.integers(0, 1 << cfg.value_bits, (5, 128))
+    expected_values = np.asarray(pack_codes(jnp.asarray(values, jnp.uint32), cfg.value_bits))
+    cases = [(expected_keys, [(seg.bits, seg.dim, seg.word_start, c) for seg, c in zip(segs, codes)], lanes),
+             (expected_values, [(cfg.value_bits, 128, 0, values)], 4)]
+    for expected, pieces, lanes_per in cases:
+        row_words = expected.shape[-1]
+        got = np.zeros_like(expected)
+        written = np.zeros(row_words, int)
+        for bits, dim, word_start, seg_codes in pieces:
+            for lane in range(lanes_per):
+                mine = seg_codes[:, 32 * lane:32 * lane + 32]
+                words = np.asarray(pack_codes(jnp.asarray(mine, jnp.uint32), bits))  # field by field, 32 codes
+                first = 0
+                for width, _shift, start, chunk in store_mgpu.field_runs(bits, dim, word_start, row_words):
+                    at = start + lane * width
+                    got[:, at:at + width] = words[:, first:first + width]
+                    written[at:at + width] += 1
+                    first += width
+                    assert row_words % chunk == 0 and at % chunk == 0 and width % chunk == 0, (name, bits, start)
+        np.testing.assert_array_equal(written, 1)
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")

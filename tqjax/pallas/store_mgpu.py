@@ -76,7 +76,7 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "on_hopper", "refusal", "rotation_operand",
+__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "field_runs", "on_hopper", "refusal", "rotation_operand",
            "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
@@ -266,32 +266,50 @@ class _Row:
         return arith.addi(arith.muli(at, c(row_len)), start)
 
 
-def _pack(codes: list, bits: int, lane, seg_dim: int, word_start: int) -> list:
-    """The thread's 32 codes (channel 32 lane + i of a key segment (or of the value): ``codes[i]``, i32) ->
-    [(constant word index, word index (i32), [words])] of the cache row (:func:`tqjax.packing.pack_codes` of the
-    segment's ``seg_dim`` codes at word ``word_start``: its ``bit_fields`` one after the other, each
-    ``seg_dim * width / 32`` words, ``width`` of them this thread's)."""
-    _, arith, *_ = _ir()
+def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int) -> list[tuple[int, int, int, int]]:
+    """Where a thread's words of one key segment (or of the value) go in the cache row, host-side: ``[(width,
+    shift, start, chunk)]``, one per :func:`tqjax.packing.bit_fields` of ``bits``: the field's ``seg_dim * width /
+    32`` words start at word ``start`` of the ``row_words``-word row, the thread's ``width`` of them (its 32
+    codes: channels ``32 lane .. 32 lane + 31`` of the segment) at ``start + lane * width``, stored ``chunk``
+    words at a time (the widest store every row, field and run start is aligned to)."""
     out = []
     start = word_start
     for width, shift in bit_fields(bits):
-        per_word = 32 // width
-        words = []
-        for w in range(width):
-            word = None
-            for i in range(per_word):
-                code = codes[w * per_word + i]
-                if shift:
-                    code = arith.shrui(code, _ci(shift))
-                if bits - shift > width:
-                    code = arith.andi(code, _ci((1 << width) - 1))
-                if i:
-                    code = arith.shli(code, _ci(width * i))
-                word = code if word is None else arith.ori(word, code)
-            words.append(word)
-        out.append((start, arith.addi(_ci(start), arith.muli(lane, _ci(width))), words))
+        out.append((width, shift, start, _chunk(row_words, start, width)))
         start += seg_dim * width // 32
     return out
+
+
+def _pack(codes: list, bits: int, width: int, shift: int) -> list:
+    """The thread's 32 codes (``codes[i]``: channel 32 lane + i of its segment, i32) -> its ``width`` words of the
+    field ``(width, shift)`` (:func:`tqjax.packing.pack_codes`: code bits ``shift .. shift + width - 1``, ``32 /
+    width`` codes a word, the first in the low bits)."""
+    _, arith, *_ = _ir()
+    per_word = 32 // width
+    words = []
+    for w in range(width):
+        word = None
+        for i in range(per_word):
+            code = codes[w * per_word + i]
+            if shift:
+                code = arith.shrui(code, _ci(shift))
+            if bits - shift > width:
+                code = arith.andi(code, _ci((1 << width) - 1))
+            if i:
+                code = arith.shli(code, _ci(width * i))
+            word = code if word is None else arith.ori(word, code)
+        words.append(word)
+    return words
+
+
+def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
+                 num_pages: int, block_size: int) -> None:
+    """Pack the thread's 32 codes of a segment and store them into its cache row (:func:`field_runs`)."""
+    _, arith, *_ = _ir()
+    for width, shift, start, chunk in field_runs(bits, seg_dim, word_start, row_words):
+        at = arith.addi(_ci(start), arith.muli(lane, _ci(width)))
+        _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at), _pack(codes, bits, width, shift),
+                     chunk)
 
 
 def _search(s_bits, up, limits: list, half) -> tuple:
@@ -443,9 +461,8 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             here = row.valid if other is None else arith.andi(
                 row.valid, arith.cmpi(arith.CmpIPredicate.eq, seg, _ci(k)))
             with mgpu.utils.when(here):
-                for start, at, words in _pack(codes, seg_.bits, lane, seg_.dim, seg_.word_start):
-                    chunk = _chunk(key_words, start, len(words))
-                    _store_words(kc_ref, row.cache_at(h, num_pages, block_size, key_words, at), words, chunk)
+                _store_codes(kc_ref, codes, seg_.bits, lane, seg_.dim, seg_.word_start, key_words, row, h, num_pages,
+                             block_size)
         with mgpu.utils.when(arith.andi(row.valid, seg_first)):
             # stored_norm: sqrt(n2) * step / max(sqrt(total * 2**-s), tiny), min(FP16_MAX), to fp16
             step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
@@ -500,9 +517,7 @@ def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, nu
                 codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000;"
                                             f" cvt.rmi.u32.f32 $0, s; min.u32 $0, $0, {levels}; }}", "=r,f"))
         with mgpu.utils.when(row.valid):
-            for start, at, words_out in _pack(codes, cfg.value_bits, row.lane4, d, 0):
-                _store_words(vc_ref, row.cache_at(h, num_pages, block_size, value_words, at), words_out,
-                             _chunk(value_words, start, len(words_out)))
+            _store_codes(vc_ref, codes, cfg.value_bits, row.lane4, d, 0, value_words, row, h, num_pages, block_size)
             with mgpu.utils.when(row.first):
                 pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
                 llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
