@@ -276,8 +276,9 @@ def test_gpu_store_defaults_to_mosaic_where_it_runs() -> None:
     rng = np.random.default_rng(8)
     x = jnp.ones((3, 2, 128), jnp.bfloat16)
     for name, dtype, expected in [("turboquant_4bit_nc", jnp.bfloat16, "mosaic"), ("turboquant_k3v4_nc", jnp.bfloat16,
-                                  "mosaic"), ("turboquant_k8v4", jnp.bfloat16, "triton"),
-                                  ("turboquant_4bit_nc", jnp.float16, "triton")]:
+                                  "mosaic"), ("turboquant_k3p5v4", jnp.bfloat16, "mosaic"),
+                                  ("turboquant_k8v4", jnp.bfloat16, "triton"), ("turboquant_kqjl4v4", jnp.bfloat16,
+                                  "triton"), ("turboquant_4bit_nc", jnp.float16, "triton")]:
         cache = PagedKVCache.allocate(_config(name), 4, 16, 2)
         assert choose_implementation(cache, x.astype(dtype), x.astype(dtype)) == expected, (name, dtype)
     cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)
