@@ -94,9 +94,9 @@ def _check_store(
         slots = _slots(n, cache.num_slots, rng)
     before = _to_numpy(cache)
     expected = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
-    got = _to_numpy(
+    got = _to_numpy(  # the Triton kernel, also where the Mosaic store would be the default (tests/test_store_mgpu.py)
         store(cache, key, value, jnp.asarray(slots), interpret=interpret, block_tokens=block_tokens,
-              arithmetic=arithmetic)
+              arithmetic=arithmetic, implementation="triton")
     )
     assert got.keys() == expected.keys()
     written = np.zeros((hk, num_blocks, block_size), bool)
