@@ -11,6 +11,7 @@ updated in place.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,12 @@ def test_kernel_lowers_for_cuda(name: str, n: int, block_size: int) -> None:
     text = jax.export.export(store_mgpu.store_mgpu_jit, platforms=["cuda"])(
         cache, x, x, jax.ShapeDtypeStruct((n,), jnp.int32)).mlir_module()
     assert "mosaic_gpu" in text
+    # in place, nothing copied: the call's outputs alias its last four operands (the cache arrays) and nothing
+    # else (a ref the kernel might write, such as the key handed to inline_mgpu, would be aliased and copied)
+    (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    operands = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", call).group(1).count("%")
+    aliased = sorted(int(i) for i in re.findall(r"output_operand_alias<[^>]*operand_index = (\d+)", call))
+    assert aliased == list(range(operands - 4, operands)), (operands, aliased)
 
 
 @pytest.mark.parametrize("name, head_dim, reason", [
