@@ -21,7 +21,7 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
   ``wgmma`` gives ``z`` in the accumulator layout, where the thread again holds its 32 channels of each row.
   Each ``z |z|`` is bucketized against ``||n||**2 t_j`` by a binary search over the positive limits (the
   sign gives the top bit: :func:`tqjax.pallas.store._search_codes`, same comparisons; four elements at a time,
-  chained so that ptxas does not interleave them all: 153 registers, not 217), the codes packed into
+  chained so that ptxas does not interleave them all: 156 registers, not 217), the codes packed into
   the thread's words (4-bit: 4; 3-bit: one word of the low bits, two of the high pairs) and stored (16-,
   8- and 4-byte stores); the fixed-point squares of the codes' centroids summed (:func:`square_table` in
   shared memory, the quad's shuffles), and the fp16 key norm formed with IEEE float32 operations
@@ -81,7 +81,7 @@ __all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "field_runs", "on_hopper"
 
 TOKENS = 64  # tokens per program: the rotation product's M
 HEAD_DIMS = (128,)  # a thread holds head_dim / 4 channels of a row: 32, whole words of every field
-PROGRAMS_PER_CORE = 3  # resident a multiprocessor: 153 registers (4-bit keys) and 67.6 KB of shared memory each
+PROGRAMS_PER_CORE = 3  # resident a multiprocessor: <= 168 registers (4-bit keys) and 67.6 KB of shared memory each
 _CHAIN = 2  # register pairs (4 elements) of a row bucketized at once (:func:`_keys_out`)
 
 
@@ -407,7 +407,7 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
     wider segment's). Every ``_CHAIN`` register pairs of a row are bucketized after the previous ones
     (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32 searches of a row and
     keeps their sign predicates in registers (217 registers, 2 programs a multiprocessor for 4-bit keys;
-    chained: 153, 3)."""
+    chained: 156 with ptxas 13.0 (167 on the H200's toolchain), 3; no faster: docs/PERFORMANCE.md)."""
     ir, arith, llvm, _, vector = _ir()
     i32, _, f32 = _types()
     i16 = ir.IntegerType.get_signless(16)
