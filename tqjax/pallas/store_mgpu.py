@@ -91,8 +91,7 @@ def unsupported(config: TurboQuantConfig) -> str | None:
         return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
     segs = config.key_segments
     bits = [s.bits for s in segs]
-    if config.key_format == "mse" and bits not in ([3], [4]) or config.key_format == "split" and (
-            bits not in ([4, 3], [3, 2])) or config.key_format not in ("mse", "split"):
+    if bits not in {"mse": ([3], [4]), "split": ([4, 3], [3, 2])}.get(config.key_format, ()):
         return (f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys and the "
                 "3.5- and 2.5-bit split keys)")
     if not all(key_codec(config).quantizers[i].exact for i in range(len(segs))):
@@ -317,7 +316,7 @@ def _search(s_bits, up, limits: list, half) -> tuple:
     ``up`` = ``z |z| > 0``, against the row's ascending positive limits (bit patterns, ``2**m - 1`` of them; a
     segment of fewer bits has its list padded with ``0x7FFFFFFF``, above every element): count = #{limits
     below}, by binary search (:func:`tqjax.pallas.store._count_below`), code = half + count or half - 1 - count
-    (``half`` = 2**(bits - 1): an int, or the thread's segment's as i32)."""
+    (``half`` = 2**(bits - 1) of the thread's segment, i32)."""
     _, arith, *_ = _ir()
     m = (len(limits) + 1).bit_length() - 1
     count = _ci(0)
@@ -331,9 +330,7 @@ def _search(s_bits, up, limits: list, half) -> tuple:
             selector *= 2
         above = arith.cmpi(arith.CmpIPredicate.sgt, s_bits, options[0])
         count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
-    below = _ci(half - 1) if isinstance(half, int) else arith.subi(half, _ci(1))
-    half = _ci(half) if isinstance(half, int) else half
-    code = arith.select(up, arith.addi(count, half), arith.subi(below, count))
+    code = arith.select(up, arith.addi(count, half), arith.subi(arith.subi(half, _ci(1)), count))
     return code, count
 
 
@@ -437,11 +434,11 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             if None in ts:  # the narrower segment's list ends: its lanes compare with 0x7FFFFFFF
                 bits_j = arith.select(other, _ci(0x7FFFFFFF), bits_j)
             limits.append(bits_j)
-        half = per_lane([1 << (seg_.bits - 1) for seg_ in segs], i32) if len(segs) > 1 else 1 << (segs[0].bits - 1)
+        half = per_lane([1 << (seg_.bits - 1) for seg_ in segs], i32)
         sq_ptr = mgpu.utils.memref_ptr(squares_ref)
         if len(segs) > 1:  # segment s's squares at 16 s (square_table)
             sq_ptr = mgpu.utils.getelementptr(sq_ptr, [arith.muli(seg, _ci(16))], i32)
-        codes, total = [], n2s[r]  # the squares' sum (less n2: see below)
+        codes, total = [], _ci(0)  # the squares' sum
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
             for e in range(2):
@@ -456,7 +453,7 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 codes.append(code)
                 sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [count], i32))
                 total = arith.addi(total, sq)
-        total = _quad(arith.subi(total, n2s[r]), "add.u32", lanes)
+        total = _quad(total, "add.u32", lanes)
         for k, seg_ in enumerate(segs):
             here = row.valid if other is None else arith.andi(
                 row.valid, arith.cmpi(arith.CmpIPredicate.eq, seg, _ci(k)))
