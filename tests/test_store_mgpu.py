@@ -252,7 +252,7 @@ def test_gpu_bit_exact_many_heads_contiguous_slots() -> None:
 @needs_hopper
 @pytest.mark.gpu
 def test_gpu_bit_exact_two_rounds_with_an_overlapping_last_tile() -> None:
-    """528 items: each program stores two (the second's copies issued during the first's keys)."""
+    """528 items on 396 programs: 132 store a second item (its copies issued during the first one's keys)."""
     _check("turboquant_3bit_nc", 4101, 16, hk=8)
 
 
