@@ -21,7 +21,8 @@ loop: ``experiments.timing.looped_store``).
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings
-are not GPU timings. Results: a table on stdout, CSV + JSON + PNG under ``--out``.
+are not GPU timings. Results: a table on stdout; under ``--out`` ``decode.csv`` (the decode rows), ``store.csv``
+(the store rows), ``decode.json`` (both, with the device, versions and arguments) and ``decode.png``.
 """
 
 from __future__ import annotations
@@ -334,6 +335,10 @@ def report(a, rows, store_rows, dev, bw, floor):
         for line in speedups:
             print(line)
     if store_rows:
+        with open(os.path.join(a.out, "store.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(store_rows[0]))
+            w.writeheader()
+            w.writerows(store_rows)
         print("\n== store kernel" + ("" if ON_GPU else " (XLA reference path on CPU)"))
         print(f"{'preset':24s} {'N':>6s} {'time us':>9s} {'Mtok/s':>8s} {'GB/s':>6s} {'of bw':>6s} "
               f"{'in-jit us':>10s} {'of bw':>6s}")
@@ -341,7 +346,8 @@ def report(a, rows, store_rows, dev, bw, floor):
             print(f"{s['preset']:24s} {s['tokens']:6d} {s['time_us']:9.1f} {s['tokens_per_s'] / 1e6:8.2f} "
                   f"{s['gbps']:6.0f} {s['bw_frac']:6.0%} {s['in_jit_time_us']:10.1f} {s['in_jit_bw_frac']:6.0%}")
     plot(a, rows, dev)
-    print(f"\nresults: {a.out}/decode.csv, decode.json, decode.png")
+    print(f"\nresults: {a.out}/decode.csv" + (", store.csv" if store_rows else "") + ", decode.json"
+          + (", decode.png" if rows else ""))
 
 
 def speedup_table(rows):

@@ -1,0 +1,41 @@
+"""``python -m experiments.decode_sweep`` on the CPU: its small configuration runs and writes what its docstring
+promises (the reference path timed, the interpret-mode kernels checked; not GPU timings)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+from experiments import decode_sweep
+
+PRESETS = ["turboquant_4bit_nc", "turboquant_k3p5v4"]
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_decode_and_store_results(tmp_path, capsys) -> None:
+    decode_sweep.main(["--presets", *PRESETS, "--batch", "1", "2", "--context", "64", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "NOT GPU timings" in out and "max |diff| = 0.00e+00" in out  # interpret kernel == reference
+    decode = _rows(tmp_path / "decode.csv")
+    assert sorted((r["system"], int(r["batch"]), int(r["context"])) for r in decode) == sorted(
+        (p, b, 64) for p in PRESETS for b in (1, 2))
+    for r in decode:  # quantized attention against float32 attention on the unquantized K/V: close, not equal
+        assert 0 < float(r["rel_err"]) < 0.5 and float(r["time_us"]) > 0, r
+    store = _rows(tmp_path / "store.csv")
+    assert sorted((r["preset"], int(r["tokens"])) for r in store) == sorted((p, n) for p in PRESETS for n in (16, 256))
+    assert all(math.isfinite(float(r["in_jit_time_us"])) and float(r["time_us"]) > 0 for r in store)
+    results = json.loads((tmp_path / "decode.json").read_text())
+    assert results["meta"]["hk"] == 2 and len(results["decode"]) == 4 and len(results["store"]) == 4
+    assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_store_only_sweep(tmp_path) -> None:
+    decode_sweep.main(["--presets", "turboquant_k8v4", "--no-decode", "--out", str(tmp_path)])
+    assert _rows(tmp_path / "decode.csv") == []
+    assert [int(r["tokens"]) for r in _rows(tmp_path / "store.csv")] == [16, 256]
+    assert json.loads((tmp_path / "decode.json").read_text())["decode"] == []
