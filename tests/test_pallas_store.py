@@ -14,15 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_helpers import random_cache
 
 from tqjax import reference
 from tqjax.config import PRESETS, TurboQuantConfig
 from tqjax.layout import PagedKVCache
 from tqjax.pallas import store as store_mod
-from tqjax.pallas.store import fp8_e4m3fn_bits, round_half_up, store, store_jit, store_reference
+from tqjax.pallas.store import (
+    fp8_e4m3fn_bits,
+    round_half_up,
+    store,
+    store_jit,
+    store_reference,
+)
 from tqjax.quantizers import quantize_fp8, quantize_values
-
-from cache_helpers import random_cache
 
 ALL_PRESETS = sorted(PRESETS)
 _reference_jit = jax.jit(store_reference)  # no donation: the kernel gets the same cache afterwards
