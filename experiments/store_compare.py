@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
+from experiments import store_probe
 from experiments.timing import copy_bandwidth, device_description, looped_store, time_fn
 from tqjax import reference
 from tqjax.pallas import store as pallas_store
@@ -46,21 +47,6 @@ def differences(got: dict, ref: dict) -> dict:
     return out
 
 
-def once(a) -> None:
-    """Each preset's Mosaic store of ``a.tokens[0]`` tokens, twice (compile, then the run to profile)."""
-    rng = np.random.default_rng(0)
-    n = a.tokens[0]
-    for name in a.presets:
-        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
-        k, v = (jnp.asarray(rng.standard_normal((n, a.hk, 128)), jnp.bfloat16) for _ in range(2))
-        num_blocks = 2 * n // a.block_size + 8
-        slots = jnp.asarray(rng.permutation(num_blocks * a.block_size)[:n].astype(np.int32))
-        cache = tqjax.PagedKVCache.allocate(cfg, num_blocks, a.block_size, a.hk)
-        for _ in range(2):
-            cache = jax.block_until_ready(store_mgpu.store_mgpu(cache, k, v, slots))
-        print(f"{name}: stored {n} tokens twice", flush=True)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=[  # those the Mosaic store takes
@@ -75,8 +61,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
-    if a.once:
-        once(a)
+    if a.once:  # store_probe's profiling run, through the Mosaic kernel
+        store_probe.once(argparse.Namespace(**vars(a), head_dim=128), store=store_mgpu.store_mgpu)
         return
     dev = device_description()
     print(dev, flush=True)

@@ -179,8 +179,13 @@ def compare_with_float_encoding(prod, keys: jax.Array, rng, num_queries: int = 6
           f"RMS of their difference {diff:.1e}", flush=True)
 
 
-def once(a) -> None:
-    """Each preset's jitted store of ``a.tokens[0]`` tokens, twice (compile, then the run to profile)."""
+def once(a, store=None) -> None:
+    """Each preset's store of ``a.tokens[0]`` tokens, twice (compile, then the run to profile): ``store(cache, key,
+    value, slots)``, by default the jitted Triton store with this platform's arithmetic."""
+    if store is None:
+        def store(cache, k, v, slots):
+            return store_mod.store_jit(cache, k, v, slots, interpret=not ON_GPU,
+                                       arithmetic=store_mod.store_arithmetic(not ON_GPU))
     rng = np.random.default_rng(0)
     n = a.tokens[0]
     for name in a.presets:
@@ -190,8 +195,7 @@ def once(a) -> None:
         slots = jnp.asarray(rng.permutation(nblocks * a.block_size)[:n].astype(np.int32))
         cache = tqjax.PagedKVCache.allocate(cfg, nblocks, a.block_size, a.hk)
         for _ in range(2):
-            cache = jax.block_until_ready(store_mod.store_jit(
-                cache, k, v, slots, interpret=not ON_GPU, arithmetic=store_mod.store_arithmetic(not ON_GPU)))
+            cache = jax.block_until_ready(store(cache, k, v, slots))
         print(f"{name}: stored {n} tokens twice", flush=True)
 
 
