@@ -308,12 +308,13 @@ def _progress(done, total, t0, row):
           f"{row.time_us:9.1f} us {row.gbps:7.0f} GB/s ({row.bw_frac:4.0%})", flush=True)
 
 
-def write_csv(a, rows):
-    """Written after every measurement, so an interrupted sweep keeps what it measured."""
-    with open(os.path.join(a.out, "decode.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
+def write_csv(a, rows, name: str = "decode.csv", fields=tuple(Row.__dataclass_fields__)):
+    """``rows`` (dicts, or :class:`Row`s) as ``a.out/name``; the decode rows after every measurement, so an
+    interrupted sweep keeps what it measured."""
+    with open(os.path.join(a.out, name), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()
-        w.writerows(dataclasses.asdict(r) for r in rows)
+        w.writerows(r if isinstance(r, dict) else dataclasses.asdict(r) for r in rows)
 
 
 def report(a, rows, store_rows, dev, bw, floor):
@@ -335,10 +336,7 @@ def report(a, rows, store_rows, dev, bw, floor):
         for line in speedups:
             print(line)
     if store_rows:
-        with open(os.path.join(a.out, "store.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(store_rows[0]))
-            w.writeheader()
-            w.writerows(store_rows)
+        write_csv(a, store_rows, "store.csv", store_rows[0])
         print("\n== store kernel" + ("" if ON_GPU else " (XLA reference path on CPU)"))
         print(f"{'preset':24s} {'N':>6s} {'time us':>9s} {'Mtok/s':>8s} {'GB/s':>6s} {'of bw':>6s} "
               f"{'in-jit us':>10s} {'of bw':>6s}")
