@@ -2,18 +2,25 @@
 on the same inputs, with their differences from the reference store.
 
     python -m experiments.store_compare [--presets turboquant_4bit_nc ...] [--tokens 4096 16384] [--once]
+    git show c9b1166:tqjax/pallas/store_mgpu.py > /tmp/store_mgpu_old.py
+    python -m experiments.store_compare --against /tmp/store_mgpu_old.py --kernels mosaic --repeats 3
 
 For each preset and N (Hk=8, D=128, block 16, random distinct slots, bf16 keys and values): each kernel stores
 into a fresh cache once, and its arrays are compared with ``tqjax.reference.store_reference`` jitted on the same
 device (the count of differing entries per array; for the fp16 key norms also the largest difference in ulps),
 then it is timed as ``decode_sweep`` times a store inside a jitted loop (``experiments.timing.looped_store``, 16
-stores a call, per store). Bytes: bf16 K and V read plus the compressed slots written; "of bw" against the copy
+stores a call, per store). ``--against`` adds other versions of ``store_mgpu.py`` (loaded from files, named
+after them); with ``--repeats R`` every kernel is timed R times, the kernels taking turns, and the median is
+reported (figures move 10-15% between calls of the lent machines, less within one: compare versions in one
+call). Bytes: bf16 K and V read plus the compressed slots written; "of bw" against the copy
 bandwidth measured in the same run. The Mosaic kernel runs on Hopper GPUs only (elsewhere its rows say why not).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +36,22 @@ from tqjax.pallas import store_mgpu
 LOOP = 16
 
 
-def kernels(slots, value) -> dict:
-    """name -> ``(cache, key) -> cache`` (the value and slots fixed)."""
-    return {
-        "triton": lambda c, key: pallas_store.store_jit(c, key, value, slots,
-                                                        arithmetic=pallas_store.store_arithmetic(False)),
-        "mosaic": lambda c, key: store_mgpu.store_mgpu_jit(c, key, value, slots),
-    }
+def kernels(slots, value, others: dict) -> dict:
+    """name -> (``(cache, key) -> cache`` (the value and slots fixed), the Mosaic module it runs or None): the
+    Triton store, this Mosaic store and those of ``others`` ({name: module})."""
+    mosaic = {"mosaic": store_mgpu} | {f"mosaic:{name}": module for name, module in others.items()}
+    out = {"triton": (lambda c, key: pallas_store.store_jit(c, key, value, slots,
+                                                            arithmetic=pallas_store.store_arithmetic(False)), None)}
+    for name, module in mosaic.items():
+        out[name] = (lambda c, key, module=module: module.store_mgpu_jit(c, key, value, slots), module)
+    return out
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location("store_mgpu_" + path.rsplit("/", 1)[-1].removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def differences(got: dict, ref: dict) -> dict:
@@ -58,7 +74,12 @@ def main(argv=None) -> None:
     p.add_argument("--once", action="store_true",
                    help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
                         "profiler: ncu -k regex:tq_store_mgpu --launch-skip 1 -c 1 ...)")
+    p.add_argument("--against", default="", help="other store_mgpu.py files (comma-separated) to time beside this one")
+    p.add_argument("--kernels", default="", help="comma-separated prefixes of the kernels to run (default: all; "
+                   "'mosaic' runs this Mosaic store and the --against ones)")
+    p.add_argument("--repeats", type=int, default=1, help="times each kernel is timed, in turns (median reported)")
     a = p.parse_args(argv)
+    others = {path.rsplit("/", 1)[-1].removesuffix(".py"): _load(path) for path in filter(None, a.against.split(","))}
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
     if a.once:  # store_probe's profiling run, through the Mosaic kernel
@@ -70,7 +91,6 @@ def main(argv=None) -> None:
     rows = []
     for name in a.presets:
         cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
-        why = store_mgpu.unsupported(cfg)
         for n in a.tokens:
             rng = np.random.default_rng(n)
             num_blocks = 2 * n // a.block_size + 8
@@ -84,26 +104,35 @@ def main(argv=None) -> None:
             ref = jax.jit(reference.store_reference)(fresh(), k, v, slots)
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
             nbytes = n * a.hk * (4 * 128 + cfg.slot_bytes)
-            for label, fn in kernels(slots, v).items():
-                if label == "mosaic" and (why is not None or not store_mgpu.on_hopper()):
-                    rows.append((name, n, label, float("nan"), float("nan"), why or "needs a Hopper GPU"))
+            chosen, times = {}, {}
+            for label, (fn, module) in kernels(slots, v, others).items():
+                if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
+                    continue
+                if module is not None and (module.unsupported(cfg) is not None or not module.on_hopper()):
+                    rows.append((name, n, label, float("nan"), float("nan"),
+                                 module.unsupported(cfg) or "needs a Hopper GPU"))
                     continue
                 got = {x: np.asarray(y) for x, y in jax.jit(fn)(fresh(), k).arrays().items()}
-                loop = looped_store(fn, LOOP)
-                state = [fresh()]
+                chosen[label] = (looped_store(fn, LOOP), [fresh()], differences(got, ref))
+            for _ in range(a.repeats):  # the kernels take turns
+                for label, (loop, state, _) in chosen.items():
 
-                def step(state=state, loop=loop, k=k):
-                    state[0] = loop(state[0], k)
-                    return state[0].key_codes
+                    def step(state=state, loop=loop, k=k):
+                        state[0] = loop(state[0], k)
+                        return state[0].key_codes
 
-                t = time_fn(step, [()], iters=5, reps=5) / LOOP
-                rows.append((name, n, label, t * 1e6, nbytes / t, differences(got, ref)))
-                print("RESULT", rows[-1], flush=True)
+                    times.setdefault(label, []).append(time_fn(step, [()], iters=5, reps=5) / LOOP)
+            for label, (_, _, diff) in chosen.items():
+                t = statistics.median(times[label])
+                rows.append((name, n, label, t * 1e6, nbytes / t, diff))
+                print("RESULT", rows[-1], [round(x * 1e6, 1) for x in times[label]], flush=True)
     print(f"\n== store kernels: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hk={a.hk} D=128 block {a.block_size}; "
           f"per store in a jitted loop of {LOOP}")
-    print(f"{'preset':22s} {'N':>6s} {'kernel':7s} {'time us':>8s} {'GB/s':>6s} {'of bw':>6s}  vs store_reference")
+    width = max([7] + [len(r[2]) for r in rows])
+    print(f"{'preset':22s} {'N':>6s} {'kernel':{width}s} {'time us':>8s} {'GB/s':>6s} {'of bw':>6s}  "
+          "vs store_reference")
     for name, n, label, us, rate, diff in rows:
-        print(f"{name:22s} {n:6d} {label:7s} {us:8.1f} {rate / 1e9:6.0f} {rate / bw:6.1%}  {diff}")
+        print(f"{name:22s} {n:6d} {label:{width}s} {us:8.1f} {rate / 1e9:6.0f} {rate / bw:6.1%}  {diff}")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,18 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
   loads a row of the key and of the value;
 - keys (exact Hadamard codes, :meth:`tqjax.quantizers.TurboQuantMSE.quantize`): the row's largest magnitude
   (``max.u16x2`` on the bf16 pairs, then the quad's shuffles), the grid exponent, ``n = floor(x 2**s + 1/2)``,
-  ``||n||**2`` in integers; the integers are the rotation's left operand **in registers** (float16 pairs in
-  the WGMMA layout, the channels in :func:`tqjax.pallas.decode_mgpu.key_channel_order`) and the +-1 matrix,
-  permuted the same way on both sides (:func:`rotation_operand`), the right one in shared memory: one
-  ``wgmma`` gives ``z`` in the accumulator layout, where the thread again holds its 32 channels of each row.
-  Each ``z |z|`` is bucketized against ``||n||**2 t_j`` by a binary search over the positive limits (the
-  sign gives the top bit: :func:`tqjax.pallas.store._search_codes`, same comparisons; four elements at a time,
-  chained so that ptxas does not interleave them all: 156 registers, not 217), the codes packed into
-  the thread's words (4-bit: 4; 3-bit: one word of the low bits, two of the high pairs) and stored (16-,
-  8- and 4-byte stores); the fixed-point squares of the codes' centroids summed (:func:`square_table` in
-  shared memory, the quad's shuffles), and the fp16 key norm formed with IEEE float32 operations
-  (``sqrt.rn``, ``div.rn``) and stored by the quad's first thread;
+  ``||n||**2`` (float32 sums of four squares, exact below 2**24, one conversion a group); the integers are the
+  rotation's left operand **in registers** (float16 pairs in the WGMMA layout, the channels in
+  :func:`tqjax.pallas.decode_mgpu.key_channel_order`) and the +-1 matrix, permuted the same way on both sides
+  (:func:`rotation_operand`), the right one in shared memory: one ``wgmma`` gives ``z`` in the accumulator
+  layout, where the thread again holds its 32 channels of each row. Each ``z |z|`` is bucketized against
+  ``||n||**2 t_j`` by a binary search over the positive limits (the sign gives the top bit:
+  :func:`tqjax.pallas.store._search_codes`, same comparisons, on the bits of ``z z`` plus ``[z <= 0]``; the
+  sign kept as an integer mask, ``set.gt``, the code formed by one xor; four elements at a time, chained so
+  that ptxas does not interleave them all), the codes packed into the thread's words (4-bit: 4; 3-bit: one word
+  of the low bits, two of the high pairs) and stored (16-, 8- and 4-byte stores); the fixed-point squares of
+  the codes' centroids summed (:func:`square_table` in shared memory, the quad's shuffles), and the fp16 key
+  norm formed with IEEE float32 operations (``sqrt.rn``, ``div.rn``) and stored by the quad's first thread;
 - values (:func:`tqjax.quantizers.quantize_values`): min/max on the bf16 pairs (``min.bf16x2``), the quad's
   shuffles, the fp16 scale and zero, the reciprocal ``rcp.rn`` (correctly rounded: the entry of
   :func:`tqjax.quantizers.fp16_reciprocals`), then per element ``(v - zero) * inv`` and ``floor(t + 1/2)``
@@ -311,27 +312,28 @@ def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: in
                      chunk)
 
 
-def _search(s_bits, up, limits: list, half) -> tuple:
-    """(code, count) of elements with ``s_bits`` = the bits of ``|z| z`` masked to magnitude plus ``[z <= 0]``,
-    ``up`` = ``z |z| > 0``, against the row's ascending positive limits (bit patterns, ``2**m - 1`` of them; a
-    segment of fewer bits has its list padded with ``0x7FFFFFFF``, above every element): count = #{limits
-    below}, by binary search (:func:`tqjax.pallas.store._count_below`), code = half + count or half - 1 - count
-    (``half`` = 2**(bits - 1) of the thread's segment, i32)."""
+def _search(s_bits, limits: list, half, halves: list):
+    """``half + count`` for elements with ``s_bits`` = the bits of ``z * z`` plus ``[z <= 0]``, against the row's
+    ascending positive limits (bit patterns, ``2**m - 1`` of them; a segment of fewer bits has its list padded
+    with ``0x7FFFFFFF``, above every element): count = #{limits below}, by binary search
+    (:func:`tqjax.pallas.store._count_below`, its select tree driven by the levels' comparisons), ``half`` =
+    2**(bits - 1) of the thread's segment (i32), ``halves[k]`` = ``half + 2**(m - 1)`` and ``half`` for the first
+    level's two outcomes. The code is ``half + count`` for ``z > 0`` and ``half - 1 - count`` otherwise."""
     _, arith, *_ = _ir()
     m = (len(limits) + 1).bit_length() - 1
-    count = _ci(0)
+    aboves, count = [], None
     for level in range(m):
         step = 1 << (m - 1 - level)
         options = [limits[k * 2 * step + step - 1] for k in range(1 << level)]
-        selector = 2 * step
-        while len(options) > 1:
-            bit = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(count, _ci(selector)), _ci(0))
+        for bit in reversed(aboves):  # the latest level picks among neighbours
             options = [arith.select(bit, hi, lo) for lo, hi in zip(options[0::2], options[1::2])]
-            selector *= 2
         above = arith.cmpi(arith.CmpIPredicate.sgt, s_bits, options[0])
-        count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
-    code = arith.select(up, arith.addi(count, half), arith.subi(arith.subi(half, _ci(1)), count))
-    return code, count
+        aboves.append(above)
+        if count is None:
+            count = arith.select(above, halves[0], halves[1])
+        else:
+            count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
+    return count
 
 
 # ---- the kernel's three parts -----------------------------------------------------------------------
@@ -356,15 +358,19 @@ def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
         top = arith.shrui(_quad(top, "max.u32", lanes), _ci(7))  # the float32 exponent field of max |x|
         field = arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
         scale = _bits_f32(arith.shli(field, _ci(23)))
-        n2 = _ci(0)
+        n2, group = _ci(0), []
         for j, w in enumerate(words):
             pair = []
             for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000))):
                 n = _asm(f32, [_bits_f32(x), scale],
                          "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }", "=f,f,f")
-                k = arith.fptosi(i32, n)
-                n2 = arith.addi(n2, arith.muli(k, k))
                 pair.append(n)
+            group += pair
+            if len(group) == 4:  # |n| <= 2**grid_bits = 2**11: four squares sum exactly in float32 (<= 2**24)
+                n2 = arith.addi(n2, _asm(i32, group, "{ .reg .f32 t; mul.rn.f32 t, $1, $1; fma.rn.f32 t, $2, $2, t;"
+                                         " fma.rn.f32 t, $3, $3, t; fma.rn.f32 t, $4, $4, t; cvt.rzi.s32.f32 $0, t; }",
+                                         "=r,f,f,f,f"))
+                group = []
             packed = _asm(i32, [pair[1], pair[0]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
             regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)] = vector.bitcast(
                 ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
@@ -402,9 +408,11 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
     :func:`key_channel_order`) and their fp16 norms, one a key segment (split keys: lanes ``c < 2`` hold the
     outliers, ``c >= 2`` the rest; their limits, halves and squares picked per lane, the search as deep as the
     wider segment's). Every ``_CHAIN`` register pairs of a row are bucketized after the previous ones
-    (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32 searches of a row and
-    keeps their sign predicates in registers (217 registers, 2 programs a multiprocessor for 4-bit keys;
-    chained: 156 with ptxas 13.0 (167 on the H200's toolchain), 3; no faster: docs/PERFORMANCE.md)."""
+    (:func:`_after` on the running squares' sum): left alone, ptxas interleaves all 32 searches of a row (217
+    registers with the sign as a predicate, 2 programs a multiprocessor for 4-bit keys). The sign is an integer
+    mask (``set.gt``): the search's count starts at the segment's half and the code is ``count ^ mask``
+    (``half - 1 - c = (half + c) ^ (2 half - 1)``), 8-11% fewer instructions than predicates and selects, 128
+    registers with ptxas 13.0 (128-168 on the H200's, depending on N; docs/PERFORMANCE.md)."""
     ir, arith, llvm, _, vector = _ir()
     i32, _, f32 = _types()
     i16 = ir.IntegerType.get_signless(16)
@@ -434,10 +442,14 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             if None in ts:  # the narrower segment's list ends: its lanes compare with 0x7FFFFFFF
                 bits_j = arith.select(other, _ci(0x7FFFFFFF), bits_j)
             limits.append(bits_j)
-        half = per_lane([1 << (seg_.bits - 1) for seg_ in segs], i32)
-        sq_ptr = mgpu.utils.memref_ptr(squares_ref)
-        if len(segs) > 1:  # segment s's squares at 16 s (square_table)
-            sq_ptr = mgpu.utils.getelementptr(sq_ptr, [arith.muli(seg, _ci(16))], i32)
+        halves = [1 << (seg_.bits - 1) for seg_ in segs]
+        top = 1 << ((num_limits + 1).bit_length() - 2)  # the first level's step
+        half = per_lane(halves, i32)
+        firsts = [per_lane([h_ + top for h_ in halves], i32), half]
+        mask = per_lane([2 * h_ - 1 for h_ in halves], i32)  # half + count ^ mask = half - 1 - count
+        # the squares' table at -half: entry half + count is square_table's entry count
+        sq_ptr = mgpu.utils.getelementptr(mgpu.utils.memref_ptr(squares_ref), [
+            arith.subi(arith.muli(seg, _ci(16)), half) if len(segs) > 1 else _ci(-halves[0])], i32)
         codes, total = [], _ci(0)  # the squares' sum
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
@@ -445,13 +457,12 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 zz = vector.extract(pair, [], [e])
                 if j and j % _CHAIN == 0:
                     zz = _after(zz, total)
-                s = arith.mulf(zz, _abs(zz))
-                up = arith.cmpf(arith.CmpFPredicate.OGT, s, arith.constant(f32, 0.0))
-                s_bits = arith.addi(arith.andi(_bits_i32(s), _ci(0x7FFFFFFF)),
-                                    arith.select(up, _ci(0), _ci(1)))
-                code, count = _search(s_bits, up, limits, half)
-                codes.append(code)
-                sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [count], i32))
+                # up: -1 where z > 0, else 0; z * z is |z| z's magnitude (z an integer: no underflow)
+                up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
+                s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
+                at = _search(s_bits, limits, half, firsts)
+                codes.append(arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), mask)))
+                sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [at], i32))
                 total = arith.addi(total, sq)
         total = _quad(total, "add.u32", lanes)
         for k, seg_ in enumerate(segs):
@@ -474,11 +485,6 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             at = row.cache_at(h, num_pages, block_size, len(segs), seg if other is not None else 0)
             ptr = _global_ptr(ks_ref, at, i16)
             llvm.store(arith.trunci(i16, norm16), ptr)
-
-
-def _abs(x):
-    _, _, f32 = _types()
-    return _asm(f32, [x], "abs.f32 $0, $1;", "=f,f")
 
 
 def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, num_pages: int,
