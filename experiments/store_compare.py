@@ -36,12 +36,17 @@ from tqjax.pallas import store_mgpu
 LOOP = 16
 
 
-def kernels(slots, value, others: dict) -> dict:
+def kernels(slots, value, others: dict, launches: str = "") -> dict:
     """name -> (``(cache, key) -> cache`` (the value and slots fixed), the Mosaic module it runs or None): the
-    Triton store, this Mosaic store and those of ``others`` ({name: module})."""
+    Triton store (default launch, and ``launches``: comma-separated tokens/warps), this Mosaic store and those of
+    ``others`` ({name: module})."""
     mosaic = {"mosaic": store_mgpu} | {f"mosaic:{name}": module for name, module in others.items()}
-    out = {"triton": (lambda c, key: pallas_store.store_jit(c, key, value, slots,
-                                                            arithmetic=pallas_store.store_arithmetic(False)), None)}
+    arithmetic = pallas_store.store_arithmetic(False)
+    out = {"triton": (lambda c, key: pallas_store.store_jit(c, key, value, slots, arithmetic=arithmetic), None)}
+    for launch in filter(None, launches.split(",")):
+        tokens, warps = map(int, launch.split("/"))
+        out[f"triton:t{tokens}/w{warps}"] = (lambda c, key, t=tokens, w=warps: pallas_store.store_jit(
+            c, key, value, slots, arithmetic=arithmetic, block_tokens=t, num_warps=w), None)
     for name, module in mosaic.items():
         out[name] = (lambda c, key, module=module: module.store_mgpu_jit(c, key, value, slots), module)
     return out
@@ -75,6 +80,8 @@ def main(argv=None) -> None:
                    help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
                         "profiler: ncu -k regex:tq_store_mgpu --launch-skip 1 -c 1 ...)")
     p.add_argument("--against", default="", help="other store_mgpu.py files (comma-separated) to time beside this one")
+    p.add_argument("--launches", default="", help="Triton store launches (comma-separated tokens/warps) to time "
+                   "beside its default")
     p.add_argument("--kernels", default="", help="comma-separated prefixes of the kernels to run (default: all; "
                    "'mosaic' runs this Mosaic store and the --against ones)")
     p.add_argument("--repeats", type=int, default=1, help="times each kernel is timed, in turns (median reported)")
@@ -105,7 +112,7 @@ def main(argv=None) -> None:
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
             nbytes = n * a.hk * (4 * 128 + cfg.slot_bytes)
             chosen, times = {}, {}
-            for label, (fn, module) in kernels(slots, v, others).items():
+            for label, (fn, module) in kernels(slots, v, others, a.launches).items():
                 if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
                     continue
                 if module is not None and (module.unsupported(cfg) is not None or not module.on_hopper()):

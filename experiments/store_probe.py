@@ -15,7 +15,7 @@ sweep (``experiments.timing.time_fn``):
   call and inside a jitted loop (``in-jit``; with a sum of its outputs, timed alone as ``sum of key``);
 * ``grid norms in-jit``: for exact Hadamard keys, the XLA ops after the kernel (the fp16 norms from its
   integer statistics, scattered into the cache), in the jitted loop;
-* ``tT/wW in-jit``: the full store in the jitted loop with T tokens per program and W warps (per call,
+* ``tT/wW in-jit``: the full store in the jitted loop with T tokens per program and W warps (``--launches``; per call,
   the host's dispatch of a donating call, 40-70 us on the H200, hides the launches' differences);
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
 * for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``,
@@ -49,7 +49,7 @@ from tqjax.pallas import store as store_mod
 from tqjax.rotation import fwht, hadamard_matrix
 
 ON_GPU = jax.default_backend() == "gpu"
-LAUNCHES = ((64, 4), (128, 8), (16, 2))  # beside the default t32/w4 (the ``full`` rows)
+LAUNCHES = "64/4,128/8,16/2"  # tokens/warps, beside the default t32/w4 (the ``full`` rows); --launches
 STEPS = 16 if ON_GPU else 2
 
 
@@ -115,7 +115,8 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             return dataclasses.replace(c, key_scales=scales)
 
         add(f"grid norms in-jit (/{STEPS})", in_jit(norms))
-    for tokens, warps in LAUNCHES:  # inside the loop: per call, the host's dispatch hides the launch's effect
+    # inside the loop: per call, the host's dispatch hides the launch's effect
+    for tokens, warps in (map(int, x.split("/")) for x in a.launches.split(",") if x):
         launch = lambda c, key=k, tokens=tokens, warps=warps: store_mod.store_jit(
             c, key, v, slots, interpret=interpret, block_tokens=tokens, num_warps=warps, arithmetic=arithmetic)
         add(f"t{tokens}/w{warps} in-jit (/{STEPS})", in_jit(launch))
@@ -206,6 +207,8 @@ def main() -> None:
     p.add_argument("--hk", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--launches", default=LAUNCHES, help="comma-separated tokens/warps of the Triton store to time "
+                   "in the jitted loop (t32/w4 is the default launch)")
     p.add_argument("--rotation", action="store_true",
                    help="also time XLA's float rotations of MSE keys (the store's XLA half before the exact path)")
     p.add_argument("--once", action="store_true",

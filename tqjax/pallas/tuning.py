@@ -42,7 +42,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # 4bit_nc 106.9 us against 116.5-136.0 us at 16/2, 64/4, 128/8; k3p5v4 99.5 against 104.3-118.9), except
 # for k8v4, where all four are within the run-to-run spread (44.8-49.3 us in
 # docs/data/store_probe_exact_v2_h200_2026-11-29.log, 49.4-51.3 and 75.8 at 16/2 in
-# docs/data/store_probe_xla_rotation_h200_2026-11-29.log).
+# docs/data/store_probe_xla_rotation_h200_2026-11-29.log); again for k8v4 at 4096 and 16k tokens, eleven launches
+# from 16/1 to 128/8, and 16/2, 64/8, 128/4 in five turns of one call: none beyond the turns' spread at 4096, 128/4
+# slower at 16k (docs/data/store_kernel_time_h200_2026-11-30_s21.log).
 STORE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": dict(num_warps=4, num_stages=1),
     "rocm": dict(num_warps=4, num_stages=1),
