@@ -266,6 +266,30 @@ def test_gpu_out_of_range_and_padding_slots_are_skipped() -> None:
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, capfd, monkeypatch) -> None:
+    """``PROGRAMS_PER_CORE`` programs of 128 threads fit a multiprocessor's 65536 registers (registers are given
+    per warp in units of 256: 168 a thread for 3). The kernel launches that many programs a multiprocessor, each
+    taking every ``programs``-th item, so with fewer resident the last programs run in a second wave (30-45%
+    slower at 16k tokens: docs/PERFORMANCE.md, "A cliff at 168 registers"). ptxas chooses the count (Mosaic cannot
+    cap it) and moves it with N (128-168 on the H200 with jax 0.11.2), so this checks the toolchain in use."""
+    limit = 65536 // (128 * store_mgpu.PROGRAMS_PER_CORE) // 8 * 8
+    monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
+    for n in (4096, 16384):
+        cache = PagedKVCache.allocate(_config(name), 2 * n // 16 + 3, 16, 8)  # a shape no other test compiles
+        x = jnp.ones((n, 8, 128), jnp.bfloat16)
+        capfd.readouterr()
+        jax.block_until_ready(store_mgpu.store_mgpu_jit(cache, x, x, jnp.arange(n, dtype=jnp.int32)))
+        report = capfd.readouterr()
+        registers = [int(r) for r in re.findall(r"Used (\d+) registers", report.out + report.err)]
+        assert registers, f"{name} n={n}: no ptxas report (was the kernel compiled here?)"
+        assert max(registers) <= limit, (
+            f"{name} n={n}: the Mosaic store compiled to {max(registers)} registers a thread, above {limit}: fewer "
+            f"than PROGRAMS_PER_CORE = {store_mgpu.PROGRAMS_PER_CORE} programs fit a multiprocessor")
+
+
+@needs_hopper
+@pytest.mark.gpu
 def test_gpu_cache_is_donated_and_updated_in_place() -> None:
     rng = np.random.default_rng(5)
     cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)
