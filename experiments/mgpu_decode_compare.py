@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import time
 
 import jax
@@ -27,18 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.device_check import build
-from experiments.timing import copy_bandwidth, device_description, time_fn
+from experiments.timing import (
+    copy_bandwidth,
+    device_description,
+    load_versions,
+    time_fn,
+)
 from tqjax.pallas import decode_mgpu
 from tqjax.reference import paged_decode_reference
 
 HQ, HK, BLOCK = 32, 8, 16
-
-
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location("decode_mgpu_other", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> None:
@@ -53,9 +50,7 @@ def main(argv=None) -> None:
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
 
-    modules = {"this": decode_mgpu}
-    for path in filter(None, args.against.split(",")):
-        modules[path.rsplit("/", 1)[-1].removesuffix(".py")] = _load(path)
+    modules = {"this": decode_mgpu} | load_versions(args.against, "decode_mgpu_")
     splits = [int(s) for s in args.splits.split(",") if s] or [None]
     variants = [(s, st) for st in (int(x) for x in args.stages.split(",")) for s in splits]
     print(device_description(), flush=True)

@@ -19,7 +19,6 @@ bandwidth measured in the same run. The Mosaic kernel runs on Hopper GPUs only (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 
 import jax
@@ -28,7 +27,13 @@ import numpy as np
 
 import tqjax
 from experiments import store_probe
-from experiments.timing import copy_bandwidth, device_description, looped_store, time_fn
+from experiments.timing import (
+    copy_bandwidth,
+    device_description,
+    load_versions,
+    looped_store,
+    time_fn,
+)
 from tqjax import reference
 from tqjax.pallas import store as pallas_store
 from tqjax.pallas import store_mgpu
@@ -50,13 +55,6 @@ def kernels(slots, value, others: dict, launches: str = "") -> dict:
     for name, module in mosaic.items():
         out[name] = (lambda c, key, module=module: module.store_mgpu_jit(c, key, value, slots), module)
     return out
-
-
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location("store_mgpu_" + path.rsplit("/", 1)[-1].removesuffix(".py"), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def differences(got: dict, ref: dict) -> dict:
@@ -86,7 +84,7 @@ def main(argv=None) -> None:
                    "'mosaic' runs this Mosaic store and the --against ones)")
     p.add_argument("--repeats", type=int, default=1, help="times each kernel is timed, in turns (median reported)")
     a = p.parse_args(argv)
-    others = {path.rsplit("/", 1)[-1].removesuffix(".py"): _load(path) for path in filter(None, a.against.split(","))}
+    others = load_versions(a.against, "store_mgpu_")
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
     if a.once:  # store_probe's profiling run, through the Mosaic kernel

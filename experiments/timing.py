@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -74,3 +76,15 @@ def launch_floor() -> float:
 def device_description() -> str:
     dev = jax.devices()[0]
     return f"{getattr(dev, 'device_kind', dev.platform)} ({dev.platform}), jax {jax.__version__}"
+
+
+def load_versions(paths: str, prefix: str) -> dict:
+    """Other versions of a kernel module, to time beside the installed one: comma-separated file ``paths`` ->
+    {file name without ``.py``: the module loaded from it (as ``prefix`` + that name)}."""
+    out = {}
+    for path in filter(None, paths.split(",")):
+        name = os.path.basename(path).removesuffix(".py")
+        spec = importlib.util.spec_from_file_location(prefix + name, path)
+        out[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(out[name])
+    return out
