@@ -312,13 +312,13 @@ def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: in
                      chunk)
 
 
-def _search(s_bits, limits: list, half, halves: list):
+def _search(s_bits, limits: list, firsts: list):
     """``half + count`` for elements with ``s_bits`` = the bits of ``z * z`` plus ``[z <= 0]``, against the row's
     ascending positive limits (bit patterns, ``2**m - 1`` of them; a segment of fewer bits has its list padded
     with ``0x7FFFFFFF``, above every element): count = #{limits below}, by binary search
-    (:func:`tqjax.pallas.store._count_below`, its select tree driven by the levels' comparisons), ``half`` =
-    2**(bits - 1) of the thread's segment (i32), ``halves[k]`` = ``half + 2**(m - 1)`` and ``half`` for the first
-    level's two outcomes. The code is ``half + count`` for ``z > 0`` and ``half - 1 - count`` otherwise."""
+    (:func:`tqjax.pallas.store._count_below`, its select tree driven by the levels' comparisons); ``half`` =
+    2**(bits - 1) of the thread's segment enters with the first level's outcome, ``firsts`` = (``half + 2**(m -
+    1)``, ``half``) (i32). The code is ``half + count`` for ``z > 0`` and ``half - 1 - count`` otherwise."""
     _, arith, *_ = _ir()
     m = (len(limits) + 1).bit_length() - 1
     aboves, count = [], None
@@ -330,7 +330,7 @@ def _search(s_bits, limits: list, half, halves: list):
         above = arith.cmpi(arith.CmpIPredicate.sgt, s_bits, options[0])
         aboves.append(above)
         if count is None:
-            count = arith.select(above, halves[0], halves[1])
+            count = arith.select(above, firsts[0], firsts[1])
         else:
             count = arith.addi(count, arith.select(above, _ci(step), _ci(0)))
     return count
@@ -460,7 +460,7 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 # up: -1 where z > 0, else 0; z * z is |z| z's magnitude (z an integer: no underflow)
                 up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
                 s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
-                at = _search(s_bits, limits, half, firsts)
+                at = _search(s_bits, limits, firsts)
                 codes.append(arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), mask)))
                 sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [at], i32))
                 total = arith.addi(total, sq)
