@@ -5,15 +5,15 @@ on the same inputs, with their differences from the reference store.
     git show c9b1166:tqjax/pallas/store_mgpu.py > /tmp/store_mgpu_old.py
     python -m experiments.store_compare --against /tmp/store_mgpu_old.py --kernels mosaic --repeats 3
 
-For each preset and N (Hk=8, D=128, block 16, random distinct slots, bf16 keys and values): each kernel stores
-into a fresh cache once, and its arrays are compared with ``tqjax.reference.store_reference`` jitted on the same
-device (the count of differing entries per array; for the fp16 key norms also the largest difference in ulps),
-then it is timed as ``decode_sweep`` times a store inside a jitted loop (``experiments.timing.looped_store``, 16
-stores a call, per store). ``--against`` adds other versions of ``store_mgpu.py`` (loaded from files, named
-after them); with ``--repeats R`` every kernel is timed R times, the kernels taking turns, and the median is
-reported (figures move 10-15% between calls of the lent machines, less within one: compare versions in one
-call). Bytes: bf16 K and V read plus the compressed slots written; "of bw" against the copy
-bandwidth measured in the same run. The Mosaic kernel runs on Hopper GPUs only (elsewhere its rows say why not).
+For each preset and N (Hk=8, D=128 or ``--head-dim``, block 16, random distinct slots, bf16 keys and values): each
+kernel stores into a fresh cache once, and its arrays are compared with ``tqjax.reference.store_reference`` jitted
+on the same device (the count of differing entries per array; for the fp16 key norms also the largest difference in
+ulps), then it is timed as ``decode_sweep`` times a store inside a jitted loop (``experiments.timing.looped_store``,
+16 stores a call, per store). ``--against`` adds other versions of ``store_mgpu.py`` (loaded from files, named after
+them); with ``--repeats R`` every kernel is timed R times, the kernels taking turns, and the median is reported
+(figures move 10-15% between calls of the lent machines, less within one: compare versions in one call). Bytes: bf16
+K and V read plus the compressed slots written; "of bw" against the copy bandwidth measured in the same run. The
+Mosaic kernel runs on Hopper GPUs only (elsewhere its rows say why not).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main(argv=None) -> None:
         is None])
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--hk", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--once", action="store_true",
                    help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
@@ -88,19 +89,20 @@ def main(argv=None) -> None:
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
     if a.once:  # store_probe's profiling run, through the Mosaic kernel
-        store_probe.once(argparse.Namespace(**vars(a), head_dim=128), store=store_mgpu.store_mgpu)
+        store_probe.once(a, store=store_mgpu.store_mgpu)
         return
     dev = device_description()
     print(dev, flush=True)
     bw = copy_bandwidth()
     rows = []
     for name in a.presets:
-        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
         for n in a.tokens:
             rng = np.random.default_rng(n)
             num_blocks = 2 * n // a.block_size + 8
-            k = jnp.asarray(rng.standard_normal((n, a.hk, 128)) * rng.uniform(0.1, 8, (n, a.hk, 1)), jnp.bfloat16)
-            v = jnp.asarray(rng.standard_normal((n, a.hk, 128)) * 2 + rng.uniform(-1, 1, (n, a.hk, 1)), jnp.bfloat16)
+            shape = (n, a.hk, a.head_dim)
+            k = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 8, (n, a.hk, 1)), jnp.bfloat16)
+            v = jnp.asarray(rng.standard_normal(shape) * 2 + rng.uniform(-1, 1, (n, a.hk, 1)), jnp.bfloat16)
             slots = jnp.asarray(rng.permutation(num_blocks * a.block_size)[:n].astype(np.int32))
 
             def fresh(cfg=cfg, num_blocks=num_blocks):
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
 
             ref = jax.jit(reference.store_reference)(fresh(), k, v, slots)
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
-            nbytes = n * a.hk * (4 * 128 + cfg.slot_bytes)
+            nbytes = n * a.hk * (4 * a.head_dim + cfg.slot_bytes)
             chosen, times = {}, {}
             for label, (fn, module) in kernels(slots, v, others, a.launches).items():
                 if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
@@ -131,7 +133,8 @@ def main(argv=None) -> None:
                 t = statistics.median(times[label])
                 rows.append((name, n, label, t * 1e6, nbytes / t, diff))
                 print("RESULT", rows[-1], [round(x * 1e6, 1) for x in times[label]], flush=True)
-    print(f"\n== store kernels: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hk={a.hk} D=128 block {a.block_size}; "
+    print(f"\n== store kernels: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hk={a.hk} D={a.head_dim} "
+          f"block {a.block_size}; "
           f"per store in a jitted loop of {LOOP}")
     width = max([7] + [len(r[2]) for r in rows])
     print(f"{'preset':22s} {'N':>6s} {'kernel':{width}s} {'time us':>8s} {'GB/s':>6s} {'of bw':>6s}  "

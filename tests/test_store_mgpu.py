@@ -30,6 +30,7 @@ from tqjax.pallas.store import choose_implementation, store
 from tqjax.reference import store_reference
 
 PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc", "turboquant_k3p5v4", "turboquant_k2p5v4")
+CASES = [(name, 128) for name in PRESETS] + [("turboquant_4bit_nc", 64)]  # (preset, head_dim) the kernel takes
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 _reference_jit = jax.jit(store_reference)
 
@@ -41,12 +42,12 @@ def _config(name: str, head_dim: int = 128) -> tqjax.TurboQuantConfig:
 # ---- CPU ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name, head_dim", CASES)
 @pytest.mark.parametrize("n, block_size", [(1, 16), (200, 64)])
-def test_kernel_lowers_for_cuda(name: str, n: int, block_size: int) -> None:
-    cfg = _config(name)
+def test_kernel_lowers_for_cuda(name: str, head_dim: int, n: int, block_size: int) -> None:
+    cfg = _config(name, head_dim)
     cache = jax.eval_shape(lambda: PagedKVCache.allocate(cfg, 64, block_size, 2))
-    x = jax.ShapeDtypeStruct((n, 2, 128), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((n, 2, head_dim), jnp.bfloat16)
     text = jax.export.export(store_mgpu.store_mgpu_jit, platforms=["cuda"])(
         cache, x, x, jax.ShapeDtypeStruct((n,), jnp.int32)).mlir_module()
     assert "mosaic_gpu" in text
@@ -62,13 +63,14 @@ def test_kernel_lowers_for_cuda(name: str, n: int, block_size: int) -> None:
     ("turboquant_k8v4", 128, "fp8 keys"),
     ("turboquant_kqjl4v4", 128, "prod keys"),
     ("turboquant_k3p5v4", 64, "head_dim 64"),
-    ("turboquant_4bit_nc", 64, "head_dim 64"),
+    ("turboquant_3bit_nc", 64, "head_dim 64"),
+    ("turboquant_k3v4_nc", 64, "head_dim 64"),
     ("turboquant_4bit_nc", 256, "head_dim 256"),
 ])
 def test_unsupported_caches_are_named(name: str, head_dim: int, reason: str) -> None:
     assert reason in store_mgpu.unsupported(_config(name, head_dim))
-    for taken in PRESETS:
-        assert store_mgpu.unsupported(_config(taken)) is None
+    for taken, dim in CASES:
+        assert store_mgpu.unsupported(_config(taken, dim)) is None
 
 
 def test_haar_rotation_is_not_taken() -> None:
@@ -84,15 +86,15 @@ def test_calibrated_outliers_and_uncorrected_norms_are_not_taken() -> None:
     assert "norm correction" in store_mgpu.unsupported(cfg)
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_rotation_operand_gives_each_thread_its_channels(name: str) -> None:
+@pytest.mark.parametrize("name, head_dim", CASES)
+def test_rotation_operand_gives_each_thread_its_channels(name: str, head_dim: int) -> None:
     """With the left operand's columns in key_channel_order, the product with the operand (stored as B^T) is the
     quantizer's integer rotation ``n @ M^T`` with its columns in the same order, exactly."""
-    cfg = _config(name)
+    cfg = _config(name, head_dim)
     codec = key_codec(cfg)
-    order = key_channel_order(128)
+    order = key_channel_order(head_dim)
     rng = np.random.default_rng(0)
-    n = rng.integers(-(2**11), 2**11 + 1, (64, 128)).astype(np.float64)
+    n = rng.integers(-(2**11), 2**11 + 1, (64, head_dim)).astype(np.float64)
     got = n[:, order] @ store_mgpu.rotation_operand(cfg).astype(np.float64).T
     # each key segment's channels rotated by its own +-1 matrix (split keys: two halves, two matrices)
     expected = np.zeros_like(n)
@@ -100,10 +102,11 @@ def test_rotation_operand_gives_each_thread_its_channels(name: str) -> None:
         at = list(seg.channels)
         expected[:, at] = n[:, at] @ np.asarray(codec.quantizers[i].pm1, np.float64).T
     np.testing.assert_array_equal(got, expected[:, order])
-    # thread lane % 4 = c holds columns 8j + 2c + e, j < 16: channels 32c .. 32c + 31, in order
+    # thread lane % 4 = c holds columns 8j + 2c + e, j < D/8: channels D/4 c .. D/4 (c + 1) - 1, in order
+    per = head_dim // 4
     for c in range(4):
-        cols = [8 * j + 2 * c + e for j in range(16) for e in range(2)]
-        np.testing.assert_array_equal(order[cols], np.arange(32 * c, 32 * c + 32))
+        cols = [8 * j + 2 * c + e for j in range(head_dim // 8) for e in range(2)]
+        np.testing.assert_array_equal(order[cols], np.arange(per * c, per * c + per))
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -120,37 +123,40 @@ def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
     assert not table[~used].any()
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_threads_words_make_the_packed_rows(name: str) -> None:
-    """Each thread packs its 32 codes (channels 32 c .. of a quad lane c: a key segment's lane c % (4 / segments))
-    field by field and stores them where field_runs says: the rows are the codec's (pack_codes of each segment),
-    every word written once, every store aligned to its width."""
-    cfg = _config(name)
+@pytest.mark.parametrize("name, head_dim", CASES)
+def test_threads_words_make_the_packed_rows(name: str, head_dim: int) -> None:
+    """Each thread packs its D/4 codes (channels D/4 c .. of a quad lane c: a key segment's lane c % (4 /
+    segments)) field by field and stores them where field_runs says: the rows are the codec's (pack_codes of each
+    segment), every word written once, every store aligned to its width."""
+    cfg = _config(name, head_dim)
     rng = np.random.default_rng(3)
     segs = cfg.key_segments
     lanes = 4 // len(segs)
-    key = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
+    per = head_dim // 4  # a thread's channels of a row
+    key = jnp.asarray(rng.standard_normal((5, head_dim)), jnp.float32)
     codes = [np.asarray(c) for c in key_codec(cfg).mse_codes(key)[0]]  # per segment [5, seg.dim]
     expected_keys = np.asarray(key_codec(cfg).encode(key)[0])
-    values = rng.integers(0, 1 << cfg.value_bits, (5, 128))
+    values = rng.integers(0, 1 << cfg.value_bits, (5, head_dim))
     expected_values = np.asarray(pack_codes(jnp.asarray(values, jnp.uint32), cfg.value_bits))
     cases = [(expected_keys, [(seg.bits, seg.dim, seg.word_start, c) for seg, c in zip(segs, codes)], lanes),
-             (expected_values, [(cfg.value_bits, 128, 0, values)], 4)]
+             (expected_values, [(cfg.value_bits, head_dim, 0, values)], 4)]
     for expected, pieces, lanes_per in cases:
         row_words = expected.shape[-1]
         got = np.zeros_like(expected)
         written = np.zeros(row_words, int)
         for bits, dim, word_start, seg_codes in pieces:
             for lane in range(lanes_per):
-                mine = seg_codes[:, 32 * lane:32 * lane + 32]
-                words = np.asarray(pack_codes(jnp.asarray(mine, jnp.uint32), bits))  # field by field, 32 codes
+                mine = seg_codes[:, per * lane:per * lane + per]
+                # field by field (pack_codes takes 32 codes: a 16-code thread's padded, its words a field's first)
+                mine = np.pad(mine, ((0, 0), (0, 32 - per)))
+                words = np.asarray(pack_codes(jnp.asarray(mine, jnp.uint32), bits))
                 first = 0
-                for width, _shift, start, chunk in store_mgpu.field_runs(bits, dim, word_start, row_words):
-                    at = start + lane * width
-                    got[:, at:at + width] = words[:, first:first + width]
-                    written[at:at + width] += 1
+                for width, _shift, start, n, chunk in store_mgpu.field_runs(bits, dim, word_start, row_words, per):
+                    at = start + lane * n
+                    got[:, at:at + n] = words[:, first:first + n]
+                    written[at:at + n] += 1
                     first += width
-                    assert row_words % chunk == 0 and at % chunk == 0 and width % chunk == 0, (name, bits, start)
+                    assert row_words % chunk == 0 and at % chunk == 0 and n % chunk == 0, (name, bits, start)
         np.testing.assert_array_equal(written, 1)
         np.testing.assert_array_equal(got, expected)
 
@@ -206,14 +212,14 @@ def _on_cpu(fn, *args):
 
 
 def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pad_every: int = 5,
-           slots: np.ndarray | None = None) -> None:
+           slots: np.ndarray | None = None, head_dim: int = 128) -> None:
     """The kernel's cache equals the reference's computed on the CPU, bit for bit, and XLA's GPU reference's but
     for rare one-ulp key norms (its float32 division is ``div.full``); slots not stored keep their words."""
     rng = np.random.default_rng(seed)
-    cfg = _config(name)
+    cfg = _config(name, head_dim)
     num_blocks = max(2, -(-2 * n // block_size))
     cache = random_cache(cfg, num_blocks, block_size, hk, rng)
-    key, value = _inputs(n, hk, 128, jnp.bfloat16, rng)
+    key, value = _inputs(n, hk, head_dim, jnp.bfloat16, rng)
     if slots is None:
         slots = _slots(n, cache.num_slots, rng, pad_every=pad_every)
     before = _to_numpy(cache)
@@ -224,7 +230,7 @@ def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pa
     for s in slots[(slots >= 0) & (slots < num_blocks * block_size)]:
         written[:, s // block_size, s % block_size] = True
     for array in expected:
-        where = f"{name} n={n} bs={block_size}: {array}"
+        where = f"{name} D={head_dim} n={n} bs={block_size}: {array}"
         bad = np.argwhere(np.any((got[array] != expected[array]).reshape(*got[array].shape[:3], -1), axis=-1))
         assert bad.size == 0, f"{where} differs from store_reference at (head, page, row) {bad[:5].tolist()}"
         assert np.array_equal(got[array][~written], before[array][~written]), f"{where}: unwritten slots changed"
@@ -241,6 +247,13 @@ def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pa
 @pytest.mark.parametrize("n, block_size", [(1, 16), (63, 16), (64, 32), (200, 64), (4099, 16), (4101, 32)])
 def test_gpu_bit_exact(name: str, n: int, block_size: int) -> None:
     _check(name, n, block_size)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, block_size", [(1, 16), (200, 64), (4101, 32)])
+def test_gpu_bit_exact_head_dim_64(n: int, block_size: int) -> None:
+    _check("turboquant_4bit_nc", n, block_size, head_dim=64, hk=8)
 
 
 @needs_hopper
@@ -266,26 +279,27 @@ def test_gpu_out_of_range_and_padding_slots_are_skipped() -> None:
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", PRESETS)
-def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, capfd, monkeypatch) -> None:
+@pytest.mark.parametrize("name, head_dim", CASES)
+def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, head_dim: int, capfd, monkeypatch) -> None:
     """``PROGRAMS_PER_CORE`` programs of 128 threads fit a multiprocessor's 65536 registers (registers are given
     per warp in units of 256: 168 a thread for 3). The kernel launches that many programs a multiprocessor, each
     taking every ``programs``-th item, so with fewer resident the last programs run in a second wave (30-45%
     slower at 16k tokens: docs/PERFORMANCE.md, "A cliff at 168 registers"). ptxas chooses the count (Mosaic cannot
     cap it) and moves it with N (128-168 on the H200 with jax 0.11.2), so this checks the toolchain in use."""
-    limit = 65536 // (128 * store_mgpu.PROGRAMS_PER_CORE) // 8 * 8
+    programs = store_mgpu.PROGRAMS_PER_CORE[head_dim]
+    limit = 65536 // (128 * programs) // 8 * 8
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
     for n in (4096, 16384):
-        cache = PagedKVCache.allocate(_config(name), 2 * n // 16 + 3, 16, 8)  # a shape no other test compiles
-        x = jnp.ones((n, 8, 128), jnp.bfloat16)
+        cache = PagedKVCache.allocate(_config(name, head_dim), 2 * n // 16 + 3, 16, 8)  # no other test's shape
+        x = jnp.ones((n, 8, head_dim), jnp.bfloat16)
         capfd.readouterr()
         jax.block_until_ready(store_mgpu.store_mgpu_jit(cache, x, x, jnp.arange(n, dtype=jnp.int32)))
         report = capfd.readouterr()
         registers = [int(r) for r in re.findall(r"Used (\d+) registers", report.out + report.err)]
-        assert registers, f"{name} n={n}: no ptxas report (was the kernel compiled here?)"
+        assert registers, f"{name} D={head_dim} n={n}: no ptxas report (was the kernel compiled here?)"
         assert max(registers) <= limit, (
-            f"{name} n={n}: the Mosaic store compiled to {max(registers)} registers a thread, above {limit}: fewer "
-            f"than PROGRAMS_PER_CORE = {store_mgpu.PROGRAMS_PER_CORE} programs fit a multiprocessor")
+            f"{name} D={head_dim} n={n}: the Mosaic store compiled to {max(registers)} registers a thread, above "
+            f"{limit}: fewer than PROGRAMS_PER_CORE[{head_dim}] = {programs} programs fit a multiprocessor")
 
 
 @needs_hopper

@@ -7,8 +7,9 @@ output, so XLA reuses the old buffers and never copies a cache.
 
 Two kernels sit behind :func:`store` (``implementation``, :func:`choose_implementation`): this module's (Triton
 lowering: CUDA, ROCm, interpret mode; every preset) and, on Hopper GPUs, :mod:`tqjax.pallas.store_mgpu`'s
-(Mosaic GPU: MSE keys of one 3- or 4-bit segment and split keys at head_dim 128, bf16 inputs; 1.4-1.7x faster
-at 16k tokens on the H200, same call, docs/PERFORMANCE.md), which is the default where it runs.
+(Mosaic GPU: MSE keys of one 3- or 4-bit segment and split keys at head_dim 128, 4-bit keys and values at 64,
+bf16 inputs; 1.4-1.7x faster at 16k tokens on the H200, same call, docs/PERFORMANCE.md), which is the default
+where it runs.
 
 What runs where
 ---------------

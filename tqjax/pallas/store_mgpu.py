@@ -11,15 +11,15 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
   buffer each: 67.6 KB a program); the +-1 matrix is copied once per program. Copies (TMA) alone read the
   inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
 - thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
-  and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128): four 16-byte shared-memory
-  loads a row of the key and of the value;
+  and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128; ``16 c ..`` at 64): four
+  (two) 16-byte shared-memory loads a row of the key and of the value;
 - keys (exact Hadamard codes, :meth:`tqjax.quantizers.TurboQuantMSE.quantize`): the row's largest magnitude
   (``max.u16x2`` on the bf16 pairs, then the quad's shuffles), the grid exponent, ``n = floor(x 2**s + 1/2)``,
   ``||n||**2`` (float32 sums of four squares, exact below 2**24, one conversion a group); the integers are the
   rotation's left operand **in registers** (float16 pairs in the WGMMA layout, the channels in
   :func:`tqjax.pallas.decode_mgpu.key_channel_order`) and the +-1 matrix, permuted the same way on both sides
   (:func:`rotation_operand`), the right one in shared memory: one ``wgmma`` gives ``z`` in the accumulator
-  layout, where the thread again holds its 32 channels of each row. Each ``z |z|`` is bucketized against
+  layout, where the thread again holds its channels of each row. Each ``z |z|`` is bucketized against
   ``||n||**2 t_j`` by a binary search over the positive limits (the sign gives the top bit:
   :func:`tqjax.pallas.store._search_codes`, same comparisons, on the bits of ``z z`` plus ``[z <= 0]``; the
   sign kept as an integer mask, ``set.gt``, the code formed by one xor; four elements at a time, chained so
@@ -42,7 +42,8 @@ about 1 in 10**4 key norms one fp16 ulp away (H200: 6 of 131072 at 16k tokens; i
 its float32 operations differs too); ``tests/test_store_mgpu.py`` checks both. The cache is updated in place
 (its arrays are GMEM refs, ``jax.new_ref``, that only the kernel writes; the jit donates the cache); ``slot <
 0`` and ``slot >= num_slots`` are skipped; keys and values without NaN. :func:`unsupported` says which caches it
-takes (MSE keys of one 3- or 4-bit segment with a Hadamard rotation, 3- or 4-bit values, head_dim 128);
+takes (head_dim 128: MSE keys of one 3- or 4-bit segment or the split presets, with a Hadamard rotation, 3- or
+4-bit values; head_dim 64: 4-bit MSE keys and 4-bit values, whose fields are whole words of a thread's 16 codes);
 :func:`tqjax.pallas.store.store` runs the Triton kernel for the others and is the entry point. There is no
 interpret mode: ``tests/test_store_mgpu.py`` lowers the kernel on the CPU and compares it with the reference
 on a Hopper GPU (``-m gpu``).
@@ -81,8 +82,10 @@ __all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "field_runs", "on_hopper"
            "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
-HEAD_DIMS = (128,)  # a thread holds head_dim / 4 channels of a row: 32, whole words of every field
-PROGRAMS_PER_CORE = 3  # resident a multiprocessor: <= 168 registers (4-bit keys) and 67.6 KB of shared memory each
+HEAD_DIMS = (64, 128)  # a thread holds head_dim / 4 channels of a row: 32 (whole words of every field) or 16
+#: Programs resident a multiprocessor, by head_dim: at 128 <= 168 registers and 67.6 KB of shared memory each; at
+#: 64 <= 128 registers (80 with the CPU's ptxas 13.0) and 26.7 KB.
+PROGRAMS_PER_CORE = {64: 4, 128: 3}
 _CHAIN = 2  # register pairs (4 elements) of a row bucketized at once (:func:`_keys_out`)
 
 
@@ -92,6 +95,10 @@ def unsupported(config: TurboQuantConfig) -> str | None:
         return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
     segs = config.key_segments
     bits = [s.bits for s in segs]
+    if config.head_dim == 64 and (config.key_format, bits, config.value_bits) != ("mse", [4], 4):
+        return (f"{config.key_format} keys of {bits} bits and {config.value_bits}-bit values at head_dim 64 (a "
+                "thread holds 16 channels, whole words of 4-bit fields only: the Mosaic store takes 4-bit MSE keys "
+                "and 4-bit values there)")
     if bits not in {"mse": ([3], [4]), "split": ([4, 3], [3, 2])}.get(config.key_format, ()):
         return (f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys and the "
                 "3.5- and 2.5-bit split keys)")
@@ -110,7 +117,7 @@ def rotation_operand(config: TurboQuantConfig) -> np.ndarray:
     """float16 [D, D]: the rotation's right operand, stored transposed (``B^T``) in shared memory: the +-1
     matrix ``M`` (``z = n M^T``; block diagonal for split keys, one block a segment) with its rows and columns in
     :func:`key_channel_order`, so that the left operand's column k is channel ``order[k]`` of ``n`` and the
-    product's column j is channel ``order[j]`` of ``z`` (each thread holds its own 32 channels on both sides)."""
+    product's column j is channel ``order[j]`` of ``z`` (each thread holds its own channels on both sides)."""
     codec = key_codec(config)
     m = np.zeros((config.head_dim, config.head_dim), np.float32)
     for i, seg in enumerate(config.key_segments):
@@ -232,7 +239,7 @@ class _Row:
 
     def segment(self, segments: int) -> tuple:
         """(this thread's key segment (i32), its lane among the segment's ``4 // segments``, whether it is the
-        segment's first lane): the lanes of a quad hold channels 32 c .. 32 c + 31, a segment 128 // segments."""
+        segment's first lane): lane c of a quad holds channels D/4 c .. D/4 (c + 1) - 1, a segment D // segments."""
         _, arith, *_ = _ir()
         if segments == 1:
             return _ci(0), self.lane4, self.first
@@ -266,28 +273,31 @@ class _Row:
         return arith.addi(arith.muli(at, c(row_len)), start)
 
 
-def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int) -> list[tuple[int, int, int, int]]:
+def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int,
+               thread_channels: int = 32) -> list[tuple[int, int, int, int, int]]:
     """Where a thread's words of one key segment (or of the value) go in the cache row, host-side: ``[(width,
-    shift, start, chunk)]``, one per :func:`tqjax.packing.bit_fields` of ``bits``: the field's ``seg_dim * width /
-    32`` words start at word ``start`` of the ``row_words``-word row, the thread's ``width`` of them (its 32
-    codes: channels ``32 lane .. 32 lane + 31`` of the segment) at ``start + lane * width``, stored ``chunk``
-    words at a time (the widest store every row, field and run start is aligned to)."""
+    shift, start, words, chunk)]``, one per :func:`tqjax.packing.bit_fields` of ``bits``: the field's ``seg_dim *
+    width / 32`` words start at word ``start`` of the ``row_words``-word row, the thread's ``words`` of them (its
+    ``thread_channels`` codes: channels ``thread_channels * lane ..`` of the segment) at ``start + lane * words``,
+    stored ``chunk`` words at a time (the widest store every row, field and run start is aligned to)."""
     out = []
     start = word_start
     for width, shift in bit_fields(bits):
-        out.append((width, shift, start, _chunk(row_words, start, width)))
+        assert thread_channels * width % 32 == 0, (thread_channels, width)  # whole words a thread
+        words = thread_channels * width // 32
+        out.append((width, shift, start, words, _chunk(row_words, start, words)))
         start += seg_dim * width // 32
     return out
 
 
 def _pack(codes: list, bits: int, width: int, shift: int) -> list:
-    """The thread's 32 codes (``codes[i]``: channel 32 lane + i of its segment, i32) -> its ``width`` words of the
+    """The thread's codes (``codes[i]``: channel ``len(codes) * lane + i`` of its segment, i32) -> its words of the
     field ``(width, shift)`` (:func:`tqjax.packing.pack_codes`: code bits ``shift .. shift + width - 1``, ``32 /
     width`` codes a word, the first in the low bits)."""
     _, arith, *_ = _ir()
     per_word = 32 // width
     words = []
-    for w in range(width):
+    for w in range(len(codes) // per_word):
         word = None
         for i in range(per_word):
             code = codes[w * per_word + i]
@@ -304,10 +314,10 @@ def _pack(codes: list, bits: int, width: int, shift: int) -> list:
 
 def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
                  num_pages: int, block_size: int) -> None:
-    """Pack the thread's 32 codes of a segment and store them into its cache row (:func:`field_runs`)."""
+    """Pack the thread's codes of a segment and store them into its cache row (:func:`field_runs`)."""
     _, arith, *_ = _ir()
-    for width, shift, start, chunk in field_runs(bits, seg_dim, word_start, row_words):
-        at = arith.addi(_ci(start), arith.muli(lane, _ci(width)))
+    for width, shift, start, words, chunk in field_runs(bits, seg_dim, word_start, row_words, len(codes)):
+        at = arith.addi(_ci(start), arith.muli(lane, _ci(words)))
         _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at), _pack(codes, bits, width, shift),
                      chunk)
 
@@ -545,9 +555,9 @@ def _value_scalars(hi, lo, levels: int):
 def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
     """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
     value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, up to
-    :data:`PROGRAMS_PER_CORE` a multiprocessor, each storing every ``programs``-th (tile, head); an item's key
-    and value are read from shared memory first, then the next item's copies are issued into the same buffers
-    while this item's keys are rotated and stored."""
+    :data:`PROGRAMS_PER_CORE` a multiprocessor (by head_dim), each storing every ``programs``-th (tile, head); an
+    item's key and value are read from shared memory first, then the next item's copies are issued into the same
+    buffers while this item's keys are rotated and stored."""
     d = cfg.head_dim
     grid = {key_codec(cfg).quantizers[i].grid_bits for i in range(len(cfg.key_segments))}
     assert len(grid) == 1, grid  # one grid for every segment (grid_bits(64) == grid_bits(128) == 11)
@@ -590,7 +600,7 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         mgpu.utils.warpgroup_barrier()
 
     total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
-    programs = min(total, PROGRAMS_PER_CORE * _num_cores())
+    programs = min(total, PROGRAMS_PER_CORE[d] * _num_cores())
 
     def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
                key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
