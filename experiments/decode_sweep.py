@@ -161,7 +161,7 @@ def peer_systems(q_sets, k, v, tables, lens, batch, context, block_size):
     ppseq = tables.shape[1]
     k_splits = max(s for s in (1, 2, 4, 8, 16) if ppseq % s == 0)
     ppcb = max(1, min(8, ppseq // k_splits))
-    kw = dict(k_splits=k_splits, pages_per_compute_block=ppcb)
+    kw = {"k_splits": k_splits, "pages_per_compute_block": ppcb}
 
     def int8_pages(x):
         amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
@@ -298,8 +298,9 @@ def sweep_store(a, rng, bw):
             t = time_fn(step, [()], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
             t_loop = time_fn(loop_step, [()], iters=5 if ON_GPU else 1, reps=5 if ON_GPU else 1) / STORE_LOOP
             nbytes = n * a.hk * (a.head_dim * 2 * 2 + cfg.slot_bytes)
-            out.append(dict(preset=name, tokens=n, time_us=t * 1e6, tokens_per_s=n / t, gbps=nbytes / t / 1e9,
-                            bw_frac=nbytes / t / bw, in_jit_time_us=t_loop * 1e6, in_jit_bw_frac=nbytes / t_loop / bw))
+            out.append({"preset": name, "tokens": n, "time_us": t * 1e6, "tokens_per_s": n / t,
+                        "gbps": nbytes / t / 1e9, "bw_frac": nbytes / t / bw, "in_jit_time_us": t_loop * 1e6,
+                        "in_jit_bw_frac": nbytes / t_loop / bw})
     return out
 
 
@@ -319,10 +320,10 @@ def write_csv(a, rows, name: str = "decode.csv", fields=tuple(Row.__dataclass_fi
 
 def report(a, rows, store_rows, dev, bw, floor):
     write_csv(a, rows)
-    meta = dict(device=dev, jax=jax.__version__, copy_bandwidth_gbps=bw / 1e9, launch_floor_us=floor * 1e6,
-                argv=sys.argv[1:], hq=a.hq, hk=a.hk, head_dim=a.head_dim, block_size=a.block_size)
+    meta = {"device": dev, "jax": jax.__version__, "copy_bandwidth_gbps": bw / 1e9, "launch_floor_us": floor * 1e6,
+            "argv": sys.argv[1:], "hq": a.hq, "hk": a.hk, "head_dim": a.head_dim, "block_size": a.block_size}
     with open(os.path.join(a.out, "decode.json"), "w") as f:
-        json.dump(dict(meta=meta, decode=[dataclasses.asdict(r) for r in rows], store=store_rows), f, indent=1)
+        json.dump({"meta": meta, "decode": [dataclasses.asdict(r) for r in rows], "store": store_rows}, f, indent=1)
     print(f"\n== decode: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
           f"block={a.block_size}, launch floor {floor * 1e6:.1f} us" + ("" if ON_GPU else "  [CPU: not GPU timings]"))
     print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s} {'x floor':>8s}")
