@@ -13,7 +13,7 @@ Setup, once (the CUDA plugin goes into its own environment, the development one 
 and ptxas (CUDA 13) and gcc on the machine. Then, from the repository root::
 
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
-        [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4]
+        [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass]
 
 Each point is preset suffix/head_dim/block_size/group; the last column names the other files whose kernel at that
 point is the same machine code (instruction for instruction, addresses aside). How: the kernel is lowered for CUDA
@@ -214,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--nvdisasm", default="nvdisasm")
     ap.add_argument("--ptxas", default="ptxas")
     ap.add_argument("--cuda-root", default="/usr/local/cuda-13.0", help="for libdevice (MOSAIC_GPU_CUDA_ROOT)")
+    ap.add_argument("--dump", default="", help="a folder to write each kernel's SASS into (label_point.sass, one "
+                    "instruction a line, no addresses: diff two of them to see what a change moved)")
     args = ap.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="mgpu_static_sass_")
@@ -237,6 +239,10 @@ def main(argv=None) -> None:
                 rows.append([point, label, "-", "-", "-", "-", "failed: " + lines[-1].strip()[:200]])
             else:
                 codes[label] = r["code"]
+                if args.dump:
+                    os.makedirs(args.dump, exist_ok=True)
+                    with open(os.path.join(args.dump, f"{label}_{point.replace('/', '_')}.sass"), "w") as f:
+                        f.write("\n".join(r["code"]) + "\n")
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
                 regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
                 smem = (f"{r['smem']} B, {programs_per_sm(r['registers'], r['smem'])} programs/SM" if r["smem"] > 0
