@@ -10,24 +10,32 @@ Setup, once (the CUDA plugin goes into its own environment, the development one 
     /tmp/mgvenv/bin/pip install "jax==0.10.2" "jax-cuda13-plugin==0.10.2" "jax-cuda13-pjrt==0.10.2" absl-py
     pip download --no-deps -d /tmp/nvd nvidia-cuda-nvdisasm && unzip -q -d /tmp/nvd /tmp/nvd/nvidia_cuda_nvdisasm-*.whl
 
-and ptxas (CUDA 13) and gcc on the machine. Then, from the repository root::
+and ptxas (CUDA 13) and gcc on the machine. **The GPU machine's own counts** come from its jax (0.11.2, which needs
+Python 3.12: ``pyenv``'s, for one) in a second environment of the same kind, with ``JAX_PLATFORMS=cpu`` (the
+plugin's cuDNN check otherwise stops it): its lowering is the device's, and ptxas 13.0 then gives the H200's
+register counts exactly (the Mosaic store at nine (preset, N) points of the twentieth session's runs, 128-168,
+``docs/data/store_mgpu_registers_cpu_2026-11-30_s21.log``); jax 0.10.2's lowering gives other counts (128 for all
+five store presets where the H200 has 128-168). Then, from the repository root::
 
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
         [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass]
 
-Each point is preset suffix/head_dim/block_size/group; the last column names the other files whose kernel at that
-point is the same machine code (instruction for instruction, addresses aside). How: the kernel is lowered for CUDA
-(``jax.export``, as the CPU tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a
-GPU (Mosaic passes, LLVM NVPTX, ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built
-here) that reports one compute capability 9.0 device and refuses to load the module; the plugin registers its
-NVPTX target when its client starts on a GPU, so the child calls the plugin's own
-``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the
-PTX. The main loop is the predicated backward branch around both products' ``HGMMA``s; its instructions run once
-per 64-token step in every warp, except a branch taken by one warp (the page copies).
+Each point is preset suffix/head_dim/block_size/group (store: preset suffix/head_dim/block_size[/N[/Hk]], N tokens
+of Hk KV heads into a cache of ``2 N / block_size + 8`` blocks (at least 64), as ``experiments.store_compare``
+builds it; 200 tokens of 2 heads by default: N is a constant of the store kernel, and ptxas's register count moves
+with it); the last column names the other files whose kernel at that point is the same machine code (instruction for
+instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU tests do), and the
+CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes, LLVM NVPTX,
+``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that reports one compute
+capability 9.0 device and refuses to load the module; the plugin registers its NVPTX target when its client starts
+on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with
+``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the predicated backward branch around both
+products' ``HGMMA``s; its instructions run once per 64-token step in every warp, except a branch taken by one warp
+(the page copies).
 
-A proxy, not a measurement: static counts (no stalls; occupancy by registers and shared memory only), the CPU's
-jax/plugin (0.10.2) and ptxas (13.0) rather than the GPU machine's (0.11.2; CUDA 13); on the H200 the kept kernel
-of the fourteenth session had 150-155 registers and 596 + 77 (warp 0) loop instructions per step in the profile.
+A proxy, not a measurement: static counts (no stalls; occupancy by registers and shared memory only); with jax
+0.10.2 on the CPU, not the GPU machine's lowering (on the H200 the kept decode kernel of the fourteenth session had
+150-155 registers and 596 + 77 (warp 0) loop instructions per step in the profile).
 """
 
 from __future__ import annotations
@@ -66,8 +74,8 @@ _CHILD = r"""
 import ctypes, importlib.util, io, re, subprocess, sys
 import jax, jax.numpy as jnp
 from jax.experimental.mosaic.gpu import core as mgpu_core
-path, name, head_dim, block_size, group = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-kind = sys.argv[6]
+path, name, head_dim, block_size, group, tokens, heads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+kind = sys.argv[8]
 sys.path.insert(0, ".")
 import tqjax
 modules = []
@@ -81,11 +89,13 @@ spec = importlib.util.spec_from_file_location("decode_mgpu_variant", path)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
-cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 64, block_size, 2))
-if kind == "store":  # 200 tokens of group * 2 KV heads
-    x = jax.ShapeDtypeStruct((200, 2, head_dim), jnp.bfloat16)
-    jax.export.export(mod.store_mgpu_jit, platforms=["cuda"])(cache, x, x, jax.ShapeDtypeStruct((200,), jnp.int32))
+if kind == "store":  # tokens of heads KV heads
+    blocks = max(64, 2 * tokens // block_size + 8)
+    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, blocks, block_size, heads))
+    x = jax.ShapeDtypeStruct((tokens, heads, head_dim), jnp.bfloat16)
+    jax.export.export(mod.store_mgpu_jit, platforms=["cuda"])(cache, x, x, jax.ShapeDtypeStruct((tokens,), jnp.int32))
 else:
+    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 64, block_size, 2))
     q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
     f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=2, stages=2)
     jax.export.export(jax.jit(f), platforms=["cuda"])(
@@ -172,11 +182,16 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
     main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
     error) where the file's kernel does not compile for the point."""
-    preset, head_dim, block_size, group = (point + "/1" if kind == "store" else point).split("/")
+    if kind == "store":  # preset/head_dim/block_size[/tokens[/heads]]
+        preset, head_dim, block_size, tokens, heads = (point.split("/") + ["200", "2"][point.count("/") - 2:])[:5]
+        group = "1"
+    else:
+        (preset, head_dim, block_size, group), tokens, heads = point.split("/"), "0", "0"
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
     # the child aborts once the stub refuses to load the module, after the PTX is written
-    argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group, kind]
+    argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group, tokens, heads,
+            kind]
     child = subprocess.run(argv, check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
     smem = re.search(r"^SMEM (-?\d+)$", child.stdout, re.MULTILINE)
     ptx = glob.glob(os.path.join(dump, "*.ptx"))
