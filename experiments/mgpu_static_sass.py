@@ -13,7 +13,7 @@ Setup, once (the CUDA plugin goes into its own environment, the development one 
 and ptxas (CUDA 13) and gcc on the machine. **The GPU machine's own counts** come from its jax (0.11.2, which needs
 Python 3.12: ``pyenv``'s, for one) in a second environment of the same kind, with ``JAX_PLATFORMS=cpu`` (the
 plugin's cuDNN check otherwise stops it): its lowering is the device's, and ptxas 13.0 then gives the H200's
-register counts exactly (the Mosaic store at nine (preset, N) points of the twentieth session's runs, 128-168,
+register counts exactly (the Mosaic store at ten (preset, N) points of the twentieth session's runs, 128-168,
 ``docs/data/store_mgpu_registers_cpu_2026-11-30_s21.log``); jax 0.10.2's lowering gives other counts (128 for all
 five store presets where the H200 has 128-168). Then, from the repository root::
 
