@@ -8,8 +8,8 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
 - work item = 64 tokens of one KV head; persistent programs of one warpgroup, up to 3 a multiprocessor (4 at
   head_dim 64), each taking every ``programs``-th item (heads fastest); once an item's key and value rows are in
   registers, the next item's copies fill the same shared memory while this item's keys are rotated and stored
-  (one buffer each: 67.6 KB a program at head_dim 128); the +-1 matrix is copied once per program. Copies (TMA) alone read the
-  inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
+  (one buffer each: 67.6 KB a program at head_dim 128); the +-1 matrix is copied once per program. Copies (TMA)
+  alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
 - thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
   and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128; ``16 c ..`` at 64): four
   (two) 16-byte shared-memory loads a row of the key and of the value;
