@@ -30,7 +30,7 @@ from tqjax.pallas.store import choose_implementation, store
 from tqjax.reference import store_reference
 
 PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc", "turboquant_k3p5v4", "turboquant_k2p5v4")
-CASES = [(name, 128) for name in PRESETS] + [("turboquant_4bit_nc", 64)]  # (preset, head_dim) the kernel takes
+CASES = [(name, head_dim) for head_dim in (128, 64) for name in PRESETS]  # (preset, head_dim) the kernel takes
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 _reference_jit = jax.jit(store_reference)
 
@@ -62,9 +62,7 @@ def test_kernel_lowers_for_cuda(name: str, head_dim: int, n: int, block_size: in
 @pytest.mark.parametrize("name, head_dim, reason", [
     ("turboquant_k8v4", 128, "fp8 keys"),
     ("turboquant_kqjl4v4", 128, "prod keys"),
-    ("turboquant_k3p5v4", 64, "head_dim 64"),
-    ("turboquant_3bit_nc", 64, "head_dim 64"),
-    ("turboquant_k3v4_nc", 64, "head_dim 64"),
+    ("turboquant_k3p5v4", 256, "head_dim 256"),
     ("turboquant_4bit_nc", 256, "head_dim 256"),
 ])
 def test_unsupported_caches_are_named(name: str, head_dim: int, reason: str) -> None:
@@ -151,12 +149,17 @@ def test_threads_words_make_the_packed_rows(name: str, head_dim: int) -> None:
                 mine = np.pad(mine, ((0, 0), (0, 32 - per)))
                 words = np.asarray(pack_codes(jnp.asarray(mine, jnp.uint32), bits))
                 first = 0
-                for width, _shift, start, n, chunk in store_mgpu.field_runs(bits, dim, word_start, row_words, per):
-                    at = start + lane * n
-                    got[:, at:at + n] = words[:, first:first + n]
-                    written[at:at + n] += 1
-                    first += width
-                    assert row_words % chunk == 0 and at % chunk == 0 and n % chunk == 0, (name, bits, start)
+                for run in store_mgpu.field_runs(bits, dim, word_start, row_words, per):
+                    if run.words:
+                        at, n = run.start + lane * run.words, run.words
+                        got[:, at:at + n] = words[:, first:first + n]
+                        written[at:at + n] += 1
+                    else:  # half a word: the lane pair's even lane in the low half (its partner's from a shuffle)
+                        at, n = run.start + lane // 2, 1
+                        got[:, at] |= words[:, first] << np.uint32(16 * (lane % 2))
+                        written[at] += lane % 2 == 0  # the even lane stores the word
+                    first += run.width
+                    assert row_words % run.chunk == 0 and at % run.chunk == 0 and n % run.chunk == 0, (name, bits)
         np.testing.assert_array_equal(written, 1)
         np.testing.assert_array_equal(got, expected)
 
@@ -251,9 +254,10 @@ def test_gpu_bit_exact(name: str, n: int, block_size: int) -> None:
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("n, block_size", [(1, 16), (200, 64), (4101, 32)])
-def test_gpu_bit_exact_head_dim_64(n: int, block_size: int) -> None:
-    _check("turboquant_4bit_nc", n, block_size, head_dim=64, hk=8)
+def test_gpu_bit_exact_head_dim_64(name: str, n: int, block_size: int) -> None:
+    _check(name, n, block_size, head_dim=64, hk=8)
 
 
 @needs_hopper

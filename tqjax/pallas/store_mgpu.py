@@ -55,6 +55,7 @@ copies' descriptors take 64-bit strides. Caches of any size are addressed correc
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,6 @@ def unsupported(config: TurboQuantConfig) -> str | None:
         return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
     segs = config.key_segments
     bits = [s.bits for s in segs]
-    if config.head_dim == 64 and (config.key_format, bits, config.value_bits) != ("mse", [4], 4):
-        return (f"{config.key_format} keys of {bits} bits and {config.value_bits}-bit values at head_dim 64 (a "
-                "thread holds 16 channels, whole words of 4-bit fields only: the Mosaic store takes 4-bit MSE keys "
-                "and 4-bit values there)")
     if bits not in {"mse": ([3], [4]), "split": ([4, 3], [3, 2])}.get(config.key_format, ()):
         return (f"{config.key_format} keys of {bits} bits (the Mosaic store takes 3- or 4-bit MSE keys and the "
                 "3.5- and 2.5-bit split keys)")
@@ -273,19 +270,29 @@ class _Row:
         return arith.addi(arith.muli(at, c(row_len)), start)
 
 
+class FieldRun(NamedTuple):
+    """Where a thread's words of one bit field of a key segment (or of the value) go in the cache row."""
+
+    width: int  # bits of each code the field holds (tqjax.packing.bit_fields)
+    shift: int  # of the code's lowest bit in the field
+    start: int  # the field's first word in the row
+    words: int  # the thread's words of the field, at start + lane * words; 0: half a word, the lane pair 2k, 2k + 1
+    #             sharing word start + k (16 channels of a 1-bit field: head_dim 64, 3-bit codes)
+    chunk: int  # words a store: the widest every row, field and run start is aligned to
+
+
 def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int,
-               thread_channels: int = 32) -> list[tuple[int, int, int, int, int]]:
-    """Where a thread's words of one key segment (or of the value) go in the cache row, host-side: ``[(width,
-    shift, start, words, chunk)]``, one per :func:`tqjax.packing.bit_fields` of ``bits``: the field's ``seg_dim *
-    width / 32`` words start at word ``start`` of the ``row_words``-word row, the thread's ``words`` of them (its
-    ``thread_channels`` codes: channels ``thread_channels * lane ..`` of the segment) at ``start + lane * words``,
-    stored ``chunk`` words at a time (the widest store every row, field and run start is aligned to)."""
+               thread_channels: int = 32) -> list[FieldRun]:
+    """Where a thread's words of one key segment (or of the value) go in the cache row, host-side: one
+    :class:`FieldRun` per :func:`tqjax.packing.bit_fields` of ``bits``; the field's ``seg_dim * width / 32`` words
+    start at word ``start`` of the ``row_words``-word row, the thread's codes being channels ``thread_channels *
+    lane ..`` of the segment."""
     out = []
     start = word_start
     for width, shift in bit_fields(bits):
-        assert thread_channels * width % 32 == 0, (thread_channels, width)  # whole words a thread
-        words = thread_channels * width // 32
-        out.append((width, shift, start, words, _chunk(row_words, start, words)))
+        words, rest = divmod(thread_channels * width, 32)
+        assert (words, rest) in ((words, 0), (0, 16)), (thread_channels, width)  # whole words, or half of one
+        out.append(FieldRun(width, shift, start, words, _chunk(row_words, start, max(words, 1))))
         start += seg_dim * width // 32
     return out
 
@@ -293,13 +300,13 @@ def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int,
 def _pack(codes: list, bits: int, width: int, shift: int) -> list:
     """The thread's codes (``codes[i]``: channel ``len(codes) * lane + i`` of its segment, i32) -> its words of the
     field ``(width, shift)`` (:func:`tqjax.packing.pack_codes`: code bits ``shift .. shift + width - 1``, ``32 /
-    width`` codes a word, the first in the low bits)."""
+    width`` codes a word, the first in the low bits; fewer codes than a word takes fill its low bits)."""
     _, arith, *_ = _ir()
     per_word = 32 // width
     words = []
-    for w in range(len(codes) // per_word):
+    for w in range(-(-len(codes) // per_word)):
         word = None
-        for i in range(per_word):
+        for i in range(min(per_word, len(codes) - w * per_word)):
             code = codes[w * per_word + i]
             if shift:
                 code = arith.shrui(code, _ci(shift))
@@ -313,13 +320,21 @@ def _pack(codes: list, bits: int, width: int, shift: int) -> list:
 
 
 def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
-                 num_pages: int, block_size: int) -> None:
-    """Pack the thread's codes of a segment and store them into its cache row (:func:`field_runs`)."""
+                 num_pages: int, block_size: int, where) -> None:
+    """Pack the thread's codes of a segment and store them into its cache row (:func:`field_runs`) where ``where``
+    (i1). A half-word field's two halves meet by a shuffle (every lane takes part, so it runs before the
+    condition) and the pair's even lane stores the word."""
     _, arith, *_ = _ir()
-    for width, shift, start, words, chunk in field_runs(bits, seg_dim, word_start, row_words, len(codes)):
-        at = arith.addi(_ci(start), arith.muli(lane, _ci(words)))
-        _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at), _pack(codes, bits, width, shift),
-                     chunk)
+    for run in field_runs(bits, seg_dim, word_start, row_words, len(codes)):
+        words = _pack(codes, bits, run.width, run.shift)
+        if run.words:
+            at, store = arith.addi(_ci(run.start), arith.muli(lane, _ci(run.words))), where
+        else:  # lanes 2k and 2k + 1 (lane ^ 1 in the warp too): the even one's codes in the low half
+            words = [arith.ori(words[0], arith.shli(mgpu.utils.shfl_bfly(words[0], 1), _ci(16)))]
+            at = arith.addi(_ci(run.start), arith.shrui(lane, _ci(1)))
+            store = arith.andi(where, arith.cmpi(arith.CmpIPredicate.eq, arith.andi(lane, _ci(1)), _ci(0)))
+        with mgpu.utils.when(store):
+            _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at), words, run.chunk)
 
 
 def _search(s_bits, limits: list, firsts: list):
@@ -478,9 +493,8 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
         for k, seg_ in enumerate(segs):
             here = row.valid if other is None else arith.andi(
                 row.valid, arith.cmpi(arith.CmpIPredicate.eq, seg, _ci(k)))
-            with mgpu.utils.when(here):
-                _store_codes(kc_ref, codes, seg_.bits, lane, seg_.dim, seg_.word_start, key_words, row, h, num_pages,
-                             block_size)
+            _store_codes(kc_ref, codes, seg_.bits, lane, seg_.dim, seg_.word_start, key_words, row, h, num_pages,
+                         block_size, here)
         with mgpu.utils.when(arith.andi(row.valid, seg_first)):
             # stored_norm: sqrt(n2) * step / max(sqrt(total * 2**-s), tiny), min(FP16_MAX), to fp16
             step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
@@ -529,11 +543,11 @@ def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, nu
                 # cvt to u32 clamps below at 0 (PTX float-to-integer conversions saturate)
                 codes.append(_asm(i32, [t], "{ .reg .f32 s; add.rm.f32 s, $1, 0f3F000000;"
                                             f" cvt.rmi.u32.f32 $0, s; min.u32 $0, $0, {levels}; }}", "=r,f"))
-        with mgpu.utils.when(row.valid):
-            _store_codes(vc_ref, codes, cfg.value_bits, row.lane4, d, 0, value_words, row, h, num_pages, block_size)
-            with mgpu.utils.when(row.first):
-                pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
-                llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
+        _store_codes(vc_ref, codes, cfg.value_bits, row.lane4, d, 0, value_words, row, h, num_pages, block_size,
+                     row.valid)
+        with mgpu.utils.when(arith.andi(row.valid, row.first)):
+            pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
+            llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
 
 
 def _value_scalars(hi, lo, levels: int):
