@@ -16,10 +16,14 @@ from tqjax.pallas.decode import paged_decode
 from tqjax.reference import paged_decode_reference, store_jit
 
 
-def build(name, b, ctx, hq, hk, d, bs, rng):
+def build(name, b, ctx, hq, hk, d, bs, rng, pages=None):
+    """A cache of ``pages`` blocks (default: B x ceil(ctx / bs)) filled with random K/V through the store, block
+    tables [B, ceil(ctx / bs)] of distinct random pages, seq_lens all ``ctx``."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, d)
     mb = -(-ctx // bs)
-    nb = b * mb
+    nb = b * mb if pages is None else pages
+    if nb < b * mb:
+        raise ValueError(f"pages={pages}: fewer than the B x ceil(ctx / bs) = {b * mb} the block tables need")
     cache = tqjax.PagedKVCache.allocate(cfg, nb, bs, hk)
     chunk = 65536
     for s in range(0, nb * bs, chunk):
@@ -27,7 +31,7 @@ def build(name, b, ctx, hq, hk, d, bs, rng):
         k = jnp.asarray(rng.standard_normal((n, hk, d)), jnp.bfloat16)
         v = jnp.asarray(rng.standard_normal((n, hk, d)), jnp.bfloat16)
         cache = store_jit(cache, k, v, jnp.arange(s, s + n, dtype=jnp.int32))
-    bt = jnp.asarray(rng.permutation(nb).reshape(b, mb).astype(np.int32))
+    bt = jnp.asarray(rng.permutation(nb)[:b * mb].reshape(b, mb).astype(np.int32))
     lens = jnp.full((b,), ctx, jnp.int32)
     return cfg, cache, bt, lens
 
@@ -40,7 +44,7 @@ def main() -> None:
     b, ctx, hq, hk, d, bs = 6, 700, 16, 2, 128, 16
     rows = []
     for name in presets:
-        cfg, cache, bt, lens = build(name, b, ctx, hq, hk, d, bs, rng)
+        _, cache, bt, lens = build(name, b, ctx, hq, hk, d, bs, rng)
         lens = jnp.asarray([0, 1, 15, 16, 333, 700], jnp.int32)
         q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
         ref = paged_decode_reference(q, cache, bt, lens)

@@ -4,6 +4,7 @@ is, at chosen split counts, and optionally another version of it loaded from a f
     git show 9c18739:tqjax/pallas/decode_mgpu.py > /tmp/decode_mgpu_old.py
     python -m experiments.mgpu_decode_compare --against /tmp/decode_mgpu_old.py
     python -m experiments.mgpu_decode_compare --points 4bit_nc/8/32768 --splits 4,6,8 --stages 2,3
+    python -m experiments.mgpu_decode_compare --points 3bit_nc/32/16384/32776   (a cache of 32776 pages)
     MOSAIC_GPU_DUMP_PTXAS=1 python -m experiments.mgpu_decode_compare ...   (ptxas prints registers per thread)
     ncu --clock-control none --set full -k regex:tq_decode_mgpu --launch-skip 2 -c 1 -o prof \\
         python -m experiments.mgpu_decode_compare --points 4bit_nc/32/16384 --once
@@ -41,7 +42,7 @@ HQ, HK, BLOCK = 32, 8, 16
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="4bit_nc/32/16384,4bit_nc/8/32768,4bit_nc/128/4096,k8v4/32/16384",
-                    help="comma-separated preset suffix/batch/context")
+                    help="comma-separated preset suffix/batch/context[/cache pages]")
     ap.add_argument("--splits", default="", help="comma-separated split counts (default: each module's default)")
     ap.add_argument("--stages", default="2", help="comma-separated page-copy stages")
     ap.add_argument("--against", default="",
@@ -57,10 +58,10 @@ def main(argv=None) -> None:
     bw = 0.0 if args.once else copy_bandwidth()
     rows = []
     for point in args.points.split(","):
-        preset, b, ctx = point.split("/")
+        preset, b, ctx, *pages = point.split("/")
         name, b, ctx = f"turboquant_{preset}", int(b), int(ctx)
         rng = np.random.default_rng(0)
-        _, cache, bt, lens = build(name, b, ctx, HQ, HK, args.head_dim, BLOCK, rng)
+        _, cache, bt, lens = build(name, b, ctx, HQ, HK, args.head_dim, BLOCK, rng, *map(int, pages))
         qs = [jnp.asarray(rng.standard_normal((b, HQ, args.head_dim)), jnp.float32) for _ in range(3)]
         nbytes = cache.nbytes * ctx * b // cache.num_slots
         ref = None if args.once else paged_decode_reference(qs[0], cache, bt, lens)
@@ -80,7 +81,8 @@ def main(argv=None) -> None:
                     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
                     first = time.time() - t0
                     t = time_fn(f, [(q,) for q in qs])
-                    rows.append((name, b, ctx, kernel, t, nbytes / t / bw, err))
+                    shown = f"{name} ({pages[0]} pages)" if pages else name
+                    rows.append((shown, b, ctx, kernel, t, nbytes / t / bw, err))
                     print("RESULT", rows[-1], f"compile and first run {first:.1f} s", flush=True)
                 except Exception as e:  # noqa: BLE001 (an experiment: report and go on)
                     print("RESULT", name, b, ctx, kernel, "FAILED", type(e).__name__, str(e)[:2000], flush=True)
