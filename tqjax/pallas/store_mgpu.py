@@ -322,10 +322,18 @@ def _pack(codes: list, bits: int, width: int, shift: int) -> list:
 def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
                  num_pages: int, block_size: int, where) -> None:
     """Pack the thread's codes of a segment and store them into its cache row (:func:`field_runs`) where ``where``
-    (i1). A half-word field's two halves meet by a shuffle (every lane takes part, so it runs before the
-    condition) and the pair's even lane stores the word."""
+    (i1). Whole words: all under one condition. A half-word field's two halves meet by a shuffle (every lane takes
+    part, so it runs before the condition) and the pair's even lane stores the word."""
     _, arith, *_ = _ir()
-    for run in field_runs(bits, seg_dim, word_start, row_words, len(codes)):
+    runs = field_runs(bits, seg_dim, word_start, row_words, len(codes))
+    if all(run.words for run in runs):
+        with mgpu.utils.when(where):
+            for run in runs:
+                at = arith.addi(_ci(run.start), arith.muli(lane, _ci(run.words)))
+                _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at),
+                             _pack(codes, bits, run.width, run.shift), run.chunk)
+        return
+    for run in runs:
         words = _pack(codes, bits, run.width, run.shift)
         if run.words:
             at, store = arith.addi(_ci(run.start), arith.muli(lane, _ci(run.words))), where
@@ -545,7 +553,7 @@ def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, nu
                                             f" cvt.rmi.u32.f32 $0, s; min.u32 $0, $0, {levels}; }}", "=r,f"))
         _store_codes(vc_ref, codes, cfg.value_bits, row.lane4, d, 0, value_words, row, h, num_pages, block_size,
                      row.valid)
-        with mgpu.utils.when(arith.andi(row.valid, row.first)):
+        with mgpu.utils.when(row.valid), mgpu.utils.when(row.first):
             pair = arith.ori(scale16, arith.shli(zero16, _ci(16)))
             llvm.store(pair, _global_ptr(vs_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
 
