@@ -20,10 +20,13 @@ five store presets where the H200 has 128-168). Then, from the repository root::
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
         [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass]
 
-Each point is preset suffix/head_dim/block_size/group (store: preset suffix/head_dim/block_size[/N[/Hk]], N tokens
-of Hk KV heads into a cache of ``2 N / block_size + 8`` blocks (at least 64), as ``experiments.store_compare``
+Each point is preset suffix/head_dim/block_size/group (3 sequences of 9 blocks, Hk=2, 2 splits, a 64-page cache), or
+preset suffix/head_dim/block_size/group/B/context/splits/pages (Hk=8: a serving shape; the cache's page count is a
+constant of the kernel's scale loads, and ptxas's register count has moved with it, with B and with the splits:
+docs/PERFORMANCE.md, "The decode's registers and the cache's size"); store: preset suffix/head_dim/block_size[/N[/Hk]],
+N tokens of Hk KV heads into a cache of ``2 N / block_size + 8`` blocks (at least 64), as ``experiments.store_compare``
 builds it; 200 tokens of 2 heads by default: N is a constant of the store kernel, and ptxas's register count moves
-with it); the last column names the other files whose kernel at that point is the same machine code (instruction for
+with it. The last column names the other files whose kernel at that point is the same machine code (instruction for
 instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU tests do), and the
 CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes, LLVM NVPTX,
 ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that reports one compute
@@ -76,6 +79,7 @@ import jax, jax.numpy as jnp
 from jax.experimental.mosaic.gpu import core as mgpu_core
 path, name, head_dim, block_size, group, tokens, heads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 kind = sys.argv[8]
+batch, blocks, splits, pages = map(int, sys.argv[9:13])  # the decode's
 sys.path.insert(0, ".")
 import tqjax
 modules = []
@@ -95,11 +99,12 @@ if kind == "store":  # tokens of heads KV heads
     x = jax.ShapeDtypeStruct((tokens, heads, head_dim), jnp.bfloat16)
     jax.export.export(mod.store_mgpu_jit, platforms=["cuda"])(cache, x, x, jax.ShapeDtypeStruct((tokens,), jnp.int32))
 else:
-    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, 64, block_size, 2))
-    q = jax.ShapeDtypeStruct((3, 2 * group, head_dim), jnp.float32)
-    f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=2, stages=2)
+    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, pages, block_size, heads))
+    q = jax.ShapeDtypeStruct((batch, heads * group, head_dim), jnp.float32)
+    f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=splits,
+                                                     stages=2)
     jax.export.export(jax.jit(f), platforms=["cuda"])(
-        q, cache, jax.ShapeDtypeStruct((3, 9), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32))
+        q, cache, jax.ShapeDtypeStruct((batch, blocks), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
 module = modules[-1]
 smem = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", str(module))
 print("SMEM", smem.group(1) if smem else -1, flush=True)
@@ -182,16 +187,21 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
     main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
     error) where the file's kernel does not compile for the point."""
+    decode = ["3", "9", "2", "64"]  # B, block-table width, splits, cache pages
     if kind == "store":  # preset/head_dim/block_size[/tokens[/heads]]
         preset, head_dim, block_size, tokens, heads = (point.split("/") + ["200", "2"][point.count("/") - 2:])[:5]
         group = "1"
-    else:
-        (preset, head_dim, block_size, group), tokens, heads = point.split("/"), "0", "0"
+    else:  # preset/head_dim/block_size/group[/B/context/splits/pages]: Hk=2 (with B...: 8)
+        preset, head_dim, block_size, group, *rest = point.split("/")
+        tokens, heads = "0", "8" if rest else "2"
+        if rest:
+            batch, context, splits, pages = rest
+            decode = [batch, str(-(-int(context) // int(block_size))), splits, pages]
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
     # the child aborts once the stub refuses to load the module, after the PTX is written
     argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group, tokens, heads,
-            kind]
+            kind, *decode]
     child = subprocess.run(argv, check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
     smem = re.search(r"^SMEM (-?\d+)$", child.stdout, re.MULTILINE)
     ptx = glob.glob(os.path.join(dump, "*.ptx"))

@@ -43,7 +43,8 @@ its float32 operations differs too); ``tests/test_store_mgpu.py`` checks both. T
 (its arrays are GMEM refs, ``jax.new_ref``, that only the kernel writes; the jit donates the cache); ``slot <
 0`` and ``slot >= num_slots`` are skipped; keys and values without NaN. :func:`unsupported` says which caches it
 takes (head_dim 128: MSE keys of one 3- or 4-bit segment or the split presets, with a Hadamard rotation, 3- or
-4-bit values; head_dim 64: 4-bit MSE keys and 4-bit values, whose fields are whole words of a thread's 16 codes);
+4-bit values; head_dim 64: the same presets, a thread holding 16 codes of a row: the one-bit fields of 3-bit codes
+are half a word, shared by a lane pair through a shuffle);
 :func:`tqjax.pallas.store.store` runs the Triton kernel for the others and is the entry point. There is no
 interpret mode: ``tests/test_store_mgpu.py`` lowers the kernel on the CPU and compares it with the reference
 on a Hopper GPU (``-m gpu``).
