@@ -11,7 +11,8 @@ is, at chosen split counts, and optionally another version of it loaded from a f
     ncu -i prof.ncu-rep --page source --csv --print-source sass > sass.csv; python -m experiments.ncu_loop sass.csv
 
 Each point builds one cache (Hq=32, Hk=8, D=128 or ``--head-dim``, block 16, random K/V through the store),
-times each kernel on three query sets (``experiments.timing.time_fn``) and checks it against the float32
+times each kernel on three query sets (``experiments.timing.time_fn``; with ``--repeats R`` R times, the kernels
+taking turns, median reported: figures move between calls more than within one) and checks it against the float32
 reference decode. The rows print as they finish (prefixed ``RESULT``) and again as a table with the copy
 bandwidth of the same run. Hopper GPUs only.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 
 import jax
@@ -48,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--against", default="",
                     help="other decode_mgpu.py files (comma-separated) to time beside this one")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="times each kernel is timed, the kernels taking turns (median reported)")
     ap.add_argument("--once", action="store_true", help="run the first kernel of the first point 4 times, untimed")
     args = ap.parse_args(argv)
 
@@ -65,6 +69,7 @@ def main(argv=None) -> None:
         qs = [jnp.asarray(rng.standard_normal((b, HQ, args.head_dim)), jnp.float32) for _ in range(3)]
         nbytes = cache.nbytes * ctx * b // cache.num_slots
         ref = None if args.once else paged_decode_reference(qs[0], cache, bt, lens)
+        chosen = {}
         for label, module in modules.items():
             for s, stages in variants:
                 f = jax.jit(functools.partial(module.paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens,
@@ -79,13 +84,20 @@ def main(argv=None) -> None:
                     t0 = time.time()
                     out = f(qs[0])
                     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
-                    first = time.time() - t0
-                    t = time_fn(f, [(q,) for q in qs])
-                    shown = f"{name} ({pages[0]} pages)" if pages else name
-                    rows.append((shown, b, ctx, kernel, t, nbytes / t / bw, err))
-                    print("RESULT", rows[-1], f"compile and first run {first:.1f} s", flush=True)
+                    print("RESULT", point, kernel, f"max rel err {err:.1e}, compile and first run "
+                          f"{time.time() - t0:.1f} s", flush=True)
+                    chosen[kernel] = (f, err)
                 except Exception as e:  # noqa: BLE001 (an experiment: report and go on)
                     print("RESULT", name, b, ctx, kernel, "FAILED", type(e).__name__, str(e)[:2000], flush=True)
+        times = {}
+        for _ in range(args.repeats):  # the kernels take turns
+            for kernel, (f, _) in chosen.items():
+                times.setdefault(kernel, []).append(time_fn(f, [(q,) for q in qs]))
+        shown = f"{name} ({pages[0]} pages)" if pages else name
+        for kernel, (_, err) in chosen.items():
+            t = statistics.median(times[kernel])
+            rows.append((shown, b, ctx, kernel, t, nbytes / t / bw, err))
+            print("RESULT", rows[-1], [round(x * 1e6, 1) for x in times[kernel]], flush=True)
     print(f"RESULT {device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={args.head_dim} "
           f"block {BLOCK}")
     print("RESULT preset | B | ctx | kernel | us | of copy bw | max rel err vs reference")
