@@ -77,9 +77,9 @@ _CHILD = r"""
 import ctypes, importlib.util, io, re, subprocess, sys
 import jax, jax.numpy as jnp
 from jax.experimental.mosaic.gpu import core as mgpu_core
-path, name, head_dim, block_size, group, tokens, heads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
-kind = sys.argv[8]
-batch, blocks, splits, pages = map(int, sys.argv[9:13])  # the decode's
+path, name = sys.argv[1:3]
+head_dim, block_size, group, tokens, heads, batch, blocks, splits, pages = map(int, sys.argv[3:12])
+kind = sys.argv[12]
 sys.path.insert(0, ".")
 import tqjax
 modules = []
@@ -183,25 +183,32 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
+def point_args(point: str, kind: str = "decode") -> tuple:
+    """A point (the module docstring) -> (preset suffix, head_dim, block_size, group, tokens, heads, batch, block-table
+    width, splits, cache pages), the child's arguments: the store's ``preset/D/block[/N[/Hk]]`` (200 tokens of 2
+    heads by default), the decode's ``preset/D/block/group`` (3 sequences of 9 blocks, Hk=2, 2 splits, 64 pages) or
+    ``preset/D/block/group/B/context/splits/pages`` (Hk=8)."""
+    fields = point.split("/")
+    decode = (3, 9, 2, 64)
+    if kind == "store":
+        preset, head_dim, block_size, tokens, heads = (fields + ["200", "2"][len(fields) - 3:])[:5]
+        return preset, int(head_dim), int(block_size), 1, int(tokens), int(heads), *decode
+    preset, head_dim, block_size, group, *rest = fields
+    if rest:
+        batch, context, splits, pages = map(int, rest)
+        decode = (batch, -(-context // int(block_size)), splits, pages)
+    return preset, int(head_dim), int(block_size), int(group), 0, 8 if rest else 2, *decode
+
+
 def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str, kind: str = "decode") -> dict:
     """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
     main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
     error) where the file's kernel does not compile for the point."""
-    decode = ["3", "9", "2", "64"]  # B, block-table width, splits, cache pages
-    if kind == "store":  # preset/head_dim/block_size[/tokens[/heads]]
-        preset, head_dim, block_size, tokens, heads = (point.split("/") + ["200", "2"][point.count("/") - 2:])[:5]
-        group = "1"
-    else:  # preset/head_dim/block_size/group[/B/context/splits/pages]: Hk=2 (with B...: 8)
-        preset, head_dim, block_size, group, *rest = point.split("/")
-        tokens, heads = "0", "8" if rest else "2"
-        if rest:
-            batch, context, splits, pages = rest
-            decode = [batch, str(-(-int(context) // int(block_size))), splits, pages]
+    preset, *args = point_args(point, kind)
     dump = tempfile.mkdtemp(dir=work)
     child_env = dict(env, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
     # the child aborts once the stub refuses to load the module, after the PTX is written
-    argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", head_dim, block_size, group, tokens, heads,
-            kind, *decode]
+    argv = [sys.executable, "-c", _CHILD, path, f"turboquant_{preset}", *map(str, args), kind]
     child = subprocess.run(argv, check=False, env=child_env, capture_output=True, text=True, cwd=os.getcwd())
     smem = re.search(r"^SMEM (-?\d+)$", child.stdout, re.MULTILINE)
     ptx = glob.glob(os.path.join(dump, "*.ptx"))

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.mgpu_static_sass import main_loop, opcode, parse_sass, programs_per_sm, same_code
+from experiments.mgpu_static_sass import (
+    main_loop,
+    opcode,
+    parse_sass,
+    point_args,
+    programs_per_sm,
+    same_code,
+)
 
 # The shape of the decode kernel's listing: a prologue, the loop (both products, a one-warp branch), the
 # loop's back edge, an epilogue, and out-of-line barrier-wait retries that branch back into the loop
@@ -76,3 +83,12 @@ def test_programs_per_sm_by_registers_shared_memory_and_warps():
     assert programs_per_sm(128, 57_000) == 4 and programs_per_sm(128, 57_400) == 3  # 228 KB / (smem + 1 KB)
     assert programs_per_sm(102, 10_000) == 4  # 104 allocated: 19 warps (102 would fit 20)
     assert programs_per_sm(32, 1_000) == 16  # 64 warps
+
+
+def test_point_args() -> None:
+    assert point_args("4bit_nc/128/16/4") == ("4bit_nc", 128, 16, 4, 0, 2, 3, 9, 2, 64)
+    assert point_args("3bit_nc/128/32/8/32/16384/2/40000") == ("3bit_nc", 128, 32, 8, 0, 8, 32, 512, 2, 40000)
+    assert point_args("3bit_nc/128/16/4/1/100/64/7") == ("3bit_nc", 128, 16, 4, 0, 8, 1, 7, 64, 7)  # ceil(100 / 16)
+    assert point_args("k3p5v4/128/16", "store") == ("k3p5v4", 128, 16, 1, 200, 2, 3, 9, 2, 64)
+    assert point_args("k3p5v4/64/16/4096", "store")[4:6] == (4096, 2)
+    assert point_args("k3p5v4/64/16/4096/8", "store")[4:6] == (4096, 8)
