@@ -292,7 +292,7 @@ def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int,
     start = word_start
     for width, shift in bit_fields(bits):
         words, rest = divmod(thread_channels * width, 32)
-        assert (words, rest) in ((words, 0), (0, 16)), (thread_channels, width)  # whole words, or half of one
+        assert rest == 0 or (words, rest) == (0, 16), (thread_channels, width)  # whole words, or half of one
         out.append(FieldRun(width, shift, start, words, _chunk(row_words, start, max(words, 1))))
         start += seg_dim * width // 32
     return out
