@@ -32,6 +32,7 @@ from experiments.device_check import build
 from experiments.timing import (
     copy_bandwidth,
     device_description,
+    in_turns,
     load_versions,
     time_fn,
 )
@@ -89,10 +90,8 @@ def main(argv=None) -> None:
                     chosen[kernel] = (f, err)
                 except Exception as e:  # noqa: BLE001 (an experiment: report and go on)
                     print("RESULT", name, b, ctx, kernel, "FAILED", type(e).__name__, str(e)[:2000], flush=True)
-        times = {}
-        for _ in range(args.repeats):  # the kernels take turns
-            for kernel, (f, _) in chosen.items():
-                times.setdefault(kernel, []).append(time_fn(f, [(q,) for q in qs]))
+        times = in_turns({kernel: f for kernel, (f, _) in chosen.items()}, args.repeats,
+                         lambda f, qs=qs: time_fn(f, [(q,) for q in qs]))
         shown = f"{name} ({pages[0]} pages)" if pages else name
         for kernel, (_, err) in chosen.items():
             t = statistics.median(times[kernel])

@@ -19,6 +19,7 @@ Mosaic kernel runs on Hopper GPUs only (elsewhere its rows say why not).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 
 import jax
@@ -30,6 +31,7 @@ from experiments import store_probe
 from experiments.timing import (
     copy_bandwidth,
     device_description,
+    in_turns,
     load_versions,
     looped_store,
     time_fn,
@@ -64,6 +66,12 @@ def differences(got: dict, ref: dict) -> dict:
                       - ref["key_scales"].view(np.int16).astype(np.int32))
         out["key_scales_max_ulps"] = int(ulps.max())
     return out
+
+
+def _step(loop, state: list, key):
+    """One timed call: ``loop`` (LOOP stores) on the cache in ``state[0]``, which it replaces (donated)."""
+    state[0] = loop(state[0], key)
+    return state[0].key_codes
 
 
 def main(argv=None) -> None:
@@ -111,7 +119,7 @@ def main(argv=None) -> None:
             ref = jax.jit(reference.store_reference)(fresh(), k, v, slots)
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
             nbytes = n * a.hk * (4 * a.head_dim + cfg.slot_bytes)
-            chosen, times = {}, {}
+            chosen = {}
             for label, (fn, module) in kernels(slots, v, others, a.launches).items():
                 if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
                     continue
@@ -121,14 +129,8 @@ def main(argv=None) -> None:
                     continue
                 got = {x: np.asarray(y) for x, y in jax.jit(fn)(fresh(), k).arrays().items()}
                 chosen[label] = (looped_store(fn, LOOP), [fresh()], differences(got, ref))
-            for _ in range(a.repeats):  # the kernels take turns
-                for label, (loop, state, _) in chosen.items():
-
-                    def step(state=state, loop=loop, k=k):
-                        state[0] = loop(state[0], k)
-                        return state[0].key_codes
-
-                    times.setdefault(label, []).append(time_fn(step, [()], iters=5, reps=5) / LOOP)
+            steps = {label: functools.partial(_step, loop, state, k) for label, (loop, state, _) in chosen.items()}
+            times = in_turns(steps, a.repeats, lambda fn: time_fn(fn, [()], iters=5, reps=5) / LOOP)
             for label, (_, _, diff) in chosen.items():
                 t = statistics.median(times[label])
                 rows.append((name, n, label, t * 1e6, nbytes / t, diff))

@@ -31,6 +31,16 @@ def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, iters: int = 20, reps: i
     return statistics.median(samples)
 
 
+def in_turns(fns: dict, repeats: int, timer: Callable) -> dict:
+    """{label: fn} -> {label: [timer(fn), one a turn]}: every fn timed ``repeats`` times, the fns taking turns (the
+    lent GPUs' figures move more between calls than within one, and drift within one: compare versions in turns)."""
+    times = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            times[label].append(timer(fn))
+    return times
+
+
 def looped_store(store: Callable, steps: int) -> Callable:
     """``(cache, key) -> cache``, jitted, donating the cache: ``store(cache, key)`` ``steps`` times in one
     loop (a store's GPU time without the host's per-call dispatch). Each step passes the key through an

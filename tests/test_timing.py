@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
-from experiments.timing import looped_store
+from experiments.timing import in_turns, looped_store
 from tqjax import reference
 
 
@@ -63,3 +63,10 @@ def test_looped_store_keeps_the_key_encoding_in_the_loop() -> None:
     # the plain loop (the key a loop invariant) loses them: what the barrier is for
     plain = jax.jit(lambda c, k: jax.lax.fori_loop(0, 4, lambda i, c: store(c, k), c))
     assert _loop_bodies(plain.lower(cache, key).compile().as_text()).count(" dot(") == 0
+
+
+def test_in_turns_interleaves_the_functions() -> None:
+    calls = []
+    times = in_turns({"a": "A", "b": "B"}, 3, lambda fn: calls.append(fn) or len(calls))
+    assert calls == ["A", "B"] * 3  # turns, not one function's repeats in a row
+    assert times == {"a": [1, 3, 5], "b": [2, 4, 6]}
