@@ -1,9 +1,12 @@
 """The main job: decode (and store) throughput of every TurboQuant preset against JAX's peers.
 
     python -m experiments.decode_sweep [--presets ...] [--batch 1 8 32] [--context 4096 16384] [--out results]
-                                       [--no-peers] [--no-xla] [--no-store] [--no-decode]
+                                       [--no-peers] [--no-xla] [--no-store] [--no-decode] [--spare-pages 8]
 
-For each preset x batch x context it stores random K/V into a paged cache, then times the paged decode
+For each preset x batch x context it stores random K/V into a paged cache (the batch's pages and ``--spare-pages``
+more, never read: a serving cache's page count is rarely a power of two, and the Mosaic decode's registers have
+moved with it, docs/PERFORMANCE.md, "The decode's registers move with the cache's page count"; 0 gives the earlier
+sweeps' caches of exactly B x context / block pages), then times the paged decode
 (``tqjax.pallas.decode.paged_decode``'s default kernel: the Mosaic GPU one on Hopper where it reads the
 cache, with the Triton kernel as a ``triton_<preset>`` row beside it; the Triton kernel elsewhere;
 median of device-synchronised repetitions, warmed up, rotating several query sets), counts the bytes
@@ -80,6 +83,9 @@ def parse_args(argv):
     p.add_argument("--hk", type=int, default=8 if ON_GPU else 2)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--spare-pages", type=int, default=8,
+                   help="pages of the decode's caches beyond the batch's (0: B x context / block_size, a power of two "
+                        "at the default shapes)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-xla", action="store_true",
                    help="GPU: skip the XLA reference path over the quantized cache (the slowest row to time)")
@@ -103,10 +109,11 @@ def random_kv(rng, tokens, hk, d):
     return jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
 
 
-def fill_cache(cfg, k, v, block_size, hk):
-    """A cache holding ``k``/``v`` [tokens, Hk, D] in slots 0..tokens-1 (stored in chunks)."""
+def fill_cache(cfg, k, v, block_size, hk, spare_pages=0):
+    """A cache of ``tokens / block_size + spare_pages`` pages holding ``k``/``v`` [tokens, Hk, D] in slots
+    0..tokens-1 (stored in chunks; the spare pages stay zero)."""
     tokens = k.shape[0]
-    cache = tqjax.PagedKVCache.allocate(cfg, tokens // block_size, block_size, hk)
+    cache = tqjax.PagedKVCache.allocate(cfg, tokens // block_size + spare_pages, block_size, hk)
     store = store_fn()
     for s in range(0, tokens, 65536):
         e = min(tokens, s + 65536)
@@ -231,7 +238,7 @@ def main(argv=None) -> None:
         ref = dense_attention(q_sets[0][:nb_err], k[order.reshape(-1)], v[order.reshape(-1)], nb_err, context)
         for name in a.presets:
             cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
-            cache = fill_cache(cfg, k, v, a.block_size, a.hk)
+            cache = fill_cache(cfg, k, v, a.block_size, a.hk, a.spare_pages)
             nbytes = tokens * a.hk * cfg.slot_bytes
             f = functools.partial(jax.jit(decode), cache=cache, block_tables=tables, seq_lens=lens)
             t = time_fn(f, [(q,) for q in q_sets], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
@@ -321,11 +328,13 @@ def write_csv(a, rows, name: str = "decode.csv", fields=tuple(Row.__dataclass_fi
 def report(a, rows, store_rows, dev, bw, floor):
     write_csv(a, rows)
     meta = {"device": dev, "jax": jax.__version__, "copy_bandwidth_gbps": bw / 1e9, "launch_floor_us": floor * 1e6,
-            "argv": sys.argv[1:], "hq": a.hq, "hk": a.hk, "head_dim": a.head_dim, "block_size": a.block_size}
+            "argv": sys.argv[1:], "hq": a.hq, "hk": a.hk, "head_dim": a.head_dim, "block_size": a.block_size,
+            "spare_pages": a.spare_pages}
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump({"meta": meta, "decode": [dataclasses.asdict(r) for r in rows], "store": store_rows}, f, indent=1)
     print(f"\n== decode: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
-          f"block={a.block_size}, launch floor {floor * 1e6:.1f} us" + ("" if ON_GPU else "  [CPU: not GPU timings]"))
+          f"block={a.block_size}, {a.spare_pages} spare pages a cache, launch floor {floor * 1e6:.1f} us"
+          + ("" if ON_GPU else "  [CPU: not GPU timings]"))
     print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s} {'x floor':>8s}")
     for r in rows:
         e = "" if r.rel_err is None else f"{r.rel_err:.3f}"

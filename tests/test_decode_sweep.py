@@ -7,6 +7,9 @@ import csv
 import json
 import math
 
+import numpy as np
+
+import tqjax
 from experiments import decode_sweep
 
 PRESETS = ["turboquant_4bit_nc", "turboquant_k3p5v4"]
@@ -30,7 +33,7 @@ def test_sweep_writes_decode_and_store_results(tmp_path, capsys) -> None:
     assert sorted((r["preset"], int(r["tokens"])) for r in store) == sorted((p, n) for p in PRESETS for n in (16, 256))
     assert all(math.isfinite(float(r["in_jit_time_us"])) and float(r["time_us"]) > 0 for r in store)
     results = json.loads((tmp_path / "decode.json").read_text())
-    assert results["meta"]["hk"] == 2 and len(results["decode"]) == 4 and len(results["store"]) == 4
+    assert results["meta"]["hk"] == 2 and results["meta"]["spare_pages"] == 8 and len(results["decode"]) == 4 and len(results["store"]) == 4
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
@@ -39,3 +42,14 @@ def test_store_only_sweep(tmp_path) -> None:
     assert _rows(tmp_path / "decode.csv") == []
     assert [int(r["tokens"]) for r in _rows(tmp_path / "store.csv")] == [16, 256]
     assert json.loads((tmp_path / "decode.json").read_text())["decode"] == []
+
+
+def test_fill_cache_leaves_spare_pages_unwritten() -> None:
+    """The sweep's caches hold the batch's pages and spare ones (a page count that is not a power of two)."""
+    rng = np.random.default_rng(3)
+    k, v = decode_sweep.random_kv(rng, 64, 2, 64)
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64)
+    cache = decode_sweep.fill_cache(cfg, k, v, 16, 2, spare_pages=3)
+    assert cache.num_blocks == 64 // 16 + 3
+    codes = np.asarray(cache.key_codes)
+    assert np.any(codes[:, :4] != 0) and not np.any(codes[:, 4:])
