@@ -18,7 +18,7 @@ register counts exactly (the Mosaic store at ten (preset, N) points of the twent
 five store presets where the H200 has 128-168). Then, from the repository root::
 
     /tmp/mgvenv/bin/python -m experiments.mgpu_static_sass --nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm \\
-        [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass]
+        [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass] [--check]
 
 Each point is preset suffix/head_dim/block_size/group (3 sequences of 9 blocks, Hk=2, 2 splits, a 64-page cache), or
 preset suffix/head_dim/block_size/group/B/context/splits/pages (Hk=8: a serving shape; the cache's page count is a
@@ -26,8 +26,10 @@ constant of the kernel's scale loads, and ptxas's register count has moved with 
 docs/PERFORMANCE.md, "The decode's registers and the cache's size"); store: preset suffix/head_dim/block_size[/N[/Hk]],
 N tokens of Hk KV heads into a cache of ``2 N / block_size + 8`` blocks (at least 64), as ``experiments.store_compare``
 builds it; 200 tokens of 2 heads by default: N is a constant of the store kernel, and ptxas's register count moves
-with it. The last column names the other files whose kernel at that point is the same machine code (instruction for
-instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU tests do), and the
+with it. ``--check`` exits 1 where a kernel fits fewer programs a multiprocessor than its module launches or
+chooses its splits for (:func:`assumed_programs`): the register cliff found before device time. The last column
+names the other files whose kernel at that point is the same machine code (instruction for instruction, addresses
+aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU tests do), and the
 CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes, LLVM NVPTX,
 ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that reports one compute
 capability 9.0 device and refuses to load the module; the plugin registers its NVPTX target when its client starts
@@ -51,6 +53,9 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from experiments.timing import load_versions
+from tqjax import TurboQuantConfig
 
 _STUB_LIBCUDA = r"""
 #include <stdio.h>
@@ -235,6 +240,13 @@ def same_code(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
     return {a: [b for b in codes if b != a and codes[b] == codes[a]] for a in codes}
 
 
+def assumed_programs(module, kind: str, preset: str, head_dim: int) -> int:
+    """The programs a multiprocessor that ``module`` (a decode_mgpu.py or store_mgpu.py) launches or chooses its
+    splits for at this preset and head_dim: fewer resident run a second wave."""
+    config = TurboQuantConfig.from_cache_dtype(f"turboquant_{preset}", head_dim)
+    return module.PROGRAMS_PER_CORE[head_dim] if kind == "store" else module.programs_per_core(config)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="4bit_nc/128/16/4,k8v4/128/16/4",
@@ -246,6 +258,8 @@ def main(argv=None) -> None:
     ap.add_argument("--nvdisasm", default="nvdisasm")
     ap.add_argument("--ptxas", default="ptxas")
     ap.add_argument("--cuda-root", default="/usr/local/cuda-13.0", help="for libdevice (MOSAIC_GPU_CUDA_ROOT)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a kernel fits fewer programs a multiprocessor "
+                    "than its module assumes (assumed_programs): ptxas's register cliff, before any device time")
     ap.add_argument("--dump", default="", help="a folder to write each kernel's SASS into (label_point.sass, one "
                     "instruction a line, no addresses: diff two of them to see what a change moved)")
     args = ap.parse_args(argv)
@@ -260,7 +274,9 @@ def main(argv=None) -> None:
     files = {"this": f"tqjax/pallas/{args.kernel}_mgpu.py"}
     for path in filter(None, args.against.split(",")):
         files[os.path.basename(path).removesuffix(".py")] = path
-    rows = []
+    modules = {label: next(iter(load_versions(path, f"static_sass_{label}_").values()))
+               for label, path in files.items()} if args.check else {}
+    rows, short = [], []
     for point in args.points.split(","):
         codes, first = {}, len(rows)
         for label, path in files.items():
@@ -277,8 +293,14 @@ def main(argv=None) -> None:
                         f.write("\n".join(r["code"]) + "\n")
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
                 regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
-                smem = (f"{r['smem']} B, {programs_per_sm(r['registers'], r['smem'])} programs/SM" if r["smem"] > 0
-                        else "?")
+                fit = programs_per_sm(r["registers"], r["smem"]) if r["smem"] > 0 else None
+                smem = f"{r['smem']} B, {fit} programs/SM" if fit is not None else "?"
+                if modules:
+                    fields = point_args(point, args.kernel)
+                    want = assumed_programs(modules[label], args.kernel, fields[0], fields[1])
+                    if fit is None or fit < want:
+                        short.append(f"{point} {label}: {fit} programs fit, {want} assumed")
+                        smem += f" (assumes {want}: SHORT)"
                 rows.append([point, label, regs, smem, r["loop"], r["total"], top])
             print("RESULT", *rows[-1], sep=" | ", flush=True)
         same = same_code(codes)
@@ -288,6 +310,9 @@ def main(argv=None) -> None:
           " | kernel SASS instructions | loop's top opcodes | the same machine code as")
     for row in rows:
         print(" | ".join(map(str, row)))
+    if short:
+        print("fewer programs a multiprocessor than assumed:", *short, sep="\n  ")
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from experiments.mgpu_static_sass import (
+    assumed_programs,
     main_loop,
     opcode,
     parse_sass,
@@ -92,3 +93,13 @@ def test_point_args() -> None:
     assert point_args("k3p5v4/128/16", "store") == ("k3p5v4", 128, 16, 1, 200, 2, 3, 9, 2, 64)
     assert point_args("k3p5v4/64/16/4096", "store")[4:6] == (4096, 2)
     assert point_args("k3p5v4/64/16/4096/8", "store")[4:6] == (4096, 8)
+
+
+def test_assumed_programs() -> None:
+    from tqjax.pallas import decode_mgpu, store_mgpu
+
+    assert assumed_programs(store_mgpu, "store", "4bit_nc", 128) == store_mgpu.PROGRAMS_PER_CORE[128] == 3
+    assert assumed_programs(store_mgpu, "store", "3bit_nc", 64) == 4
+    assert assumed_programs(decode_mgpu, "decode", "4bit_nc", 128) == 4
+    assert assumed_programs(decode_mgpu, "decode", "kqjl4v4", 128) == 3  # the QJL query's shared memory
+    assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 256) == 2
