@@ -23,14 +23,14 @@ five store presets where the H200 has 128-168). Then, from the repository root::
 Each point is preset suffix/head_dim/block_size/group (3 sequences of 9 blocks, Hk=2, 2 splits, a 64-page cache), or
 preset suffix/head_dim/block_size/group/B/context/splits/pages (Hk=8: a serving shape; the cache's page count is a
 constant of the kernel's scale loads, and ptxas's register count has moved with it, with B and with the splits:
-docs/PERFORMANCE.md, "The decode's registers and the cache's size"); store: preset suffix/head_dim/block_size[/N[/Hk]],
-N tokens of Hk KV heads into a cache of ``2 N / block_size + 8`` blocks (at least 64), as ``experiments.store_compare``
-builds it; 200 tokens of 2 heads by default: N is a constant of the store kernel, and ptxas's register count moves
-with it. ``--check`` exits 1 where a kernel fits fewer programs a multiprocessor than its module launches or
-chooses its splits for (:func:`assumed_programs`): the register cliff found before device time. The last column
-names the other files whose kernel at that point is the same machine code (instruction for instruction, addresses
-aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU tests do), and the
-CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes, LLVM NVPTX,
+docs/PERFORMANCE.md, "The decode's registers and the cache's size"); store: preset suffix/head_dim/block_size[/N[/Hk
+[/pages]]], N tokens of Hk KV heads into a cache of ``pages`` blocks (default ``2 N / block_size + 8``, at least 64,
+as ``experiments.store_compare`` builds it); 200 tokens of 2 heads by default: N is a constant of the store kernel,
+and ptxas's register count moves with it. ``--check`` exits 1 where a kernel fits fewer programs a multiprocessor
+than its module launches or chooses its splits for (:func:`assumed_programs`): the register cliff found before
+device time. The last column names the other files whose kernel at that point is the same machine code
+(instruction for instruction, addresses aside). How: the kernel is lowered for CUDA (``jax.export``, as the CPU
+tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as on a GPU (Mosaic passes, LLVM NVPTX,
 ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that reports one compute
 capability 9.0 device and refuses to load the module; the plugin registers its NVPTX target when its client starts
 on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with
@@ -99,8 +99,7 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
 if kind == "store":  # tokens of heads KV heads
-    blocks = max(64, 2 * tokens // block_size + 8)
-    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, blocks, block_size, heads))
+    cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, pages, block_size, heads))
     x = jax.ShapeDtypeStruct((tokens, heads, head_dim), jnp.bfloat16)
     jax.export.export(mod.store_mgpu_jit, platforms=["cuda"])(cache, x, x, jax.ShapeDtypeStruct((tokens,), jnp.int32))
 else:
@@ -190,14 +189,16 @@ def opcode(instruction: str) -> str:
 
 def point_args(point: str, kind: str = "decode") -> tuple:
     """A point (the module docstring) -> (preset suffix, head_dim, block_size, group, tokens, heads, batch, block-table
-    width, splits, cache pages), the child's arguments: the store's ``preset/D/block[/N[/Hk]]`` (200 tokens of 2
-    heads by default), the decode's ``preset/D/block/group`` (3 sequences of 9 blocks, Hk=2, 2 splits, 64 pages) or
-    ``preset/D/block/group/B/context/splits/pages`` (Hk=8)."""
+    width, splits, cache pages), the child's arguments: the store's ``preset/D/block[/N[/Hk[/pages]]]`` (200 tokens
+    of 2 heads by default, ``2 N / block + 8`` pages, at least 64), the decode's ``preset/D/block/group`` (3
+    sequences of 9 blocks, Hk=2, 2 splits, 64 pages) or ``preset/D/block/group/B/context/splits/pages`` (Hk=8)."""
     fields = point.split("/")
     decode = (3, 9, 2, 64)
-    if kind == "store":
-        preset, head_dim, block_size, tokens, heads = (fields + ["200", "2"][len(fields) - 3:])[:5]
-        return preset, int(head_dim), int(block_size), 1, int(tokens), int(heads), *decode
+    if kind == "store":  # the cache's pages ride in the decode's last field
+        preset, head_dim, block_size, tokens, heads, *pages = fields + ["200", "2"][len(fields) - 3:]
+        tokens, block_size = int(tokens), int(block_size)
+        return (preset, int(head_dim), block_size, 1, tokens, int(heads), *decode[:3],
+                int(pages[0]) if pages else max(64, 2 * tokens // block_size + 8))
     preset, head_dim, block_size, group, *rest = fields
     if rest:
         batch, context, splits, pages = map(int, rest)

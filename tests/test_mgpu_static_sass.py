@@ -92,7 +92,8 @@ def test_point_args() -> None:
     assert point_args("3bit_nc/128/16/4/1/100/64/7") == ("3bit_nc", 128, 16, 4, 0, 8, 1, 7, 64, 7)  # ceil(100 / 16)
     assert point_args("k3p5v4/128/16", "store") == ("k3p5v4", 128, 16, 1, 200, 2, 3, 9, 2, 64)
     assert point_args("k3p5v4/64/16/4096", "store")[4:6] == (4096, 2)
-    assert point_args("k3p5v4/64/16/4096/8", "store")[4:6] == (4096, 8)
+    assert point_args("k3p5v4/64/16/4096/8", "store")[4:] == (4096, 8, 3, 9, 2, 520)  # 2 N / 16 + 8 pages
+    assert point_args("k3p5v4/64/16/32/8/40000", "store")[4:] == (32, 8, 3, 9, 2, 40000)
 
 
 def test_assumed_programs() -> None:
