@@ -750,84 +750,101 @@ def _tile_exponent(scale):
     return arith.extui(ir.IntegerType.get_signless(32), arith.shrui(ebits, c16(10)))
 
 
-def _softmax_scalars(ks_ref, vs_ref, h, page, row, block_size: int, key_norms: bool, value_bits: int,
-                     lazy: bool) -> list:
-    """Token ``row`` (i32) of page ``page``: float32 key norm (1.0 without norms: float8 keys), float32 value
-    scale over the tile's power of two 2**e times 2**p_top (:func:`value_constants`; in [2**p_top, 2**(p_top + 1)),
-    up to 2**(p_top + 5) for scales of 2**10 .. 2**14 whose 2**e stops at 2**:data:`VALUE_EXP_MAX`: the
-    probabilities' float16 split stays in range) and
-    float32 zero point of the centred codes (the value zero plus 7.5 value scales). ``ks_ref``: key scales
-    [Hk, NB, BS, 1] f16, ``vs_ref``: value scales [Hk, NB, BS, 2] f16, in global memory."""
-    ir, arith, _, memref, _ = _ir()
-    i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
-    at = _row_at(h, page, row, block_size)
-    norm = (arith.extf(f32, memref.load(ks_ref, [*at, arith.constant(index, 0)])) if key_norms
-            else arith.constant(f32, 1.0))
-    scale16 = memref.load(vs_ref, [*at, arith.constant(index, 0)])
-    scale = arith.extf(f32, scale16)
-    zero = arith.extf(f32, memref.load(vs_ref, [*at, arith.constant(index, 1)]))
-    centre, p_top, _ = value_constants(value_bits, lazy)
-    inv_bits = arith.shli(arith.subi(mgpu.utils.c(142 + p_top, i32), _tile_exponent(scale16)),
-                          mgpu.utils.c(23, i32))  # 2**p_top / 2**e in float32
-    m = arith.mulf(scale, arith.bitcast(f32, inv_bits))  # exact
-    return [norm, m, arith.addf(zero, arith.mulf(scale, arith.constant(f32, centre)))]
-
-
-def _tile_scalars(vs_ref, h, page, row, block_size: int, value_bits: int) -> list:
-    """Token ``row`` (i32) of page ``page``: the value tile's factor and offset, float16 pairs in int32:
-    (2**e, 2**e) and (-71.5 * 2**e, -71.5 * 2**e) (:func:`value_word_asm`)."""
-    ir, arith, _, memref, _ = _ir()
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    c = functools.partial(mgpu.utils.c, ty=i32)
-    scale = memref.load(vs_ref, [*_row_at(h, page, row, block_size), arith.constant(index, 0)])
-    e = arith.shli(_tile_exponent(scale), c(10))  # 2**e's float16 bits
-    n = arith.ori(arith.addi(e, c(6 << 10)), c(0x8000 | value_constants(value_bits)[2]))  # -(64 + centre) * 2**e
-    return [arith.ori(x, arith.shli(x, c(16))) for x in (e, n)]
-
-
-def _step_scalars(refs, b, h, first_page, last_page, block_size: int, key_norms: bool, value_bits: int,
-                  lazy: bool, qjl: bool = False, split: bool = False):
-    """A step's per-token scalars (``refs``: key scales, value scales, block tables): the softmax's, in the
-    score tile's rows (WGMMA_ROW_LAYOUT [64] float32 each: key norm, value scale / 2**e * 2**p_top, centred zero
-    point, :func:`_softmax_scalars`), and the value tile's pairs of the row that thread t converts (t // 2,
-    :func:`value_tile_plan`; WG_STRIDED [128] int32 each, :func:`_tile_scalars`); with ``qjl``, then the
-    residual norms as float16 pairs (g, g) in the score tile's rows (WGMMA_ROW_LAYOUT [64] int32); with
-    ``split``, then the second segment's key norms (WGMMA_ROW_LAYOUT [64] float32). All these rows lie in the
-    warp's page (:func:`_warp_page`), one block-table load."""
+def _step_words(refs, b, h, first_page, last_page, block_size: int, norm_words: int):
+    """A step's per-token scales as they are stored (``refs``: key scales [Hk, NB, BS, n] f16, value scales [Hk, NB,
+    BS, 2] f16, block tables; all the rows lie in the warp's page, :func:`_warp_page`, one block-table load): in
+    the score tile's rows (WGMMA_ROW_LAYOUT [64] int32 each) the key norms' float16 bits (``norm_words`` of them:
+    0 for float8 keys, 1, or 2 packed with the first in the low half: split keys' second segment, QJL's residual
+    norm) and the value (scale, zero) float16 pair; for the row t // 2 that thread t converts
+    (:func:`value_tile_plan`; WG_STRIDED [128] int32) its value scale's bits. They are loaded a step ahead and
+    converted where they are used (:func:`_row_scalars`, :func:`_tile_pairs`): carried as the stored words, a
+    step's scalars take 5 registers across the loop instead of 8-10, and ptxas's count no longer crosses 128 with
+    the cache's page count (docs/PERFORMANCE.md, "The decode's registers move with the cache's page count")."""
     ir, arith, _, memref, vector = _ir()
-    i32 = ir.IntegerType.get_signless(32)
+    i32, i16, index = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.IndexType.get()
     ks_ref, vs_ref, bt_ref = refs
     b, h, first_page, last_page = (x.registers.item() for x in (b, h, first_page, last_page))
     page = _warp_page(bt_ref, b, first_page, last_page, block_size)
     _, row0 = _thread_rows()
     layout = mgpu.WGMMA_ROW_LAYOUT
     reg_shape = layout.registers_shape((TOKENS,))
-    rows = [np.empty(reg_shape, dtype=object) for _ in range(3)]
+
+    def bits(ref, at, k):
+        return arith.extui(i32, arith.bitcast(i16, memref.load(ref, [*at, arith.constant(index, k)])))
+
+    def pair(ref, at):
+        return arith.ori(bits(ref, at, 0), arith.shli(bits(ref, at, 1), mgpu.utils.c(16, i32)))
+
+    kw, vw = np.empty(reg_shape, dtype=object), np.empty(reg_shape, dtype=object)
     for idx in np.ndindex(*reg_shape):
-        row = arith.addi(row0, mgpu.utils.c(8 * idx[2], i32))
-        for k, v in enumerate(_softmax_scalars(ks_ref, vs_ref, h, page, row, block_size, key_norms, value_bits,
-                                               lazy)):
-            rows[k][idx] = vector.from_elements(ir.VectorType.get((1,), v.type), [v])
-    out = [mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None) for r in rows]
+        at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
+        k = (mgpu.utils.c(0, i32) if norm_words == 0 else bits(ks_ref, at, 0) if norm_words == 1
+             else pair(ks_ref, at))
+        kw[idx] = vector.from_elements(ir.VectorType.get((1,), i32), [k])
+        vw[idx] = vector.from_elements(ir.VectorType.get((1,), i32), [pair(vs_ref, at)])
+    out = [mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=False) for r in (kw, vw)]
     tile_row = arith.divui(arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(128, i32)), mgpu.utils.c(2, i32))
+    t = bits(vs_ref, _row_at(h, page, tile_row, block_size), 0)
     strided = mgpu.WGStridedFragLayout(shape=(128,), vec_size=1)
-    for v in _tile_scalars(vs_ref, h, page, tile_row, block_size, value_bits):
-        regs = np.array([vector.from_elements(ir.VectorType.get((1,), i32), [v])], dtype=object)
-        out.append(mgpu.FragmentedArray(_registers=regs, _layout=strided, _is_signed=False))
-    if qjl or split:  # the rows' second key scales
-        index = ir.IndexType.get()
-        second = np.empty(reg_shape, dtype=object)
-        for idx in np.ndindex(*reg_shape):
-            at = _row_at(h, page, arith.addi(row0, mgpu.utils.c(8 * idx[2], i32)), block_size)
-            scale = memref.load(ks_ref, [*at, arith.constant(index, 1)])
-            if qjl:
-                bits = arith.extui(i32, arith.bitcast(ir.IntegerType.get_signless(16), scale))
-                scale = arith.ori(bits, arith.shli(bits, mgpu.utils.c(16, i32)))
-            else:
-                scale = arith.extf(ir.F32Type.get(), scale)
-            second[idx] = vector.from_elements(ir.VectorType.get((1,), scale.type), [scale])
-        out.append(mgpu.FragmentedArray(_registers=second, _layout=layout, _is_signed=False if qjl else None))
+    out.append(mgpu.FragmentedArray(_registers=np.array([vector.from_elements(ir.VectorType.get((1,), i32), [t])],
+                                                         dtype=object), _layout=strided, _is_signed=False))
     return tuple(out)
+
+
+def _row_scalars(kw, vw, norm_words: int, value_bits: int, lazy: bool, qjl: bool):
+    """:func:`_step_words`' rows -> the softmax's rows (WGMMA_ROW_LAYOUT [64] float32 each): key norm (1.0 for
+    float8 keys), value scale over the tile's power of two 2**e times 2**p_top (:func:`value_constants`; in
+    [2**p_top, 2**(p_top + 1)), up to 2**(p_top + 5) for scales of 2**10 .. 2**14 whose 2**e stops at
+    2**:data:`VALUE_EXP_MAX`: the probabilities' float16 split stays in range), float32 zero point of the centred
+    codes (the value zero plus 7.5 value scales); with two norm words then the second norm (float32; QJL: the
+    float16 pair (g, g) in int32)."""
+    ir, arith, _, _, vector = _ir()
+    i32, f32, f16, i16 = (ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.F16Type.get(),
+                          ir.IntegerType.get_signless(16))
+    layout = mgpu.WGMMA_ROW_LAYOUT
+    regs_k, regs_v = np.array(kw.registers, dtype=object), np.array(vw.registers, dtype=object)
+    rows = [np.empty(regs_v.shape, dtype=object) for _ in range(3 + (norm_words == 2))]
+    centre, p_top, _ = value_constants(value_bits, lazy)
+
+    def half(word, k):
+        return arith.bitcast(f16, arith.trunci(i16, arith.shrui(word, mgpu.utils.c(16, i32)) if k else word))
+
+    for idx in np.ndindex(*regs_v.shape):
+        k = vector.extract(regs_k[idx], [], [0])
+        v = vector.extract(regs_v[idx], [], [0])
+        norm = arith.extf(f32, half(k, 0)) if norm_words else arith.constant(f32, 1.0)
+        scale16 = half(v, 0)
+        scale = arith.extf(f32, scale16)
+        zero = arith.extf(f32, half(v, 1))
+        inv_bits = arith.shli(arith.subi(mgpu.utils.c(142 + p_top, i32), _tile_exponent(scale16)),
+                              mgpu.utils.c(23, i32))  # 2**p_top / 2**e in float32
+        vals = [norm, arith.mulf(scale, arith.bitcast(f32, inv_bits)),  # exact
+                arith.addf(zero, arith.mulf(scale, arith.constant(f32, centre)))]
+        if norm_words == 2:
+            g = arith.shrui(k, mgpu.utils.c(16, i32))
+            vals.append(arith.ori(g, arith.shli(g, mgpu.utils.c(16, i32))) if qjl else arith.extf(f32, half(k, 1)))
+        for r, x in zip(rows, vals):
+            r[idx] = vector.from_elements(ir.VectorType.get((1,), x.type), [x])
+    out = [mgpu.FragmentedArray(_registers=r, _layout=layout, _is_signed=None) for r in rows[:3]]
+    if norm_words == 2:
+        out.append(mgpu.FragmentedArray(_registers=rows[3], _layout=layout, _is_signed=False if qjl else None))
+    return tuple(out)
+
+
+def _tile_pairs(tw, value_bits: int):
+    """:func:`_step_words`' tile word -> the value tile's factor and offset, float16 pairs in int32 (WG_STRIDED
+    [128] each): (2**e, 2**e) and (-71.5 * 2**e, -71.5 * 2**e) (:func:`value_word_asm`)."""
+    ir, arith, _, _, vector = _ir()
+    i32, i16, f16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F16Type.get()
+    c = functools.partial(mgpu.utils.c, ty=i32)
+    word = vector.extract(np.array(tw.registers, dtype=object).item(), [], [0])
+    scale = arith.bitcast(f16, arith.trunci(i16, word))
+    e = arith.shli(_tile_exponent(scale), c(10))  # 2**e's float16 bits
+    n = arith.ori(arith.addi(e, c(6 << 10)), c(0x8000 | value_constants(value_bits)[2]))  # -(64 + centre) * 2**e
+    strided = mgpu.WGStridedFragLayout(shape=(128,), vec_size=1)
+    return tuple(mgpu.FragmentedArray(_registers=np.array([vector.from_elements(ir.VectorType.get((1,), i32), [x])],
+                                                          dtype=object), _layout=strided, _is_signed=False)
+                 for x in (arith.ori(y, arith.shli(y, c(16))) for y in (e, n)))
 
 
 def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") -> mgpu.FragmentedArray:
@@ -978,14 +995,25 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     gamma_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
     scalar_args = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), splat, splat, splat, splat)
 
-    @plgpu.inline_mgpu(arg_types=scalar_args,
-                       return_type=(rows_ty, rows_ty, rows_ty, pair_ty, pair_ty) + ((gamma_ty,) if qjl else ())
-                       + ((rows_ty,) if split_keys else ()))
-    def step_scalars(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
+    norm_words = 0 if fp8 else len(cfg.key_segments) if (qjl or split_keys) else 1
+    words_ty = plgpu.ShapeDtypeStruct((TOKENS,), jnp.int32, layout=row)
+
+    @plgpu.inline_mgpu(arg_types=scalar_args, return_type=(words_ty, words_ty, pair_ty))
+    def step_words(ctx, ks_ref, vs_ref, bt_ref, b, h, first_page, last_page):
         del ctx
-        refs = (ks_ref, vs_ref, bt_ref)
-        return _step_scalars(refs, b, h, first_page, last_page, block_size, key_norms=not fp8,
-                             value_bits=cfg.value_bits, lazy=lazy_max, qjl=qjl, split=split_keys)
+        return _step_words((ks_ref, vs_ref, bt_ref), b, h, first_page, last_page, block_size, norm_words)
+
+    @plgpu.inline_mgpu(arg_types=(row, row),
+                       return_type=(rows_ty, rows_ty, rows_ty) + ((gamma_ty,) if qjl else ())
+                       + ((rows_ty,) if split_keys else ()))
+    def row_scalars(ctx, kw, vw):
+        del ctx
+        return _row_scalars(kw, vw, norm_words, cfg.value_bits, lazy_max, qjl)
+
+    @plgpu.inline_mgpu(arg_types=(per_thread,), return_type=(pair_ty, pair_ty))
+    def tile_pairs(ctx, tw):
+        del ctx
+        return _tile_pairs(tw, cfg.value_bits)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(_F16_TILE), per_thread, per_thread))
     def store_values(ctx, words_ref, tile_ref, pow2, centre):
@@ -1076,17 +1104,19 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
         def step_fn(i, carry):
-            # the step's scalars and the page ids of step i + stages were loaded a step ahead
-            # extra: the QJL residual norms' float16 pairs, or a split key's second norms
-            acc, m_i, l_i, z_i, (kn, vm, vz, pow2, centre, *extra), pages = carry
+            # the step's scales (as stored: converted where used) and the page ids of step i + stages were loaded
+            # a step ahead
+            acc, m_i, l_i, z_i, (step_norms, step_values, step_tile), pages = carry
             slot = lax.rem(i, stages)
             buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
             vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
             page0 = first_page + i * pps
-            prefetched = step_scalars(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+            prefetched = step_words(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
             next_pages = pages_of(i + stages + 1)
             plgpu.barrier_wait(kw_bar.at[slot])
             keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
+            # extra: the QJL residual norms' float16 pairs, or a split key's second norms
+            kn, vm, vz, *extra = row_scalars(step_norms, step_values)
 
             def qk(acc_ref, *acc2_ref):
                 plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, kd)], (1, 0)))
@@ -1109,6 +1139,7 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
 
             def values():
                 plgpu.barrier_wait(vw_bar.at[slot])
+                pow2, centre = tile_pairs(step_tile)
                 store_values(vw_smem.at[slot], v16_smem.at[vbuf], pow2, centre)
 
             if not single_tile:
@@ -1191,10 +1222,10 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
         l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
-        first_scalars = step_scalars(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
+        first_words = step_words(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
         if lazy_max:
             plgpu.barrier_arrive(pv_bar[0].at[0])  # for step -1's product
-        carry = (zeros_out, m0, l0, l0, first_scalars, pages_of(stages))
+        carry = (zeros_out, m0, l0, l0, first_words, pages_of(stages))
         acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
         # the sums' barriers also order every warp's last value product before the output overwrites the tiles
         # (a warp's wait for it covers only the warp's own rows)
