@@ -31,8 +31,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 - the softmax statistics reduce across the warpgroup only for the maximum, and that lazily: the probabilities
   are taken against the running maximum unless a logit exceeds it by more than :data:`LAZY_MAX_BITS` (the
   barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
-  where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for split keys or 3-bit
-  values, which take it every step). The
+  where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for 3-bit values, which
+  take it every step). The
   denominators and the value zero-point terms accumulate per token row and are summed once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
@@ -120,11 +120,12 @@ def value_constants(bits: int, lazy: bool = False) -> tuple[float, int, int]:
 
 def lazy_maximum(config: TurboQuantConfig) -> bool:
     """Whether the kernel takes the softmax maximum lazily for ``config`` (raised only where a logit exceeds the
-    running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the warpgroup every step). Not
-    for split keys (the logits kept across the barrier: 137 registers instead of 128, 3 programs a
-    multiprocessor) nor 3-bit values (H200, B=32, 16k tokens, same call: 3bit_nc 373.4 against 351.8 us;
-    docs/data/decode_mgpu_lazy_ab_h200_2026-11-30_s18.log)."""
-    return config.key_format != "split" and config.value_bits == 4
+    running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the warpgroup every step): for
+    4-bit values, split keys included since their scales are carried as words (128 registers; H200, B=32, 16k
+    tokens on 32776 pages, kernels in turns: k3p5v4 325.1 against 336.4 us eager). Not 3-bit values: 332.0 against
+    343.9 us there, but ptxas then gives 152 registers at B=1 on caches of 2048-8192 pages (3 programs a
+    multiprocessor; docs/data/decode_mgpu_lazy_all_h200_2026-11-30_s23.log)."""
+    return config.value_bits == 4
 
 
 def on_hopper() -> bool:
