@@ -797,8 +797,8 @@ def _row_scalars(kw, vw, norm_words: int, value_bits: int, lazy: bool, qjl: bool
     float8 keys), value scale over the tile's power of two 2**e times 2**p_top (:func:`value_constants`; in
     [2**p_top, 2**(p_top + 1)), up to 2**(p_top + 5) for scales of 2**10 .. 2**14 whose 2**e stops at
     2**:data:`VALUE_EXP_MAX`: the probabilities' float16 split stays in range), float32 zero point of the centred
-    codes (the value zero plus 7.5 value scales); with two norm words then the second norm (float32; QJL: the
-    float16 pair (g, g) in int32)."""
+    codes (the value zero plus the centre, 7.5 or 3.5, times the value scale); with two norm words then the second
+    norm (float32; QJL: the float16 pair (g, g) in int32)."""
     ir, arith, _, _, vector = _ir()
     i32, f32, f16, i16 = (ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.F16Type.get(),
                           ir.IntegerType.get_signless(16))
