@@ -21,7 +21,8 @@ five store presets where the H200 has 128-168). Then, from the repository root::
         [--against other_decode_mgpu.py,...] [--points 4bit_nc/128/16/4,k8v4/128/16/4] [--dump /tmp/sass] [--check]
 
 Each point is preset suffix/head_dim/block_size/group (3 sequences of 9 blocks, Hk=2, 2 splits, a 64-page cache), or
-preset suffix/head_dim/block_size/group/B/context/splits/pages (Hk=8: a serving shape; the cache's page count is a
+preset suffix/head_dim/block_size/group/B/context/splits/pages (Hk=8: a serving shape, splits 0 the default pieces
+of :mod:`tqjax.pallas.pieces`; the cache's page count is a
 constant of the kernel's scale loads, and ptxas's register count has moved with it, with B and with the splits:
 docs/PERFORMANCE.md, "The decode's registers and the cache's size"); store: preset suffix/head_dim/block_size[/N[/Hk
 [/pages]]], N tokens of Hk KV heads into a cache of ``pages`` blocks (default ``2 N / block_size + 8``, at least 64,
@@ -97,6 +98,13 @@ mgpu_core._lower_as_gpu_kernel = keep
 spec = importlib.util.spec_from_file_location("decode_mgpu_variant", path)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
+if hasattr(mod, "merge_pieces"):  # the pieces' table and merge are Triton kernels: jax 0.11 lowers them beside a GPU
+    from tqjax.pallas import pieces
+    def _merge(o, lse, info, batch, stride=1, interpret=False):
+        return pieces.merge_pieces_reference(o, lse, info, batch=batch, stride=stride)
+    def _table(seq_lens, interpret=False, **kw):
+        return pieces.piece_table_reference(seq_lens, **kw)
+    mod.merge_pieces, mod.piece_table = _merge, _table
 cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
 if kind == "store":  # tokens of heads KV heads
     cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, pages, block_size, heads))
@@ -105,9 +113,10 @@ if kind == "store":  # tokens of heads KV heads
 else:
     cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, pages, block_size, heads))
     q = jax.ShapeDtypeStruct((batch, heads * group, head_dim), jnp.float32)
-    f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=splits,
+    f = lambda q, c, t, l: mod.paged_decode_mgpu_jit(q, c, t, l, scale=0.1, softcap=None, num_splits=splits or None,
                                                      stages=2)
-    jax.export.export(jax.jit(f), platforms=["cuda"])(
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # the pieces' merge
+    jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[triton])(
         q, cache, jax.ShapeDtypeStruct((batch, blocks), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
 module = modules[-1]
 smem = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", str(module))

@@ -30,7 +30,6 @@ from tqjax.pallas.decode_mgpu import (
     LAZY_MAX_BITS,
     VALUE_EXP_MAX,
     copy_shape,
-    default_num_splits,
     flat_pages,
     fp8_words_asm,
     key2_word_asm,
@@ -39,7 +38,7 @@ from tqjax.pallas.decode_mgpu import (
     key_channel_order,
     key_word_asm,
     lazy_maximum,
-    merge_kernel_splits,
+    merge_kernel_pieces,
     odd_table,
     on_hopper,
     paged_decode_mgpu,
@@ -47,6 +46,7 @@ from tqjax.pallas.decode_mgpu import (
     programs_per_core,
     qjl_channel_order,
     qjl_word_asm,
+    resident_programs,
     table_words,
     tile_order,
     tile_query,
@@ -461,32 +461,46 @@ def test_key3_tile_in_registers_follows_key3_channel_order(head_dim):
 
 
 @pytest.mark.parametrize("value_bits", [4, 3])
-def test_merge_kernel_splits_against_float64(value_bits):
-    """The kernel's per-split outputs ([B, Hk, S, D, 8], D rows in value_channel_order, 3-bit values
-    value3_channel_order) and base-2
-    log-sum-exps ([B, Hk, S, 8, 8], row 0) merge into the softmax over all splits' tokens: float64 on the
-    host, channels in their order, empty splits (-inf) weigh nothing, a row with every split empty gives
-    zeros."""
+def test_merge_kernel_pieces_against_float64(value_bits):
+    """The kernel's per-piece outputs ([slots, D, 8], D rows in value_channel_order, 3-bit values
+    value3_channel_order) and base-2 log-sum-exps ([slots, 8, 8], row 0) merge, per (sequence, KV head), over its
+    slots (first + i * Hk) into the softmax over all its pieces' tokens: float64 on the host, channels in their
+    order, empty rows (-inf) weigh nothing, a head without pieces and a row with every piece empty give zeros
+    (merge kernel in interpret mode)."""
     rng = np.random.default_rng(4)
-    b, hk, s, d = 2, 3, 4, 64
-    o = rng.standard_normal((b, hk, s, d, 8)).astype(np.float32)
-    lse = np.full((b, hk, s, 8, 8), 7.0, np.float32)
-    lse[:, :, :, 0, :] = (rng.standard_normal((b, hk, s, 8)) * 20).astype(np.float32)
-    lse[0, 1, 2, 0, :] = -np.inf  # one empty split
-    lse[1, 2, :, 0, 5] = -np.inf  # every split of one row empty
-    got = np.asarray(merge_kernel_splits(jnp.asarray(o), jnp.asarray(lse), value_bits))
-    chex.assert_shape(got, (b, hk, 8, d))
-    lse2 = lse[:, :, :, 0, :].astype(np.float64)  # [B, Hk, S, 8]
-    m = np.max(lse2, axis=2, keepdims=True)
-    w = np.where(np.isfinite(lse2), np.exp2(lse2 - np.where(np.isfinite(m), m, 0)), 0.0)
+    d, hk = 64, 2
+    counts = [3, 0, 1, 2]  # pieces of sequences 0-3 (a sequence's pieces in consecutive slots, 2 heads each)
+    firsts = np.cumsum([0] + counts[:-1])
+    info = np.zeros((2, hk, 4), np.int32)
+    for b in range(4):
+        info[0, :, b] = firsts[b] * hk + np.arange(hk)
+        info[1, :, b] = counts[b]
+    slots = (sum(counts) + 1) * hk
+    o = rng.standard_normal((slots, d, 8)).astype(np.float32)
+    lse = np.full((slots, 8, 8), 7.0, np.float32)
+    lse[:, 0, :] = (rng.standard_normal((slots, 8)) * 20).astype(np.float32)
+    lse[1 * hk + 0, 0, :] = -np.inf  # one empty piece
+    lse[[4 * hk + 1, 5 * hk + 1], 0, 5] = -np.inf  # every piece of one row of sequence 3, head 1, empty
+    got = np.asarray(merge_kernel_pieces(jnp.asarray(o), jnp.asarray(lse), jnp.asarray(info), value_bits, batch=4,
+                                         interpret=True))
+    chex.assert_shape(got, (4 * hk, 8, d))
     channels = np.empty_like(o, dtype=np.float64)
     order = (value3_channel_order if value_bits == 3 else value_channel_order)(d)
-    channels[:, :, :, order] = o  # row c of the kernel's output is channel order[c]
-    num = np.einsum("bhsr,bhsdr->bhrd", w, channels)
-    den = w.sum(axis=2)[..., None]
-    want = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    channels[:, order] = o  # row c of the kernel's output is channel order[c]
+    want = np.zeros((4 * hk, 8, d))
+    for b in range(4):
+        for h in range(hk):
+            idx = info[0, h, b] + hk * np.arange(counts[b])
+            if not counts[b]:
+                continue
+            lse2 = lse[idx, 0, :].astype(np.float64)  # [pieces, 8]
+            m = np.max(lse2, axis=0)
+            w = np.where(np.isfinite(lse2), np.exp2(lse2 - np.where(np.isfinite(m), m, 0)), 0.0)
+            den = w.sum(axis=0)[:, None]
+            want[b * hk + h] = np.where(den > 0, np.einsum("sr,sdr->rd", w, channels[idx]) / np.where(den > 0, den, 1),
+                                        0.0)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
-    assert np.all(got[1, 2, 5] == 0)
+    assert np.all(got[2:4] == 0) and np.all(got[3 * hk + 1, 5] == 0)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -560,29 +574,17 @@ def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
     def f(q, cache, tables, lens):
         return paged_decode_mgpu_jit(q, cache, tables, lens, scale=0.1, softcap=softcap, num_splits=splits, stages=2)
 
-    module = jax.export.export(jax.jit(f), platforms=["cuda"])(q, cache, tables, lens).mlir_module()
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # the pieces' merge kernel
+    module = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[triton])(q, cache, tables,
+                                                                                          lens).mlir_module()
     assert "tq_decode_mgpu" in module
 
 
-def test_default_splits_fill_the_device_in_few_waves():
-    """The default split counts at the H200's 132 cores, 4 programs resident on each at D=128 (528): one wave
-    where the steps allow (B=8, 32k: 8 splits, 512 programs; B=32, 16k: 2; B=1, 128k: 64), never more splits
-    than 64-token steps."""
-    assert default_num_splits(8, 8, 2048, 16, num_cores=132) == 8
-    assert default_num_splits(32, 8, 1024, 16, num_cores=132) == 2
-    assert default_num_splits(1, 8, 8192, 16, num_cores=132) == 64  # 128k: 512 programs, one wave
-    assert default_num_splits(1, 8, 256, 16, num_cores=132) == 64  # 4k tokens: 64 steps, 1 a split
-    assert default_num_splits(1, 1, 3, 16, num_cores=132) == 1
-    assert default_num_splits(1, 1, 2, 16, num_cores=132) == 1  # fewer steps than the device could take
-    assert default_num_splits(2, 2, 300, 64, num_cores=132) == 100  # block 64: 300 steps, 3 a split
-
-
-def test_default_splits_follow_the_programs_a_core_holds():
-    """D=256 programs take 83-107 KB of shared memory, two a core: B=1, 128k gets 33 splits (264 programs, one
-    wave of 2 x 132) where D=128 (4 a core) gets 64; QJL keys at D=128 fit 3 a core."""
-    assert default_num_splits(1, 8, 8192, 16, programs=2, num_cores=132) == 33
-    assert default_num_splits(1, 8, 8192, 16, programs=4, num_cores=132) == 64
+def test_programs_a_core_holds():
+    """D=256 programs take 83-107 KB of shared memory, two a core; QJL keys at D=128 fit 3 a core, the others 4:
+    the decode's pieces are cut for that many resident programs (528 at D=128 on 132 cores)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype
+    assert resident_programs(cfg("turboquant_4bit_nc", 128), num_cores=132) == 528
     assert programs_per_core(cfg("turboquant_4bit_nc", 256)) == 2
     assert programs_per_core(cfg("turboquant_k8v4", 128)) == 4
     assert programs_per_core(cfg("turboquant_kqjl4v4", 128)) == 3
@@ -660,7 +662,7 @@ def test_mosaic_decode_checks_its_inputs_once(monkeypatch) -> None:
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 
 
-def _check(q, cache, tables, lens, *, scale=None, softcap=None, num_splits=1, stages=2):
+def _check(q, cache, tables, lens, *, scale=None, softcap=None, num_splits=None, stages=2):
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     ref = paged_decode_jit(q, cache, tables, lens, scale=scale, softcap=softcap)
     out = paged_decode_mgpu(q, cache, tables, lens, scale=scale, softcap=softcap, num_splits=num_splits,
@@ -745,6 +747,21 @@ def test_splits_and_stages(num_splits, stages):
     q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=2, group=4,
                                        lens=[0, 5, 200, 1000, 1500], seed=num_splits)
     _check(q, cache, tables, lens, num_splits=num_splits, stages=stages)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4",
+                                  "turboquant_k3p5v4", "turboquant_kqjl4v4"])
+def test_ragged_batch_in_a_wide_table(name):
+    """One long sequence among short and empty ones, the block table twice as wide as the longest (garbage past
+    every sequence), KV heads 8: the default pieces (the long sequence cut across many programs, most programs of
+    the 528-wide grid without a piece) and 3 fixed splits of the table's width."""
+    q, cache, tables, lens = make_case(name, head_dim=128, block_size=16, hk=8, group=4,
+                                       lens=[20000, 0, 1, 64, 700, 3], seed=11)
+    tables = jnp.concatenate([tables, jnp.full_like(tables, 2**30)], axis=1)
+    for num_splits in (None, 3):
+        _check(q, cache, tables, lens, num_splits=num_splits)
 
 
 @pytest.mark.gpu

@@ -36,7 +36,9 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   denominators and the value zero-point terms accumulate per token row and are summed once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
-  next pages' ids are loaded from global memory a step ahead.
+  next pages' ids are loaded from global memory a step ahead;
+- the grid is ``(Hk, pieces)``: the work is cut by the sequences' lengths on the device (:mod:`tqjax.pallas.pieces`:
+  a piece of a sequence a program, its partial output merged with the others' by their log-sum-exps).
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
@@ -74,13 +76,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
+from tqjax.pallas.pieces import grid_size, merge_pieces, piece_table
 
 __all__ = [
-    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "PROGRAM_OVERHEAD_STEPS", "VALUE_EXP_MAX", "copy_shape",
-    "default_num_splits", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
-    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_splits", "odd_table",
-    "on_hopper", "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order",
-    "qjl_word_asm", "qjl_word_plan", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
+    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "flat_pages",
+    "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_tables",
+    "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper", "paged_decode_mgpu",
+    "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan",
+    "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
     "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
     "value_word_asm",
 ]
@@ -930,8 +933,7 @@ def flat_pages(words: jax.Array) -> jax.Array:
     return words.reshape(hk, blocks, *copy_shape(block_size, row_words))
 
 
-def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, block_size: int, num_splits: int,
-                stages: int, softcap: float | None):
+def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, stages: int, softcap: float | None):
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
     qjl = cfg.key_format == "prod"  # 3-bit MSE codes, then the sign sketch's words; a second score product
@@ -950,9 +952,8 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     # maximum's barrier, which costs registers the other keys cannot spare under 128) and for QJL keys at
     # D=256 (2 programs a multiprocessor instead of 1), two for the others
     single_tile = fp8 or (qjl and d == 256)
-    pages_per_split = -(-max_blocks // num_splits)
-    pages_per_split = -(-pages_per_split // pps) * pps
     tables = key_tables(cfg)
+    ktab_words = [int(w) for w in table_words(cfg)] + [0] * (4 - len(table_words(cfg)))  # two a table, split: four
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
     splat = plgpu.Layout.WG_SPLAT(())
@@ -1056,22 +1057,20 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         del ctx
         return _split_halves(x)
 
-    def tq_decode_mgpu(bt_ref, lens_ref, ktab_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, lse_ref,
-                       q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar,
+    def tq_decode_mgpu(work_ref, bt_ref, lens_ref, q_ref, qinv_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref,
+                       lse_ref, q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar,
                        *pv_bar):  # pv_bar: the lazy maximum's (every warp done with the value product)
         # the value tiles, and after the loop the output and the log-sum-exps in the same shared memory; the
         # reductions' scratch (64 float32) and the query's inverse powers (32) in one 1 KB buffer
         v16_smem, (o_smem, lse_smem) = tiles_or_out
         red_smem, qinv_smem = small_smem.at[pl.ds(0, 64)], small_smem.at[pl.ds(64, 2 * COLS)]
-        b = lax.axis_index("b")
-        h = lax.axis_index("h")
-        sp = lax.axis_index("s")
+        # KV head h of piece j (tqjax.pallas.pieces.piece_table): pages [first_page, end_page) of sequence b's block
+        # table, the partial output to slot work_ref[3, j] * hk + h (a piece index past the pieces: no page)
+        h, j = lax.axis_index("h"), lax.axis_index("j")
+        b, first_page = work_ref[0, j], work_ref[1, j]
         seq_len = lens_ref[b]
-        used_pages = (seq_len + block_size - 1) // block_size
-        first_page = sp * pages_per_split
-        end_page = jnp.minimum(first_page + pages_per_split, used_pages)
-        n_steps = jnp.maximum(end_page - first_page + pps - 1, 0) // pps
-        last_page = used_pages - 1  # -1: an empty sequence (no step runs; no table entry is followed)
+        last_page = (seq_len + block_size - 1) // block_size - 1  # -1: an empty sequence (no table entry read)
+        n_steps = jnp.maximum(work_ref[2, j] - first_page + pps - 1, 0) // pps
 
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
         plgpu.copy_gmem_to_smem(qinv_ref.at[b, h], qinv_smem, q_bar.at[0])
@@ -1098,8 +1097,6 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             def _(s=s):
                 issue(pages_of(s), s)
 
-        ktab0, ktab1 = ktab_ref[0], ktab_ref[1]  # loaded once: ptxas keeps them (a constant it would rematerialise)
-        ktab2, ktab3 = (ktab_ref[2], ktab_ref[3]) if split_keys else (None, None)  # the second segment's table
         plgpu.barrier_wait(q_bar.at[0])
         qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
         tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
@@ -1108,6 +1105,12 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
             # the step's scales (as stored: converted where used) and the page ids of step i + stages were loaded
             # a step ahead
             acc, m_i, l_i, z_i, (step_norms, step_values, step_tile), pages = carry
+            # the key tables' words as constants (ptxas moves them in where used). Held in registers across the loop
+            # beside the piece's sequence and first page (loads, not program ids: vector registers), they cost
+            # 3bit_nc and k3p5v4 8-16 registers (136-144: 3 programs a multiprocessor); loaded from global memory
+            # every step, the decode took 10% longer at B=32, 16k (docs/PERFORMANCE.md, "The decode cut by the
+            # lengths")
+            ktab0, ktab1, ktab2, ktab3 = (jnp.int32(w) for w in ktab_words)
             slot = lax.rem(i, stages)
             buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
             vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
@@ -1238,8 +1241,9 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
         lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
         lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, HALF), [1])
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, sp])
-        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[b, h, sp])
+        out_slot = work_ref[3, j] * hk + h
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[out_slot])
+        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[out_slot])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
@@ -1256,10 +1260,10 @@ def _build_call(cfg: TurboQuantConfig, batch: int, hk: int, max_blocks: int, blo
     ] + ([plgpu.Barrier(num_arrivals=1, num_barriers=1)] if lazy_max else [])
     return plgpu.kernel(
         tq_decode_mgpu,
-        out_type=(jax.ShapeDtypeStruct((batch, hk, num_splits, d, HALF), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, hk, num_splits, 8, HALF), jnp.float32)),
-        grid=(batch, hk, num_splits),
-        grid_names=("b", "h", "s"),
+        out_type=(jax.ShapeDtypeStruct(((pieces + 1) * hk, d, HALF), jnp.float32),  # the last hk: no piece's
+                  jax.ShapeDtypeStruct(((pieces + 1) * hk, 8, HALF), jnp.float32)),
+        grid=(hk, pieces),  # the heads of a piece launched together, the pieces in the table's order
+        grid_names=("h", "j"),
         scratch_types=scratch,
         # barriers are explicit (commit_smem) where a copy or a product follows other threads' shared-memory
         # accesses; automatic ones would add a warpgroup barrier before each of the step's page copies
@@ -1282,7 +1286,7 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
-#: Programs (one per sequence, KV head and split) resident per multiprocessor, by head_dim (2 page-copy
+#: Programs (one per KV head and piece of a sequence) resident per multiprocessor, by head_dim (2 page-copy
 #: stages): ptxas registers per thread and the kernel's shared memory, from ``python -m
 #: experiments.mgpu_static_sass`` (docs/data/decode_mgpu_static_sass_cpu_2026-11-30_s16.log, "four programs"):
 #: D=64: 95-112 registers, 25-32 KB: 4 (float8 keys 5); D=128: 112-128 registers, 47-56 KB: 4 (QJL keys, whose
@@ -1298,28 +1302,14 @@ def programs_per_core(config: TurboQuantConfig) -> int:
     if config.key_format == "prod" and config.head_dim == 128:
         return 3
     return PROGRAMS_PER_CORE[config.head_dim]
-#: A program's fixed cost in 64-token steps (query load, output and log-sum-exp stores, its share of the
-#: merge): keeps the wave count from favouring many tiny splits.
-PROGRAM_OVERHEAD_STEPS = 2
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, programs: int = 4,
-                       num_cores: int | None = None) -> int:
-    """KV splits per (sequence, KV head): the fewest that minimise the waves of programs over the device
-    times a program's time (``ceil(B * Hk * S / resident) * (ceil(steps / S) + PROGRAM_OVERHEAD_STEPS)``,
-    resident = ``programs`` per core (:func:`programs_per_core`), in 64-token steps), at most one split per step.
-    Splits no longer bound the error (the value codes are centred: 8e-7 of max|out| against float64
-    attention for 32k tokens in one split)."""
+def resident_programs(config: TurboQuantConfig, num_cores: int | None = None) -> int:
+    """Programs of this kernel the device holds at once: :func:`programs_per_core` times the multiprocessors
+    (``num_cores``, default the first device's)."""
     from tqjax.pallas.decode import _device_cores
 
-    resident = programs * (num_cores or _device_cores())
-    steps = max(1, -(-max_blocks // (TOKENS // block_size)))
-    programs = batch * num_kv_heads
-
-    def cost(s: int) -> int:
-        return -(-programs * s // resident) * (-(-steps // s) + PROGRAM_OVERHEAD_STEPS)
-
-    return min(range(1, steps + 1), key=lambda s: (cost(s), s))
+    return programs_per_core(config) * (num_cores or _device_cores())
 
 
 def paged_decode_mgpu(
@@ -1335,8 +1325,10 @@ def paged_decode_mgpu(
 ) -> jax.Array:
     """query [B, Hq, D] -> [B, Hq, D] (query's dtype); the cache, block tables [B, max_blocks] int32 and
     seq_lens [B] int32 as :func:`tqjax.pallas.decode.paged_decode` takes them; ``scale`` (default
-    1/sqrt(D)) and ``softcap`` as the reference's. ``num_splits`` KV splits merged by their log-sum-exps
-    (None: :func:`default_num_splits`), ``stages`` 64-token steps of page copies in flight.
+    1/sqrt(D)) and ``softcap`` as the reference's. The work is cut into pieces by the sequences' lengths
+    (:mod:`tqjax.pallas.pieces`: one program a piece, as many programs as the device holds, merged by their
+    log-sum-exps); ``num_splits`` instead cuts each sequence's block table into that many equal parts.
+    ``stages``: 64-token steps of page copies in flight.
 
     Raises NotImplementedError for a cache this kernel does not read (:func:`unsupported`) and
     RuntimeError off a Hopper GPU; the inputs are checked as for the reference."""
@@ -1357,12 +1349,10 @@ def paged_decode_mgpu_unchecked(query: jax.Array, cache: PagedKVCache, block_tab
         raise NotImplementedError(f"the Mosaic GPU decode cannot read this cache: {why}")
     if not on_hopper():
         raise RuntimeError(f"the Mosaic GPU decode needs a Hopper GPU (sm_90), not {jax.devices()[0].device_kind}")
-    if num_splits is None:
-        num_splits = default_num_splits(query.shape[0], cache.num_kv_heads, block_tables.shape[1], cache.block_size,
-                                        programs_per_core(cache.config))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
-                                 num_splits=int(num_splits), stages=int(stages))
+                                 num_splits=None if num_splits is None else int(num_splits), stages=int(stages),
+                                 resident=resident_programs(cache.config))
 
 
 def tile_order(config: TurboQuantConfig, seg: int) -> np.ndarray:
@@ -1404,7 +1394,7 @@ def table_words(config: TurboQuantConfig) -> np.ndarray:
     return np.array(words, np.uint32).view(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages", "resident"))
 def paged_decode_mgpu_jit(
     query: jax.Array,
     cache: PagedKVCache,
@@ -1413,38 +1403,39 @@ def paged_decode_mgpu_jit(
     *,
     scale: float,
     softcap: float | None,
-    num_splits: int,
+    num_splits: int | None,
     stages: int,
+    resident: int = 528,
 ) -> jax.Array:
-    """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments)."""
+    """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments; ``resident``:
+    :func:`resident_programs`, 528 on the H100 and H200)."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
-    max_blocks = block_tables.shape[1]
+    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=block_tables.shape[1],
+                             step_pages=TOKENS // cache.block_size, resident=resident, num_splits=num_splits)
     q16, qinv = _split_query(tile_query(cfg, query.astype(jnp.float32).reshape(b, hk, g, d)))
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     qinv = qinv * (scale * _LOG2E if softcap is None else scale / softcap)
-    call = _build_call(cfg, b, hk, max_blocks, cache.block_size, num_splits, stages, softcap)
+    call = _build_call(cfg, hk, cache.block_size, grid_size(b, hk, resident, num_splits), stages, softcap)
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
-    o, lse = call(block_tables, seq_lens, jnp.asarray(table_words(cfg)), q16, qinv, flat_pages(cache.key_codes),
+    o, lse = call(work, block_tables, seq_lens, q16, qinv, flat_pages(cache.key_codes),
                   key_scales, flat_pages(cache.value_codes), cache.value_scales)
-    return merge_kernel_splits(o, lse, cfg.value_bits)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    out = merge_kernel_pieces(o, lse, info, cfg.value_bits, batch=b).reshape(b, hk, HALF, d)
+    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
-def merge_kernel_splits(o: jax.Array, lse: jax.Array, value_bits: int = 4) -> jax.Array:
-    """The kernel's outputs -> [B, Hk, 8, D] float32: ``o`` [B, Hk, S, D, 8] (each split's output for the 8
-    query rows, normalised within the split, its D rows in :func:`value_channel_order`, 3-bit values
-    :func:`value3_channel_order`), ``lse``
-    [B, Hk, S, 8, 8] (row 0: the splits' log-sum-exps in base 2, -inf for an empty split), merged by
-    :func:`tqjax.pallas.decode.merge_splits`."""
-    from tqjax.pallas.decode import merge_splits
-
-    order = (value3_channel_order if value_bits == 3 else value_channel_order)(o.shape[3])
-    rows = np.argsort(order)  # channel c is the kernel's row rows[c]
-    o = jnp.moveaxis(jnp.swapaxes(o[:, :, :, rows], -1, -2), 2, 0)  # [S, B, Hk, 8, D]
-    lse = jnp.moveaxis(lse[:, :, :, 0, :], 2, 0) * math.log(2.0)  # [S, B, Hk, 8], natural log
-    return merge_splits(o, lse)
+def merge_kernel_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, value_bits: int = 4, *, batch: int,
+                        interpret: bool = False) -> jax.Array:
+    """The kernel's outputs -> [B * Hk, 8, D] float32: ``o`` [slots, D, 8] (each piece's output for the 8 query
+    rows, normalised within the piece, its D rows in :func:`value_channel_order`, 3-bit values
+    :func:`value3_channel_order`), ``lse`` [slots, 8, 8] (row 0: the pieces' log-sum-exps in base 2), ``info``
+    [2, Hk, >= B] (:func:`tqjax.pallas.pieces.piece_table`: KV head h's pieces at slots ``first + i * Hk``), merged
+    by :func:`tqjax.pallas.pieces.merge_pieces`; a (sequence, KV head) without pieces gets zeros."""
+    order = (value3_channel_order if value_bits == 3 else value_channel_order)(o.shape[1])
+    merged = merge_pieces(o, lse, info, batch=batch, stride=info.shape[1], interpret=interpret)  # the kernel's rows
+    return jnp.swapaxes(merged[:, np.argsort(order)], 1, 2)  # channel c is the kernel's row argsort(order)[c]

@@ -1,0 +1,184 @@
+"""The decode's work pieces (tqjax.pallas.pieces): the table every program reads, checked against the lengths on the
+host, and the merge kernel (interpret mode) against float64 attention over the pieces."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tqjax.pallas.pieces import (
+    grid_size,
+    merge_pieces,
+    merge_pieces_reference,
+    piece_table,
+    piece_table_reference,
+)
+
+STEP_TOKENS = 64
+
+
+def table_of(lens, *, hk, block_size, max_blocks, resident=528, num_splits=None):
+    """The kernel's table (interpret mode), checked equal to the jnp reference's: (table [4, n], info [2, Hk, B'])."""
+    kw = {"num_kv_heads": hk, "block_size": block_size, "max_blocks": max_blocks,
+          "step_pages": STEP_TOKENS // block_size, "resident": resident, "num_splits": num_splits}
+    lens = jnp.asarray(lens, jnp.int32)
+    table, info = (np.asarray(x) for x in piece_table(lens, interpret=True, **kw))
+    ref_table, ref_info = (np.asarray(x) for x in piece_table_reference(lens, **kw))
+    np.testing.assert_array_equal(table, ref_table)
+    np.testing.assert_array_equal(info, ref_info)
+    return table, info
+
+
+def chosen_chunk(lens, *, hk, block_size, max_blocks, resident):
+    """The module docstring's rule, on the host: the shortest chunk (in steps) whose pieces fit the grid,
+    max(ceil(resident / Hk), B) pieces."""
+    pps = STEP_TOKENS // block_size
+    max_steps = max(1, math.ceil(max_blocks / pps))
+    steps = [math.ceil(min(math.ceil(n / block_size), max_blocks) / pps) for n in lens]
+    grid = max(math.ceil(resident / hk), len(lens))
+    return next(c for c in range(1, max_steps + 1) if sum(math.ceil(s / c) for s in steps) <= grid)
+
+
+def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_pieces):
+    """Every page of every sequence in exactly one piece of at most ``chunk`` steps starting at a multiple of it;
+    a sequence's pieces in consecutive slots, in page order, and each of its KV heads' pieces at slots
+    ``slot * Hk + h`` (``info``); whole pieces before the shorter last ones; piece indices past the pieces read
+    nothing and write slot ``n_pieces``."""
+    pps = STEP_TOKENS // block_size
+    used = [min(math.ceil(n / block_size), max_blocks) for n in lens]
+    seen = {}
+    steps_in_order = []
+    for b, first, end, slot in table[:, :n_pieces].T:
+        if slot == n_pieces:
+            assert (b, first, end) == (0, 0, 0)
+            continue
+        assert 0 <= b < len(lens) and first < end <= used[b]
+        assert first % (chunk * pps) == 0 and end - first <= chunk * pps
+        assert slot not in seen.values()
+        seen[(b, first)] = slot
+        steps_in_order.append(math.ceil((end - first) / pps))
+    for b in range(len(lens)):
+        firsts = sorted(f for (s, f) in seen if s == b)
+        assert firsts == list(range(0, used[b], chunk * pps))  # covered once, each piece ends where the next starts
+        slots = [seen[(b, f)] for f in firsts]
+        assert slots == list(range(slots[0], slots[0] + len(slots))) if slots else True
+        for h in range(hk):
+            start, count = info[:, h, b]
+            assert count == len(slots) and (not slots or start == slots[0] * hk + h)
+    whole = [s == chunk for s in steps_in_order]
+    assert whole == sorted(whole, reverse=True)
+    assert (table[3, len(seen):n_pieces] == n_pieces).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balanced_table_covers_every_page_once(seed):
+    """Random ragged batches (empty sequences included), block sizes, KV heads, table widths and resident counts:
+    the Triton kernel (interpret mode) gives the jnp reference's table, which cuts every sequence as the rule
+    says."""
+    rng = np.random.default_rng(seed)
+    block_size = [16, 32, 64][seed % 3]
+    hk = [1, 2, 8][seed % 3]
+    b = int(rng.integers(1, 40))
+    max_blocks = int(rng.integers(1, 300))
+    lens = rng.integers(0, max_blocks * block_size + 1, b)
+    lens[rng.random(b) < 0.2] = 0  # empty sequences
+    resident = int(rng.integers(4, 600))
+    table, info = table_of(lens, hk=hk, block_size=block_size, max_blocks=max_blocks, resident=resident)
+    n_pieces = grid_size(b, hk, resident)
+    assert n_pieces == max(-(-resident // hk), b) and table.shape[1] >= n_pieces and info.shape[2] >= b
+    chunk = chosen_chunk(lens, hk=hk, block_size=block_size, max_blocks=max_blocks, resident=resident)
+    check_table(table, info, lens, hk=hk, block_size=block_size, max_blocks=max_blocks, chunk=chunk,
+                n_pieces=n_pieces)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_fixed_splits_cut_the_table_width(num_splits):
+    lens = [0, 1, 700, 5000, 64, 65]
+    max_blocks = 5000 // 16 + 9
+    table, info = table_of(lens, hk=2, block_size=16, max_blocks=max_blocks, num_splits=num_splits)
+    chunk = math.ceil(math.ceil(max_blocks / 4) / num_splits)
+    check_table(table, info, lens, hk=2, block_size=16, max_blocks=max_blocks, chunk=chunk,
+                n_pieces=len(lens) * num_splits)
+    assert info[1].max() <= num_splits
+
+
+def test_serving_shapes_at_528_resident_programs():
+    """The H200's 528 resident programs (4 on each of 132 cores), Hk=8, block 16: uniform batches get the splits
+    the table's width gave before pieces (B=32, 16k: two of 128 steps; B=1, 128k: 64 of 32; B=1, 4k: 64 of one;
+    B=128, 4k: one each, two waves), and a long sequence among short ones is cut as finely as one wave allows
+    (one of 128k and 31 of 4k: 64-step pieces, 63 pieces of 8 programs, where 2 splits of the table's width left
+    programs of 1024 steps)."""
+    cases = [([16384] * 32, 1024, 64, 128), ([131072], 8192, 64, 32), ([4096], 256, 64, 1),
+             ([4096] * 128, 256, 128, 64), ([131072] + [4096] * 31, 8192, 63, 64)]
+    for lens, max_blocks, pieces, chunk in cases:
+        table, info = table_of(lens, hk=8, block_size=16, max_blocks=max_blocks)
+        n_pieces = grid_size(len(lens), 8, 528)
+        used = table[3, :n_pieces] < n_pieces
+        assert used.sum() == pieces
+        assert ((table[2, :n_pieces][used] - table[1, :n_pieces][used]) // 4).max() == chunk
+        check_table(table, info, lens, hk=8, block_size=16, max_blocks=max_blocks, chunk=chunk, n_pieces=n_pieces)
+
+
+def attention_pieces(rng, lens, table, n_pieces, *, hk, block_size, d, rows):
+    """float64 softmax attention of random queries over random K/V, computed per piece of ``table`` and KV head
+    (outputs normalised within the piece, base-2 log-sum-exps, at slot ``slot * Hk + h``) and over whole
+    sequences: (o, lse, want)."""
+    n_bh = len(lens) * hk
+    k = rng.standard_normal((n_bh, max(max(lens), 1), d))
+    v = rng.standard_normal((n_bh, max(max(lens), 1), d))
+    q = rng.standard_normal((n_bh, rows, d))
+    o = rng.standard_normal(((n_pieces + 1) * hk, d, rows))  # garbage wherever no piece writes
+    lse = np.full(((n_pieces + 1) * hk, 8, rows), 3.0)
+    want = np.zeros((n_bh, d, rows))
+    for bh in range(n_bh):
+        n = lens[bh // hk]
+        if n:
+            s = q[bh] @ k[bh, :n].T  # [rows, n]
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            want[bh] = ((p / p.sum(axis=1, keepdims=True)) @ v[bh, :n]).T
+    for b, first, end, slot in table[:, :n_pieces].T[table[3, :n_pieces] < n_pieces]:
+        t0, t1 = first * block_size, min(end * block_size, lens[b])
+        for h in range(hk):
+            s = q[b * hk + h] @ k[b * hk + h, t0:t1].T
+            m = s.max(axis=1, keepdims=True)
+            p = np.exp(s - m)
+            o[slot * hk + h] = ((p / p.sum(axis=1, keepdims=True)) @ v[b * hk + h, t0:t1]).T
+            lse[slot * hk + h, 0] = (m[:, 0] + np.log(p.sum(axis=1))) / np.log(2.0)
+    return o, lse, want
+
+
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
+    """Pieces of a ragged batch (empty sequences included), attended separately in float64 and merged by the
+    kernel in interpret mode (and by the jnp reference): attention over each whole sequence, within float32
+    rounding (weights below 1, outputs of size ~1: 1e-5), zeros for empty sequences."""
+    rng = np.random.default_rng(7)
+    lens = [0, 1, 100, 333, 64, 1000, 0, 17]
+    table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24, num_splits=num_splits)
+    o, lse, want = attention_pieces(rng, lens, table, grid_size(len(lens), 2, 24, num_splits), hk=2, block_size=16,
+                                    d=64, rows=8)
+    args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
+    got = np.asarray(merge_pieces(*args, batch=len(lens), stride=2, interpret=True))
+    ref = np.asarray(merge_pieces_reference(*args, batch=len(lens), stride=2))
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ref, want, rtol=0, atol=1e-5)
+    assert np.all(got[:2] == 0) and np.all(got[12:14] == 0)  # the empty sequences' bh
+
+
+def test_merge_weighs_empty_rows_nothing():
+    """A -inf log-sum-exp (a row with no token) weighs nothing beside finite ones; a (sequence, KV head) whose every
+    row is -inf gets zeros, not NaN."""
+    o = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 8)), jnp.float32)
+    lse = np.zeros((4, 8, 8), np.float32)
+    lse[0, 0, 3] = -np.inf
+    lse[2:, 0, :] = -np.inf
+    info = jnp.asarray([[[0, 2]], [[2, 2]]], jnp.int32)  # [2, Hk=1, B=2]: sequence 0 at slots 0-1, 1 at 2-3
+    got = np.asarray(merge_pieces(o, jnp.asarray(lse), info, batch=2, interpret=True))
+    np.testing.assert_allclose(got[0, :, 3], np.asarray(o)[1, :, 3], rtol=1e-6)
+    np.testing.assert_allclose(got[0, :, 0], (np.asarray(o)[0, :, 0] + np.asarray(o)[1, :, 0]) / 2, rtol=1e-6)
+    assert np.all(got[1] == 0)

@@ -1,0 +1,252 @@
+"""Split-KV decode work cut by the batch's actual lengths: which pages each program of the Mosaic decode reads
+(:func:`piece_table`, a one-program Pallas kernel, :func:`piece_table_reference` beside it in plain jnp), and the
+merge of the pieces' partial outputs (:func:`merge_pieces`, a Pallas kernel; :func:`merge_pieces_reference`).
+
+Why. A split count per (sequence, KV head) fixed from the block table's width leaves the device idle on ragged
+batches and on tables wider than the sequences (a server sizes them for its longest context). H200, ``4bit_nc``,
+B=32 (``docs/data/decode_mgpu_ragged_h200_2026-11-30_s24.log``): one sequence of 128k tokens and 31 of 4k took
+1107.5 us at the 2 splits the table's width gave, 300.4 us at 32; 32 sequences of 16.8k tokens in a table 32k
+wide 602.1 us, against 318.4 for 16k tokens in a table 16k wide. Here the work is cut on the device, inside the
+jitted step, where the lengths are known:
+
+- each sequence is cut into pieces of ``chunk`` steps of ``step_pages`` pages (64 tokens), the last piece
+  shorter; a piece is read by Hk programs, one a KV head (grid ``(Hk, pieces)``, the head from the program id:
+  ptxas keeps it in a uniform register);
+- the grid is static: ``max(ceil(resident / Hk), B)`` pieces (one wave of the programs the device holds at once,
+  or one piece a sequence), ``B * S`` with a fixed split count S;
+- ``chunk`` is the shortest whose pieces fit the grid (the finest cut that one wave holds; for equal lengths the
+  split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32); with S
+  given, ``ceil(max_steps / S)`` (the table's width cut in S);
+- piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, so that the block
+  scheduler starts the long ones first; piece indices past the last piece read nothing (their table column is
+  ``(0, 0, 0, pieces)``);
+- a piece's programs write their partial outputs (normalised within the piece) and log-sum-exps to slots of
+  their own, ``slot * Hk + h``, a sequence's pieces in consecutive ``slot``; ``slot = pieces`` is the empty
+  ones'. :func:`merge_pieces` combines each (sequence, KV head)'s slots by their log-sum-exps, in slot order
+  (deterministic: no atomics).
+
+Measured (H200, ``4bit_nc``, B=32, docs/data/decode_mgpu_pieces_h200_2026-11-30_s24.log, against the table's
+splits in the same calls; calls A and B, revisions before the last): 128k + 31 x 4k 227.4-228.6 us against
+1096.9-1115.3; 16.8k tokens in 32k-wide tables 368.0-374.0 against 609.0-613.3; 7.9k in 128k-wide tables
+202.8-205.7 against 315.5-321.5; lengths drawn in 1k-32k 452.6-453.8 against 529.5-536.8 (16 fixed splits took
+353.7 there: one wave of pieces is not the best cut for every batch). The cost, two more launches a step (the
+table, one program; the merge, one program per sequence and KV head with 8 pieces' loads in flight at once), in the
+revision that landed (call C): 16k tokens in 16k-wide tables 332.8 us against 327.1 (kernels in turns); B=1, 4k
+41.8 us a step in a jitted loop (25.1 in this session's first call, before pieces). The table as a dozen jnp ops
+(call A) or as this one program (call B) timed the same; B=1 went from 54.5 to 41.8 us from call B to C (the merge
+loading 8 pieces at once instead of one, and the key tables' words as the decode's constants).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["grid_size", "merge_pieces", "merge_pieces_reference", "piece_table", "piece_table_reference"]
+
+
+
+_PIECE_ROWS = 32  # table columns written per store (a power of 2)
+
+
+def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None) -> int:
+    """Sequence pieces the decode's grid holds (each run by ``num_kv_heads`` programs, one a KV head):
+    ``max(ceil(resident / num_kv_heads), batch)``, or ``batch * num_splits`` with a fixed split count."""
+    if num_splits is not None:
+        return batch * num_splits
+    return max(-(-resident // num_kv_heads), batch)
+
+
+def _table_shapes(batch: int, num_kv_heads: int, n_pieces: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Shapes of the table [4, pieces rounded up to _PIECE_ROWS] and of info [2, Hk, B rounded up to a power of 2]."""
+    return (4, -(-n_pieces // _PIECE_ROWS) * _PIECE_ROWS), (2, num_kv_heads, max(2, pl.next_power_of_2(batch)))
+
+
+def _steps(seq_lens, *, block_size: int, max_blocks: int, step_pages: int):
+    """(pages, steps) of each sequence: its used pages (clamped to the table) and 64-token steps."""
+    used = jnp.clip((seq_lens + block_size - 1) // block_size, 0, max_blocks)
+    return used, (used + step_pages - 1) // step_pages
+
+
+def _pieces_of(steps, count, whole, chunk, used, j, *, step_pages: int, n_pieces: int, batch: int):
+    """Columns (b, first page, end page, slot) [len(j)] of pieces ``j`` (:func:`piece_table`), from the
+    sequences' steps, pieces and whole pieces [B'] (sequences past B: 0) and the chunk."""
+    part = count - whole
+    cum_whole, cum_part, cum_count = jnp.cumsum(whole), jnp.cumsum(part), jnp.cumsum(count)
+    total_whole, total = jnp.sum(whole), jnp.sum(count)
+    is_whole = j < total_whole
+    b_whole = jnp.sum((cum_whole[None, :] <= j[:, None]).astype(jnp.int32), axis=1)
+    b_part = jnp.sum((cum_part[None, :] <= (j - total_whole)[:, None]).astype(jnp.int32), axis=1)
+    b = jnp.minimum(jnp.where(is_whole, b_whole, b_part), batch - 1)
+    onehot = b[:, None] == lax.broadcasted_iota(jnp.int32, (1, steps.shape[0]), 1)
+
+    def at_b(x):  # x[b] for each piece (a one-hot sum: no gather in a Triton program)
+        return jnp.sum(jnp.where(onehot, x[None, :], 0), axis=1)
+
+    whole_b, count_b = at_b(whole), at_b(count)
+    k = jnp.where(is_whole, j - (at_b(cum_whole) - whole_b), whole_b)  # the piece's index within its sequence
+    first = k * chunk * step_pages
+    end = jnp.minimum(first + chunk * step_pages, at_b(used))
+    slot = at_b(cum_count) - count_b + k
+    valid = j < total
+    return (jnp.where(valid, b, 0), jnp.where(valid, first, 0), jnp.where(valid, end, 0),
+            jnp.where(valid, slot, n_pieces))
+
+
+def _table_kernel(lens_ref, table_ref, info_ref, *, batch: int, block_size: int, max_blocks: int, step_pages: int,
+                  n_pieces: int, num_splits: int | None):
+    hk, bp = info_ref.shape[1], info_ref.shape[2]
+    b_idx = lax.broadcasted_iota(jnp.int32, (bp,), 0)
+    lens = pltriton.load(lens_ref.at[pl.ds(0, bp)], mask=b_idx < batch, other=0)
+    used, steps = _steps(lens, block_size=block_size, max_blocks=max_blocks, step_pages=step_pages)
+    max_steps = max(1, -(-max_blocks // step_pages))
+    if num_splits is not None:
+        chunk = jnp.int32(-(-max_steps // num_splits))
+    else:  # the shortest chunk whose pieces fit: bisection (the pieces only fall as the chunk grows)
+
+        def halve(_, lo_hi):
+            lo, hi = lo_hi
+            mid = (lo + hi) // 2
+            fits = jnp.sum((steps + mid - 1) // mid) <= n_pieces
+            return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+        chunk = lax.fori_loop(0, max_steps.bit_length(), halve, (jnp.int32(1), jnp.int32(max_steps)))[1]
+    whole = steps // chunk
+    count = whole + (steps % chunk > 0).astype(jnp.int32)
+    for j0 in range(0, table_ref.shape[1], _PIECE_ROWS):
+        j = j0 + lax.broadcasted_iota(jnp.int32, (_PIECE_ROWS,), 0)
+        cols = _pieces_of(steps, count, whole, chunk, used, j, step_pages=step_pages, n_pieces=n_pieces, batch=batch)
+        for c, col in enumerate(cols):
+            table_ref[c, pl.ds(j0, _PIECE_ROWS)] = col
+    first_slot = jnp.cumsum(count) - count
+    for h in range(hk):
+        info_ref[0, h, :] = first_slot * hk + h
+        info_ref[1, h, :] = count
+
+
+@functools.partial(jax.jit, static_argnames=("num_kv_heads", "block_size", "max_blocks", "step_pages", "resident",
+                                             "num_splits", "interpret"))
+def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int, step_pages: int,
+                resident: int, num_splits: int | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """seq_lens [B] int32 -> (table int32 [4, >= pieces], info int32 [2, Hk, >= B]); ``pieces`` =
+    :func:`grid_size`. One program (Triton lowering: CUDA, ROCm, interpret mode).
+
+    Column j < pieces of ``table`` = (b, first page, end page, slot) of piece j: the programs (h, j), one a KV head,
+    read pages ``[first, end)`` of the block table's row b (at most ``chunk * step_pages``) and write slot
+    ``slot * Hk + h``; ``(0, 0, 0, pieces)`` for a piece index past the last piece. ``info[:, h, b]`` = (first
+    slot, count) of KV head h's pieces of sequence b, at slots ``first, first + Hk, ...`` (count 0: an empty
+    sequence). ``resident``: programs the device holds at once; ``num_splits``: a fixed split count instead of the
+    chunk chosen from the lengths (module docstring). Columns and rows past those are padding."""
+    batch = seq_lens.shape[0]
+    n_pieces = grid_size(batch, num_kv_heads, resident, num_splits)
+    table_shape, info_shape = _table_shapes(batch, num_kv_heads, n_pieces)
+    kernel = functools.partial(_table_kernel, batch=batch, block_size=block_size, max_blocks=max_blocks,
+                               step_pages=step_pages, n_pieces=n_pieces, num_splits=num_splits)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32)),
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="tq_piece_table",
+    )(seq_lens.astype(jnp.int32))
+
+
+def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int,
+                          step_pages: int, resident: int, num_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """:func:`piece_table` in plain jnp (every chunk tried at once, not bisected), its padding included."""
+    batch, hk = seq_lens.shape[0], num_kv_heads
+    n_pieces = grid_size(batch, hk, resident, num_splits)
+    table_shape, info_shape = _table_shapes(batch, hk, n_pieces)
+    lens = jnp.zeros(info_shape[2], jnp.int32).at[:batch].set(seq_lens)
+    used, steps = _steps(lens, block_size=block_size, max_blocks=max_blocks, step_pages=step_pages)
+    max_steps = max(1, -(-max_blocks // step_pages))
+    if num_splits is not None:
+        chunk = jnp.int32(-(-max_steps // num_splits))
+    else:
+        c = jnp.arange(1, max_steps + 1, dtype=jnp.int32)
+        fits = jnp.sum((steps[None, :] + c[:, None] - 1) // c[:, None], axis=1) <= n_pieces
+        chunk = c[jnp.argmax(fits)]  # the first that fits (the longest always does: one piece a sequence)
+    whole = steps // chunk
+    count = whole + (steps % chunk > 0).astype(jnp.int32)
+    j = jnp.arange(table_shape[1], dtype=jnp.int32)
+    table = jnp.stack(_pieces_of(steps, count, whole, chunk, used, j, step_pages=step_pages, n_pieces=n_pieces,
+                                 batch=batch))
+    first_slot = jnp.cumsum(count) - count
+    heads = jnp.arange(hk, dtype=jnp.int32)[:, None]
+    info = jnp.stack([first_slot[None, :] * hk + heads, jnp.broadcast_to(count, (hk, count.shape[0]))])
+    return table.astype(jnp.int32), info.astype(jnp.int32)
+
+
+_MERGE_BLOCK = 8  # pieces a merge program loads at once (their loads in flight together, not one after another)
+
+
+def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, stride: int):
+    hk = info_ref.shape[1]
+    b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
+    first, count = info_ref[0, h, b], info_ref[1, h, b]
+    rows = out_ref.shape[-1]
+
+    def block(i, carry):  # online log-sum-exp merge of _MERGE_BLOCK pieces; a -inf (empty) row weighs nothing
+        m, den, acc = carry
+        pieces = []
+        for u in range(_MERGE_BLOCK):  # every load first (their addresses do not wait for the sums)
+            ok = i * _MERGE_BLOCK + u < count
+            slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * stride, first)  # past the last: weight 0
+            pieces.append((jnp.where(ok, lse_ref[slot, 0, :], -jnp.inf), o_ref[slot, :, :]))
+        for lse, o in pieces:
+            m_new = jnp.maximum(m, lse)
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            a, w = jnp.exp2(m - m_safe), jnp.exp2(lse - m_safe)
+            m, den, acc = m_new, den * a + w, acc * a[None, :] + o * w[None, :]
+        return m, den, acc
+
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros(out_ref.shape, jnp.float32))
+    _, den, acc = lax.fori_loop(0, (count + _MERGE_BLOCK - 1) // _MERGE_BLOCK, block, init)
+    out_ref[...] = acc / jnp.where(den > 0, den, 1.0)[None, :]
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "stride", "interpret"))
+def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, stride: int = 1,
+                 interpret: bool = False) -> jax.Array:
+    """The pieces' partial outputs -> [B * Hk, D, R] float32 (row b * Hk + h): ``o`` [slots, D, R] float32 (each
+    piece's output for R query rows, normalised within the piece), ``lse`` [slots, 8, R] float32 (row 0: the
+    pieces' base-2 log-sum-exps), ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV head h of sequence b has
+    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * stride``; one without pieces gets zeros. One program
+    per (sequence, KV head) (Triton lowering: CUDA, ROCm, interpret mode)."""
+    n_bh = batch * info.shape[1]
+    _, d, r = o.shape
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, stride=stride),
+        grid=(n_bh,),
+        in_specs=[pl.BlockSpec(info.shape, lambda i: (0, 0, 0)), pl.BlockSpec(o.shape, lambda i: (0, 0, 0)),
+                  pl.BlockSpec(lse.shape, lambda i: (0, 0, 0))],
+        out_specs=pl.BlockSpec((None, d, r), lambda i: (i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((n_bh, d, r), jnp.float32),
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="tq_merge_pieces",
+    )(info, o, lse)
+
+
+def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int,
+                           stride: int = 1) -> jax.Array:
+    """:func:`merge_pieces` in plain jnp (segment reductions over the slots)."""
+    n_bh = batch * info.shape[1]
+    first = jnp.swapaxes(info[0], 0, 1)[:batch].reshape(n_bh, 1)  # [B * Hk, 1], row b * Hk + h
+    count = jnp.swapaxes(info[1], 0, 1)[:batch].reshape(n_bh, 1)
+    offset = jnp.arange(o.shape[0])[None, :] - first  # [B * Hk, slots]
+    inside = (offset >= 0) & (offset % stride == 0) & (offset // stride < count)
+    owner = jnp.where(jnp.any(inside, axis=0), jnp.argmax(inside, axis=0), n_bh)  # a slot's bh (n_bh: none)
+    lse0 = jnp.where(owner[:, None] < n_bh, lse[:, 0, :], -jnp.inf)
+    m = jax.ops.segment_max(lse0, owner, num_segments=n_bh + 1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(lse0 - m[owner])
+    den = jax.ops.segment_sum(w, owner, num_segments=n_bh + 1)
+    num = jax.ops.segment_sum(o * w[:, None, :], owner, num_segments=n_bh + 1)
+    return (num / jnp.where(den > 0, den, 1.0)[:, None, :])[:n_bh]
