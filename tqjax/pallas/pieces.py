@@ -49,8 +49,6 @@ from jax.experimental.pallas import triton as pltriton
 
 __all__ = ["grid_size", "merge_pieces", "merge_pieces_reference", "piece_table", "piece_table_reference"]
 
-
-
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 
 
