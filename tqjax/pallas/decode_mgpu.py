@@ -1437,5 +1437,5 @@ def merge_kernel_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, value_bit
     [2, Hk, >= B] (:func:`tqjax.pallas.pieces.piece_table`: KV head h's pieces at slots ``first + i * Hk``), merged
     by :func:`tqjax.pallas.pieces.merge_pieces`; a (sequence, KV head) without pieces gets zeros."""
     order = (value3_channel_order if value_bits == 3 else value_channel_order)(o.shape[1])
-    merged = merge_pieces(o, lse, info, batch=batch, stride=info.shape[1], interpret=interpret)  # the kernel's rows
+    merged = merge_pieces(o, lse, info, batch=batch, interpret=interpret)  # [B * Hk, D, 8], the kernel's rows
     return jnp.swapaxes(merged[:, np.argsort(order)], 1, 2)  # channel c is the kernel's row argsort(order)[c]

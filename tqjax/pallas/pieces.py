@@ -183,7 +183,7 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
 _MERGE_BLOCK = 8  # pieces a merge program loads at once (their loads in flight together, not one after another)
 
 
-def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, stride: int):
+def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
     hk = info_ref.shape[1]
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
     first, count = info_ref[0, h, b], info_ref[1, h, b]
@@ -194,7 +194,7 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, stride: int):
         pieces = []
         for u in range(_MERGE_BLOCK):  # every load first (their addresses do not wait for the sums)
             ok = i * _MERGE_BLOCK + u < count
-            slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * stride, first)  # past the last: weight 0
+            slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * hk, first)  # past the last: weight 0
             pieces.append((jnp.where(ok, lse_ref[slot, 0, :], -jnp.inf), o_ref[slot, :, :]))
         for lse, o in pieces:
             m_new = jnp.maximum(m, lse)
@@ -209,18 +209,17 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, stride: int):
     out_ref[...] = acc / jnp.where(den > 0, den, 1.0)[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "stride", "interpret"))
-def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, stride: int = 1,
-                 interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("batch", "interpret"))
+def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, D, R] float32 (row b * Hk + h): ``o`` [slots, D, R] float32 (each
     piece's output for R query rows, normalised within the piece), ``lse`` [slots, 8, R] float32 (row 0: the
     pieces' base-2 log-sum-exps), ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV head h of sequence b has
-    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * stride``; one without pieces gets zeros. One program
+    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets zeros. One program
     per (sequence, KV head) (Triton lowering: CUDA, ROCm, interpret mode)."""
     n_bh = batch * info.shape[1]
     _, d, r = o.shape
     return pl.pallas_call(
-        functools.partial(_merge_kernel, stride=stride),
+        _merge_kernel,
         grid=(n_bh,),
         in_specs=[pl.BlockSpec(info.shape, lambda i: (0, 0, 0)), pl.BlockSpec(o.shape, lambda i: (0, 0, 0)),
                   pl.BlockSpec(lse.shape, lambda i: (0, 0, 0))],
@@ -232,14 +231,14 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, s
     )(info, o, lse)
 
 
-def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int,
-                           stride: int = 1) -> jax.Array:
+def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int) -> jax.Array:
     """:func:`merge_pieces` in plain jnp (segment reductions over the slots)."""
     n_bh = batch * info.shape[1]
     first = jnp.swapaxes(info[0], 0, 1)[:batch].reshape(n_bh, 1)  # [B * Hk, 1], row b * Hk + h
     count = jnp.swapaxes(info[1], 0, 1)[:batch].reshape(n_bh, 1)
     offset = jnp.arange(o.shape[0])[None, :] - first  # [B * Hk, slots]
-    inside = (offset >= 0) & (offset % stride == 0) & (offset // stride < count)
+    hk = info.shape[1]
+    inside = (offset >= 0) & (offset % hk == 0) & (offset // hk < count)
     owner = jnp.where(jnp.any(inside, axis=0), jnp.argmax(inside, axis=0), n_bh)  # a slot's bh (n_bh: none)
     lse0 = jnp.where(owner[:, None] < n_bh, lse[:, 0, :], -jnp.inf)
     m = jax.ops.segment_max(lse0, owner, num_segments=n_bh + 1)
