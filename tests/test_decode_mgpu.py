@@ -26,6 +26,7 @@ from test_pallas_decode import RTOL, make_case
 
 import tqjax
 from tqjax.codec import key_codec
+from tqjax.pallas import pieces
 from tqjax.pallas.decode_mgpu import (
     LAZY_MAX_BITS,
     VALUE_EXP_MAX,
@@ -762,6 +763,27 @@ def test_ragged_batch_in_a_wide_table(name):
     tables = jnp.concatenate([tables, jnp.full_like(tables, 2**30)], axis=1)
     for num_splits in (None, 3):
         _check(q, cache, tables, lens, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_waves_of_pieces():
+    """A ragged batch (24 lengths in 1-6000, 2 empty) at the H200's 528 resident programs, KV heads 8: one wave of
+    pieces, two waves by the fill rule (the finer chunk here: the one-wave pieces fill little of the wave), and two and
+    four waves always cut finely (most programs of the grid without a piece, skipped): each the reference's output."""
+    rng = np.random.default_rng(12)
+    lens = [int(n) for n in rng.integers(1, 6000, 24)]
+    lens[3] = lens[17] = 0
+    q, cache, tables, lens = make_case("turboquant_4bit_nc", head_dim=128, block_size=16, hk=8, group=4, lens=lens,
+                                       seed=12)
+    scale = 1.0 / np.sqrt(128)
+    ref = paged_decode_jit(q, cache, tables, lens, scale=scale)
+    for waves, fill in [(1, pieces.FILL), (2, pieces.FILL), (2, 9.0), (4, 9.0)]:
+        out = paged_decode_mgpu_jit(q, cache, tables, lens, scale=scale, softcap=None, num_splits=None, stages=2,
+                                    resident=528, waves=waves, fill=fill)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=RTOL * float(jnp.max(jnp.abs(ref))), rtol=0,
+                                   err_msg=f"waves={waves}, fill={fill}")
+        assert float(jnp.max(jnp.abs(out[np.asarray(lens) == 0]))) == 0.0
 
 
 @pytest.mark.gpu

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from tqjax.pallas.pieces import (
+    FILL,
+    WAVES,
     grid_size,
     merge_pieces,
     merge_pieces_reference,
@@ -21,10 +23,11 @@ from tqjax.pallas.pieces import (
 STEP_TOKENS = 64
 
 
-def table_of(lens, *, hk, block_size, max_blocks, resident=528, num_splits=None):
+def table_of(lens, *, hk, block_size, max_blocks, resident=528, num_splits=None, waves=WAVES, fill=FILL):
     """The kernel's table (interpret mode), checked equal to the jnp reference's: (table [4, n], info [2, Hk, B'])."""
     kw = {"num_kv_heads": hk, "block_size": block_size, "max_blocks": max_blocks,
-          "step_pages": STEP_TOKENS // block_size, "resident": resident, "num_splits": num_splits}
+          "step_pages": STEP_TOKENS // block_size, "resident": resident, "num_splits": num_splits, "waves": waves,
+          "fill": fill}
     lens = jnp.asarray(lens, jnp.int32)
     table, info = (np.asarray(x) for x in piece_table(lens, interpret=True, **kw))
     ref_table, ref_info = (np.asarray(x) for x in piece_table_reference(lens, **kw))
@@ -33,14 +36,33 @@ def table_of(lens, *, hk, block_size, max_blocks, resident=528, num_splits=None)
     return table, info
 
 
-def chosen_chunk(lens, *, hk, block_size, max_blocks, resident):
-    """The module docstring's rule, on the host: the shortest chunk (in steps) whose pieces fit the grid,
-    max(ceil(resident / Hk), B) pieces."""
+def grid_of(b, *, hk, block_size, max_blocks, resident, waves):
+    """The module docstring's grid, on the host: max(waves * ceil(resident / Hk), B) pieces, at most a piece a step
+    of every sequence."""
+    max_steps = max(1, math.ceil(max_blocks / (STEP_TOKENS // block_size)))
+    return min(max(waves * math.ceil(resident / hk), b), b * max_steps)
+
+
+def chosen_chunk(lens, *, hk, block_size, max_blocks, resident, waves=WAVES, fill=FILL):
+    """The module docstring's rule, on the host: the shortest chunk (in steps) whose pieces fit one wave (the grid
+    of ``waves=1``), unless the grid holds more pieces and the pieces of the shortest chunk that fit it are
+    chosen: where one wave's pieces fill less than ``fill`` of the wave, or that finer cut leaves no sequence more
+    than 8 pieces (one merge block)."""
     pps = STEP_TOKENS // block_size
     max_steps = max(1, math.ceil(max_blocks / pps))
     steps = [math.ceil(min(math.ceil(n / block_size), max_blocks) / pps) for n in lens]
-    grid = max(math.ceil(resident / hk), len(lens))
-    return next(c for c in range(1, max_steps + 1) if sum(math.ceil(s / c) for s in steps) <= grid)
+
+    def shortest(grid):
+        return next(c for c in range(1, max_steps + 1) if sum(math.ceil(s / c) for s in steps) <= grid)
+
+    kw = {"hk": hk, "block_size": block_size, "max_blocks": max_blocks, "resident": resident}
+    one, every = grid_of(len(lens), waves=1, **kw), grid_of(len(lens), waves=waves, **kw)
+    coarse = shortest(one)
+    if every == one:
+        return coarse
+    fine = shortest(every)
+    filled = sum(steps) >= fill * one * coarse
+    return coarse if filled and math.ceil(max(steps) / fine) > 8 else fine
 
 
 def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_pieces):
@@ -74,8 +96,9 @@ def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_piece
     assert (table[3, len(seen):n_pieces] == n_pieces).all()
 
 
+@pytest.mark.parametrize("waves", [1, 2, 3])
 @pytest.mark.parametrize("seed", range(6))
-def test_balanced_table_covers_every_page_once(seed):
+def test_balanced_table_covers_every_page_once(seed, waves):
     """Random ragged batches (empty sequences included), block sizes, KV heads, table widths and resident counts:
     the Triton kernel (interpret mode) gives the jnp reference's table, which cuts every sequence as the rule
     says."""
@@ -87,10 +110,12 @@ def test_balanced_table_covers_every_page_once(seed):
     lens = rng.integers(0, max_blocks * block_size + 1, b)
     lens[rng.random(b) < 0.2] = 0  # empty sequences
     resident = int(rng.integers(4, 600))
-    table, info = table_of(lens, hk=hk, block_size=block_size, max_blocks=max_blocks, resident=resident)
-    n_pieces = grid_size(b, hk, resident)
-    assert n_pieces == max(-(-resident // hk), b) and table.shape[1] >= n_pieces and info.shape[2] >= b
-    chunk = chosen_chunk(lens, hk=hk, block_size=block_size, max_blocks=max_blocks, resident=resident)
+    table, info = table_of(lens, hk=hk, block_size=block_size, max_blocks=max_blocks, resident=resident, waves=waves)
+    max_steps = max(1, math.ceil(max_blocks * block_size / STEP_TOKENS))
+    n_pieces = grid_size(b, hk, resident, None, waves, max_steps)
+    kw = {"hk": hk, "block_size": block_size, "max_blocks": max_blocks, "resident": resident, "waves": waves}
+    assert n_pieces == grid_of(b, **kw) and table.shape[1] >= n_pieces and info.shape[2] >= b
+    chunk = chosen_chunk(lens, **kw)
     check_table(table, info, lens, hk=hk, block_size=block_size, max_blocks=max_blocks, chunk=chunk,
                 n_pieces=n_pieces)
 
@@ -107,19 +132,26 @@ def test_fixed_splits_cut_the_table_width(num_splits):
 
 
 def test_serving_shapes_at_528_resident_programs():
-    """The H200's 528 resident programs (4 on each of 132 cores), Hk=8, block 16: uniform batches get the splits
-    the table's width gave before pieces (B=32, 16k: two of 128 steps; B=1, 128k: 64 of 32; B=1, 4k: 64 of one;
-    B=128, 4k: one each, two waves), and a long sequence among short ones is cut as finely as one wave allows
-    (one of 128k and 31 of 4k: 64-step pieces, 63 pieces of 8 programs, where 2 splits of the table's width left
-    programs of 1024 steps)."""
-    cases = [([16384] * 32, 1024, 64, 128), ([131072], 8192, 64, 32), ([4096], 256, 64, 1),
-             ([4096] * 128, 256, 128, 64), ([131072] + [4096] * 31, 8192, 63, 64)]
+    """The H200's 528 resident programs (4 on each of 132 cores), Hk=8, block 16, the default two waves of pieces:
+    a uniform batch is cut finer than one wave cuts it where that leaves each sequence one merge block of pieces
+    (B=32, 16k: four of 64 steps, two waves, where one wave gave two of 128); one long sequence (B=1, 128k: 64 of
+    32, one wave; 128 of 16 would leave 128 pieces to merge), a short one (B=1, 4k: 64 of one, the grid of 64
+    pieces: a piece a step) and batches of a wave's programs or more (B=128, 4k and 16k: one piece each) are cut as
+    one wave cuts them; a long sequence among short ones as finely as one wave allows (one of 128k and 31 of 4k:
+    63 pieces of 64 steps, filling 95% of the wave, where 2 splits of the table's width left programs of 1024
+    steps); lengths drawn in 1k-32k, whose one-wave cut fills 76% of the wave (167-step pieces), in two waves
+    (131 pieces of at most 73 steps)."""
+    ragged = list(np.sort(np.random.default_rng(1).integers(1024, 32769, 32))[::-1])  # experiments.ragged_decode
+    cases = [([16384] * 32, 1024, 128, 64), ([131072], 8192, 64, 32), ([4096], 256, 64, 1),
+             ([4096] * 128, 256, 128, 64), ([16384] * 128, 1024, 128, 256), ([131072] + [4096] * 31, 8192, 63, 64),
+             (ragged, 2048, 131, 73)]
     for lens, max_blocks, pieces, chunk in cases:
         table, info = table_of(lens, hk=8, block_size=16, max_blocks=max_blocks)
-        n_pieces = grid_size(len(lens), 8, 528)
+        n_pieces = grid_size(len(lens), 8, 528, None, WAVES, math.ceil(max_blocks / 4))
         used = table[3, :n_pieces] < n_pieces
         assert used.sum() == pieces
         assert ((table[2, :n_pieces][used] - table[1, :n_pieces][used]) // 4).max() == chunk
+        assert chunk == chosen_chunk(lens, hk=8, block_size=16, max_blocks=max_blocks, resident=528)
         check_table(table, info, lens, hk=8, block_size=16, max_blocks=max_blocks, chunk=chunk, n_pieces=n_pieces)
 
 
@@ -159,8 +191,8 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
     rng = np.random.default_rng(7)
     lens = [0, 1, 100, 333, 64, 1000, 0, 17]
     table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24, num_splits=num_splits)
-    o, lse, want = attention_pieces(rng, lens, table, grid_size(len(lens), 2, 24, num_splits), hk=2, block_size=16,
-                                    d=64, rows=8)
+    n_pieces = grid_size(len(lens), 2, 24, num_splits, WAVES, math.ceil(70 / 4))
+    o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=64, rows=8)
     args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
     got = np.asarray(merge_pieces(*args, batch=len(lens), interpret=True))
     ref = np.asarray(merge_pieces_reference(*args, batch=len(lens)))

@@ -76,7 +76,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
-from tqjax.pallas.pieces import grid_size, merge_pieces, piece_table
+from tqjax.pallas.pieces import FILL, WAVES, grid_size, merge_pieces, piece_table
 
 __all__ = [
     "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "flat_pages",
@@ -933,7 +933,8 @@ def flat_pages(words: jax.Array) -> jax.Array:
     return words.reshape(hk, blocks, *copy_shape(block_size, row_words))
 
 
-def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, stages: int, softcap: float | None):
+def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, stages: int, softcap: float | None,
+                waves: int = 1):
     d = cfg.head_dim
     fp8 = cfg.key_format == "fp8"
     qjl = cfg.key_format == "prod"  # 3-bit MSE codes, then the sign sketch's words; a second score product
@@ -1067,184 +1068,192 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
         # KV head h of piece j (tqjax.pallas.pieces.piece_table): pages [first_page, end_page) of sequence b's block
         # table, the partial output to slot work_ref[3, j] * hk + h (a piece index past the pieces: no page)
         h, j = lax.axis_index("h"), lax.axis_index("j")
-        b, first_page = work_ref[0, j], work_ref[1, j]
-        seq_len = lens_ref[b]
-        last_page = (seq_len + block_size - 1) // block_size - 1  # -1: an empty sequence (no table entry read)
-        n_steps = jnp.maximum(work_ref[2, j] - first_page + pps - 1, 0) // pps
 
-        plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
-        plgpu.copy_gmem_to_smem(qinv_ref.at[b, h], qinv_smem, q_bar.at[0])
+        def piece():
+            b, first_page = work_ref[0, j], work_ref[1, j]
+            seq_len = lens_ref[b]
+            last_page = (seq_len + block_size - 1) // block_size - 1  # -1: an empty sequence (no table entry read)
+            n_steps = jnp.maximum(work_ref[2, j] - first_page + pps - 1, 0) // pps
 
-        def pages_of(step):  # the block-table entries of a step's pages (clamped to the last used page)
-            idx = [jnp.minimum(first_page + step * pps + k, jnp.maximum(last_page, 0)) for k in range(pps)]
-            return tuple(jnp.where(last_page < 0, 0, bt_ref[b, i]) for i in idx)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+            plgpu.copy_gmem_to_smem(qinv_ref.at[b, h], qinv_smem, q_bar.at[0])
 
-        def issue(pages, slot):  # every thread is done with the slot (the callers' barriers)
-            # one warp takes the branch: the other three skip the copies' address and predicate arithmetic
-            # (about 150 instructions a step; the copies come from one thread either way)
-            @plgpu.warp_map
-            def _(warp):
-                @pl.when(warp == 0)
-                def _():
-                    for k, page in enumerate(pages):
-                        plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, pl.ds(k * k_rows, k_rows)],
-                                                kw_bar.at[slot])
-                        plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, pl.ds(k * v_rows, v_rows)],
-                                                vw_bar.at[slot])
+            def pages_of(step):  # the block-table entries of a step's pages (clamped to the last used page)
+                idx = [jnp.minimum(first_page + step * pps + k, jnp.maximum(last_page, 0)) for k in range(pps)]
+                return tuple(jnp.where(last_page < 0, 0, bt_ref[b, i]) for i in idx)
 
-        for s in range(stages):
-            @pl.when(s < n_steps)
-            def _(s=s):
-                issue(pages_of(s), s)
+            def issue(pages, slot):  # every thread is done with the slot (the callers' barriers)
+                # one warp takes the branch: the other three skip the copies' address and predicate arithmetic
+                # (about 150 instructions a step; the copies come from one thread either way)
+                @plgpu.warp_map
+                def _(warp):
+                    @pl.when(warp == 0)
+                    def _():
+                        for k, page in enumerate(pages):
+                            plgpu.copy_gmem_to_smem(kc_ref.at[h, page], kw_smem.at[slot, pl.ds(k * k_rows, k_rows)],
+                                                    kw_bar.at[slot])
+                            plgpu.copy_gmem_to_smem(vc_ref.at[h, page], vw_smem.at[slot, pl.ds(k * v_rows, v_rows)],
+                                                    vw_bar.at[slot])
 
-        plgpu.barrier_wait(q_bar.at[0])
-        qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
-        tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
+            for s in range(stages):
+                @pl.when(s < n_steps)
+                def _(s=s):
+                    issue(pages_of(s), s)
 
-        def step_fn(i, carry):
-            # the step's scales (as stored: converted where used) and the page ids of step i + stages were loaded
-            # a step ahead
-            acc, m_i, l_i, z_i, (step_norms, step_values, step_tile), pages = carry
-            # the key tables' words as constants (ptxas moves them in where used). Held in registers across the loop
-            # beside the piece's sequence and first page (loads, not program ids: vector registers), they cost
-            # 3bit_nc and k3p5v4 8-16 registers (136-144: 3 programs a multiprocessor); loaded from global memory
-            # every step, the decode took 10% longer at B=32, 16k (docs/PERFORMANCE.md, "The decode cut by the
-            # lengths")
-            ktab0, ktab1, ktab2, ktab3 = (jnp.int32(w) for w in ktab_words)
-            slot = lax.rem(i, stages)
-            buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
-            vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
-            page0 = first_page + i * pps
-            prefetched = step_words(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
-            next_pages = pages_of(i + stages + 1)
-            plgpu.barrier_wait(kw_bar.at[slot])
-            keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
-            # extra: the QJL residual norms' float16 pairs, or a split key's second norms
-            kn, vm, vz, *extra = row_scalars(step_norms, step_values)
+            plgpu.barrier_wait(q_bar.at[0])
+            qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
+            tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
-            def qk(acc_ref, *acc2_ref):
-                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, kd)], (1, 0)))
-                if split_keys:  # the second segment's tile, into its own sums (converted once the first tile's
-                    # registers are free: overlapping them cost 13-18 registers, 3 programs a multiprocessor)
-                    plgpu.wgmma_wait(0)
-                    keys2 = keys2_f16(kw_smem.at[slot], ktab2, ktab3)
-                    plgpu.wgmma(acc2_ref[0], keys2, plgpu.transpose_ref(q_smem.at[:, pl.ds(kd, kd)], (1, 0)))
-                    return acc_ref[...], acc2_ref[0][...]
-                if qjl:  # the sign sketch times the projected query, into the same sums (the key tile's registers
-                    # are free once its product is done)
-                    plgpu.wgmma_wait(0)
-                    signs = signs_f16(kw_smem.at[slot], extra[0])
-                    plgpu.wgmma(acc_ref, signs, plgpu.transpose_ref(q_smem.at[:, pl.ds(d, d)], (1, 0)))
-                return acc_ref[...]
+            def step_fn(i, carry):
+                # the step's scales (as stored: converted where used) and the page ids of step i + stages were loaded
+                # a step ahead
+                acc, m_i, l_i, z_i, (step_norms, step_values, step_tile), pages = carry
+                # the key tables' words as constants (ptxas moves them in where used). Held in registers across the loop
+                # beside the piece's sequence and first page (loads, not program ids: vector registers), they cost
+                # 3bit_nc and k3p5v4 8-16 registers (136-144: 3 programs a multiprocessor); loaded from global memory
+                # every step, the decode took 10% longer at B=32, 16k (docs/PERFORMANCE.md, "The decode cut by the
+                # lengths")
+                ktab0, ktab1, ktab2, ktab3 = (jnp.int32(w) for w in ktab_words)
+                slot = lax.rem(i, stages)
+                buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
+                vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
+                page0 = first_page + i * pps
+                prefetched = step_words(ks_ref, vs_ref, bt_ref, b, h, page0 + pps, last_page)
+                next_pages = pages_of(i + stages + 1)
+                plgpu.barrier_wait(kw_bar.at[slot])
+                keys = keys_f16(kw_smem.at[slot], ktab0, ktab1)
+                # extra: the QJL residual norms' float16 pairs, or a split key's second norms
+                kn, vm, vz, *extra = row_scalars(step_norms, step_values)
 
-            # the score product waited for before the value words are converted: the keys' registers are free
-            # by then (overlapping them cost 30 registers a thread: 3 programs a multiprocessor instead of 4)
-            s = pl.run_scoped(qk, *[plgpu.ACC((TOKENS, COLS), jnp.float32)] * (2 if split_keys else 1))
+                def qk(acc_ref, *acc2_ref):
+                    plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, kd)], (1, 0)))
+                    if split_keys:  # the second segment's tile, into its own sums (converted once the first tile's
+                        # registers are free: overlapping them cost 13-18 registers, 3 programs a multiprocessor)
+                        plgpu.wgmma_wait(0)
+                        keys2 = keys2_f16(kw_smem.at[slot], ktab2, ktab3)
+                        plgpu.wgmma(acc2_ref[0], keys2, plgpu.transpose_ref(q_smem.at[:, pl.ds(kd, kd)], (1, 0)))
+                        return acc_ref[...], acc2_ref[0][...]
+                    if qjl:  # the sign sketch times the projected query, into the same sums (the key tile's registers
+                        # are free once its product is done)
+                        plgpu.wgmma_wait(0)
+                        signs = signs_f16(kw_smem.at[slot], extra[0])
+                        plgpu.wgmma(acc_ref, signs, plgpu.transpose_ref(q_smem.at[:, pl.ds(d, d)], (1, 0)))
+                    return acc_ref[...]
 
-            def values():
-                plgpu.barrier_wait(vw_bar.at[slot])
-                pow2, centre = tile_pairs(step_tile)
-                store_values(vw_smem.at[slot], v16_smem.at[vbuf], pow2, centre)
+                # the score product waited for before the value words are converted: the keys' registers are free
+                # by then (overlapping them cost 30 registers a thread: 3 programs a multiprocessor instead of 4)
+                s = pl.run_scoped(qk, *[plgpu.ACC((TOKENS, COLS), jnp.float32)] * (2 if split_keys else 1))
 
-            if not single_tile:
-                values()
-            if split_keys:  # each segment's sums times its norm
-                s1, s2 = fold(s[0]), fold(s[1])
-                s = (s1 * lax.broadcast_in_dim(kn, s1.shape, [0]) + s2 * lax.broadcast_in_dim(extra[0], s2.shape, [0])
-                     ) * lax.broadcast_in_dim(qinv, s1.shape, [1])
-            else:
-                s = fold(s)
-                # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
-                s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
-            if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
-                s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
-            s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
+                def values():
+                    plgpu.barrier_wait(vw_bar.at[slot])
+                    pow2, centre = tile_pairs(step_tile)
+                    store_values(vw_smem.at[slot], v16_smem.at[vbuf], pow2, centre)
 
-            def probabilities(m):  # p (at most 2**LAZY_MAX_BITS)
-                return jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [1]))
-
-            def store_probabilities(p):  # as p * scale / 2**e * 2**p_top, high and low parts
-                pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))
-                plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
-
-            if lazy_max:
-                # the probabilities against the running maximum m_i, unless a logit exceeds it by more than
-                # LAZY_MAX_BITS (log2 units: the first step, and wherever the logits climb); then the step takes
-                # the maximum (two barriers more) and stores its probabilities again. Every warp has waited for
-                # step i - 1's value product: the probability tile (and a single value tile) may be overwritten
-                plgpu.barrier_wait(pv_bar[0].at[0])
-                if single_tile:
+                if not single_tile:
                     values()
-                store_probabilities(probabilities(m_i))
-                # every thread's value and probability tiles are stored (and fenced for the tensor cores), and
-                # every thread is done with the slot's words (the next copies may overwrite them); the barrier
-                # votes
-                raise_max = commit_and_vote(s, m_i)
+                if split_keys:  # each segment's sums times its norm
+                    s1, s2 = fold(s[0]), fold(s[1])
+                    s = (s1 * lax.broadcast_in_dim(kn, s1.shape, [0])
+                         + s2 * lax.broadcast_in_dim(extra[0], s2.shape, [0])) * lax.broadcast_in_dim(qinv, s1.shape, [1])
+                else:
+                    s = fold(s)
+                    # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
+                    s = s * lax.broadcast_in_dim(qinv, s.shape, [1]) * lax.broadcast_in_dim(kn, s.shape, [0])
+                if softcap is not None:  # softcap * tanh(s), from exp2 (tanh.approx is only 2**-11 accurate)
+                    s = (softcap * _LOG2E) * (1.0 - 2.0 / (jnp.exp2(s * (2 * _LOG2E)) + 1.0))
+                s = jnp.where(tok_iota + page0 * block_size < seq_len, s, -jnp.inf)
 
-                def raised():
+                def probabilities(m):  # p (at most 2**LAZY_MAX_BITS)
+                    return jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [1]))
+
+                def store_probabilities(p):  # as p * scale / 2**e * 2**p_top, high and low parts
+                    pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))
+                    plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+
+                if lazy_max:
+                    # the probabilities against the running maximum m_i, unless a logit exceeds it by more than
+                    # LAZY_MAX_BITS (log2 units: the first step, and wherever the logits climb); then the step takes
+                    # the maximum (two barriers more) and stores its probabilities again. Every warp has waited for
+                    # step i - 1's value product: the probability tile (and a single value tile) may be overwritten
+                    plgpu.barrier_wait(pv_bar[0].at[0])
+                    if single_tile:
+                        values()
+                    store_probabilities(probabilities(m_i))
+                    # every thread's value and probability tiles are stored (and fenced for the tensor cores), and
+                    # every thread is done with the slot's words (the next copies may overwrite them); the barrier
+                    # votes
+                    raise_max = commit_and_vote(s, m_i)
+
+                    def raised():
+                        m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
+                        store_probabilities(probabilities(m_new))
+                        plgpu.commit_smem()
+                        return m_new
+
+                    m_new = lax.cond(raise_max != 0, raised, lambda: m_i)
+                    p = probabilities(m_new)
+                    alpha = jnp.exp2(m_i - m_new)
+                else:
+                    # the maximum's barrier follows every warp's wait for step i - 1's value product: from here the
+                    # probability tile (and a single value tile) may be overwritten
                     m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
-                    store_probabilities(probabilities(m_new))
-                    plgpu.commit_smem()
-                    return m_new
+                    if single_tile:
+                        values()
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = probabilities(m_new)
+                    store_probabilities(p)
+                    plgpu.commit_smem()  # as above
+                a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
+                l_i = l_i * a2 + p
+                z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
 
-                m_new = lax.cond(raise_max != 0, raised, lambda: m_i)
-                p = probabilities(m_new)
-                alpha = jnp.exp2(m_i - m_new)
-            else:
-                # the maximum's barrier follows every warp's wait for step i - 1's value product: from here the
-                # probability tile (and a single value tile) may be overwritten
-                m_new = jnp.maximum(m_i, column_max(s, red_smem, buf))
-                if single_tile:
-                    values()
-                alpha = jnp.exp2(m_i - m_new)
-                p = probabilities(m_new)
-                store_probabilities(p)
-                plgpu.commit_smem()  # as above
-            a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
-            l_i = l_i * a2 + p
-            z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
+                @pl.when(i + stages < n_steps)
+                def _():
+                    issue(pages, slot)  # from one warp
 
-            @pl.when(i + stages < n_steps)
-            def _():
-                issue(pages, slot)  # from one warp
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[vbuf], (1, 0)),
+                                plgpu.transpose_ref(p_smem, (1, 0)))
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[vbuf], (1, 0)),
-                            plgpu.transpose_ref(p_smem, (1, 0)))
+                # this step's product in its own accumulator, added in float32: accumulating the steps in the
+                # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
+                # round to nearest; tests/test_decode_mgpu.py::test_long_split)
+                step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+                if lazy_max:
+                    # each thread after its warp's wait: complete once every warp's product is
+                    plgpu.barrier_arrive(pv_bar[0].at[0])
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
+                return acc, m_new, l_i, z_i, prefetched, next_pages
 
-            # this step's product in its own accumulator, added in float32: accumulating the steps in the
-            # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not
-            # round to nearest; tests/test_decode_mgpu.py::test_long_split)
-            step_pv = fold_out(pl.run_state(pv)(plgpu.ACC.init(zeros_wide)))  # high + low parts
+            zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
+            zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
+            m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
+            l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
+            first_words = step_words(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
             if lazy_max:
-                # each thread after its warp's wait: complete once every warp's product is
-                plgpu.barrier_arrive(pv_bar[0].at[0])
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + step_pv  # times 2**p_top
-            return acc, m_new, l_i, z_i, prefetched, next_pages
+                plgpu.barrier_arrive(pv_bar[0].at[0])  # for step -1's product
+            carry = (zeros_out, m0, l0, l0, first_words, pages_of(stages))
+            acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
+            # the sums' barriers also order every warp's last value product before the output overwrites the tiles
+            # (a warp's wait for it covers only the warp's own rows)
+            l_sum = column_sum(l_i, red_smem, n_steps % 2)
+            z_sum = column_sum(z_i, red_smem, (n_steps + 1) % 2)
+            acc = acc * 2.0**-value_constants(cfg.value_bits, lazy_max)[1] + lax.broadcast_in_dim(z_sum, acc.shape, [1])
+            l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
+            o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
+            lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
+            lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, HALF), [1])
+            plgpu.commit_smem()
+            out_slot = work_ref[3, j] * hk + h
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[out_slot])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[out_slot])
+            plgpu.wait_smem_to_gmem(0)
 
-        zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
-        zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
-        m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
-        l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
-        first_words = step_words(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
-        if lazy_max:
-            plgpu.barrier_arrive(pv_bar[0].at[0])  # for step -1's product
-        carry = (zeros_out, m0, l0, l0, first_words, pages_of(stages))
-        acc, m_i, l_i, z_i, _, _ = lax.fori_loop(0, n_steps, step_fn, carry)
-        # the sums' barriers also order every warp's last value product before the output overwrites the tiles
-        # (a warp's wait for it covers only the warp's own rows)
-        l_sum = column_sum(l_i, red_smem, n_steps % 2)
-        z_sum = column_sum(z_i, red_smem, (n_steps + 1) % 2)
-        acc = acc * 2.0**-value_constants(cfg.value_bits, lazy_max)[1] + lax.broadcast_in_dim(z_sum, acc.shape, [1])
-        l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
-        o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])
-        lse = jnp.where(l_sum > 0, m_i + jnp.log2(l_safe), -jnp.inf)
-        lse_smem[...] = lax.broadcast_in_dim(lse, (TOKENS, HALF), [1])
-        plgpu.commit_smem()
-        out_slot = work_ref[3, j] * hk + h
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[out_slot])
-        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 8)], lse_ref.at[out_slot])
-        plgpu.wait_smem_to_gmem(0)
+        if waves == 1:  # a piece index past the last piece: no page, the output to the spare slot
+            piece()
+        else:  # several waves of programs: those past the last piece (often most) skip it all
+            # (the pieces in a loop over a wave of programs held 20-30 registers more, 3 programs a multiprocessor)
+            pl.when(work_ref[3, j] < pieces)(piece)
 
     scratch = [
         plgpu.SMEM((COLS, 2 * d if qjl else d), jnp.float16, transforms=_F16_TILE),  # QJL: then the projected
@@ -1394,7 +1403,7 @@ def table_words(config: TurboQuantConfig) -> np.ndarray:
     return np.array(words, np.uint32).view(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages", "resident"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "num_splits", "stages", "resident", "waves", "fill"))
 def paged_decode_mgpu_jit(
     query: jax.Array,
     cache: PagedKVCache,
@@ -1406,6 +1415,8 @@ def paged_decode_mgpu_jit(
     num_splits: int | None,
     stages: int,
     resident: int = 528,
+    waves: int = WAVES,
+    fill: float = FILL,
 ) -> jax.Array:
     """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments; ``resident``:
     :func:`resident_programs`, 528 on the H100 and H200)."""
@@ -1413,13 +1424,16 @@ def paged_decode_mgpu_jit(
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
-    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=block_tables.shape[1],
-                             step_pages=TOKENS // cache.block_size, resident=resident, num_splits=num_splits)
+    waves = 1 if num_splits is not None else waves
+    step_pages, max_blocks = TOKENS // cache.block_size, block_tables.shape[1]
+    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
+                             step_pages=step_pages, resident=resident, num_splits=num_splits, waves=waves, fill=fill)
     q16, qinv = _split_query(tile_query(cfg, query.astype(jnp.float32).reshape(b, hk, g, d)))
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     qinv = qinv * (scale * _LOG2E if softcap is None else scale / softcap)
-    call = _build_call(cfg, hk, cache.block_size, grid_size(b, hk, resident, num_splits), stages, softcap)
+    pieces = grid_size(b, hk, resident, num_splits, waves, -(-max_blocks // step_pages))
+    call = _build_call(cfg, hk, cache.block_size, pieces, stages, softcap, waves)
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)

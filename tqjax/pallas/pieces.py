@@ -50,19 +50,30 @@ from jax.experimental.pallas import triton as pltriton
 __all__ = ["grid_size", "merge_pieces", "merge_pieces_reference", "piece_table", "piece_table_reference"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
+WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
+FILL = 0.9  # one wave's chunk where its pieces fill at least this much of the wave (and the finer one's merge is long)
 
 
-def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None) -> int:
+def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None, waves: int = 1,
+              max_steps: int | None = None) -> int:
     """Sequence pieces the decode's grid holds (each run by ``num_kv_heads`` programs, one a KV head):
-    ``max(ceil(resident / num_kv_heads), batch)``, or ``batch * num_splits`` with a fixed split count."""
+    ``max(waves * ceil(resident / num_kv_heads), batch)`` (``waves`` waves of resident programs, at least a piece a
+    sequence), at most ``batch * max_steps`` (a piece a step of every sequence); ``batch * num_splits`` with a fixed
+    split count."""
     if num_splits is not None:
         return batch * num_splits
-    return max(-(-resident // num_kv_heads), batch)
+    n = max(waves * -(-resident // num_kv_heads), batch)
+    return n if max_steps is None else min(n, batch * max_steps)
 
 
 def _table_shapes(batch: int, num_kv_heads: int, n_pieces: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
     """Shapes of the table [4, pieces rounded up to _PIECE_ROWS] and of info [2, Hk, B rounded up to a power of 2]."""
     return (4, -(-n_pieces // _PIECE_ROWS) * _PIECE_ROWS), (2, num_kv_heads, max(2, pl.next_power_of_2(batch)))
+
+
+def _max_steps(max_blocks: int, step_pages: int) -> int:
+    """Steps of the longest sequence the block table holds."""
+    return max(1, -(-max_blocks // step_pages))
 
 
 def _steps(seq_lens, *, block_size: int, max_blocks: int, step_pages: int):
@@ -96,24 +107,38 @@ def _pieces_of(steps, count, whole, chunk, used, j, *, step_pages: int, n_pieces
             jnp.where(valid, slot, n_pieces))
 
 
+def _fill_rule(steps, coarse, fine, n_wave: int, fill: float):
+    """The chunk from ``coarse`` (the shortest whose pieces fit one wave, ``n_wave`` pieces) and ``fine`` (several
+    waves'): ``coarse`` where its pieces fill at least ``fill`` of the wave's steps (the batch's steps against
+    ``n_wave * coarse``) and ``fine`` cuts a sequence into more than one merge block of pieces, else ``fine``."""
+    filled = jnp.sum(steps).astype(jnp.float32) >= fill * n_wave * coarse.astype(jnp.float32)
+    long_merge = (jnp.max(steps) + fine - 1) // fine > _MERGE_BLOCK
+    return jnp.where(filled & long_merge, coarse, fine)
+
+
 def _table_kernel(lens_ref, table_ref, info_ref, *, batch: int, block_size: int, max_blocks: int, step_pages: int,
-                  n_pieces: int, num_splits: int | None):
+                  n_pieces: int, n_wave: int, num_splits: int | None, fill: float):
     hk, bp = info_ref.shape[1], info_ref.shape[2]
     b_idx = lax.broadcasted_iota(jnp.int32, (bp,), 0)
     lens = pltriton.load(lens_ref.at[pl.ds(0, bp)], mask=b_idx < batch, other=0)
     used, steps = _steps(lens, block_size=block_size, max_blocks=max_blocks, step_pages=step_pages)
-    max_steps = max(1, -(-max_blocks // step_pages))
+    max_steps = _max_steps(max_blocks, step_pages)
     if num_splits is not None:
         chunk = jnp.int32(-(-max_steps // num_splits))
     else:  # the shortest chunk whose pieces fit: bisection (the pieces only fall as the chunk grows)
 
-        def halve(_, lo_hi):
-            lo, hi = lo_hi
-            mid = (lo + hi) // 2
-            fits = jnp.sum((steps + mid - 1) // mid) <= n_pieces
-            return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+        def shortest(limit):
+            def halve(_, lo_hi):
+                lo, hi = lo_hi
+                mid = (lo + hi) // 2
+                fits = jnp.sum((steps + mid - 1) // mid) <= limit
+                return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
 
-        chunk = lax.fori_loop(0, max_steps.bit_length(), halve, (jnp.int32(1), jnp.int32(max_steps)))[1]
+            return lax.fori_loop(0, max_steps.bit_length(), halve, (jnp.int32(1), jnp.int32(max_steps)))[1]
+
+        chunk = shortest(n_wave)
+        if n_pieces > n_wave:
+            chunk = _fill_rule(steps, chunk, shortest(n_pieces), n_wave, fill)
     whole = steps // chunk
     count = whole + (steps % chunk > 0).astype(jnp.int32)
     for j0 in range(0, table_ref.shape[1], _PIECE_ROWS):
@@ -128,9 +153,10 @@ def _table_kernel(lens_ref, table_ref, info_ref, *, batch: int, block_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=("num_kv_heads", "block_size", "max_blocks", "step_pages", "resident",
-                                             "num_splits", "interpret"))
+                                             "num_splits", "waves", "fill", "interpret"))
 def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int, step_pages: int,
-                resident: int, num_splits: int | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                resident: int, num_splits: int | None = None, waves: int = WAVES, fill: float = FILL,
+                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """seq_lens [B] int32 -> (table int32 [4, >= pieces], info int32 [2, Hk, >= B]); ``pieces`` =
     :func:`grid_size`. One program (Triton lowering: CUDA, ROCm, interpret mode).
 
@@ -141,10 +167,12 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
     sequence). ``resident``: programs the device holds at once; ``num_splits``: a fixed split count instead of the
     chunk chosen from the lengths (module docstring). Columns and rows past those are padding."""
     batch = seq_lens.shape[0]
-    n_pieces = grid_size(batch, num_kv_heads, resident, num_splits)
+    n_pieces, n_wave = (grid_size(batch, num_kv_heads, resident, num_splits, w, _max_steps(max_blocks, step_pages))
+                        for w in (waves, 1))
     table_shape, info_shape = _table_shapes(batch, num_kv_heads, n_pieces)
     kernel = functools.partial(_table_kernel, batch=batch, block_size=block_size, max_blocks=max_blocks,
-                               step_pages=step_pages, n_pieces=n_pieces, num_splits=num_splits)
+                               step_pages=step_pages, n_pieces=n_pieces, n_wave=n_wave, num_splits=num_splits,
+                               fill=fill)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32)),
@@ -155,20 +183,24 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
 
 
 def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int,
-                          step_pages: int, resident: int, num_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
+                          step_pages: int, resident: int, num_splits: int | None = None, waves: int = WAVES,
+                          fill: float = FILL) -> tuple[jax.Array, jax.Array]:
     """:func:`piece_table` in plain jnp (every chunk tried at once, not bisected), its padding included."""
     batch, hk = seq_lens.shape[0], num_kv_heads
-    n_pieces = grid_size(batch, hk, resident, num_splits)
+    n_pieces, n_wave = (grid_size(batch, hk, resident, num_splits, w, _max_steps(max_blocks, step_pages))
+                        for w in (waves, 1))
     table_shape, info_shape = _table_shapes(batch, hk, n_pieces)
     lens = jnp.zeros(info_shape[2], jnp.int32).at[:batch].set(seq_lens)
     used, steps = _steps(lens, block_size=block_size, max_blocks=max_blocks, step_pages=step_pages)
-    max_steps = max(1, -(-max_blocks // step_pages))
+    max_steps = _max_steps(max_blocks, step_pages)
     if num_splits is not None:
         chunk = jnp.int32(-(-max_steps // num_splits))
     else:
         c = jnp.arange(1, max_steps + 1, dtype=jnp.int32)
-        fits = jnp.sum((steps[None, :] + c[:, None] - 1) // c[:, None], axis=1) <= n_pieces
-        chunk = c[jnp.argmax(fits)]  # the first that fits (the longest always does: one piece a sequence)
+        pieces = jnp.sum((steps[None, :] + c[:, None] - 1) // c[:, None], axis=1)
+        chunk = c[jnp.argmax(pieces <= n_wave)]  # the first that fits (the longest always does: one piece a sequence)
+        if n_pieces > n_wave:
+            chunk = _fill_rule(steps, chunk, c[jnp.argmax(pieces <= n_pieces)], n_wave, fill)
     whole = steps // chunk
     count = whole + (steps % chunk > 0).astype(jnp.int32)
     j = jnp.arange(table_shape[1], dtype=jnp.int32)
