@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,21 +17,30 @@ from tqjax.pallas.decode import paged_decode
 from tqjax.reference import paged_decode_reference, store_jit
 
 
+def random_cache(cfg: tqjax.TurboQuantConfig, pages: int, block_size: int, hk: int, seed: int) -> tqjax.PagedKVCache:
+    """A cache of ``pages`` blocks, every slot holding random normal K/V (bfloat16, made on the device 65536 tokens at
+    a time, chunk i from key ``seed + i``) stored through the reference store. Made on the device: host random
+    numbers for the 70001-page caches of a wide table took most of a 600 s device call (twenty-third session)."""
+    cache = tqjax.PagedKVCache.allocate(cfg, pages, block_size, hk)
+    chunk = 65536
+    for i, start in enumerate(range(0, pages * block_size, chunk)):
+        n = min(chunk, pages * block_size - start)
+        k1, k2 = jax.random.split(jax.random.key(seed + i))
+        k = jax.random.normal(k1, (n, hk, cfg.head_dim), jnp.bfloat16)
+        v = jax.random.normal(k2, (n, hk, cfg.head_dim), jnp.bfloat16)
+        cache = store_jit(cache, k, v, jnp.arange(start, start + n, dtype=jnp.int32))
+    return cache
+
+
 def build(name, b, ctx, hq, hk, d, bs, rng, pages=None):
-    """A cache of ``pages`` blocks (default: B x ceil(ctx / bs)) filled with random K/V through the store, block
-    tables [B, ceil(ctx / bs)] of distinct random pages, seq_lens all ``ctx``."""
+    """A cache of ``pages`` blocks (default: B x ceil(ctx / bs)) filled with random K/V (:func:`random_cache`, its
+    seed drawn from ``rng``), block tables [B, ceil(ctx / bs)] of distinct random pages, seq_lens all ``ctx``."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, d)
     mb = -(-ctx // bs)
     nb = b * mb if pages is None else pages
     if nb < b * mb:
         raise ValueError(f"pages={pages}: fewer than the B x ceil(ctx / bs) = {b * mb} the block tables need")
-    cache = tqjax.PagedKVCache.allocate(cfg, nb, bs, hk)
-    chunk = 65536
-    for s in range(0, nb * bs, chunk):
-        n = min(chunk, nb * bs - s)
-        k = jnp.asarray(rng.standard_normal((n, hk, d)), jnp.bfloat16)
-        v = jnp.asarray(rng.standard_normal((n, hk, d)), jnp.bfloat16)
-        cache = store_jit(cache, k, v, jnp.arange(s, s + n, dtype=jnp.int32))
+    cache = random_cache(cfg, nb, bs, hk, seed=int(rng.integers(1 << 30)))
     bt = jnp.asarray(rng.permutation(nb)[:b * mb].reshape(b, mb).astype(np.int32))
     lens = jnp.full((b,), ctx, jnp.int32)
     return cfg, cache, bt, lens

@@ -38,7 +38,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
   next pages' ids are loaded from global memory a step ahead;
 - the grid is ``(Hk, pieces)``: the work is cut by the sequences' lengths on the device (:mod:`tqjax.pallas.pieces`:
-  a piece of a sequence a program, its partial output merged with the others' by their log-sum-exps).
+  a piece of a sequence a program, its partial output merged with the others' by their log-sum-exps; programs past
+  the last piece skip the body).
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
@@ -1154,7 +1155,8 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                 if split_keys:  # each segment's sums times its norm
                     s1, s2 = fold(s[0]), fold(s[1])
                     s = (s1 * lax.broadcast_in_dim(kn, s1.shape, [0])
-                         + s2 * lax.broadcast_in_dim(extra[0], s2.shape, [0])) * lax.broadcast_in_dim(qinv, s1.shape, [1])
+                         + s2 * lax.broadcast_in_dim(extra[0], s2.shape, [0])
+                         ) * lax.broadcast_in_dim(qinv, s1.shape, [1])
                 else:
                     s = fold(s)
                     # the query's inverse powers of 2 carry the logit scale (and log2(e) without a softcap)
@@ -1335,8 +1337,8 @@ def paged_decode_mgpu(
     """query [B, Hq, D] -> [B, Hq, D] (query's dtype); the cache, block tables [B, max_blocks] int32 and
     seq_lens [B] int32 as :func:`tqjax.pallas.decode.paged_decode` takes them; ``scale`` (default
     1/sqrt(D)) and ``softcap`` as the reference's. The work is cut into pieces by the sequences' lengths
-    (:mod:`tqjax.pallas.pieces`: one program a piece, as many programs as the device holds, merged by their
-    log-sum-exps); ``num_splits`` instead cuts each sequence's block table into that many equal parts.
+    (:mod:`tqjax.pallas.pieces`: one program a piece, up to two waves of the programs the device holds, merged by
+    their log-sum-exps); ``num_splits`` instead cuts each sequence's block table into that many equal parts.
     ``stages``: 64-token steps of page copies in flight.
 
     Raises NotImplementedError for a cache this kernel does not read (:func:`unsupported`) and

@@ -12,11 +12,17 @@ jitted step, where the lengths are known:
 - each sequence is cut into pieces of ``chunk`` steps of ``step_pages`` pages (64 tokens), the last piece
   shorter; a piece is read by Hk programs, one a KV head (grid ``(Hk, pieces)``, the head from the program id:
   ptxas keeps it in a uniform register);
-- the grid is static: ``max(ceil(resident / Hk), B)`` pieces (one wave of the programs the device holds at once,
-  or one piece a sequence), ``B * S`` with a fixed split count S;
-- ``chunk`` is the shortest whose pieces fit the grid (the finest cut that one wave holds; for equal lengths the
-  split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32); with S
-  given, ``ceil(max_steps / S)`` (the table's width cut in S);
+- the grid is static: ``max(WAVES * ceil(resident / Hk), B)`` pieces (:data:`WAVES` = 2 waves of the programs
+  the device holds at once, or one piece a sequence), at most ``B * max_steps`` (a piece a step of every
+  sequence: B=1, 4k, 64 pieces), ``B * S`` with a fixed split count S; programs past the last piece skip the
+  whole kernel body (a wave of them costs 3-5 us, below);
+- ``chunk`` is the shortest whose pieces fit one wave (``max(ceil(resident / Hk), B)`` pieces: for equal lengths
+  the split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32), unless
+  the shortest whose pieces fit the whole grid is taken: where one wave's pieces fill less than :data:`FILL` of
+  the wave (ragged lengths: their last pieces are short; then the block scheduler balances the finer pieces), or
+  where that finer cut leaves no sequence more than one merge block (8) of pieces (B=32, 16k: 4 of 64 steps;
+  a sequence of many pieces keeps the one-wave cut: the merge's longest program bounds the merge); with S given,
+  ``ceil(max_steps / S)`` (the table's width cut in S);
 - piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, so that the block
   scheduler starts the long ones first; piece indices past the last piece read nothing (their table column is
   ``(0, 0, 0, pieces)``);
@@ -25,8 +31,18 @@ jitted step, where the lengths are known:
   ones'. :func:`merge_pieces` combines each (sequence, KV head)'s slots by their log-sum-exps, in slot order
   (deterministic: no atomics).
 
-Measured (H200, ``4bit_nc``, B=32, docs/data/decode_mgpu_pieces_h200_2026-11-30_s24.log, against the table's
-splits in the same calls; calls A and B, revisions before the last): 128k + 31 x 4k 227.4-228.6 us against
+Measured, two waves (H200, ``4bit_nc``, B=32, docs/data/decode_mgpu_waves_h200_2026-11-30_s25.log, call 3, against
+one wave in turns): lengths in 1k-32k 370.1 us against 421.2; in 0.5k-16k 220.5 against 234.3; log-normal around 4k
+125.8 against 128.8; 16k tokens in 16k-wide tables 329.2 against 331.4; where the one-wave cut stays, the skipped
+programs' wave costs 3-5 us (7.9k in 128k-wide tables 187.2 against 184.0; 128k + 31 x 4k 213.2 against 208.5); B=1,
+4k: the same (43.6 and 43.8 us a step in a jitted loop: 64 pieces either way). Four waves cut finer still (1k-32k
+344.0 us against 413.2 for one wave, call 2) but their three skipped waves cost 12.7 us on the uniform batch
+(programs running the body to no page: 32.5 us). At B=128, 16k, two pieces a sequence (a grid of 2 * B) took 1231.1
+us against 1192.9 for one: the grid is ``max(2 * ceil(resident / Hk), B)``, which keeps one piece a sequence there
+(not timed in that form).
+
+Measured, one wave (H200, ``4bit_nc``, B=32, docs/data/decode_mgpu_pieces_h200_2026-11-30_s24.log, against the
+table's splits in the same calls; calls A and B, revisions before the last): 128k + 31 x 4k 227.4-228.6 us against
 1096.9-1115.3; 16.8k tokens in 32k-wide tables 368.0-374.0 against 609.0-613.3; 7.9k in 128k-wide tables
 202.8-205.7 against 315.5-321.5; lengths drawn in 1k-32k 452.6-453.8 against 529.5-536.8 (16 fixed splits took
 353.7 there: one wave of pieces is not the best cut for every batch). The cost, two more launches a step (the
