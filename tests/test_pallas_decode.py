@@ -280,6 +280,32 @@ def test_bad_arguments():
     for lookup in ("poly_fma", "prmt"):
         with pytest.raises(ValueError, match="PTX"):
             paged_decode(q, cache, tables, lens, lookup=lookup, interpret=True)
+    with pytest.raises(ValueError, match="cut must be one of"):
+        paged_decode(q, cache, tables, lens, cut="diagonal", interpret=INTERPRET)
+    with pytest.raises(ValueError, match="not with cut='lengths'"):
+        paged_decode(q, cache, tables, lens, cut="lengths", num_splits=2, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="by the lengths unless num_splits"):
+        paged_decode(q, cache, tables, lens, cut="width", implementation="mosaic")
+
+
+@pytest.mark.parametrize("name,dot_mode,group,block_size,block_tokens", [
+    ("turboquant_4bit_nc", "mma_t", 4, 16, 64),
+    ("turboquant_k8v4", "mma", 8, 32, 32),
+    ("turboquant_kqjl3v4", "fma", 2, 16, 32),
+    ("turboquant_k3p5v4", "mma_t", 1, 64, 64),
+])
+def test_lengths_cut_matches_reference(name, dot_mode, group, block_size, block_tokens):
+    """cut="lengths" (pieces by the sequences' lengths, tqjax.pallas.pieces): a ragged batch with empty sequences
+    in block tables twice as wide as the longest (garbage past every sequence) gives the reference's output, and
+    the jitted step holds the table and merge kernels (the cut is not silently the width's)."""
+    q, cache, tables, lens = make_case(name, head_dim=128, block_size=block_size, hk=2, group=group,
+                                       lens=[0, 700, 1, 64, 333, 0, 129], seed=group + block_size)
+    tables = jnp.concatenate([tables, jnp.full_like(tables, 2**30)], axis=1)
+    check(q, cache, tables, lens, cut="lengths", dot_mode=dot_mode, block_tokens=block_tokens,
+          lookup="poly" if INTERPRET or dot_mode == "fma" else None)
+    step = jax.make_jaxpr(lambda q: paged_decode(q, cache, tables, lens, interpret=INTERPRET, implementation="triton",
+                                                 cut="lengths", dot_mode=dot_mode))(q)
+    assert "tq_piece_table" in str(step) and "tq_merge_pieces" in str(step)
 
 
 def test_ptx_lookup_is_the_cuda_default_only(monkeypatch):
@@ -340,14 +366,14 @@ def _lowering_case(name):
     return (jnp.zeros((2, 8, 128), jnp.bfloat16), cache, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 100, jnp.int32))
 
 
-def _lowers(platform, name, **kw):
+def _lowers(platform, name, num_splits=2, **kw):
     """Whether ``_paged_decode(**kw)`` for ``name`` passes the Pallas Triton lowering for ``platform``
     (export, so it runs on the CPU, no GPU needed)."""
     from tqjax.pallas import decode
 
     def f(q, cache, tables, lens):
-        return decode._paged_decode(q, cache, tables, lens, scale=0.1, softcap=None, num_splits=2, block_tokens=32,
-                                    num_warps=4, interpret=False, **kw)
+        return decode._paged_decode(q, cache, tables, lens, scale=0.1, softcap=None, num_splits=num_splits,
+                                    block_tokens=32, num_warps=4, interpret=False, **kw)
 
     exported = jax.export.export(
         jax.jit(f), platforms=[platform],
@@ -374,3 +400,14 @@ def test_lowers_to_triton_for_cuda(name, dot_mode):
     assert _lowers("cuda", name, num_stages=2, lookup="poly" if dot_mode == "fma" else "poly_fma",
                    dot_mode=dot_mode if dot_mode in ("mma_t", "fma") else "mma",
                    precision=SPLIT_QUERY if dot_mode == "mma_tf32" else SPLIT_F16)
+
+
+@pytest.mark.parametrize("platform,lookup,dot_mode", [("cuda", "poly_fma", "mma_t"), ("cuda", "poly", "fma"),
+                                                      ("rocm", "poly", "mma")])
+def test_lengths_cut_lowers_to_triton(platform, lookup, dot_mode):
+    """The pieces' decode (whole query and output refs indexed by the table's sequence and slot) passes the Pallas
+    Triton lowering: one indexer a load, the ref views Triton refuses avoided."""
+    from tqjax.pallas.decode import SPLIT_F16
+
+    assert _lowers(platform, "turboquant_kqjl3v4", num_splits=None, num_stages=1, lookup=lookup, dot_mode=dot_mode,
+                   precision=SPLIT_F16, resident=264)

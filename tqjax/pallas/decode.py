@@ -35,6 +35,7 @@ from tqjax.codec import key_codec
 from tqjax.config import KeySegment, TurboQuantConfig
 from tqjax.layout import PagedKVCache
 from tqjax.packing import WORD_BITS, bit_fields
+from tqjax.pallas.pieces import WAVES, grid_size, merge_pieces, piece_table
 from tqjax.pallas.tuning import decode_params
 from tqjax.platform import detect_platform
 from tqjax.quantizers import tf32_table
@@ -376,11 +377,15 @@ def _decode_kernel(
     o_ref,  # [Gp, D] float32, normalised within the split
     lse_ref,  # [Gp] float32, log-sum-exp of the split (-inf if empty)
     *,
+    b,  # the sequence
+    first_page,  # this program's pages of its block-table row: [first_page, end_page), end_page <= its used pages
+    end_page,
+    q_lead: tuple = (),  # indices before the (b, h) slice's in the query refs (whole refs: (b, h))
+    o_lead: tuple = (),  # and in the output refs (whole refs: the program's slot)
     config: TurboQuantConfig,
     segments: tuple[KeySegment, ...],
     q_offsets: tuple[int, ...],
     lookups: tuple[CentroidLookup | None, ...],
-    pages_per_split: int,
     pages_per_chunk: int,
     scale: float,
     softcap: float | None,
@@ -389,10 +394,8 @@ def _decode_kernel(
     precision,
     interpret: bool,
 ):
-    b = pl.program_id(0)
-    split = pl.program_id(2)
     block_size = key_codes_ref.shape[1]
-    gp = o_ref.shape[0]
+    gp = o_ref.shape[len(o_lead)]
     d = config.head_dim
     t = pages_per_chunk * block_size
     qjl_scale = math.sqrt(math.pi / 2) / d
@@ -400,9 +403,6 @@ def _decode_kernel(
     opd = jnp.float16 if f16 else jnp.float32  # operand dtype of the key and value tiles
 
     seq_len = seq_lens_ref[b]
-    used_pages = (seq_len + block_size - 1) // block_size
-    first_page = split * pages_per_split
-    end_page = jnp.minimum(first_page + pages_per_split, used_pages)
     n_chunks = jnp.maximum(end_page - first_page + pages_per_chunk - 1, 0) // pages_per_chunk
 
     def score_terms(pages, valid):
@@ -480,7 +480,7 @@ def _decode_kernel(
         split_prec = half if f16 else tf32
         tr = dot_mode == "mma_t"
         tok_axis = 0 if tr else 1  # the token axis of logits and probabilities
-        q_inv = q_inv_ref[...] if f16 else None  # [Gp, 1] ([1, Gp] with "mma_t")
+        q_inv = q_inv_ref[(*q_lead, ...)] if f16 else None  # [Gp, 1] ([1, Gp] with "mma_t")
 
         def per_token(x):  # [T] -> broadcastable along the token axis
             return x[:, None] if tr else x[None, :]
@@ -495,8 +495,8 @@ def _decode_kernel(
 
             def times(qref, prec):
                 if tr:  # kvec @ q^T: the query part is stored transposed, [Dq, Gp]
-                    return mm(kvec, qref[cols, :], ((1,), (0,)), prec)
-                return mm(qref[:, cols], kvec, ((1,), (1,)), prec)
+                    return mm(kvec, qref[(*q_lead, cols, pl.ds(0, gp))], ((1,), (0,)), prec)
+                return mm(qref[(*q_lead, pl.ds(0, gp), cols)], kvec, ((1,), (1,)), prec)
 
             if q_lo_ref is None:
                 return times(q_ref, precision)
@@ -547,8 +547,8 @@ def _decode_kernel(
         )
         acc, m, l = jax.lax.fori_loop(0, n_chunks, body, init)
         l_safe = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = (acc / l_safe).T if tr else acc / l_safe
-        lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(gp)
+        o_ref[(*o_lead, ...)] = (acc / l_safe).T if tr else acc / l_safe
+        lse_ref[(*o_lead, ...)] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(gp)
     else:
         # CUDA-core float32: each query head of the group keeps its own row of state.
         def body(i, carry):
@@ -558,7 +558,7 @@ def _decode_kernel(
             for g, (acc, m_prev, l_prev) in enumerate(carry):
                 logits = jnp.zeros((t,), jnp.float32)
                 for off, kvec, factor in terms:
-                    qg = q_ref[g, pl.ds(off, kvec.shape[1])]
+                    qg = q_ref[(*q_lead, g, pl.ds(off, kvec.shape[1]))]
                     sc = jnp.sum(qg[None, :] * kvec, axis=1)
                     logits += sc if factor is None else sc * factor
                 p, alpha, m_next, l_next = softmax_step(finish_logits(logits, valid), m_prev, l_prev)
@@ -572,8 +572,32 @@ def _decode_kernel(
         )
         for g, (acc, m, l) in enumerate(jax.lax.fori_loop(0, n_chunks, body, init)):
             l_safe = jnp.where(l > 0, l, 1.0)
-            o_ref[g, :] = acc / l_safe
-            lse_ref[pl.ds(g, 1)] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+            o_ref[(*o_lead, g, slice(None))] = acc / l_safe
+            lse_ref[(*o_lead, pl.ds(g, 1))] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _split_kernel(block_tables_ref, seq_lens_ref, *refs, pages_per_split: int, **kw):
+    """Program (b, h, split) of :func:`split_kv_call`: pages ``[split * pages_per_split, ...)`` of sequence b (its
+    block table's width cut in equal splits), through :func:`_decode_kernel` (``refs``: its query, cache and output
+    refs, the (b, h) slices)."""
+    b, split = pl.program_id(0), pl.program_id(2)
+    block_size = refs[3].shape[1]  # key_codes [NB, BS, Wk]
+    used_pages = (seq_lens_ref[b] + block_size - 1) // block_size
+    first_page = split * pages_per_split
+    _decode_kernel(block_tables_ref, seq_lens_ref, *refs, b=b, first_page=first_page,
+                   end_page=jnp.minimum(first_page + pages_per_split, used_pages), **kw)
+
+
+def _piece_kernel(work_ref, block_tables_ref, seq_lens_ref, q_ref, q_lo_ref, q_inv_ref, *refs, **kw):
+    """Program (h, j) of :func:`pieces_call`: KV head h of piece j of :func:`tqjax.pallas.pieces.piece_table`
+    (pages ``[first, end)`` of sequence b, output slot ``slot * Hk + h``; a piece index past the last piece reads
+    no page and writes the spare slot), through :func:`_decode_kernel` (the query refs [B, Hk, ...] and the outputs
+    [slots, ...] whole, indexed here; the cache refs head h's)."""
+    h, j = pl.program_id(0), pl.program_id(1)
+    b, hk = work_ref[0, j], q_ref.shape[1]
+    # indexed in each access, not as ref views: the Triton lowering takes one indexer a load
+    _decode_kernel(block_tables_ref, seq_lens_ref, q_ref, q_lo_ref, q_inv_ref, *refs, b=b, first_page=work_ref[1, j],
+                   end_page=work_ref[2, j], q_lead=(b, h), o_lead=(work_ref[3, j] * hk + h,), **kw)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, pages_per_chunk: int, num_cores: int) -> int:
@@ -593,13 +617,15 @@ def _device_cores() -> int:
     jax.jit,
     static_argnames=(
         "scale", "softcap", "num_splits", "block_tokens", "num_warps", "num_stages", "lookup", "dot_mode",
-        "interpret", "precision",
+        "interpret", "precision", "resident",
     ),
 )
 def _paged_decode(
     query, cache, block_tables, seq_lens, *, scale, softcap, num_splits, block_tokens, num_warps, num_stages,
-    lookup, dot_mode, interpret, precision,
+    lookup, dot_mode, interpret, precision, resident=None,
 ):
+    """``num_splits`` S: the table's width cut in S (:func:`split_kv_call`); None: the work cut by the lengths
+    (:mod:`tqjax.pallas.pieces`, ``resident`` programs a wave; :func:`pieces_call`)."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
@@ -608,7 +634,6 @@ def _paged_decode(
     gp = max(min_rows, pl.next_power_of_2(g))
     max_blocks = block_tables.shape[1]
     pages_per_chunk = max(1, block_tokens // cache.block_size)
-    pages_per_split = -(-max_blocks // num_splits)
 
     codec = key_codec(cfg)
     segments = cfg.key_segments
@@ -631,28 +656,25 @@ def _paged_decode(
     if dot_mode == "mma_t":  # the kernel reads the query parts transposed: [Dq, Gp] per (b, h)
         qcat, q_lo, q_inv = (None if x is None else jnp.swapaxes(x, -1, -2) for x in (qcat, q_lo, q_inv))
 
-    kernel = functools.partial(
-        _decode_kernel,
-        config=cfg,
-        segments=segments,
-        q_offsets=q_offsets,
-        lookups=lookups,
-        pages_per_split=pages_per_split,
-        pages_per_chunk=pages_per_chunk,
-        scale=scale,
-        softcap=softcap,
-        num_heads=g,
-        dot_mode=dot_mode,
-        precision=precision,
-        interpret=interpret,
-    )
-    o, lse = split_kv_call(
-        kernel, block_tables, seq_lens, [qcat, q_lo, q_inv],
-        [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales],
-        num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name=f"tq_decode_{cfg.name}", rows=gp,
-    )
-    return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+    static = {"config": cfg, "segments": segments, "q_offsets": q_offsets, "lookups": lookups,
+              "pages_per_chunk": pages_per_chunk, "scale": scale, "softcap": softcap, "num_heads": g,
+              "dot_mode": dot_mode, "precision": precision, "interpret": interpret}
+    queries = [qcat, q_lo, q_inv]
+    cache_arrays = [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales]
+    launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
+              "name": f"tq_decode_{cfg.name}", "rows": gp}
+    if num_splits is not None:
+        kernel = functools.partial(_split_kernel, pages_per_split=-(-max_blocks // num_splits), **static)
+        o, lse = split_kv_call(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
+        return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
+                             step_pages=pages_per_chunk, resident=resident, interpret=interpret)
+    n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
+    o, lse = pieces_call(functools.partial(_piece_kernel, **static), work, block_tables, seq_lens, queries,
+                         cache_arrays, n_pieces=n_pieces, **launch)
+    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
+    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
+    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, gp, d)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
 def split_kv_call(
@@ -698,6 +720,40 @@ def split_kv_call(
     )(block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32), *queries, *cache_arrays)
 
 
+def pieces_call(
+    kernel, work: jax.Array, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
+    n_pieces: int, out_dim: int, num_warps: int, num_stages: int, interpret: bool, name: str, rows: int,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`split_kv_call`'s launch for work cut by the lengths: one program per (KV head h, piece j) of ``work``
+    (:func:`tqjax.pallas.pieces.piece_table`'s table [4, >= n_pieces] int32), the kernel's refs in the order work,
+    block_tables, seq_lens, ``queries`` (each [B, Hk, ...], whole: the program's sequence comes from the table;
+    None entries stay None refs), ``cache_arrays`` (head h's slice). Returns each slot's output
+    [(n_pieces + 1) * Hk, rows, out_dim] float32 (normalised within the piece; piece slot s of head h at
+    ``s * Hk + h``, the last Hk rows the spare slot of piece indices past the last piece) and its natural
+    log-sum-exp [(n_pieces + 1) * Hk, rows] float32, for :func:`tqjax.pallas.pieces.merge_pieces`."""
+    hk = queries[0].shape[1]
+    slots = (n_pieces + 1) * hk
+
+    def whole(a):
+        return None if a is None else pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
+
+    def per_head(a):
+        return None if a is None else pl.BlockSpec((None,) + a.shape[1:], lambda i, j: (i,) + (0,) * (a.ndim - 1))
+
+    o_shape, lse_shape = (slots, rows, out_dim), (slots, rows)
+    return pl.pallas_call(
+        kernel,
+        grid=(hk, n_pieces),
+        in_specs=[whole(work), whole(block_tables), whole(seq_lens)] + [whole(q) for q in queries]
+        + [per_head(a) for a in cache_arrays],
+        out_specs=[pl.BlockSpec(o_shape, lambda i, j: (0, 0, 0)), pl.BlockSpec(lse_shape, lambda i, j: (0, 0))],
+        out_shape=[jax.ShapeDtypeStruct(o_shape, jnp.float32), jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=name,
+    )(work, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32), *queries, *cache_arrays)
+
+
 def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
     """Log-sum-exp merge of split-KV partial results: ``o`` [S, ...rows, D] (each split's output,
     normalised within the split), ``lse`` [S, ...rows] (-inf for an empty split) -> [...rows, D]
@@ -714,6 +770,7 @@ _PTX_LOOKUPS = ("poly_fma", "prmt")  # inline PTX: compiled CUDA kernels only
 SPLIT_QUERY = "split_query"  # tensor-core products on tf32 hi + lo operands (see paged_decode)
 SPLIT_F16 = "split_f16"  # tensor-core products on float16 operands, the default (see paged_decode)
 DOT_MODES = ("mma", "mma_t", "fma")
+CUTS = ("lengths", "width")  # the work across programs: pieces by the sequences' lengths, or splits of the width
 
 
 #: The kernels behind :func:`paged_decode`.
@@ -749,6 +806,7 @@ def paged_decode(
     interpret: bool = False,
     precision=None,
     implementation: str | None = None,
+    cut: str | None = None,
 ) -> jax.Array:
     """Pallas paged decode; same contract as :func:`tqjax.reference.paged_decode_reference`.
 
@@ -758,6 +816,10 @@ def paged_decode(
     :func:`tqjax.pallas.decode_mgpu.unsupported`; it takes ``num_splits`` only); None:
     :func:`choose_implementation`, which takes "mosaic" where it runs and no Triton tuning argument
     is given, else "triton".
+    ``cut`` (:data:`CUTS`) how the work is split across programs: "lengths", in pieces cut by the sequences'
+    lengths on the device (:mod:`tqjax.pallas.pieces`; the Mosaic decode's only cut without ``num_splits``);
+    "width", each sequence's block table cut in ``num_splits`` equal splits; None: "width" where ``num_splits`` is
+    given, else the tuned cut (Triton: "width" until measured otherwise; Mosaic: "lengths").
     Tuning (static; None takes :func:`tqjax.pallas.tuning.decode_params`, measured per device kind
     and preset): ``num_splits`` (None: from batch, heads and the device's core count),
     ``block_tokens`` (tokens per inner step; at least one block), ``num_warps``, ``num_stages``,
@@ -778,6 +840,10 @@ def paged_decode(
     ``DotAlgorithmPreset.TF32_TF32_F32_X3``) and the tf32 split for the values.
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
+    if cut not in CUTS + (None,):
+        raise ValueError(f"cut must be one of {CUTS} or None, got {cut!r}")
+    if cut == "lengths" and num_splits is not None:
+        raise ValueError(f"num_splits={num_splits} cuts the block tables' width: not with cut='lengths'")
     triton_args = {"block_tokens": block_tokens, "num_warps": num_warps, "num_stages": num_stages, "lookup": lookup,
                    "dot_mode": dot_mode, "precision": precision}
     if implementation is None:
@@ -789,6 +855,8 @@ def paged_decode(
         given = [k for k, v in triton_args.items() if v is not None] + (["interpret"] if interpret else [])
         if given:
             raise ValueError(f"the Mosaic GPU decode takes num_splits only, not {given}")
+        if cut == "width" and num_splits is None:
+            raise ValueError("the Mosaic GPU decode cuts the work by the lengths unless num_splits is given")
         from tqjax.pallas.decode_mgpu import paged_decode_mgpu_unchecked
 
         return paged_decode_mgpu_unchecked(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
@@ -812,12 +880,16 @@ def paged_decode(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     b, max_blocks = block_tables.shape
     pages_per_chunk = block_tokens // cache.block_size
-    if num_splits is None:
+    cut = ("width" if num_splits is not None else tuned["cut"]) if cut is None else cut
+    resident = None
+    if cut == "lengths":  # a wave: the programs choose_num_splits aims at
+        resident = 2 * _device_cores()
+    elif num_splits is None:
         num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
     if precision is None:
         precision = SPLIT_F16
     return _paged_decode(
         query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=num_splits,
         block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
-        dot_mode=dot_mode, interpret=interpret, precision=precision,
+        dot_mode=dot_mode, interpret=interpret, precision=precision, resident=resident,
     )

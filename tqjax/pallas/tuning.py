@@ -31,10 +31,13 @@ from tqjax.platform import Platform, detect_platform
 # k3v4_nc 895 against 941 (docs/data/decode_probe_prmt_h200_2026-11-30.log); kqjl4v4 1222 against 1299,
 # kqjl3v4 1071 against 1090, k2p5v4 817 against 813 (decode_probe_prmt_rest_h200_2026-11-30.log); k3p5v4
 # not compared (its 4- and 3-bit segments are as the ones above).
+# Cut: "width" (each block table cut in choose_num_splits equal splits) everywhere until the Triton kernel's pieces
+# by the lengths (tqjax.pallas.pieces, the Mosaic decode's cut: 1.2-4.8x faster on ragged batches and wide tables,
+# docs/PERFORMANCE.md) are timed on a GPU; "lengths" takes them.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="prmt", dot_mode="mma_t"),
-    "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma"),
-    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t"),
+    "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="prmt", dot_mode="mma_t", cut="width"),
+    "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma", cut="width"),
+    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t", cut="width"),
 }
 # The store is straight-line code per tile (no loop to pipeline): one stage everywhere. Tiles of 32 tokens
 # (tqjax.pallas.store.DEFAULT_BLOCK_TOKENS) with 4 warps were the fastest or tied of the four launches
