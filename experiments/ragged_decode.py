@@ -3,7 +3,10 @@ cut in pieces by the lengths (``tqjax.pallas.pieces``, the default) against fixe
 width, pieces for other numbers of waves, and optionally other versions of the module.
 
     python -m experiments.ragged_decode [--presets 4bit_nc 3bit_nc] [--splits 2,16] [--waves 1,4] [--against old.py]
-        [--cases "16k in a 16k table;128k + 31 x 4k"] [--repeats 3]
+        [--triton] [--cases "16k in a 16k table;128k + 31 x 4k"] [--repeats 3]
+
+``--triton`` adds the Triton decode (the path of ROCm and other CUDA GPUs) with its two cuts, ``cut="width"``
+(splits of the table's width, its tuned default) and ``cut="lengths"`` (the pieces).
 
 Cases (Hq=32, Hk=8, D=128, block 16; B=32 unless the label says): 16k tokens each in a 16k-wide table; the same
 total in 32k- and 128k-wide tables (a server's tables sized for its longest context); 32 lengths drawn between 1k
@@ -36,6 +39,7 @@ from experiments.timing import (
     time_fn,
 )
 from tqjax.pallas import decode_mgpu, pieces
+from tqjax.pallas.decode import paged_decode
 
 B, HQ, HK, D, BS = 32, 32, 8, 128, 16
 
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--splits", default="2,16", help="comma-separated fixed split counts timed beside the pieces")
     ap.add_argument("--waves", default="", help="comma-separated waves of pieces timed beside the default "
                     f"({pieces.WAVES})")
+    ap.add_argument("--triton", action="store_true", help="also the Triton decode, cut by the width and by the lengths")
     ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated), at their defaults")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cases", default="", help="semicolon-separated case labels to run (default: every case)")
@@ -111,6 +116,9 @@ def main(argv=None) -> None:
                         for s in args.splits.split(",") if s}
             kernels |= {f"waves={w}": functools.partial(waves_decode, waves=int(w)) for w in args.waves.split(",") if w}
             kernels |= {f"{other} default": mod.paged_decode_mgpu for other, mod in others.items()}
+            if args.triton:
+                kernels |= {f"triton {cut}": functools.partial(paged_decode, implementation="triton", cut=cut)
+                            for cut in ("width", "lengths")}
             fns, first = {}, None
             for kernel, decode in kernels.items():
                 f = jax.jit(functools.partial(decode, cache=cache, block_tables=tables, seq_lens=lens))
