@@ -8,6 +8,7 @@ each sequence, and the batches are ragged with an empty sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -234,6 +235,29 @@ def test_flash_decode_matches_reference(name, hk, group, d, bs, qdtype, softcap,
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("name,hk,group,d,bs,qdtype,softcap,split_dots", [c[:-1] for c in FLASH_CASES[:4]])
+def test_flash_decode_lengths_cut(name, hk, group, d, bs, qdtype, softcap, split_dots) -> None:
+    """cut="lengths" (pieces by the sequences' lengths, tqjax.pallas.pieces): a ragged batch with empty sequences in
+    tables twice as wide as the longest sequence gives the reference's output (tolerances as above)."""
+    num_blocks = 40 if bs == 16 else 12
+    cache, _, _ = _filled(name, d, num_blocks, bs, hk, seed=d + bs + group)
+    rng = np.random.default_rng(group + 1)
+    max_blocks = 32 if bs == 16 else 8
+    lens = [0, (max_blocks // 2 - 1) * bs - 3, 1, 0, 2 * bs, bs + 5]
+    tables = _tables(rng, num_blocks, lens, bs, max_blocks)
+    q = jnp.asarray(rng.standard_normal((len(lens), hk * group, d)), qdtype)
+    tables, lens = jnp.asarray(tables), jnp.asarray(lens, jnp.int32)
+    out = flash_decode.paged_decode(q, cache, tables, lens, softcap=softcap, split_dots=split_dots, cut="lengths",
+                                    interpret=INTERPRET)
+    ref = reference.paged_decode_jit(q, cache, tables, lens, softcap=softcap)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not np.asarray(out[np.asarray(lens) == 0], np.float32).any()  # the empty sequences
+    atol = {jnp.float32: 2e-5 if split_dots else 6e-3, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}[qdtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="not with cut='lengths'"):
+        flash_decode.paged_decode(q, cache, tables, lens, cut="lengths", num_splits=2, interpret=INTERPRET)
+
+
 def _gpu_target(platform: str):
     """An abstract GPU to lower for: jax 0.11 asks the default device for the GPU's compute capability
     when lowering a Triton kernel (a CPU has none), unless an abstract mesh names the target device."""
@@ -254,11 +278,18 @@ def test_flash_decode_lowers_to_triton(platform: str) -> None:
         q = jax.ShapeDtypeStruct((3, 2 * group, d), qdtype)
         tables, lens = jax.ShapeDtypeStruct((3, 8), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32)
 
-        def f(q, cache, tables, lens, split_dots=split_dots, softcap=softcap):
+        def f(q, cache, tables, lens, split_dots=split_dots, softcap=softcap, num_splits=2):
             return flash_decode._paged_decode(
-                q, cache, tables, lens, scale=0.1, softcap=softcap, num_splits=2, block_tokens=64, num_warps=4,
-                num_stages=2, split_dots=split_dots, interpret=False,
+                q, cache, tables, lens, scale=0.1, softcap=softcap, num_splits=num_splits, block_tokens=64,
+                num_warps=4, num_stages=2, split_dots=split_dots, interpret=False, resident=264,
             )
+
+        with _gpu_target(platform):  # the pieces' kernel (cut="lengths") too
+            pieces = jax.export.export(
+                jax.jit(functools.partial(f, num_splits=None)), platforms=[platform],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(q, cache, tables, lens)
+        assert "__gpu$xla.gpu.triton" in pieces.mlir_module()
 
         with _gpu_target(platform):
             exported = jax.export.export(

@@ -576,28 +576,38 @@ def _decode_kernel(
             lse_ref[(*o_lead, pl.ds(g, 1))] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _split_kernel(block_tables_ref, seq_lens_ref, *refs, pages_per_split: int, **kw):
-    """Program (b, h, split) of :func:`split_kv_call`: pages ``[split * pages_per_split, ...)`` of sequence b (its
-    block table's width cut in equal splits), through :func:`_decode_kernel` (``refs``: its query, cache and output
-    refs, the (b, h) slices)."""
-    b, split = pl.program_id(0), pl.program_id(2)
-    block_size = refs[3].shape[1]  # key_codes [NB, BS, Wk]
-    used_pages = (seq_lens_ref[b] + block_size - 1) // block_size
-    first_page = split * pages_per_split
-    _decode_kernel(block_tables_ref, seq_lens_ref, *refs, b=b, first_page=first_page,
-                   end_page=jnp.minimum(first_page + pages_per_split, used_pages), **kw)
+def split_program(kernel, *, n_queries: int, pages_per_split: int):
+    """``kernel`` as program (b, h, split) of :func:`split_kv_call`: pages ``[split * pages_per_split, ...)`` of
+    sequence b (its block table's width cut in equal splits). ``kernel(block_tables_ref, seq_lens_ref, *refs, b=,
+    first_page=, end_page=)`` gets the ``n_queries`` query refs, the cache refs (the first [NB, BS, ...]) and the
+    two output refs, all the (b, h) slices."""
+
+    def program(block_tables_ref, seq_lens_ref, *refs):
+        b, split = pl.program_id(0), pl.program_id(2)
+        block_size = refs[n_queries].shape[1]
+        used_pages = (seq_lens_ref[b] + block_size - 1) // block_size
+        first_page = split * pages_per_split
+        kernel(block_tables_ref, seq_lens_ref, *refs, b=b, first_page=first_page,
+               end_page=jnp.minimum(first_page + pages_per_split, used_pages))
+
+    return program
 
 
-def _piece_kernel(work_ref, block_tables_ref, seq_lens_ref, q_ref, q_lo_ref, q_inv_ref, *refs, **kw):
-    """Program (h, j) of :func:`pieces_call`: KV head h of piece j of :func:`tqjax.pallas.pieces.piece_table`
-    (pages ``[first, end)`` of sequence b, output slot ``slot * Hk + h``; a piece index past the last piece reads
-    no page and writes the spare slot), through :func:`_decode_kernel` (the query refs [B, Hk, ...] and the outputs
-    [slots, ...] whole, indexed here; the cache refs head h's)."""
-    h, j = pl.program_id(0), pl.program_id(1)
-    b, hk = work_ref[0, j], q_ref.shape[1]
-    # indexed in each access, not as ref views: the Triton lowering takes one indexer a load
-    _decode_kernel(block_tables_ref, seq_lens_ref, q_ref, q_lo_ref, q_inv_ref, *refs, b=b, first_page=work_ref[1, j],
-                   end_page=work_ref[2, j], q_lead=(b, h), o_lead=(work_ref[3, j] * hk + h,), **kw)
+def piece_program(kernel):
+    """``kernel`` as program (h, j) of :func:`pieces_call`: KV head h of piece j of
+    :func:`tqjax.pallas.pieces.piece_table` (pages ``[first, end)`` of sequence b, output slot ``slot * Hk + h``;
+    a piece index past the last piece reads no page and writes the spare slot). ``kernel`` gets the query refs
+    [B, Hk, ...] and the output refs [slots, ...] whole, with ``q_lead=(b, h)`` and ``o_lead=(slot,)`` to index
+    them in each access (the Triton lowering refuses ref views with a second indexer: "No support for multiple
+    indexers yet"), and head h's cache refs."""
+
+    def program(work_ref, block_tables_ref, seq_lens_ref, *refs):
+        h, j = pl.program_id(0), pl.program_id(1)
+        b, hk = work_ref[0, j], refs[0].shape[1]
+        kernel(block_tables_ref, seq_lens_ref, *refs, b=b, first_page=work_ref[1, j], end_page=work_ref[2, j],
+               q_lead=(b, h), o_lead=(work_ref[3, j] * hk + h,))
+
+    return program
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, pages_per_chunk: int, num_cores: int) -> int:
@@ -664,14 +674,15 @@ def _paged_decode(
     launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
               "name": f"tq_decode_{cfg.name}", "rows": gp}
     if num_splits is not None:
-        kernel = functools.partial(_split_kernel, pages_per_split=-(-max_blocks // num_splits), **static)
+        kernel = split_program(functools.partial(_decode_kernel, **static), n_queries=len(queries),
+                               pages_per_split=-(-max_blocks // num_splits))
         o, lse = split_kv_call(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
         return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
     work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
                              step_pages=pages_per_chunk, resident=resident, interpret=interpret)
     n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
-    o, lse = pieces_call(functools.partial(_piece_kernel, **static), work, block_tables, seq_lens, queries,
-                         cache_arrays, n_pieces=n_pieces, **launch)
+    o, lse = pieces_call(piece_program(functools.partial(_decode_kernel, **static)), work, block_tables, seq_lens,
+                         queries, cache_arrays, n_pieces=n_pieces, **launch)
     # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
     merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
     return jnp.swapaxes(merged, 1, 2).reshape(b, hk, gp, d)[:, :, :g].reshape(b, hq, d).astype(query.dtype)

@@ -37,12 +37,17 @@ from jax.experimental.pallas import triton as pltriton
 from tqjax.config import is_power_of_two
 from tqjax.layout import NativePagedKVCache
 from tqjax.pallas.decode import (
+    CUTS,
     _device_cores,
     choose_num_splits,
     merge_splits,
+    piece_program,
+    pieces_call,
     split_hi_lo,
     split_kv_call,
+    split_program,
 )
+from tqjax.pallas.pieces import WAVES, grid_size, merge_pieces, piece_table
 from tqjax.pallas.tuning import flash_decode_params
 from tqjax.reference import check_decode_inputs, native_paged_decode_reference
 
@@ -80,31 +85,30 @@ def _flash_decode_kernel(
     o_ref,  # [Gp, D] float32, normalised within the split
     lse_ref,  # [Gp] float32, log-sum-exp of the split (-inf if empty)
     *,
-    pages_per_split: int,
+    b,  # the sequence
+    first_page,  # this program's pages of its block-table row: [first_page, end_page), end_page <= its used pages
+    end_page,
+    q_lead: tuple = (),  # indices before the (b, h) slice's in the query refs (whole refs: (b, h))
+    o_lead: tuple = (),  # and in the output refs (whole refs: the program's slot)
     pages_per_chunk: int,
     scale: float,
     softcap: float | None,
     split_dots: bool,
 ):
-    b = pl.program_id(0)
-    split = pl.program_id(2)
     block_size = key_ref.shape[1]
     d = key_ref.shape[2]
-    gp = q_hi_ref.shape[0]
+    gp = q_hi_ref.shape[-2]
     cdt = key_ref.dtype
     t = pages_per_chunk * block_size
 
     seq_len = seq_lens_ref[b]
-    used_pages = (seq_len + block_size - 1) // block_size
-    first_page = split * pages_per_split
-    end_page = jnp.minimum(first_page + pages_per_split, used_pages)
     n_chunks = jnp.maximum(end_page - first_page + pages_per_chunk - 1, 0) // pages_per_chunk
 
     def mm(a, bmat, contract):
         return jax.lax.dot_general(a, bmat, (contract, ((), ())), preferred_element_type=jnp.float32)
 
-    q_hi = q_hi_ref[...]
-    q_lo = None if q_lo_ref is None else q_lo_ref[...]
+    q_hi = q_hi_ref[(*q_lead, ...)]
+    q_lo = None if q_lo_ref is None else q_lo_ref[(*q_lead, ...)]
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
@@ -147,18 +151,21 @@ def _flash_decode_kernel(
     )
     acc, m, l = jax.lax.fori_loop(0, n_chunks, body, init)
     l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = acc / l_safe
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(gp)
+    o_ref[(*o_lead, ...)] = acc / l_safe
+    lse_ref[(*o_lead, ...)] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(gp)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "softcap", "num_splits", "block_tokens", "num_warps", "num_stages", "split_dots", "interpret"),
+    static_argnames=("scale", "softcap", "num_splits", "block_tokens", "num_warps", "num_stages", "split_dots",
+                     "interpret", "resident"),
 )
 def _paged_decode(
     query, cache, block_tables, seq_lens, *, scale, softcap, num_splits, block_tokens, num_warps, num_stages,
-    split_dots, interpret,
+    split_dots, interpret, resident=None,
 ):
+    """``num_splits`` S: the table's width cut in S; None: the work cut by the lengths (:mod:`tqjax.pallas.pieces`,
+    ``resident`` programs a wave)."""
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
@@ -166,7 +173,6 @@ def _paged_decode(
     cdt = cache.key.dtype
     max_blocks = block_tables.shape[1]
     pages_per_chunk = max(1, block_tokens // cache.block_size)
-    pages_per_split = -(-max_blocks // num_splits)
 
     q = jnp.pad(query.reshape(b, hk, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     if split_dots and query.dtype != cdt:
@@ -174,20 +180,24 @@ def _paged_decode(
     else:
         q_hi, q_lo = q.astype(cdt), None
 
-    kernel = functools.partial(
-        _flash_decode_kernel,
-        pages_per_split=pages_per_split,
-        pages_per_chunk=pages_per_chunk,
-        scale=scale,
-        softcap=softcap,
-        split_dots=split_dots,
-    )
-    o, lse = split_kv_call(
-        kernel, block_tables, seq_lens, [q_hi, q_lo], [cache.key, cache.value],
-        num_splits=num_splits, out_dim=d, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name=f"flash_decode_{cache.config.name}",
-    )
-    return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+    kernel = functools.partial(_flash_decode_kernel, pages_per_chunk=pages_per_chunk, scale=scale, softcap=softcap,
+                               split_dots=split_dots)
+    queries, cache_arrays = [q_hi, q_lo], [cache.key, cache.value]
+    launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
+              "name": f"flash_decode_{cache.config.name}", "rows": gp}
+    if num_splits is not None:
+        o, lse = split_kv_call(
+            split_program(kernel, n_queries=len(queries), pages_per_split=-(-max_blocks // num_splits)), block_tables,
+            seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
+        return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
+    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
+                             step_pages=pages_per_chunk, resident=resident, interpret=interpret)
+    n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
+    o, lse = pieces_call(piece_program(kernel), work, block_tables, seq_lens, queries, cache_arrays,
+                         n_pieces=n_pieces, **launch)
+    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
+    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
+    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, gp, d)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
 def paged_decode(
@@ -204,6 +214,7 @@ def paged_decode(
     num_stages: int | None = None,
     split_dots: bool | None = None,
     interpret: bool = False,
+    cut: str | None = None,
 ) -> jax.Array:
     """Pallas paged decode over a native cache; same contract as
     :func:`tqjax.reference.native_paged_decode_reference`.
@@ -212,10 +223,17 @@ def paged_decode(
     query.dtype. Tuning (static; None takes :func:`tqjax.pallas.tuning.flash_decode_params`):
     ``num_splits`` (None: from batch, heads and the device's core count), ``block_tokens`` (tokens per
     inner step; at least one block and 16 tokens), ``num_warps``, ``num_stages``, ``split_dots`` (see
-    the module docstring). ``interpret``: run the Pallas interpreter (any platform; for tests).
+    the module docstring). ``interpret``: run the Pallas interpreter (any platform; for tests). ``cut``: "width"
+    (``num_splits`` splits of each block table's width) or "lengths" (pieces by the sequences' lengths,
+    :mod:`tqjax.pallas.pieces`); None: "width" where ``num_splits`` is given, else the tuned cut ("width" until
+    the pieces are timed here).
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="native")
     check_head_dim(cache.config.head_dim)
+    if cut not in CUTS + (None,):
+        raise ValueError(f"cut must be one of {CUTS} or None, got {cut!r}")
+    if cut == "lengths" and num_splits is not None:
+        raise ValueError(f"num_splits={num_splits} cuts the block tables' width: not with cut='lengths'")
     tuned = flash_decode_params(cache.config.head_dim)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
@@ -226,10 +244,14 @@ def paged_decode(
     softcap = None if softcap is None else float(softcap)
     b, max_blocks = block_tables.shape
     pages_per_chunk = block_tokens // cache.block_size
-    if num_splits is None:
+    cut = ("width" if num_splits is not None else tuned["cut"]) if cut is None else cut
+    resident = None
+    if cut == "lengths":  # a wave: the programs choose_num_splits aims at
+        resident = 2 * _device_cores()
+    elif num_splits is None:
         num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
     return _paged_decode(
-        query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=int(num_splits),
-        block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, split_dots=split_dots,
-        interpret=interpret,
+        query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
+        num_splits=None if num_splits is None else int(num_splits), block_tokens=block_tokens, num_warps=num_warps,
+        num_stages=num_stages, split_dots=split_dots, interpret=interpret, resident=resident,
     )

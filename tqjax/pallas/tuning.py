@@ -84,9 +84,9 @@ PREFILL_DEFAULTS: dict[str, dict[str, Any]] = {
 # fp32 probabilities enter the tensor-core products as hi + lo pairs in the cache dtype (two products
 # each, fp32-accurate to ~2**-16 relative) instead of being rounded to the cache dtype once.
 FLASH_DECODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": {"block_tokens": 64, "num_warps": 4, "num_stages": 2, "split_dots": True},
-    "rocm": {"block_tokens": 64, "num_warps": 4, "num_stages": 1, "split_dots": True},
-    "cpu": {"block_tokens": 32, "num_warps": 4, "num_stages": 2, "split_dots": True},
+    "cuda": {"block_tokens": 64, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "width"},
+    "rocm": {"block_tokens": 64, "num_warps": 4, "num_stages": 1, "split_dots": True, "cut": "width"},
+    "cpu": {"block_tokens": 32, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "width"},
 }
 
 _TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
