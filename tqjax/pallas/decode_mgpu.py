@@ -1421,7 +1421,8 @@ def paged_decode_mgpu_jit(
     fill: float = FILL,
 ) -> jax.Array:
     """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments; ``resident``:
-    :func:`resident_programs`, 528 on the H100 and H200)."""
+    :func:`resident_programs`, 528 on the H100 and H200; ``waves``, ``fill``: :func:`tqjax.pallas.pieces.piece_table`'s,
+    with ``waves > 1`` the programs past the last piece skip the body)."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads

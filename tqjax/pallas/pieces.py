@@ -180,8 +180,9 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
     read pages ``[first, end)`` of the block table's row b (at most ``chunk * step_pages``) and write slot
     ``slot * Hk + h``; ``(0, 0, 0, pieces)`` for a piece index past the last piece. ``info[:, h, b]`` = (first
     slot, count) of KV head h's pieces of sequence b, at slots ``first, first + Hk, ...`` (count 0: an empty
-    sequence). ``resident``: programs the device holds at once; ``num_splits``: a fixed split count instead of the
-    chunk chosen from the lengths (module docstring). Columns and rows past those are padding."""
+    sequence). ``resident``: programs the device holds at once; ``waves``, ``fill``: the grid's waves and the chunk's
+    rule (module docstring); ``num_splits``: a fixed split count instead of the chunk chosen from the lengths.
+    Columns and rows past those are padding."""
     batch = seq_lens.shape[0]
     n_pieces, n_wave = (grid_size(batch, num_kv_heads, resident, num_splits, w, _max_steps(max_blocks, step_pages))
                         for w in (waves, 1))
