@@ -623,6 +623,29 @@ def _device_cores() -> int:
     return int(getattr(dev, "core_count", 0) or 1)
 
 
+def check_cut(cut: str | None, num_splits: int | None) -> None:
+    """ValueError for a ``cut`` not in :data:`CUTS` (or None), or "lengths" beside a ``num_splits``."""
+    if cut not in CUTS + (None,):
+        raise ValueError(f"cut must be one of {CUTS} or None, got {cut!r}")
+    if cut == "lengths" and num_splits is not None:
+        raise ValueError(f"num_splits={num_splits} cuts the block tables' width: not with cut='lengths'")
+
+
+def plan_cut(cut: str | None, num_splits: int | None, tuned_cut: str, *, batch: int, num_kv_heads: int,
+             max_blocks: int, pages_per_chunk: int) -> tuple[int | None, int | None]:
+    """(num_splits, resident) for a Triton decode: a split count with the width's cut (``num_splits``, else
+    :func:`choose_num_splits`), or (None, a wave of programs) with the lengths' (:mod:`tqjax.pallas.pieces`; a wave is
+    the ``2 * cores`` programs :func:`choose_num_splits` aims at). ``cut`` None: "width" where ``num_splits`` is
+    given, else ``tuned_cut``."""
+    check_cut(cut, num_splits)
+    cut = ("width" if num_splits is not None else tuned_cut) if cut is None else cut
+    if cut == "lengths":
+        return None, 2 * _device_cores()
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
+    return int(num_splits), None
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -678,14 +701,9 @@ def _paged_decode(
                                pages_per_split=-(-max_blocks // num_splits))
         o, lse = split_kv_call(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
         return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
-    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
-                             step_pages=pages_per_chunk, resident=resident, interpret=interpret)
-    n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
-    o, lse = pieces_call(piece_program(functools.partial(_decode_kernel, **static)), work, block_tables, seq_lens,
-                         queries, cache_arrays, n_pieces=n_pieces, **launch)
-    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
-    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
-    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, gp, d)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    out = decode_in_pieces(functools.partial(_decode_kernel, **static), block_tables, seq_lens, queries, cache_arrays,
+                           block_size=cache.block_size, pages_per_chunk=pages_per_chunk, resident=resident, **launch)
+    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
 def split_kv_call(
@@ -763,6 +781,25 @@ def pieces_call(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name=name,
     )(work, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32), *queries, *cache_arrays)
+
+
+def decode_in_pieces(kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
+                     block_size: int, pages_per_chunk: int, resident: int, rows: int, out_dim: int, interpret: bool,
+                     **launch) -> jax.Array:
+    """The work cut by the lengths, end to end: :func:`tqjax.pallas.pieces.piece_table` (steps of
+    ``pages_per_chunk`` pages, ``resident`` programs a wave), ``kernel`` through :func:`piece_program` and
+    :func:`pieces_call` (``launch``: its launch arguments), :func:`tqjax.pallas.pieces.merge_pieces`. Returns
+    [B, Hk, rows, out_dim] float32 (zeros for an empty sequence)."""
+    b, hk = queries[0].shape[:2]
+    max_blocks = block_tables.shape[1]
+    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=block_size, max_blocks=max_blocks,
+                             step_pages=pages_per_chunk, resident=resident, interpret=interpret)
+    n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
+    o, lse = pieces_call(piece_program(kernel), work, block_tables, seq_lens, queries, cache_arrays,
+                         n_pieces=n_pieces, rows=rows, out_dim=out_dim, interpret=interpret, **launch)
+    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
+    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
+    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, rows, out_dim)
 
 
 def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
@@ -851,10 +888,7 @@ def paged_decode(
     ``DotAlgorithmPreset.TF32_TF32_F32_X3``) and the tf32 split for the values.
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="turboquant")
-    if cut not in CUTS + (None,):
-        raise ValueError(f"cut must be one of {CUTS} or None, got {cut!r}")
-    if cut == "lengths" and num_splits is not None:
-        raise ValueError(f"num_splits={num_splits} cuts the block tables' width: not with cut='lengths'")
+    check_cut(cut, num_splits)
     triton_args = {"block_tokens": block_tokens, "num_warps": num_warps, "num_stages": num_stages, "lookup": lookup,
                    "dot_mode": dot_mode, "precision": precision}
     if implementation is None:
@@ -891,12 +925,8 @@ def paged_decode(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     b, max_blocks = block_tables.shape
     pages_per_chunk = block_tokens // cache.block_size
-    cut = ("width" if num_splits is not None else tuned["cut"]) if cut is None else cut
-    resident = None
-    if cut == "lengths":  # a wave: the programs choose_num_splits aims at
-        resident = 2 * _device_cores()
-    elif num_splits is None:
-        num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
+    num_splits, resident = plan_cut(cut, num_splits, tuned["cut"], batch=b, num_kv_heads=cache.num_kv_heads,
+                                    max_blocks=max_blocks, pages_per_chunk=pages_per_chunk)
     if precision is None:
         precision = SPLIT_F16
     return _paged_decode(

@@ -37,17 +37,14 @@ from jax.experimental.pallas import triton as pltriton
 from tqjax.config import is_power_of_two
 from tqjax.layout import NativePagedKVCache
 from tqjax.pallas.decode import (
-    CUTS,
-    _device_cores,
-    choose_num_splits,
+    check_cut,
+    decode_in_pieces,
     merge_splits,
-    piece_program,
-    pieces_call,
+    plan_cut,
     split_hi_lo,
     split_kv_call,
     split_program,
 )
-from tqjax.pallas.pieces import WAVES, grid_size, merge_pieces, piece_table
 from tqjax.pallas.tuning import flash_decode_params
 from tqjax.reference import check_decode_inputs, native_paged_decode_reference
 
@@ -190,14 +187,9 @@ def _paged_decode(
             split_program(kernel, n_queries=len(queries), pages_per_split=-(-max_blocks // num_splits)), block_tables,
             seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
         return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
-    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
-                             step_pages=pages_per_chunk, resident=resident, interpret=interpret)
-    n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
-    o, lse = pieces_call(piece_program(kernel), work, block_tables, seq_lens, queries, cache_arrays,
-                         n_pieces=n_pieces, **launch)
-    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
-    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
-    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, gp, d)[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    out = decode_in_pieces(kernel, block_tables, seq_lens, queries, cache_arrays, block_size=cache.block_size,
+                           pages_per_chunk=pages_per_chunk, resident=resident, **launch)
+    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
 def paged_decode(
@@ -230,10 +222,7 @@ def paged_decode(
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="native")
     check_head_dim(cache.config.head_dim)
-    if cut not in CUTS + (None,):
-        raise ValueError(f"cut must be one of {CUTS} or None, got {cut!r}")
-    if cut == "lengths" and num_splits is not None:
-        raise ValueError(f"num_splits={num_splits} cuts the block tables' width: not with cut='lengths'")
+    check_cut(cut, num_splits)
     tuned = flash_decode_params(cache.config.head_dim)
     block_tokens = tuned["block_tokens"] if block_tokens is None else block_tokens
     num_warps = tuned["num_warps"] if num_warps is None else num_warps
@@ -244,14 +233,10 @@ def paged_decode(
     softcap = None if softcap is None else float(softcap)
     b, max_blocks = block_tables.shape
     pages_per_chunk = block_tokens // cache.block_size
-    cut = ("width" if num_splits is not None else tuned["cut"]) if cut is None else cut
-    resident = None
-    if cut == "lengths":  # a wave: the programs choose_num_splits aims at
-        resident = 2 * _device_cores()
-    elif num_splits is None:
-        num_splits = choose_num_splits(b, cache.num_kv_heads, max_blocks, pages_per_chunk, _device_cores())
+    num_splits, resident = plan_cut(cut, num_splits, tuned["cut"], batch=b, num_kv_heads=cache.num_kv_heads,
+                                    max_blocks=max_blocks, pages_per_chunk=pages_per_chunk)
     return _paged_decode(
-        query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
-        num_splits=None if num_splits is None else int(num_splits), block_tokens=block_tokens, num_warps=num_warps,
-        num_stages=num_stages, split_dots=split_dots, interpret=interpret, resident=resident,
+        query, cache, block_tables, seq_lens, scale=scale, softcap=softcap, num_splits=num_splits,
+        block_tokens=block_tokens, num_warps=num_warps, num_stages=num_stages, split_dots=split_dots,
+        interpret=interpret, resident=resident,
     )
