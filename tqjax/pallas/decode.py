@@ -658,7 +658,7 @@ def _paged_decode(
     lookup, dot_mode, interpret, precision, resident=None,
 ):
     """``num_splits`` S: the table's width cut in S (:func:`split_kv_call`); None: the work cut by the lengths
-    (:mod:`tqjax.pallas.pieces`, ``resident`` programs a wave; :func:`pieces_call`)."""
+    (:mod:`tqjax.pallas.pieces`, ``resident`` programs a wave; :func:`decode_in_pieces`)."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
