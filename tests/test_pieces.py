@@ -68,8 +68,8 @@ def chosen_chunk(lens, *, hk, block_size, max_blocks, resident, waves=WAVES, fil
 def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_pieces):
     """Every page of every sequence in exactly one piece of at most ``chunk`` steps starting at a multiple of it;
     a sequence's pieces in consecutive slots, in page order, and each of its KV heads' pieces at slots
-    ``slot * Hk + h`` (``info``); whole pieces before the shorter last ones; piece indices past the pieces read
-    nothing and write slot ``n_pieces``."""
+    ``slot * Hk + h`` (``info``); whole pieces before the shorter last ones, those longest first (equal lengths in
+    sequence order); piece indices past the pieces read nothing and write slot ``n_pieces``."""
     pps = STEP_TOKENS // block_size
     used = [min(math.ceil(n / block_size), max_blocks) for n in lens]
     seen = {}
@@ -82,7 +82,7 @@ def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_piece
         assert first % (chunk * pps) == 0 and end - first <= chunk * pps
         assert slot not in seen.values()
         seen[(b, first)] = slot
-        steps_in_order.append(math.ceil((end - first) / pps))
+        steps_in_order.append((math.ceil((end - first) / pps), int(b)))
     for b in range(len(lens)):
         firsts = sorted(f for (s, f) in seen if s == b)
         assert firsts == list(range(0, used[b], chunk * pps))  # covered once, each piece ends where the next starts
@@ -91,8 +91,10 @@ def check_table(table, info, lens, *, hk, block_size, max_blocks, chunk, n_piece
         for h in range(hk):
             start, count = info[:, h, b]
             assert count == len(slots) and (not slots or start == slots[0] * hk + h)
-    whole = [s == chunk for s in steps_in_order]
+    whole = [s == chunk for s, _ in steps_in_order]
     assert whole == sorted(whole, reverse=True)
+    last = [(s, b) for s, b in steps_in_order if s != chunk]
+    assert last == sorted(last, key=lambda sb: (-sb[0], sb[1]))
     assert (table[3, len(seen):n_pieces] == n_pieces).all()
 
 
@@ -118,6 +120,20 @@ def test_balanced_table_covers_every_page_once(seed, waves):
     chunk = chosen_chunk(lens, **kw)
     check_table(table, info, lens, hk=hk, block_size=block_size, max_blocks=max_blocks, chunk=chunk,
                 n_pieces=n_pieces)
+
+
+def test_a_batch_of_many_sequences_starts_the_longest_last_pieces_first():
+    """300 sequences in random order (B' = 512: the rank's 16 tiles of 32 sequences), one piece each at 528
+    resident programs and Hk=8: the kernel's table is the reference's, and the pieces run longest first, where
+    sequence order would leave a long sequence to start last (``experiments.piece_schedule``)."""
+    rng = np.random.default_rng(5)
+    lens = rng.integers(1, 200 * 16, 300)
+    table, info = table_of(lens, hk=8, block_size=16, max_blocks=200)
+    n_pieces = grid_size(len(lens), 8, 528, None, WAVES, 50)
+    chunk = chosen_chunk(lens, hk=8, block_size=16, max_blocks=200, resident=528)
+    check_table(table, info, lens, hk=8, block_size=16, max_blocks=200, chunk=chunk, n_pieces=n_pieces)
+    steps = np.ceil(lens / 64).astype(int)
+    assert chunk == steps.max() and (table[0, :300] == np.argsort(-steps, kind="stable")).all()
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 7])

@@ -23,9 +23,12 @@ jitted step, where the lengths are known:
   where that finer cut leaves no sequence more than one merge block (8) of pieces (B=32, 16k: 4 of 64 steps;
   a sequence of many pieces keeps the one-wave cut: the merge's longest program bounds the merge); with S given,
   ``ceil(max_steps / S)`` (the table's width cut in S);
-- piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, so that the block
-  scheduler starts the long ones first; piece indices past the last piece read nothing (their table column is
-  ``(0, 0, 0, pieces)``);
+- piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, longest first
+  (equal lengths in sequence order), so that the block scheduler starts the long ones first (longest first:
+  ``python -m experiments.piece_schedule``, a list schedule on 528 slots, ends the ragged batches of
+  ``experiments.ragged_decode`` at the same step either way, and 128 sequences of 1k-32k in random order at step
+  559 against 839 in sequence order; a model, not timed); piece indices past the last piece read nothing (their
+  table column is ``(0, 0, 0, pieces)``);
 - a piece's programs write their partial outputs (normalised within the piece) and log-sum-exps to slots of
   their own, ``slot * Hk + h``, a sequence's pieces in consecutive ``slot``; ``slot = pieces`` is the empty
   ones'. :func:`merge_pieces` combines each (sequence, KV head)'s slots by their log-sum-exps, in slot order
@@ -98,17 +101,27 @@ def _steps(seq_lens, *, block_size: int, max_blocks: int, step_pages: int):
     return used, (used + step_pages - 1) // step_pages
 
 
-def _pieces_of(steps, count, whole, chunk, used, j, *, step_pages: int, n_pieces: int, batch: int):
+def _ahead(rem_a, idx_a, rem_b, idx_b):
+    """int32 [A, B]: 1 where sequence a's last piece (``rem_a`` steps, sequence ``idx_a``) goes before sequence b's
+    (longer first; equal lengths in sequence order)."""
+    longer = rem_a[:, None] > rem_b[None, :]
+    return (longer | ((rem_a[:, None] == rem_b[None, :]) & (idx_a[:, None] < idx_b[None, :]))).astype(jnp.int32)
+
+
+def _pieces_of(steps, count, whole, chunk, used, rank, j, *, step_pages: int, n_pieces: int, batch: int):
     """Columns (b, first page, end page, slot) [len(j)] of pieces ``j`` (:func:`piece_table`), from the
-    sequences' steps, pieces and whole pieces [B'] (sequences past B: 0) and the chunk."""
+    sequences' steps, pieces and whole pieces [B'] (sequences past B: 0), the chunk, and the ranks [B'] of the
+    sequences' shorter last pieces among them (:func:`_ahead`; any value for a sequence without one)."""
     part = count - whole
-    cum_whole, cum_part, cum_count = jnp.cumsum(whole), jnp.cumsum(part), jnp.cumsum(count)
+    cum_whole, cum_count = jnp.cumsum(whole), jnp.cumsum(count)
     total_whole, total = jnp.sum(whole), jnp.sum(count)
     is_whole = j < total_whole
+    b_idx = lax.broadcasted_iota(jnp.int32, (1, steps.shape[0]), 1)
     b_whole = jnp.sum((cum_whole[None, :] <= j[:, None]).astype(jnp.int32), axis=1)
-    b_part = jnp.sum((cum_part[None, :] <= (j - total_whole)[:, None]).astype(jnp.int32), axis=1)
+    ranked = (part[None, :] > 0) & (rank[None, :] == (j - total_whole)[:, None])  # the last piece of that rank
+    b_part = jnp.sum(jnp.where(ranked, b_idx, 0), axis=1)
     b = jnp.minimum(jnp.where(is_whole, b_whole, b_part), batch - 1)
-    onehot = b[:, None] == lax.broadcasted_iota(jnp.int32, (1, steps.shape[0]), 1)
+    onehot = b[:, None] == b_idx
 
     def at_b(x):  # x[b] for each piece (a one-hot sum: no gather in a Triton program)
         return jnp.sum(jnp.where(onehot, x[None, :], 0), axis=1)
@@ -157,9 +170,18 @@ def _table_kernel(lens_ref, table_ref, info_ref, *, batch: int, block_size: int,
             chunk = _fill_rule(steps, chunk, shortest(n_pieces), n_wave, fill)
     whole = steps // chunk
     count = whole + (steps % chunk > 0).astype(jnp.int32)
+    # each last piece's rank among the last pieces, over [_PIECE_ROWS, B'] tiles (not [B', B']: a batch in the
+    # thousands); a tile's sequences' values picked by one-hot sums (no slicing of a Triton program's values)
+    rem = steps % chunk
+    rank = jnp.zeros((bp,), jnp.int32)
+    for a0 in range(0, bp, min(_PIECE_ROWS, bp)):
+        a_idx = a0 + lax.broadcasted_iota(jnp.int32, (min(_PIECE_ROWS, bp),), 0)
+        a_rem = jnp.sum(jnp.where(a_idx[:, None] == b_idx[None, :], rem[None, :], 0), axis=1)
+        rank += jnp.sum(jnp.where(a_rem[:, None] > 0, _ahead(a_rem, a_idx, rem, b_idx), 0), axis=0)
     for j0 in range(0, table_ref.shape[1], _PIECE_ROWS):
         j = j0 + lax.broadcasted_iota(jnp.int32, (_PIECE_ROWS,), 0)
-        cols = _pieces_of(steps, count, whole, chunk, used, j, step_pages=step_pages, n_pieces=n_pieces, batch=batch)
+        cols = _pieces_of(steps, count, whole, chunk, used, rank, j, step_pages=step_pages, n_pieces=n_pieces,
+                          batch=batch)
         for c, col in enumerate(cols):
             table_ref[c, pl.ds(j0, _PIECE_ROWS)] = col
     first_slot = jnp.cumsum(count) - count
@@ -220,9 +242,11 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
             chunk = _fill_rule(steps, chunk, c[jnp.argmax(pieces <= n_pieces)], n_wave, fill)
     whole = steps // chunk
     count = whole + (steps % chunk > 0).astype(jnp.int32)
+    rem, idx = steps % chunk, jnp.arange(steps.shape[0], dtype=jnp.int32)
+    rank = jnp.sum(jnp.where(rem[:, None] > 0, _ahead(rem, idx, rem, idx), 0), axis=0)
     j = jnp.arange(table_shape[1], dtype=jnp.int32)
-    table = jnp.stack(_pieces_of(steps, count, whole, chunk, used, j, step_pages=step_pages, n_pieces=n_pieces,
-                                 batch=batch))
+    table = jnp.stack(_pieces_of(steps, count, whole, chunk, used, rank, j, step_pages=step_pages,
+                                 n_pieces=n_pieces, batch=batch))
     first_slot = jnp.cumsum(count) - count
     heads = jnp.arange(hk, dtype=jnp.int32)[:, None]
     info = jnp.stack([first_slot[None, :] * hk + heads, jnp.broadcast_to(count, (hk, count.shape[0]))])
