@@ -1254,7 +1254,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
         if waves == 1:  # a piece index past the last piece: no page, the output to the spare slot
             piece()
         else:  # several waves of programs: those past the last piece (often most) skip it all
-            # (the pieces in a loop over a wave of programs held 20-30 registers more, 3 programs a multiprocessor)
+            # (the pieces in a loop over a wave of programs held 16-36 registers more, 3 programs a multiprocessor)
             pl.when(work_ref[3, j] < pieces)(piece)
 
     scratch = [
