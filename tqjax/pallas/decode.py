@@ -636,8 +636,7 @@ def plan_cut(cut: str | None, num_splits: int | None, tuned_cut: str, *, batch: 
     """(num_splits, resident) for a Triton decode: a split count with the width's cut (``num_splits``, else
     :func:`choose_num_splits`), or (None, a wave of programs) with the lengths' (:mod:`tqjax.pallas.pieces`; a wave is
     the ``2 * cores`` programs :func:`choose_num_splits` aims at). ``cut`` None: "width" where ``num_splits`` is
-    given, else ``tuned_cut``."""
-    check_cut(cut, num_splits)
+    given, else ``tuned_cut`` (:func:`check_cut` first)."""
     cut = ("width" if num_splits is not None else tuned_cut) if cut is None else cut
     if cut == "lengths":
         return None, 2 * _device_cores()
@@ -658,14 +657,13 @@ def _paged_decode(
     lookup, dot_mode, interpret, precision, resident=None,
 ):
     """``num_splits`` S: the table's width cut in S (:func:`split_kv_call`); None: the work cut by the lengths
-    (:mod:`tqjax.pallas.pieces`, ``resident`` programs a wave; :func:`decode_in_pieces`)."""
+    (:mod:`tqjax.pallas.pieces`, ``resident`` programs a wave); :func:`split_kv_decode`."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
     min_rows = {"fma": 1, "mma": _MIN_DOT_ROWS, "mma_t": _MIN_DOT_COLS}[dot_mode]
     gp = max(min_rows, pl.next_power_of_2(g))
-    max_blocks = block_tables.shape[1]
     pages_per_chunk = max(1, block_tokens // cache.block_size)
 
     codec = key_codec(cfg)
@@ -696,13 +694,9 @@ def _paged_decode(
     cache_arrays = [cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales]
     launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
               "name": f"tq_decode_{cfg.name}", "rows": gp}
-    if num_splits is not None:
-        kernel = split_program(functools.partial(_decode_kernel, **static), n_queries=len(queries),
-                               pages_per_split=-(-max_blocks // num_splits))
-        o, lse = split_kv_call(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
-        return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
-    out = decode_in_pieces(functools.partial(_decode_kernel, **static), block_tables, seq_lens, queries, cache_arrays,
-                           block_size=cache.block_size, pages_per_chunk=pages_per_chunk, resident=resident, **launch)
+    out = split_kv_decode(functools.partial(_decode_kernel, **static), block_tables, seq_lens, queries, cache_arrays,
+                          num_splits=num_splits, resident=resident, block_size=cache.block_size,
+                          pages_per_chunk=pages_per_chunk, **launch)
     return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
@@ -783,15 +777,22 @@ def pieces_call(
     )(work, block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32), *queries, *cache_arrays)
 
 
-def decode_in_pieces(kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
-                     block_size: int, pages_per_chunk: int, resident: int, rows: int, out_dim: int, interpret: bool,
-                     **launch) -> jax.Array:
-    """The work cut by the lengths, end to end: :func:`tqjax.pallas.pieces.piece_table` (steps of
-    ``pages_per_chunk`` pages, ``resident`` programs a wave), ``kernel`` through :func:`piece_program` and
-    :func:`pieces_call` (``launch``: its launch arguments), :func:`tqjax.pallas.pieces.merge_pieces`. Returns
+def split_kv_decode(kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
+                    num_splits: int | None, resident: int | None, block_size: int, pages_per_chunk: int, rows: int,
+                    out_dim: int, interpret: bool, **launch) -> jax.Array:
+    """A split-KV decode kernel (this module's, :mod:`tqjax.pallas.flash_decode`'s) end to end, merged: with
+    ``num_splits``, each block table's width cut in that many splits (:func:`split_program`, :func:`split_kv_call`,
+    :func:`merge_splits`); without, the work cut by the lengths (:func:`tqjax.pallas.pieces.piece_table`, steps of
+    ``pages_per_chunk`` pages, ``resident`` programs a wave; :func:`piece_program`, :func:`pieces_call`,
+    :func:`tqjax.pallas.pieces.merge_pieces`). ``launch``: the launches' other arguments. Returns
     [B, Hk, rows, out_dim] float32 (zeros for an empty sequence)."""
     b, hk = queries[0].shape[:2]
     max_blocks = block_tables.shape[1]
+    if num_splits is not None:
+        program = split_program(kernel, n_queries=len(queries), pages_per_split=-(-max_blocks // num_splits))
+        o, lse = split_kv_call(program, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits,
+                               rows=rows, out_dim=out_dim, interpret=interpret, **launch)
+        return merge_splits(o, lse)
     work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=block_size, max_blocks=max_blocks,
                              step_pages=pages_per_chunk, resident=resident, interpret=interpret)
     n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))

@@ -7,7 +7,7 @@ rows of the tensor-core products, padded to at least 16 rows), so every cache by
 step. The program walks its split's pages ``block_tokens`` tokens at a time: it gathers the K and V
 pages through the block table (masked loads: no block-table entry at or past the sequence's last used
 page is ever read), scores the group against the keys with one matrix product, and runs an fp32
-online softmax; the splits are merged by their log-sum-exp in XLA (:func:`merge_splits`).
+online softmax; the splits are merged by their log-sum-exp (:func:`tqjax.pallas.decode.split_kv_decode`).
 
 Precision: K and V enter the products in the cache dtype, exactly as stored. With ``split_dots``
 (the default, :func:`tqjax.pallas.tuning.flash_decode_params`) the float32 query and the float32
@@ -36,15 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from tqjax.config import is_power_of_two
 from tqjax.layout import NativePagedKVCache
-from tqjax.pallas.decode import (
-    check_cut,
-    decode_in_pieces,
-    merge_splits,
-    plan_cut,
-    split_hi_lo,
-    split_kv_call,
-    split_program,
-)
+from tqjax.pallas.decode import check_cut, plan_cut, split_hi_lo, split_kv_decode
 from tqjax.pallas.tuning import flash_decode_params
 from tqjax.reference import check_decode_inputs, native_paged_decode_reference
 
@@ -168,7 +160,6 @@ def _paged_decode(
     g = hq // hk
     gp = max(_MIN_DOT, pl.next_power_of_2(g))
     cdt = cache.key.dtype
-    max_blocks = block_tables.shape[1]
     pages_per_chunk = max(1, block_tokens // cache.block_size)
 
     q = jnp.pad(query.reshape(b, hk, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
@@ -182,13 +173,8 @@ def _paged_decode(
     queries, cache_arrays = [q_hi, q_lo], [cache.key, cache.value]
     launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
               "name": f"flash_decode_{cache.config.name}", "rows": gp}
-    if num_splits is not None:
-        o, lse = split_kv_call(
-            split_program(kernel, n_queries=len(queries), pages_per_split=-(-max_blocks // num_splits)), block_tables,
-            seq_lens, queries, cache_arrays, num_splits=num_splits, **launch)
-        return merge_splits(o, lse)[:, :, :g, :].reshape(b, hq, d).astype(query.dtype)
-    out = decode_in_pieces(kernel, block_tables, seq_lens, queries, cache_arrays, block_size=cache.block_size,
-                           pages_per_chunk=pages_per_chunk, resident=resident, **launch)
+    out = split_kv_decode(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits,
+                          resident=resident, block_size=cache.block_size, pages_per_chunk=pages_per_chunk, **launch)
     return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
