@@ -11,7 +11,8 @@ width, pieces for other numbers of waves, and optionally other versions of the m
 Cases (Hq=32, Hk=8, D=128, block 16; B=32 unless the label says): 16k tokens each in a 16k-wide table; the same
 total in 32k- and 128k-wide tables (a server's tables sized for its longest context); 32 lengths drawn between 1k
 and 32k, and between 0.5k and 16k; 32 lengths drawn log-normally around 4k (between 64 and 32k); one sequence of
-128k tokens and 31 of 4k; 128 sequences of 16k. Each cache holds exactly the batch's pages plus 8, random K/V made
+128k tokens and 31 of 4k; 128 sequences of 16k; 128 sequences of 1k-32k in random order (not sorted: the order of
+the last pieces matters there). Each cache holds exactly the batch's pages plus 8, random K/V made
 on the device and stored; tables of distinct random pages, entries past a sequence's pages 0. Each kernel is timed
 like ``decode_sweep`` (``experiments.timing.time_fn``; with ``--repeats R`` R times, the kernels taking turns,
 median reported); "of copy bw" counts the compressed bytes of the batch's tokens against the copy bandwidth of the
@@ -60,6 +61,7 @@ def cases() -> list[tuple[str, int, np.ndarray]]:
         ("7.9k in a 128k table", 131072, np.full(B, int(tail.sum()) // B)),
         ("128k + 31 x 4k", 131072, tail),
         ("B=128, 16k in a 16k table", 16384, np.full(128, 16384)),
+        ("B=128, 1k-32k in random order", 32768, np.random.default_rng(11).integers(1024, 32769, 128)),
     ]
 
 
@@ -121,17 +123,19 @@ def main(argv=None) -> None:
                             for cut in ("width", "lengths")}
             fns, first = {}, None
             for kernel, decode in kernels.items():
-                f = jax.jit(functools.partial(decode, cache=cache, block_tables=tables, seq_lens=lens))
-                out = f(qs[0])
+                # the cache an argument, not a constant captured in the lowering (gigabytes: slow compiles)
+                f = jax.jit(lambda q, c, t, n, decode=decode: decode(q, cache=c, block_tables=t, seq_lens=n))
+                out = f(qs[0], cache, tables, lens)
                 first = out if first is None else first
                 fns[kernel] = (f, float(jnp.max(jnp.abs(out - first)) / jnp.max(jnp.abs(first))))
+            arg_sets = [(q, cache, tables, lens) for q in qs]
             times = in_turns({k: f for k, (f, _) in fns.items()}, args.repeats,
-                             lambda f, qs=qs: time_fn(f, [(q,) for q in qs]))
+                             lambda f, sets=arg_sets: time_fn(f, sets))
             for kernel, (_, diff) in fns.items():
                 t = statistics.median(times[kernel])
                 rows.append((preset, label, int(lens_np.sum()), kernel, t, nbytes / t / bw, diff))
                 print("ROW", rows[-1], flush=True)
-            del cache
+            del cache, arg_sets
     print(f"\n{device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={D} block {BS}")
     print("preset | case | tokens | kernel | us | of copy bw | rel diff")
     for preset, label, tokens, kernel, t, frac, diff in rows:
