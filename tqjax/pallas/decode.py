@@ -868,7 +868,7 @@ def paged_decode(
     ``cut`` (:data:`CUTS`) how the work is split across programs: "lengths", in pieces cut by the sequences'
     lengths on the device (:mod:`tqjax.pallas.pieces`; the Mosaic decode's only cut without ``num_splits``);
     "width", each sequence's block table cut in ``num_splits`` equal splits; None: "width" where ``num_splits`` is
-    given, else the tuned cut (Triton: "width" until measured otherwise; Mosaic: "lengths").
+    given, else the tuned cut ("lengths"; :data:`tqjax.pallas.tuning.DEFAULTS` says what it was measured against).
     Tuning (static; None takes :func:`tqjax.pallas.tuning.decode_params`, measured per device kind
     and preset): ``num_splits`` (None: from batch, heads and the device's core count),
     ``block_tokens`` (tokens per inner step; at least one block), ``num_warps``, ``num_stages``,

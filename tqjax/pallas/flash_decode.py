@@ -203,8 +203,8 @@ def paged_decode(
     inner step; at least one block and 16 tokens), ``num_warps``, ``num_stages``, ``split_dots`` (see
     the module docstring). ``interpret``: run the Pallas interpreter (any platform; for tests). ``cut``: "width"
     (``num_splits`` splits of each block table's width) or "lengths" (pieces by the sequences' lengths,
-    :mod:`tqjax.pallas.pieces`); None: "width" where ``num_splits`` is given, else the tuned cut ("width" until
-    the pieces are timed here).
+    :mod:`tqjax.pallas.pieces`); None: "width" where ``num_splits`` is given, else the tuned cut ("lengths",
+    :data:`tqjax.pallas.tuning.FLASH_DECODE_DEFAULTS`).
     """
     check_decode_inputs(query, cache, block_tables, seq_lens, kind="native")
     check_head_dim(cache.config.head_dim)

@@ -31,13 +31,17 @@ from tqjax.platform import Platform, detect_platform
 # k3v4_nc 895 against 941 (docs/data/decode_probe_prmt_h200_2026-11-30.log); kqjl4v4 1222 against 1299,
 # kqjl3v4 1071 against 1090, k2p5v4 817 against 813 (decode_probe_prmt_rest_h200_2026-11-30.log); k3p5v4
 # not compared (its 4- and 3-bit segments are as the ones above).
-# Cut: "width" (each block table cut in choose_num_splits equal splits) everywhere until the Triton kernel's pieces
-# by the lengths (tqjax.pallas.pieces, the Mosaic decode's cut: 1.2-4.8x faster on ragged batches and wide tables,
-# docs/PERFORMANCE.md) are timed on a GPU; "lengths" takes them.
+# Cut: "lengths" (the work cut in pieces by the sequences' lengths, tqjax.pallas.pieces, as the Mosaic decode does)
+# rather than "width" (each block table cut in choose_num_splits equal splits). H200, 4bit_nc, B=32 unless said, us
+# (docs/data/decode_cut_h200_2026-11-30_s26.log): 1k-32k lengths in 32k tables 951 against 1279; 0.5k-16k 530
+# against 703; log-normal around 4k 255 against 1014; 16.8k in 32k tables 809 against 1182; 7.9k in 128k tables
+# 410 against 599; 128k + 31 x 4k 425 against 3928; B=128, 1k-32k in random order 2996 against 4013; but uniform
+# 16k in 16k tables 781 against 737 (B=128: 3003 against 2900). ROCm takes the same cut (not measured there; the
+# pieces' rule only counts resident programs, 2 a compute unit).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="prmt", dot_mode="mma_t", cut="width"),
-    "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma", cut="width"),
-    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t", cut="width"),
+    "cuda": dict(block_tokens=64, num_warps=2, num_stages=1, lookup="prmt", dot_mode="mma_t", cut="lengths"),
+    "rocm": dict(block_tokens=32, num_warps=4, num_stages=1, lookup="poly", dot_mode="mma", cut="lengths"),
+    "cpu": dict(block_tokens=32, num_warps=4, num_stages=2, lookup="poly", dot_mode="mma_t", cut="lengths"),
 }
 # The store is straight-line code per tile (no loop to pipeline): one stage everywhere. Tiles of 32 tokens
 # (tqjax.pallas.store.DEFAULT_BLOCK_TOKENS) with 4 warps were the fastest or tied of the four launches
@@ -82,11 +86,15 @@ PREFILL_DEFAULTS: dict[str, dict[str, Any]] = {
 # chunk, since a bf16 page needs no unpacking (64 tokens x D bf16 per K and V tile; halved at
 # head_dim 256 to keep the tiles in shared memory / registers). ``split_dots``: the fp32 query and the
 # fp32 probabilities enter the tensor-core products as hi + lo pairs in the cache dtype (two products
-# each, fp32-accurate to ~2**-16 relative) instead of being rounded to the cache dtype once.
+# each, fp32-accurate to ~2**-16 relative) instead of being rounded to the cache dtype once. ``cut``:
+# "lengths", as the TurboQuant decode's; H200, bf16 cache and queries, B=32 unless said, us
+# (docs/data/decode_cut_h200_2026-11-30_s26.log): 1k-32k in 32k tables 896 against 1226 cut by the width;
+# log-normal around 4k 242 against 767; 128k + 31 x 4k 388 against 3355; B=128, 1k-32k in random order 2782
+# against 3783; uniform 16k 709 against 686.
 FLASH_DECODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": {"block_tokens": 64, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "width"},
-    "rocm": {"block_tokens": 64, "num_warps": 4, "num_stages": 1, "split_dots": True, "cut": "width"},
-    "cpu": {"block_tokens": 32, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "width"},
+    "cuda": {"block_tokens": 64, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "lengths"},
+    "rocm": {"block_tokens": 64, "num_warps": 4, "num_stages": 1, "split_dots": True, "cut": "lengths"},
+    "cpu": {"block_tokens": 32, "num_warps": 4, "num_stages": 2, "split_dots": True, "cut": "lengths"},
 }
 
 _TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
