@@ -24,11 +24,13 @@ jitted step, where the lengths are known:
   a sequence of many pieces keeps the one-wave cut: the merge's longest program bounds the merge); with S given,
   ``ceil(max_steps / S)`` (the table's width cut in S);
 - piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, longest first
-  (equal lengths in sequence order), so that the block scheduler starts the long ones first (longest first:
-  ``python -m experiments.piece_schedule``, a list schedule on 528 slots, ends the ragged batches of
-  ``experiments.ragged_decode`` at the same step either way, and 128 sequences of 1k-32k in random order at step
-  559 against 839 in sequence order; a model, not timed); piece indices past the last piece read nothing (their
-  table column is ``(0, 0, 0, pieces)``);
+  (equal lengths in sequence order), so that the block scheduler starts the long ones first. Measured against
+  sequence order (H200, ``4bit_nc``, random lengths in random order, docs/data/piece_order_h200_2026-11-30_s26.log,
+  in turns): B=64, 1k-32k 754.9 us against 793.5; B=96 1251.3 against 1289.2; B=128, log-normal around 4k 797.3
+  against 858.1; but B=128, 1k-32k (one piece a sequence) 1686.1 against 1617.6 (and 1676.1 against 1590.6 with the
+  lengths ascending; shortest first 1604.8 there): not the list schedule's gain (``python -m
+  experiments.piece_schedule`` modelled 559 steps against 839 for that batch); piece indices past the last piece
+  read nothing (their table column is ``(0, 0, 0, pieces)``);
 - a piece's programs write their partial outputs (normalised within the piece) and log-sum-exps to slots of
   their own, ``slot * Hk + h``, a sequence's pieces in consecutive ``slot``; ``slot = pieces`` is the empty
   ones'. :func:`merge_pieces` combines each (sequence, KV head)'s slots by their log-sum-exps, in slot order
@@ -53,7 +55,10 @@ table, one program; the merge, one program per sequence and KV head with 8 piece
 revision that landed (call C): 16k tokens in 16k-wide tables 332.8 us against 327.1 (kernels in turns); B=1, 4k
 41.8 us a step in a jitted loop (25.1 in this session's first call, before pieces). The table as a dozen jnp ops
 (call A) or as this one program (call B) timed the same; B=1 went from 54.5 to 41.8 us from call B to C (the merge
-loading 8 pieces at once instead of one, and the key tables' words as the decode's constants).
+loading 8 pieces at once instead of one, and the key tables' words as the decode's constants). The merge then
+took 38.8 us of that step under ncu (the decode 8.5); cut over the D rows (8 a program, one warp), B=1, 4k took 28.6
+us a step against 42.5, B=1, 32k 50.7 against 65.6, B=32, 16k 313.1 against 313.0
+(docs/data/decode_merge_h200_2026-11-30_s26.log).
 """
 
 from __future__ import annotations
@@ -254,13 +259,15 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
 
 
 _MERGE_BLOCK = 8  # pieces a merge program loads at once (their loads in flight together, not one after another)
+_MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines (a power of 2)
 
 
 def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
     hk = info_ref.shape[1]
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
+    rows = pl.ds(pl.program_id(1) * out_ref.shape[0], out_ref.shape[0])
     first, count = info_ref[0, h, b], info_ref[1, h, b]
-    rows = out_ref.shape[-1]
+    n_q = out_ref.shape[-1]
 
     def block(i, carry):  # online log-sum-exp merge of _MERGE_BLOCK pieces; a -inf (empty) row weighs nothing
         m, den, acc = carry
@@ -268,7 +275,7 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
         for u in range(_MERGE_BLOCK):  # every load first (their addresses do not wait for the sums)
             ok = i * _MERGE_BLOCK + u < count
             slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * hk, first)  # past the last: weight 0
-            pieces.append((jnp.where(ok, lse_ref[slot, 0, :], -jnp.inf), o_ref[slot, :, :]))
+            pieces.append((jnp.where(ok, lse_ref[slot, 0, :], -jnp.inf), o_ref[slot, rows, :]))
         for lse, o in pieces:
             m_new = jnp.maximum(m, lse)
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -276,7 +283,7 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
             m, den, acc = m_new, den * a + w, acc * a[None, :] + o * w[None, :]
         return m, den, acc
 
-    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+    init = (jnp.full((n_q,), -jnp.inf, jnp.float32), jnp.zeros((n_q,), jnp.float32),
             jnp.zeros(out_ref.shape, jnp.float32))
     _, den, acc = lax.fori_loop(0, (count + _MERGE_BLOCK - 1) // _MERGE_BLOCK, block, init)
     out_ref[...] = acc / jnp.where(den > 0, den, 1.0)[None, :]
@@ -287,19 +294,23 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, i
     """The pieces' partial outputs -> [B * Hk, D, R] float32 (row b * Hk + h): ``o`` [slots, D, R] float32 (each
     piece's output for R query rows, normalised within the piece), ``lse`` [slots, 8, R] float32 (row 0: the
     pieces' base-2 log-sum-exps), ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV head h of sequence b has
-    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets zeros. One program
-    per (sequence, KV head) (Triton lowering: CUDA, ROCm, interpret mode)."""
+    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets zeros. D and R powers of
+    2. One program per (sequence, KV head) and 8 of the D rows, one warp (Triton lowering: CUDA, ROCm, interpret
+    mode): a merge is a chain of dependent steps per piece, so more programs with less each finish sooner (H200, 8
+    KV heads, 64 pieces each, under ncu: 13.0 us against 38.8 for a program of 4 warps per (sequence, KV head);
+    132 pieces: 24.2 against 78.5; docs/data/decode_merge_h200_2026-11-30_s26.log)."""
     n_bh = batch * info.shape[1]
     _, d, r = o.shape
+    rows = min(d, _MERGE_ROWS)
     return pl.pallas_call(
         _merge_kernel,
-        grid=(n_bh,),
-        in_specs=[pl.BlockSpec(info.shape, lambda i: (0, 0, 0)), pl.BlockSpec(o.shape, lambda i: (0, 0, 0)),
-                  pl.BlockSpec(lse.shape, lambda i: (0, 0, 0))],
-        out_specs=pl.BlockSpec((None, d, r), lambda i: (i, 0, 0)),
+        grid=(n_bh, d // rows),
+        in_specs=[pl.BlockSpec(info.shape, lambda i, c: (0, 0, 0)), pl.BlockSpec(o.shape, lambda i, c: (0, 0, 0)),
+                  pl.BlockSpec(lse.shape, lambda i, c: (0, 0, 0))],
+        out_specs=pl.BlockSpec((None, rows, r), lambda i, c: (i, c, 0)),
         out_shape=jax.ShapeDtypeStruct((n_bh, d, r), jnp.float32),
         interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         name="tq_merge_pieces",
     )(info, o, lse)
 
