@@ -11,7 +11,6 @@ parameters (tokens per step / warps / stages), next to a read-only probe with th
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from experiments.device_check import build
-from experiments.timing import copy_bandwidth, device_description, time_fn
+from experiments.timing import copy_bandwidth, device_description, on_cache, time_fn
 from tqjax.pallas.decode import SPLIT_F16, SPLIT_QUERY, paged_decode
 from tqjax.pallas.tuning import decode_params
 from tqjax.reference import paged_decode_reference
@@ -89,7 +88,7 @@ def main() -> None:
         name = args.presets.split(",")[0]
         _, cache, bt, lens = build(name, args.batch, args.context, 32, 8, 128, 16, rng)
         q = jnp.asarray(rng.standard_normal((args.batch, 32, 128)), jnp.float32)
-        step = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens))
+        step = on_cache(paged_decode, cache, bt, lens)
         for _ in range(1 + args.calls):  # a compiling call, then the steady state a timeline should show
             step(q).block_until_ready()
         return
@@ -122,9 +121,8 @@ def main() -> None:
             dot_mode = "mma_t" if "t" in flags else "mma" if "m" in flags else None
             lookup_name = "/".join([lookup, *flags])
             try:
-                f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens, lookup=lookup,
-                                              block_tokens=bt_tok, num_warps=w, num_stages=s, precision=precision,
-                                              dot_mode=dot_mode))
+                f = on_cache(paged_decode, cache, bt, lens, lookup=lookup, block_tokens=bt_tok, num_warps=w,
+                             num_stages=s, precision=precision, dot_mode=dot_mode)
                 err = float(jnp.max(jnp.abs(f(qs[0].astype(jnp.float32)) - ref)) / jnp.max(jnp.abs(ref)))
                 t = time_fn(f, [(q,) for q in qs])
                 rows.append((name, lookup_name, bt_tok, w, s, f"{t*1e6:.0f}", f"{nbytes/t/1e9:.0f}",

@@ -20,7 +20,6 @@ bandwidth of the same run. Hopper GPUs only.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -34,6 +33,7 @@ from experiments.timing import (
     device_description,
     in_turns,
     load_versions,
+    on_cache,
     time_fn,
 )
 from tqjax.pallas import decode_mgpu
@@ -73,8 +73,7 @@ def main(argv=None) -> None:
         chosen = {}
         for label, module in modules.items():
             for s, stages in variants:
-                f = jax.jit(functools.partial(module.paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens,
-                                              num_splits=s, stages=stages))
+                f = on_cache(module.paged_decode_mgpu, cache, bt, lens, num_splits=s, stages=stages)
                 if args.once:
                     for _ in range(4):
                         jax.block_until_ready(f(qs[0]))

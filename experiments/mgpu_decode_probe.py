@@ -435,7 +435,7 @@ def main(argv=None) -> None:
         exp = jax.export.export(fn, platforms=["cuda"])(*avals)
         print("lowered:", len(exp.mlir_module()), "characters of StableHLO with the Mosaic GPU kernel")
         return
-    from experiments.timing import copy_bandwidth, device_description, time_fn
+    from experiments.timing import copy_bandwidth, device_description, on_cache, time_fn
 
     print(device_description(), flush=True)
     def prep(inputs, rows_q):  # make_inputs' arrays -> the kernel's arguments (scalars packed, not timed)
@@ -497,7 +497,7 @@ def main(argv=None) -> None:
         hq = args.heads * args.group
         _, cache, bt, lens = build("turboquant_4bit_nc", args.batch, args.context, hq, args.heads, DIM, 16, rng)
         qs = [jnp.asarray(rng.standard_normal((args.batch, hq, DIM)), jnp.float32) for _ in range(3)]
-        f = jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt, seq_lens=lens))
+        f = on_cache(paged_decode, cache, bt, lens)
         t = time_fn(f, [(q,) for q in qs])
         rows.append(("tqjax paged_decode (Triton), turboquant_4bit_nc", t, cache.nbytes))
         print(rows[-1], flush=True)
@@ -535,7 +535,7 @@ def float64_attention(q, cache, bt, lens, seq: int) -> np.ndarray:
 def paged_comparison(args) -> None:
     """The product kernel (tqjax.pallas.decode_mgpu) vs the Triton decode, same cache, same timing."""
     from experiments.device_check import build
-    from experiments.timing import copy_bandwidth, device_description, time_fn
+    from experiments.timing import copy_bandwidth, device_description, on_cache, time_fn
     from tqjax.pallas.decode import _device_cores, choose_num_splits, paged_decode
     from tqjax.pallas.decode_mgpu import paged_decode_mgpu
     from tqjax.reference import paged_decode_reference
@@ -553,11 +553,10 @@ def paged_comparison(args) -> None:
         ref64 = float64_attention(qs[0], cache, bt, lens, seq=0)
         scale = 1 / math.sqrt(DIM)
         auto = choose_num_splits(b, hk, bt.shape[1], 4, _device_cores())
-        systems = {"triton (tuned)": jax.jit(functools.partial(paged_decode, cache=cache, block_tables=bt,
-                                                                  seq_lens=lens, implementation="triton"))}
+        systems = {"triton (tuned)": on_cache(paged_decode, cache, bt, lens, implementation="triton")}
         for splits in sorted({1, 2, 4, auto}):
-            systems[f"mosaic, {splits} splits"] = jax.jit(functools.partial(
-                paged_decode_mgpu, cache=cache, block_tables=bt, seq_lens=lens, scale=scale, num_splits=splits))
+            systems[f"mosaic, {splits} splits"] = on_cache(paged_decode_mgpu, cache, bt, lens, scale=scale,
+                                                           num_splits=splits)
         for name, f in systems.items():
             try:
                 out0 = f(qs[0])

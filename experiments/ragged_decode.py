@@ -37,6 +37,7 @@ from experiments.timing import (
     device_description,
     in_turns,
     load_versions,
+    on_cache,
     time_fn,
 )
 from tqjax.pallas import decode_mgpu, pieces
@@ -123,19 +124,17 @@ def main(argv=None) -> None:
                             for cut in ("width", "lengths")}
             fns, first = {}, None
             for kernel, decode in kernels.items():
-                # the cache an argument, not a constant captured in the lowering (gigabytes: slow compiles)
-                f = jax.jit(lambda q, c, t, n, decode=decode: decode(q, cache=c, block_tables=t, seq_lens=n))
-                out = f(qs[0], cache, tables, lens)
+                f = on_cache(decode, cache, tables, lens)
+                out = f(qs[0])
                 first = out if first is None else first
                 fns[kernel] = (f, float(jnp.max(jnp.abs(out - first)) / jnp.max(jnp.abs(first))))
-            arg_sets = [(q, cache, tables, lens) for q in qs]
             times = in_turns({k: f for k, (f, _) in fns.items()}, args.repeats,
-                             lambda f, sets=arg_sets: time_fn(f, sets))
+                             lambda f, qs=qs: time_fn(f, [(q,) for q in qs]))
             for kernel, (_, diff) in fns.items():
                 t = statistics.median(times[kernel])
                 rows.append((preset, label, int(lens_np.sum()), kernel, t, nbytes / t / bw, diff))
                 print("ROW", rows[-1], flush=True)
-            del cache, arg_sets
+            del cache
     print(f"\n{device_description()}; copy bw {bw / 1e9:.0f} GB/s; Hq={HQ} Hk={HK} D={D} block {BS}")
     print("preset | case | tokens | kernel | us | of copy bw | rel diff")
     for preset, label, tokens, kernel, t, frac, diff in rows:

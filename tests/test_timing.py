@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tqjax
-from experiments.timing import in_turns, looped_store
+from experiments.timing import in_turns, looped_store, on_cache
 from tqjax import reference
 
 
@@ -70,3 +70,26 @@ def test_in_turns_interleaves_the_functions() -> None:
     times = in_turns({"a": "A", "b": "B"}, 3, lambda fn: calls.append(fn) or len(calls))
     assert calls == ["A", "B"] * 3  # turns, not one function's repeats in a row
     assert times == {"a": [1, 3, 5], "b": [2, 4, 6]}
+
+
+def test_on_cache_passes_the_cache_as_an_argument() -> None:
+    """The decode sees the cache, tables and lengths as traced arguments (bound by functools.partial they would be
+    concrete arrays, constants captured in the lowering), is traced once for several queries, and gives the
+    reference's output for the same inputs."""
+    rng = np.random.default_rng(5)
+    cache = tqjax.PagedKVCache.allocate(tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64), 6, 16, 2)
+    k, v = (jnp.asarray(rng.standard_normal((96, 2, 64)), jnp.float32) for _ in range(2))
+    cache = reference.store_jit(cache, k, v, jnp.arange(96, dtype=jnp.int32))
+    tables, lens = jnp.asarray([[4, 1, 2], [0, 5, 3]], jnp.int32), jnp.asarray([40, 17], jnp.int32)
+    traced = []
+
+    def decode(q, c, t, n, *, scale):
+        traced.append(all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((c, t, n))))
+        return reference.paged_decode_reference(q, c, t, n, scale=scale)
+
+    f = on_cache(decode, cache, tables, lens, scale=0.25)
+    for _ in range(2):
+        q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+        np.testing.assert_allclose(f(q), reference.paged_decode_jit(q, cache, tables, lens, scale=0.25), rtol=1e-6,
+                                   atol=1e-6)
+    assert traced == [True]
