@@ -5,7 +5,8 @@
 The GPU tests spend most of their time compiling, one core at a time: on the lent H200 (16 cores) the 84 tests of
 the two files above take over five minutes in one process and 80 s in six (twenty-second session); their 89 tests took
 147 s in eight processes and had not finished in 150 s in fourteen (twenty-third session, one call each); 125 s in
-eight, and 90 over 200 s in eight in a later call (twenty-fourth session: the lent machine's speed varies). The test ids
+eight, and 90 over 200 s in eight in a later call (twenty-fourth session: the lent machine's speed varies);
+90 in 173 s (twenty-fifth session). The test ids
 matching ``--marker`` are collected once and dealt round-robin (so each shard mixes the slow and the quick
 parametrisations); every process gets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that they share the GPU's memory.
 Each shard's output goes to ``<out>/shard<i>.log``; the exit status is 1 if any shard failed or found no tests.
