@@ -47,6 +47,9 @@ from tqjax.pallas.decode_mgpu import (
     programs_per_core,
     qjl_channel_order,
     qjl_word_asm,
+    query_matrix,
+    query_operands,
+    query_operands_reference,
     resident_programs,
     table_words,
     tile_order,
@@ -299,6 +302,65 @@ def test_value_tile_plan_covers_the_tile_without_bank_conflicts(head_dim):
                     seen[r, w] += 1
                 assert _bank_conflicts(np.array([tile_unit(r, w, head_dim) for r, w in plan])) == 0, (warp, j, i)
     np.testing.assert_array_equal(seen, 1)
+
+
+QUERY_CASES = [
+    # preset, head_dim, Hq, Hk, query dtype
+    ("turboquant_4bit_nc", 128, 32, 8, jnp.float32),
+    ("turboquant_kqjl3v4", 128, 12, 4, jnp.bfloat16),  # D' = 2 D, a group of 3
+    ("turboquant_k3p5v4", 128, 8, 8, jnp.float32),  # split keys, a group of 1
+    ("turboquant_k8v4", 64, 16, 2, jnp.float16),  # float8 keys: the matrix a permutation
+    ("turboquant_3bit_nc", 256, 14, 2, jnp.float32),  # a group of 7
+    ("turboquant_kqjl4v4", 256, 16, 2, jnp.float32),  # D' = 512
+]
+
+
+@pytest.mark.parametrize("name,head_dim,hq,hk,dtype", QUERY_CASES)
+def test_query_operands_kernel(name, head_dim, hq, hk, dtype):
+    """The query's operands from the Triton kernel (interpret mode) and from XLA (query_operands_reference) against
+    float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself): the inverse powers
+    (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the kernel's float32
+    sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi part scaled to
+    a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero. Rows of magnitudes from
+    1e-3 to 1e3 and an all-zero row."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+    rng = np.random.default_rng(head_dim + hq)
+    b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
+    q = rng.standard_normal((b, hq, head_dim)) * 10.0 ** rng.uniform(-3, 3, (b, hq, 1))
+    q[1, 0] = 0.0
+    q = jnp.asarray(q, dtype)
+    q64 = np.asarray(q.astype(jnp.float32), np.float64)
+    w = np.asarray(query_matrix(cfg), np.float64)
+    tq = np.asarray(tile_query(cfg, q.astype(jnp.float32)), np.float64)
+    assert np.all(np.abs(tq - q64 @ w) <= 1e-6 * np.abs(q64 @ w).max(axis=-1, keepdims=True))
+    want = (q64 @ w).reshape(b, hk, g, w.shape[1])
+    got = query_operands(q, cfg, num_kv_heads=hk, factor=factor, interpret=True)
+    ref = query_operands_reference(q, cfg, num_kv_heads=hk, factor=factor)
+    for q16, qinv in (got, ref):
+        chex.assert_shape(q16, (b, hk, 16, w.shape[1]))
+        chex.assert_shape(qinv, (b, hk, 32))
+        assert q16.dtype == jnp.float16 and qinv.dtype == jnp.float32
+        hi, lo = np.asarray(q16[:, :, :8], np.float64), np.asarray(q16[:, :, 8:], np.float64)
+        inv = np.asarray(qinv, np.float64)
+        np.testing.assert_array_equal(inv[..., :8], inv[..., 8:16])
+        x = (hi + lo) * inv[..., :8, None] / factor
+        top = np.abs(want).max(axis=-1, keepdims=True)
+        assert np.all(np.abs(x[:, :, :g] - want) <= 1e-6 * top), np.abs(x[:, :, :g] - want).max(axis=-1) / top[..., 0]
+        assert not hi[:, :, g:].any() and not lo[:, :, g:].any()
+        peak = np.abs(hi[:, :, :g]).max(axis=-1)
+        assert np.all((peak >= 2**13) & (peak <= 2**14) | (top[..., 0] == 0))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_query_operands_lower_to_triton(platform):
+    """The query kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl3v4", 128)
+    exported = jax.export.export(
+        jax.jit(lambda q: query_operands(q, cfg, num_kv_heads=4, factor=0.1)), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(jax.ShapeDtypeStruct((2, 12, 128), jnp.bfloat16))
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
 @pytest.mark.parametrize("name,head_dim", [(name, 128) for name in MOSAIC_PRESETS] + [

@@ -39,7 +39,10 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   next pages' ids are loaded from global memory a step ahead;
 - the grid is ``(Hk, pieces)``: the work is cut by the sequences' lengths on the device (:mod:`tqjax.pallas.pieces`:
   a piece of a sequence a program, its partial output merged with the others' by their log-sum-exps; programs past
-  the last piece skip the body).
+  the last piece skip the body);
+- the query's operands (rotated, in the key tiles' column order, split into float16 high and low parts of
+  power-of-2 scaled rows, and the inverse powers) come from one small Triton kernel before the decode
+  (:func:`query_operands`, a program per sequence and KV head; XLA took five kernels for it).
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
@@ -73,6 +76,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
 
 from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
@@ -84,7 +88,8 @@ __all__ = [
     "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_tables",
     "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper", "paged_decode_mgpu",
     "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan",
-    "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported",
+    "query_matrix", "query_operands", "query_operands_reference", "resident_programs", "table_words", "tile_order",
+    "tile_query", "tile_unit", "unsupported",
     "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
     "value_word_asm",
 ]
@@ -96,7 +101,7 @@ BLOCK_SIZES = (16, 32, 64)
 HEAD_DIMS = (64, 128, 256)
 _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-_F16_TOP = 14  # the query's rows are scaled so their max lies in [2**14, 2**15)
+_F16_TOP = 14  # the query's rows are scaled so their max lies in [2**13, 2**14) (frexp: a mantissa in [1/2, 1))
 #: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
 #: excess goes with the probabilities, whose factor stays below 2**15 for scales below 2**14 (the store's 4-bit
 #: value scales are at most 2 * 65504 / 15 = 8734: it clamps values to float16's range).
@@ -1284,7 +1289,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
 
 def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """float32 [B, Hk, G, D] -> (float16 [B, Hk, 16, D]: rows 0..7 the high parts of the group's rows
-    scaled by powers of 2 (max in [2**14, 2**15)), rows 8..15 the low parts; float32 [B, Hk, 32]: the
+    scaled by powers of 2 (max in [2**13, 2**14)), rows 8..15 the low parts; float32 [B, Hk, 32]: the
     inverse powers, four times (a copy of at least 128 bytes))."""
     g = q.shape[2]
     q = jnp.pad(q, ((0, 0), (0, 0), (0, HALF - g), (0, 0)))
@@ -1295,6 +1300,83 @@ def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
     inv = jnp.ldexp(jnp.ones_like(q[..., 0]), (ex - _F16_TOP)[..., 0])
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
+
+
+@functools.cache
+def query_matrix(config: TurboQuantConfig) -> np.ndarray:
+    """float32 [D, D'] with ``tile_query(config, q) == q @ query_matrix(config)`` (up to float32 rounding):
+    :func:`tile_query` is linear (rotations, column orders, the QJL projection and its scale), so it is its
+    value on the identity. D' = D, QJL keys 2 D."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(tile_query(config, jnp.eye(config.head_dim, dtype=jnp.float32)))
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """float32 2**k for int32 k in [-126, 127] (the exponent field, no multiplication)."""
+    return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+
+def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, *, group: int, factor: float, chunk: int):
+    hk = q16_ref.shape[1]
+    b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
+    d, width = w_ref.shape
+
+    def step(i, rows):  # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs
+        w = w_ref[pl.ds(i * chunk, chunk), :]
+        return tuple(x + jnp.sum(q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w,
+                                 axis=0) for r, x in enumerate(rows))
+
+    rows = lax.fori_loop(0, d // chunk, step, tuple(jnp.zeros((width,), jnp.float32) for _ in range(group)))
+    lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
+    inv = jnp.full((4 * HALF,), 2.0 ** -_F16_TOP * factor, jnp.float32)  # padding rows: zeros, exponent 0
+    for r, x in enumerate(rows):
+        top = jnp.max(jnp.abs(x))
+        # frexp's exponent of the row's largest magnitude (0 for a zero row), clipped as _split_query clips it
+        ex = jnp.where(top == 0, 0, (lax.bitcast_convert_type(top, jnp.int32) >> 23 & 0xFF) - 126)
+        ex = jnp.clip(ex, -100, 100)
+        x = x * _pow2(_F16_TOP - ex)
+        hi = x.astype(jnp.float16)
+        q16_ref[b, h, r, :] = hi
+        q16_ref[b, h, HALF + r, :] = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+        inv = jnp.where(lane == r, _pow2(ex - _F16_TOP) * factor, inv)
+    for r in range(group, HALF):
+        q16_ref[b, h, r, :] = jnp.zeros((width,), jnp.float16)
+        q16_ref[b, h, HALF + r, :] = jnp.zeros((width,), jnp.float16)
+    qinv_ref[b, h, :] = inv
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "interpret"))
+def query_operands(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int, factor: float,
+                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """query [B, Hq, D] (any float dtype) -> the decode's query operands in one Triton program per (sequence, KV
+    head) (CUDA, ROCm, interpret mode), what :func:`query_operands_reference` makes in XLA's five kernels: float16
+    [B, Hk, 16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by powers of 2 so
+    that each row's largest magnitude lies in [2**13, 2**14); rows 8..15 the low parts; rows past the group
+    zero) and float32 [B, Hk, 32] (the inverse powers times ``factor``, four times). The products are float32
+    FMAs with :func:`query_matrix`."""
+    b, hq, d = query.shape
+    w = jnp.asarray(query_matrix(config))
+    width = w.shape[1]
+    chunk = min(d, max(1, 8192 // (4 * width)))  # [chunk, D'] float32 a step: 8192 elements over 128 threads / 4
+    kernel = functools.partial(_query_kernel, group=hq // num_kv_heads, factor=factor, chunk=chunk)
+    return pl.pallas_call(
+        kernel,
+        grid=(b * num_kv_heads,),
+        out_shape=(jax.ShapeDtypeStruct((b, num_kv_heads, 2 * HALF, width), jnp.float16),
+                   jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32)),
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="tq_decode_query",
+    )(query, w)
+
+
+def query_operands_reference(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
+                             factor: float) -> tuple[jax.Array, jax.Array]:
+    """:func:`query_operands` in jnp: :func:`tile_query` and :func:`_split_query`."""
+    b, hq, d = query.shape
+    q = query.astype(jnp.float32).reshape(b, num_kv_heads, hq // num_kv_heads, d)
+    q16, qinv = _split_query(tile_query(config, q))
+    return q16, qinv * factor
 
 
 #: Programs (one per KV head and piece of a sequence) resident per multiprocessor, by head_dim (2 page-copy
@@ -1431,10 +1513,10 @@ def paged_decode_mgpu_jit(
     step_pages, max_blocks = TOKENS // cache.block_size, block_tables.shape[1]
     work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
                              step_pages=step_pages, resident=resident, num_splits=num_splits, waves=waves, fill=fill)
-    q16, qinv = _split_query(tile_query(cfg, query.astype(jnp.float32).reshape(b, hk, g, d)))
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
-    qinv = qinv * (scale * _LOG2E if softcap is None else scale / softcap)
+    factor = scale * _LOG2E if softcap is None else scale / softcap
+    q16, qinv = query_operands(query, cfg, num_kv_heads=hk, factor=factor)
     pieces = grid_size(b, hk, resident, num_splits, waves, -(-max_blocks // step_pages))
     call = _build_call(cfg, hk, cache.block_size, pieces, stages, softcap, waves)
     key_scales = cache.key_scales
