@@ -1321,12 +1321,14 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, *, group: int, factor: float,
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
     d, width = w_ref.shape
 
-    def step(i, rows):  # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs
+    def step(i, rows):  # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs,
+        # summed over the chunk after the loop (a sum across threads a row, not one a row and step)
         w = w_ref[pl.ds(i * chunk, chunk), :]
-        return tuple(x + jnp.sum(q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w,
-                                 axis=0) for r, x in enumerate(rows))
+        return tuple(x + q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w
+                     for r, x in enumerate(rows))
 
-    rows = lax.fori_loop(0, d // chunk, step, tuple(jnp.zeros((width,), jnp.float32) for _ in range(group)))
+    rows = lax.fori_loop(0, d // chunk, step, tuple(jnp.zeros((chunk, width), jnp.float32) for _ in range(group)))
+    rows = [jnp.sum(x, axis=0) for x in rows]
     lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
     inv = jnp.full((4 * HALF,), 2.0 ** -_F16_TOP * factor, jnp.float32)  # padding rows: zeros, exponent 0
     for r, x in enumerate(rows):
@@ -1357,7 +1359,7 @@ def query_operands(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: 
     b, hq, d = query.shape
     w = jnp.asarray(query_matrix(config))
     width = w.shape[1]
-    chunk = min(d, max(1, 8192 // (4 * width)))  # [chunk, D'] float32 a step: 8192 elements over 128 threads / 4
+    chunk = min(d, max(1, 1024 // width))  # 8 rows' [chunk, D'] float32 sums: 64 registers a thread of 128
     kernel = functools.partial(_query_kernel, group=hq // num_kv_heads, factor=factor, chunk=chunk)
     return pl.pallas_call(
         kernel,
