@@ -1367,9 +1367,7 @@ def query_operands(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: 
         out_shape=(jax.ShapeDtypeStruct((b, num_kv_heads, 2 * HALF, width), jnp.float16),
                    jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32)),
         interpret=interpret,
-        # three stages: the loop's loads (independent of its sums) issued ahead, so that a program does not wait
-        # out a load's latency every step (B=1: 8 programs of D / chunk steps); not timed
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="tq_decode_query",
     )(query, w)
 
