@@ -100,8 +100,8 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 if hasattr(mod, "merge_pieces"):  # the pieces' table and merge are Triton kernels: jax 0.11 lowers them beside a GPU
     from tqjax.pallas import pieces
-    def _merge(o, lse, info, batch, interpret=False):
-        return pieces.merge_pieces_reference(o, lse, info, batch=batch)
+    def _merge(o, lse, info, batch, interpret=False, **kw):
+        return pieces.merge_pieces_reference(o, lse, info, batch=batch, **kw)
     def _table(seq_lens, interpret=False, **kw):
         return pieces.piece_table_reference(seq_lens, **kw)
     mod.merge_pieces, mod.piece_table = _merge, _table

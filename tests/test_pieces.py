@@ -209,6 +209,7 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
     table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24, num_splits=num_splits)
     n_pieces = grid_size(len(lens), 2, 24, num_splits, WAVES, math.ceil(70 / 4))
     o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=64, rows=8)
+    want = np.swapaxes(want, 1, 2)  # [B * Hk, rows, D]
     args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
     got = np.asarray(merge_pieces(*args, batch=len(lens), interpret=True))
     ref = np.asarray(merge_pieces_reference(*args, batch=len(lens)))
@@ -216,6 +217,41 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ref, want, rtol=0, atol=1e-5)
     assert np.all(got[:2] == 0) and np.all(got[12:14] == 0)  # the empty sequences' bh
+
+
+@pytest.mark.parametrize("channels", ["identity", "reversed pairs", "value4", "value3"])
+@pytest.mark.parametrize("d_major,rows,dtype", [(True, 8, jnp.float32), (True, 4, jnp.bfloat16),
+                                                (False, 2, jnp.float32), (False, 16, jnp.float16)])
+def test_merge_orders_channels_keeps_rows_and_reads_either_layout(channels, d_major, rows, dtype):
+    """The merge writes [B * Hk, rows, D] with the channels in order (o's D row i is channel ``channels[i]``: the
+    Mosaic decode's value orders, and orders whose groups are smaller), the first ``rows`` query rows, in
+    ``dtype``, from o in either layout and base-e log-sum-exps scaled in the kernel: against the float64 merge of
+    the same pieces (attention_pieces) and against the jnp reference. Float32: within 1e-5 (as above); bfloat16 and
+    float16 outputs: one rounding of values up to ~4 (2**-7 and 2**-10 relative)."""
+    from tqjax.pallas.decode_mgpu import value3_channel_order, value_channel_order
+
+    rng = np.random.default_rng(len(channels) + rows)
+    lens, d, r = [300, 0, 65, 1000], 64, max(rows, 8)
+    table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24)
+    n_pieces = grid_size(len(lens), 2, 24, None, WAVES, math.ceil(70 / 4))
+    o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=d, rows=r)
+    order = {"identity": np.arange(d), "reversed pairs": np.arange(d).reshape(-1, 2)[:, ::-1].ravel(),
+             "value4": value_channel_order(d), "value3": value3_channel_order(d)}[channels]
+    o_rows = np.empty_like(o)
+    o_rows[:, np.arange(d)] = o[:, order]  # o's row i holds channel order[i]
+    want = np.swapaxes(want, 1, 2)[:, :rows]  # [B * Hk, rows, D], channels in order
+    o_in = o_rows if d_major else np.swapaxes(o_rows, 1, 2)
+    lse_in = lse if d_major else lse[:, :1] * np.log(2.0)  # base e, [slots, 1, R]
+    kw = {"batch": len(lens), "rows": rows, "channels": tuple(int(c) for c in order), "d_major": d_major,
+          "lse_scale": 1.0 if d_major else 1 / math.log(2.0), "dtype": dtype}
+    args = (jnp.asarray(o_in, jnp.float32), jnp.asarray(lse_in, jnp.float32), jnp.asarray(info))
+    got = merge_pieces(*args, interpret=True, **kw)
+    ref = merge_pieces_reference(*args, **kw)
+    chex.assert_shape((got, ref), want.shape)
+    assert got.dtype == ref.dtype == dtype
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 4 * 2**-8, jnp.float16: 4 * 2**-11}[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=0, atol=tol)
 
 
 def test_merge_weighs_empty_rows_nothing():
@@ -226,7 +262,7 @@ def test_merge_weighs_empty_rows_nothing():
     lse[0, 0, 3] = -np.inf
     lse[2:, 0, :] = -np.inf
     info = jnp.asarray([[[0, 2]], [[2, 2]]], jnp.int32)  # [2, Hk=1, B=2]: sequence 0 at slots 0-1, 1 at 2-3
-    got = np.asarray(merge_pieces(o, jnp.asarray(lse), info, batch=2, interpret=True))
-    np.testing.assert_allclose(got[0, :, 3], np.asarray(o)[1, :, 3], rtol=1e-6)
-    np.testing.assert_allclose(got[0, :, 0], (np.asarray(o)[0, :, 0] + np.asarray(o)[1, :, 0]) / 2, rtol=1e-6)
+    got = np.asarray(merge_pieces(o, jnp.asarray(lse), info, batch=2, interpret=True))  # [B * Hk, R, D]
+    np.testing.assert_allclose(got[0, 3], np.asarray(o)[1, :, 3], rtol=1e-6)
+    np.testing.assert_allclose(got[0, 0], (np.asarray(o)[0, :, 0] + np.asarray(o)[1, :, 0]) / 2, rtol=1e-6)
     assert np.all(got[1] == 0)

@@ -798,9 +798,9 @@ def split_kv_decode(kernel, block_tables: jax.Array, seq_lens: jax.Array, querie
     n_pieces = grid_size(b, hk, resident, None, WAVES, -(-max_blocks // pages_per_chunk))
     o, lse = pieces_call(piece_program(kernel), work, block_tables, seq_lens, queries, cache_arrays,
                          n_pieces=n_pieces, rows=rows, out_dim=out_dim, interpret=interpret, **launch)
-    # merge_pieces takes [slots, D, R] outputs and base-2 log-sum-exps at [slots, 0, R]
-    merged = merge_pieces(jnp.swapaxes(o, 1, 2), (lse * _LOG2E)[:, None, :], info, batch=b, interpret=interpret)
-    return jnp.swapaxes(merged, 1, 2).reshape(b, hk, rows, out_dim)
+    # o [slots, R, D]; the log-sum-exps [slots, R] in base e
+    merged = merge_pieces(o, lse[:, None, :], info, batch=b, d_major=False, lse_scale=_LOG2E, interpret=interpret)
+    return merged.reshape(b, hk, rows, out_dim)
 
 
 def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:

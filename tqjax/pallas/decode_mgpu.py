@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -1526,17 +1527,19 @@ def paged_decode_mgpu_jit(
         key_scales = jnp.zeros((1, 1, 1, 1), jnp.float16)
     o, lse = call(work, block_tables, seq_lens, q16, qinv, flat_pages(cache.key_codes),
                   key_scales, flat_pages(cache.value_codes), cache.value_scales)
-    out = merge_kernel_pieces(o, lse, info, cfg.value_bits, batch=b).reshape(b, hk, HALF, d)
-    return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
+    rows = g if g & (g - 1) == 0 else HALF  # the merge keeps a power of 2 of the kernel's 8 rows
+    out = merge_kernel_pieces(o, lse, info, cfg.value_bits, batch=b, rows=rows, dtype=query.dtype)
+    return out.reshape(b, hk, rows, d)[:, :, :g].reshape(b, hq, d)
 
 
 def merge_kernel_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, value_bits: int = 4, *, batch: int,
-                        interpret: bool = False) -> jax.Array:
-    """The kernel's outputs -> [B * Hk, 8, D] float32: ``o`` [slots, D, 8] (each piece's output for the 8 query
-    rows, normalised within the piece, its D rows in :func:`value_channel_order`, 3-bit values
-    :func:`value3_channel_order`), ``lse`` [slots, 8, 8] (row 0: the pieces' log-sum-exps in base 2), ``info``
-    [2, Hk, >= B] (:func:`tqjax.pallas.pieces.piece_table`: KV head h's pieces at slots ``first + i * Hk``), merged
-    by :func:`tqjax.pallas.pieces.merge_pieces`; a (sequence, KV head) without pieces gets zeros."""
+                        rows: int = HALF, dtype: Any = jnp.float32, interpret: bool = False) -> jax.Array:
+    """The kernel's outputs -> [B * Hk, rows, D] ``dtype``, channels in order: ``o`` [slots, D, 8] (each piece's
+    output for the 8 query rows, normalised within the piece, its D rows in :func:`value_channel_order`, 3-bit
+    values :func:`value3_channel_order`), ``lse`` [slots, 8, 8] (row 0: the pieces' log-sum-exps in base 2),
+    ``info`` [2, Hk, >= B] (:func:`tqjax.pallas.pieces.piece_table`: KV head h's pieces at slots ``first + i *
+    Hk``), merged by :func:`tqjax.pallas.pieces.merge_pieces` (which writes the channels in order and the first
+    ``rows`` query rows, a power of 2); a (sequence, KV head) without pieces gets zeros."""
     order = (value3_channel_order if value_bits == 3 else value_channel_order)(o.shape[1])
-    merged = merge_pieces(o, lse, info, batch=batch, interpret=interpret)  # [B * Hk, D, 8], the kernel's rows
-    return jnp.swapaxes(merged[:, np.argsort(order)], 1, 2)  # channel c is the kernel's row argsort(order)[c]
+    return merge_pieces(o, lse, info, batch=batch, rows=rows, channels=tuple(int(c) for c in order), dtype=dtype,
+                        interpret=interpret)

@@ -64,14 +64,17 @@ us a step against 42.5, B=1, 32k 50.7 against 65.6, B=32, 16k 313.1 against 313.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["grid_size", "merge_pieces", "merge_pieces_reference", "piece_table", "piece_table_reference"]
+__all__ = ["grid_size", "merge_groups", "merge_pieces", "merge_pieces_reference", "piece_table",
+           "piece_table_reference"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
@@ -259,15 +262,47 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
 
 
 _MERGE_BLOCK = 8  # pieces a merge program loads at once (their loads in flight together, not one after another)
-_MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines (a power of 2)
+_MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at most (a power of 2)
 
 
-def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
+@functools.cache
+def merge_groups(channels: tuple[int, ...] | None, d: int) -> tuple[int, int, int, np.ndarray]:
+    """The merge programs' share of the D rows of the pieces' outputs, whose row i holds output channel
+    ``channels[i]`` (None: channel i): ``(size, row_stride, channel_stride, starts)``, program g combining rows
+    ``starts[0, g] + i * row_stride`` into channels ``starts[1, g] + i * channel_stride``, i < size: the largest
+    power-of-2 size up to 8 for which such strided groups cover the rows once (the decode's value orders: 4)."""
+    chan = np.arange(d) if channels is None else np.asarray(channels)
+    size = min(d, _MERGE_ROWS)
+    while True:
+        for row_stride in (1 << k for k in range(d.bit_length())):
+            free, starts, strides = np.ones(d, bool), [], set()
+            for r in range(d):
+                if not free[r]:
+                    continue
+                rows = r + row_stride * np.arange(size)
+                if rows[-1] >= d or not free[rows].all():
+                    break
+                steps = np.diff(chan[rows])
+                if size > 1 and (steps[0] <= 0 or np.any(steps != steps[0])):
+                    break
+                strides.add(int(steps[0]) if size > 1 else 1)
+                free[rows] = False
+                starts.append((r, chan[r]))
+            else:
+                if len(strides) == 1:
+                    return size, row_stride, strides.pop(), np.array(starts, np.int32).T.copy()
+        size //= 2
+
+
+def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, size: int, row_stride: int,
+                  channel_stride: int, rows: int, d_major: bool, lse_scale: float):
     hk = info_ref.shape[1]
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
-    rows = pl.ds(pl.program_id(1) * out_ref.shape[0], out_ref.shape[0])
+    group = pl.program_id(1)
     first, count = info_ref[0, h, b], info_ref[1, h, b]
-    n_q = out_ref.shape[-1]
+    d_rows, q_rows = pl.ds(groups_ref[0, group], size, row_stride), pl.ds(0, rows)
+    # o's tile [size, rows] (d_major) or [rows, size]; a query row's weight along the tile's query axis
+    along = (lambda w: w[None, :]) if d_major else (lambda w: w[:, None])
 
     def block(i, carry):  # online log-sum-exp merge of _MERGE_BLOCK pieces; a -inf (empty) row weighs nothing
         m, den, acc = carry
@@ -275,48 +310,63 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref):
         for u in range(_MERGE_BLOCK):  # every load first (their addresses do not wait for the sums)
             ok = i * _MERGE_BLOCK + u < count
             slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * hk, first)  # past the last: weight 0
-            pieces.append((jnp.where(ok, lse_ref[slot, 0, :], -jnp.inf), o_ref[slot, rows, :]))
+            o = o_ref[slot, d_rows, q_rows] if d_major else o_ref[slot, q_rows, d_rows]
+            lse = lse_ref[slot, 0, q_rows]
+            pieces.append((jnp.where(ok, lse if lse_scale == 1.0 else lse * lse_scale, -jnp.inf), o))
         for lse, o in pieces:
             m_new = jnp.maximum(m, lse)
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             a, w = jnp.exp2(m - m_safe), jnp.exp2(lse - m_safe)
-            m, den, acc = m_new, den * a + w, acc * a[None, :] + o * w[None, :]
+            m, den, acc = m_new, den * a + w, acc * along(a) + o * along(w)
         return m, den, acc
 
-    init = (jnp.full((n_q,), -jnp.inf, jnp.float32), jnp.zeros((n_q,), jnp.float32),
-            jnp.zeros(out_ref.shape, jnp.float32))
+    shape = (size, rows) if d_major else (rows, size)
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros(shape, jnp.float32))
     _, den, acc = lax.fori_loop(0, (count + _MERGE_BLOCK - 1) // _MERGE_BLOCK, block, init)
-    out_ref[...] = acc / jnp.where(den > 0, den, 1.0)[None, :]
+    out = acc / along(jnp.where(den > 0, den, 1.0))
+    out_ref[pl.program_id(0), q_rows, pl.ds(groups_ref[1, group], size, channel_stride)] = (
+        (out.T if d_major else out).astype(out_ref.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "interpret"))
-def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, interpret: bool = False) -> jax.Array:
-    """The pieces' partial outputs -> [B * Hk, D, R] float32 (row b * Hk + h): ``o`` [slots, D, R] float32 (each
-    piece's output for R query rows, normalised within the piece), ``lse`` [slots, 8, R] float32 (row 0: the
-    pieces' base-2 log-sum-exps), ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV head h of sequence b has
-    ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets zeros. D and R powers of
-    2. One program per (sequence, KV head) and 8 of the D rows, one warp (Triton lowering: CUDA, ROCm, interpret
-    mode): a merge is a chain of dependent steps per piece, so more programs with less each finish sooner (H200, 8
-    KV heads, 64 pieces each, under ncu: 13.0 us against 38.8 for a program of 4 warps per (sequence, KV head);
-    132 pieces: 24.2 against 78.5; docs/data/decode_merge_h200_2026-11-30_s26.log)."""
+@functools.partial(jax.jit, static_argnames=("batch", "rows", "channels", "d_major", "lse_scale", "dtype",
+                                             "interpret"))
+def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
+                 channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
+                 dtype: Any = jnp.float32, interpret: bool = False) -> jax.Array:
+    """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
+    piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
+    R, D]; its D row i is output channel ``channels[i]`` (None: i). ``lse`` [slots, L, R] float32: row 0 the
+    pieces' log-sum-exps, in base 2 once times ``lse_scale``. ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV
+    head h of sequence b has ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets
+    zeros. ``rows``: the first query rows kept (default R). D, R and ``rows`` powers of 2.
+
+    One program per (sequence, KV head) and group of up to 8 of the D rows (:func:`merge_groups`: strided rows
+    into strided channels, so that the channel order costs no pass of its own), one warp (Triton lowering: CUDA,
+    ROCm, interpret mode): a merge is a chain of dependent steps per piece, so more programs with less each finish
+    sooner (H200, 8 KV heads, 64 pieces each, under ncu: 13.0 us for 8 rows a program against 38.8 for a program of
+    4 warps per (sequence, KV head); 132 pieces: 24.2 against 78.5; docs/data/decode_merge_h200_2026-11-30_s26.log;
+    the strided groups, the rows kept and the output's layout and dtype since, not timed)."""
     n_bh = batch * info.shape[1]
-    _, d, r = o.shape
-    rows = min(d, _MERGE_ROWS)
+    d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
+    rows = r if rows is None else rows
+    size, row_stride, channel_stride, starts = merge_groups(channels, d)
+    kernel = functools.partial(_merge_kernel, size=size, row_stride=row_stride, channel_stride=channel_stride,
+                               rows=rows, d_major=d_major, lse_scale=lse_scale)
     return pl.pallas_call(
-        _merge_kernel,
-        grid=(n_bh, d // rows),
-        in_specs=[pl.BlockSpec(info.shape, lambda i, c: (0, 0, 0)), pl.BlockSpec(o.shape, lambda i, c: (0, 0, 0)),
-                  pl.BlockSpec(lse.shape, lambda i, c: (0, 0, 0))],
-        out_specs=pl.BlockSpec((None, rows, r), lambda i, c: (i, c, 0)),
-        out_shape=jax.ShapeDtypeStruct((n_bh, d, r), jnp.float32),
+        kernel,
+        grid=(n_bh, starts.shape[1]),
+        out_shape=jax.ShapeDtypeStruct((n_bh, rows, d), dtype),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         name="tq_merge_pieces",
-    )(info, o, lse)
+    )(info, jnp.asarray(starts), o, lse)
 
 
-def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int) -> jax.Array:
+def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
+                           channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
+                           dtype: Any = jnp.float32) -> jax.Array:
     """:func:`merge_pieces` in plain jnp (segment reductions over the slots)."""
+    o = o if d_major else jnp.swapaxes(o, 1, 2)  # [slots, D, R]
     n_bh = batch * info.shape[1]
     first = jnp.swapaxes(info[0], 0, 1)[:batch].reshape(n_bh, 1)  # [B * Hk, 1], row b * Hk + h
     count = jnp.swapaxes(info[1], 0, 1)[:batch].reshape(n_bh, 1)
@@ -324,10 +374,13 @@ def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, bat
     hk = info.shape[1]
     inside = (offset >= 0) & (offset % hk == 0) & (offset // hk < count)
     owner = jnp.where(jnp.any(inside, axis=0), jnp.argmax(inside, axis=0), n_bh)  # a slot's bh (n_bh: none)
-    lse0 = jnp.where(owner[:, None] < n_bh, lse[:, 0, :], -jnp.inf)
+    lse0 = jnp.where(owner[:, None] < n_bh, lse[:, 0, :] * lse_scale, -jnp.inf)
     m = jax.ops.segment_max(lse0, owner, num_segments=n_bh + 1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp2(lse0 - m[owner])
     den = jax.ops.segment_sum(w, owner, num_segments=n_bh + 1)
     num = jax.ops.segment_sum(o * w[:, None, :], owner, num_segments=n_bh + 1)
-    return (num / jnp.where(den > 0, den, 1.0)[:, None, :])[:n_bh]
+    merged = (num / jnp.where(den > 0, den, 1.0)[:, None, :])[:n_bh]  # [B * Hk, D, R], o's rows
+    if channels is not None:
+        merged = merged[:, np.argsort(channels)]  # channel c is o's row argsort(channels)[c]
+    return jnp.swapaxes(merged, 1, 2)[:, :rows].astype(dtype)
