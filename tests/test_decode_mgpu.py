@@ -749,6 +749,19 @@ def test_matches_reference(head_dim, block_size, group):
     _check(q, cache, tables, lens)
 
 
+@pytest.mark.parametrize("name,group", [("turboquant_4bit_nc", 3), ("turboquant_4bit_nc", 6),
+                                        ("turboquant_3bit_nc", 5), ("turboquant_kqjl3v4", 7)])
+@pytest.mark.gpu
+@needs_hopper
+def test_groups_not_a_power_of_two(name, group):
+    """Groups of 3, 5, 6 and 7 query heads: the query kernel's rows past the group zero, the merge keeping all 8
+    rows (a power of 2) and the wrapper the group's (4- and 3-bit value channel orders, QJL keys)."""
+    lens = [0, 1, 65, 333, 1500]
+    q, cache, tables, lens = make_case(name, head_dim=128, block_size=16, hk=2, group=group, lens=lens,
+                                       seed=group)
+    _check(q, cache, tables, lens)
+
+
 @pytest.mark.parametrize("head_dim,block_size,group,num_splits", [
     (64, 16, 4, 1), (128, 16, 4, 2), (128, 32, 8, 1), (256, 64, 1, 3), (128, 64, 4, None),
 ])
