@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 
 import chex
@@ -350,6 +351,78 @@ def test_query_operands_kernel(name, head_dim, hq, hk, dtype):
         peak = np.abs(hi[:, :, :g]).max(axis=-1)
         assert np.all((peak >= 2**13) & (peak <= 2**14) | (top[..., 0] == 0))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+
+
+def _emulated_kernel(cache):
+    """A stand-in for decode_mgpu._build_call on the CPU: the kernel's contract in jnp (float32, exact softmax). Piece
+    j of the table (sequence b, pages [first, end), slot) and KV head h: the logits of the 8 query rows, ``(hi + lo) *
+    qinv`` (base 2, the scale in qinv) times the key tile (each segment's score vectors in tile_order's columns), over
+    the piece's tokens below the sequence's length; outputs normalised within the piece, row i channel
+    value_channel_order[i] (3-bit values: value3_channel_order), at [slot * Hk + h]; log-sum-exps (base 2) at
+    [slot * Hk + h, 0]. MSE, split and float8 keys (not QJL)."""
+    from tqjax import reference
+    from tqjax.codec import value_codec
+
+    def build(cfg, hk, block_size, n_pieces, stages, softcap, waves=1):
+        assert softcap is None and cfg.key_format != "prod"
+        order = (value3_channel_order if cfg.value_bits == 3 else value_channel_order)(cfg.head_dim)
+
+        def call(work, tables, lens, q16, qinv, *arrays):
+            kw, ks, vw, vs, _ = reference._gather_sequences(cache, tables, lens)  # [Hk, B, L, ...]
+            vecs = key_codec(cfg).score_vectors(kw, ks)
+            ktile = jnp.concatenate([v[..., tile_order(cfg, i)] for i, v in enumerate(vecs)], axis=-1)
+            v = value_codec(cfg).decode(vw, vs)  # [Hk, B, L, D]
+            q = (q16[:, :, :8].astype(jnp.float32) + q16[:, :, 8:].astype(jnp.float32)) * qinv[:, :, :8, None]
+            logits = jnp.einsum("bhrc,hblc->bhrl", q, ktile, precision=jax.lax.Precision.HIGHEST)
+            tok = jnp.arange(logits.shape[-1])
+            o = jnp.zeros(((n_pieces + 1) * hk, cfg.head_dim, 8), jnp.float32)
+            lse = jnp.zeros(((n_pieces + 1) * hk, 8, 8), jnp.float32)
+            for j in range(n_pieces):
+                b, first, end, slot = work[0, j], work[1, j], work[2, j], work[3, j]
+                inside = (tok >= first * block_size) & (tok < jnp.minimum(end * block_size, lens[b]))
+                s = jnp.where(inside, logits[b], -jnp.inf)  # [Hk, 8, L]
+                m = jnp.max(s, axis=-1, keepdims=True)
+                p = jnp.exp2(s - jnp.where(jnp.isfinite(m), m, 0.0))
+                den = jnp.sum(p, axis=-1, keepdims=True)
+                out = jnp.einsum("hrl,hld->hrd", p, v[:, b], precision=jax.lax.Precision.HIGHEST)
+                out = out / jnp.where(den > 0, den, 1.0)
+                at = slot * hk + jnp.arange(hk)
+                o = o.at[at].set(jnp.swapaxes(out[..., order], 1, 2))  # row i: channel order[i]
+                lse = lse.at[at, 0].set(jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log2(den[..., 0]), -jnp.inf))
+            return o, lse
+
+        return call
+
+    return build
+
+
+@pytest.mark.parametrize("name,head_dim,group,dtype", [
+    ("turboquant_4bit_nc", 128, 4, jnp.float32), ("turboquant_3bit_nc", 128, 3, jnp.float32),
+    ("turboquant_k8v4", 64, 8, jnp.bfloat16), ("turboquant_k3p5v4", 128, 1, jnp.float32),
+    ("turboquant_k3v4_nc", 256, 2, jnp.float32)])
+def test_decode_wrapper_around_an_emulated_kernel(monkeypatch, name, head_dim, group, dtype):
+    """paged_decode_mgpu_jit on the CPU with the Mosaic kernel replaced by its contract in jnp (_emulated_kernel)
+    and the Triton kernels in interpret mode: the query's operands, the piece table (24 resident programs: several
+    pieces a sequence), the merge's channel order, rows and dtype give the reference decode's output (float32:
+    within RTOL of max|out|, the float16 hi/lo query keeping 2**-22; bfloat16: one rounding, 2**-8)."""
+    from tqjax.pallas import decode_mgpu
+
+    lens = [0, 1, 65, 333, 1000]
+    q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=16, hk=2, group=group, lens=lens,
+                                       seed=head_dim + group)
+    q = q.astype(dtype)
+    monkeypatch.setattr(decode_mgpu, "_build_call", _emulated_kernel(cache))
+    monkeypatch.setattr(decode_mgpu, "query_operands", functools.partial(query_operands, interpret=True))
+    monkeypatch.setattr(decode_mgpu, "piece_table", functools.partial(pieces.piece_table, interpret=True))
+    monkeypatch.setattr(decode_mgpu, "merge_kernel_pieces", functools.partial(merge_kernel_pieces, interpret=True))
+    out = decode_mgpu.paged_decode_mgpu_jit.__wrapped__(q, cache, tables, lens, scale=0.1, softcap=None,
+                                                        num_splits=None, stages=2, resident=24)
+    ref = paged_decode_jit(q.astype(jnp.float32), cache, tables, lens, scale=0.1)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = RTOL if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0,
+                               atol=tol * float(jnp.max(jnp.abs(ref))))
+    assert not np.asarray(out[0], np.float32).any()  # the empty sequence
 
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
