@@ -105,6 +105,8 @@ if hasattr(mod, "merge_pieces"):  # the pieces' table and merge are Triton kerne
     def _table(seq_lens, interpret=False, **kw):
         return pieces.piece_table_reference(seq_lens, **kw)
     mod.merge_pieces, mod.piece_table = _merge, _table
+if hasattr(mod, "decode_prologue"):  # the query's operands and the table: a Triton kernel too
+    mod.decode_prologue = lambda *a, interpret=False, **kw: mod.decode_prologue_reference(*a, **kw)
 cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
 if kind == "store":  # tokens of heads KV heads
     cache = jax.eval_shape(lambda: tqjax.PagedKVCache.allocate(cfg, pages, block_size, heads))

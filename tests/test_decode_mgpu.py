@@ -32,6 +32,8 @@ from tqjax.pallas.decode_mgpu import (
     LAZY_MAX_BITS,
     VALUE_EXP_MAX,
     copy_shape,
+    decode_prologue,
+    decode_prologue_reference,
     flat_pages,
     fp8_words_asm,
     key2_word_asm,
@@ -49,8 +51,6 @@ from tqjax.pallas.decode_mgpu import (
     qjl_channel_order,
     qjl_word_asm,
     query_matrix,
-    query_operands,
-    query_operands_reference,
     resident_programs,
     table_words,
     tile_order,
@@ -317,27 +317,30 @@ QUERY_CASES = [
 
 
 @pytest.mark.parametrize("name,head_dim,hq,hk,dtype", QUERY_CASES)
-def test_query_operands_kernel(name, head_dim, hq, hk, dtype):
-    """The query's operands from the Triton kernel (interpret mode) and from XLA (query_operands_reference) against
-    float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself): the inverse powers
-    (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the kernel's float32
-    sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi part scaled to
-    a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero. Rows of magnitudes from
-    1e-3 to 1e3 and an all-zero row."""
+def test_decode_prologue(name, head_dim, hq, hk, dtype):
+    """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
+    operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
+    the inverse powers (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the
+    kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi
+    part scaled to a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero; rows of
+    magnitudes from 1e-3 to 1e3 and an all-zero row. Program 0's piece table equal to piece_table_reference's."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
     q = rng.standard_normal((b, hq, head_dim)) * 10.0 ** rng.uniform(-3, 3, (b, hq, 1))
     q[1, 0] = 0.0
     q = jnp.asarray(q, dtype)
+    lens = jnp.asarray([700, 0, 5000], jnp.int32)
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
     w = np.asarray(query_matrix(cfg), np.float64)
     tq = np.asarray(tile_query(cfg, q.astype(jnp.float32)), np.float64)
     assert np.all(np.abs(tq - q64 @ w) <= 1e-6 * np.abs(q64 @ w).max(axis=-1, keepdims=True))
     want = (q64 @ w).reshape(b, hk, g, w.shape[1])
-    got = query_operands(q, cfg, num_kv_heads=hk, factor=factor, interpret=True)
-    ref = query_operands_reference(q, cfg, num_kv_heads=hk, factor=factor)
-    for q16, qinv in (got, ref):
+    kw = {"num_kv_heads": hk, "factor": factor, "block_size": 16, "max_blocks": 320, "step_pages": 4, "resident": 24,
+          "num_splits": None}
+    got = decode_prologue(q, lens, cfg, interpret=True, **kw)
+    ref = decode_prologue_reference(q, lens, cfg, **kw)
+    for q16, qinv, _, _ in (got, ref):
         chex.assert_shape(q16, (b, hk, 16, w.shape[1]))
         chex.assert_shape(qinv, (b, hk, 32))
         assert q16.dtype == jnp.float16 and qinv.dtype == jnp.float32
@@ -351,6 +354,20 @@ def test_query_operands_kernel(name, head_dim, hq, hk, dtype):
         peak = np.abs(hi[:, :, :g]).max(axis=-1)
         assert np.all((peak >= 2**13) & (peak <= 2**14) | (top[..., 0] == 0))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+    for table_got, table_ref in zip(got[2:], ref[2:]):
+        np.testing.assert_array_equal(np.asarray(table_got), np.asarray(table_ref))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_decode_prologue_lowers_to_triton(platform):
+    """The prologue kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl3v4", 128)
+    exported = jax.export.export(
+        jax.jit(lambda q, n: decode_prologue(q, n, cfg, num_kv_heads=4, factor=0.1, block_size=16, max_blocks=64,
+                                             step_pages=4, resident=528, num_splits=None)),
+        platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(jax.ShapeDtypeStruct((2, 12, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2,), jnp.int32))
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
 def _emulated_kernel(cache):
@@ -402,9 +419,10 @@ def _emulated_kernel(cache):
     ("turboquant_k3v4_nc", 256, 2, jnp.float32)])
 def test_decode_wrapper_around_an_emulated_kernel(monkeypatch, name, head_dim, group, dtype):
     """paged_decode_mgpu_jit on the CPU with the Mosaic kernel replaced by its contract in jnp (_emulated_kernel)
-    and the Triton kernels in interpret mode: the query's operands, the piece table (24 resident programs: several
-    pieces a sequence), the merge's channel order, rows and dtype give the reference decode's output (float32:
-    within RTOL of max|out|, the float16 hi/lo query keeping 2**-22; bfloat16: one rounding, 2**-8)."""
+    and the Triton kernels in interpret mode: the prologue (the query's operands, the piece table at 24 resident
+    programs: several pieces a sequence), the merge's channel order, rows and dtype give the reference decode's
+    output (float32: within RTOL of max|out|, the float16 hi/lo query keeping 2**-22; bfloat16: one rounding,
+    2**-8)."""
     from tqjax.pallas import decode_mgpu
 
     lens = [0, 1, 65, 333, 1000]
@@ -412,8 +430,7 @@ def test_decode_wrapper_around_an_emulated_kernel(monkeypatch, name, head_dim, g
                                        seed=head_dim + group)
     q = q.astype(dtype)
     monkeypatch.setattr(decode_mgpu, "_build_call", _emulated_kernel(cache))
-    monkeypatch.setattr(decode_mgpu, "query_operands", functools.partial(query_operands, interpret=True))
-    monkeypatch.setattr(decode_mgpu, "piece_table", functools.partial(pieces.piece_table, interpret=True))
+    monkeypatch.setattr(decode_mgpu, "decode_prologue", functools.partial(decode_prologue, interpret=True))
     monkeypatch.setattr(decode_mgpu, "merge_kernel_pieces", functools.partial(merge_kernel_pieces, interpret=True))
     out = decode_mgpu.paged_decode_mgpu_jit.__wrapped__(q, cache, tables, lens, scale=0.1, softcap=None,
                                                         num_splits=None, stages=2, resident=24)
@@ -423,17 +440,6 @@ def test_decode_wrapper_around_an_emulated_kernel(monkeypatch, name, head_dim, g
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0,
                                atol=tol * float(jnp.max(jnp.abs(ref))))
     assert not np.asarray(out[0], np.float32).any()  # the empty sequence
-
-
-@pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_query_operands_lower_to_triton(platform):
-    """The query kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm."""
-    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl3v4", 128)
-    exported = jax.export.export(
-        jax.jit(lambda q: query_operands(q, cfg, num_kv_heads=4, factor=0.1)), platforms=[platform],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(jax.ShapeDtypeStruct((2, 12, 128), jnp.bfloat16))
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
 @pytest.mark.parametrize("name,head_dim", [(name, 128) for name in MOSAIC_PRESETS] + [

@@ -41,8 +41,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   a piece of a sequence a program, its partial output merged with the others' by their log-sum-exps; programs past
   the last piece skip the body);
 - the query's operands (rotated, in the key tiles' column order, split into float16 high and low parts of
-  power-of-2 scaled rows, and the inverse powers) come from one small Triton kernel before the decode
-  (:func:`query_operands`, a program per sequence and KV head; XLA took five kernels for it).
+  power-of-2 scaled rows, and the inverse powers) and the piece table come from one small Triton kernel before
+  the decode (:func:`decode_prologue`, a program per sequence and KV head; XLA took five kernels for the query).
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
@@ -82,17 +82,23 @@ from jax.experimental.pallas import triton as pltriton
 from tqjax.codec import key_codec
 from tqjax.config import TurboQuantConfig
 from tqjax.layout import PagedKVCache
-from tqjax.pallas.pieces import FILL, WAVES, grid_size, merge_pieces, piece_table
+from tqjax.pallas.pieces import (
+    FILL,
+    WAVES,
+    grid_size,
+    merge_pieces,
+    piece_table_reference,
+    table_program,
+)
 
 __all__ = [
-    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "flat_pages",
-    "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm", "key_channel_order", "key_tables",
-    "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper", "paged_decode_mgpu",
-    "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan",
-    "query_matrix", "query_operands", "query_operands_reference", "resident_programs", "table_words", "tile_order",
-    "tile_query", "tile_unit", "unsupported",
-    "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan",
-    "value_word_asm",
+    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "decode_prologue",
+    "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
+    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper",
+    "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm",
+    "qjl_word_plan", "query_matrix", "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit",
+    "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants",
+    "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -1348,38 +1354,57 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, *, group: int, factor: float,
     qinv_ref[b, h, :] = inv
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "interpret"))
-def query_operands(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int, factor: float,
-                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """query [B, Hq, D] (any float dtype) -> the decode's query operands in one Triton program per (sequence, KV
-    head) (CUDA, ROCm, interpret mode), what :func:`query_operands_reference` makes in XLA's five kernels: float16
-    [B, Hk, 16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by powers of 2 so
-    that each row's largest magnitude lies in [2**13, 2**14); rows 8..15 the low parts; rows past the group
-    zero) and float32 [B, Hk, 32] (the inverse powers times ``factor``, four times). The products are float32
-    FMAs with :func:`query_matrix`."""
+def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_ref, *, table, **query):
+    pl.when(pl.program_id(0) == 0)(lambda: table(lens_ref, table_ref, info_ref))
+    _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, **query)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "block_size", "max_blocks",
+                                             "step_pages", "resident", "num_splits", "waves", "fill", "interpret"))
+def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
+                    factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
+                    num_splits: int | None, waves: int = WAVES, fill: float = FILL,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """What the decode needs before its kernel, in one launch of a Triton kernel (CUDA, ROCm, interpret mode), one
+    program per (sequence, KV head): query [B, Hq, D] (any float dtype), seq_lens [B] int32 -> (q16, qinv, table,
+    info). The query's operands, what :func:`decode_prologue_reference` makes in XLA's five kernels: float16 [B, Hk,
+    16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by powers of 2 so that each
+    row's largest magnitude lies in [2**13, 2**14); rows 8..15 the low parts; rows past the group zero) and float32
+    [B, Hk, 32] (the inverse powers times ``factor``, four times); the products are float32 FMAs with
+    :func:`query_matrix`. Program 0 also makes the piece table, (table, info) as
+    :func:`tqjax.pallas.pieces.piece_table` makes them (its arguments) in a launch of its own."""
     b, hq, d = query.shape
     w = jnp.asarray(query_matrix(config))
     width = w.shape[1]
     chunk = min(d, max(1, 1024 // width))  # 8 rows' [chunk, D'] float32 sums: 64 registers a thread of 128
-    kernel = functools.partial(_query_kernel, group=hq // num_kv_heads, factor=factor, chunk=chunk)
+    table, table_shapes = table_program(b, num_kv_heads=num_kv_heads, block_size=block_size, max_blocks=max_blocks,
+                                        step_pages=step_pages, resident=resident, num_splits=num_splits,
+                                        waves=waves, fill=fill)
+    kernel = functools.partial(_prologue_kernel, table=table, group=hq // num_kv_heads, factor=factor, chunk=chunk)
     return pl.pallas_call(
         kernel,
         grid=(b * num_kv_heads,),
         out_shape=(jax.ShapeDtypeStruct((b, num_kv_heads, 2 * HALF, width), jnp.float16),
-                   jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32)),
+                   jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32), *table_shapes),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        name="tq_decode_query",
-    )(query, w)
+        name="tq_decode_prologue",
+    )(query, w, seq_lens.astype(jnp.int32))
 
 
-def query_operands_reference(query: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
-                             factor: float) -> tuple[jax.Array, jax.Array]:
-    """:func:`query_operands` in jnp: :func:`tile_query` and :func:`_split_query`."""
+def decode_prologue_reference(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
+                              factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
+                              num_splits: int | None, waves: int = WAVES,
+                              fill: float = FILL) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`decode_prologue` in jnp: :func:`tile_query` and :func:`_split_query` (the query's operands in XLA,
+    as before the prologue kernel), :func:`tqjax.pallas.pieces.piece_table_reference`."""
     b, hq, d = query.shape
     q = query.astype(jnp.float32).reshape(b, num_kv_heads, hq // num_kv_heads, d)
     q16, qinv = _split_query(tile_query(config, q))
-    return q16, qinv * factor
+    table, info = piece_table_reference(seq_lens, num_kv_heads=num_kv_heads, block_size=block_size,
+                                        max_blocks=max_blocks, step_pages=step_pages, resident=resident,
+                                        num_splits=num_splits, waves=waves, fill=fill)
+    return q16, qinv * factor, table, info
 
 
 #: Programs (one per KV head and piece of a sequence) resident per multiprocessor, by head_dim (2 page-copy
@@ -1514,12 +1539,12 @@ def paged_decode_mgpu_jit(
     g = hq // hk
     waves = 1 if num_splits is not None else waves
     step_pages, max_blocks = TOKENS // cache.block_size, block_tables.shape[1]
-    work, info = piece_table(seq_lens, num_kv_heads=hk, block_size=cache.block_size, max_blocks=max_blocks,
-                             step_pages=step_pages, resident=resident, num_splits=num_splits, waves=waves, fill=fill)
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     factor = scale * _LOG2E if softcap is None else scale / softcap
-    q16, qinv = query_operands(query, cfg, num_kv_heads=hk, factor=factor)
+    q16, qinv, work, info = decode_prologue(query, seq_lens, cfg, num_kv_heads=hk, factor=factor,
+                                            block_size=cache.block_size, max_blocks=max_blocks, step_pages=step_pages,
+                                            resident=resident, num_splits=num_splits, waves=waves, fill=fill)
     pieces = grid_size(b, hk, resident, num_splits, waves, -(-max_blocks // step_pages))
     call = _build_call(cfg, hk, cache.block_size, pieces, stages, softcap, waves)
     key_scales = cache.key_scales

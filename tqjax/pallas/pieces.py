@@ -74,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 __all__ = ["grid_size", "merge_groups", "merge_pieces", "merge_pieces_reference", "piece_table",
-           "piece_table_reference"]
+           "piece_table_reference", "table_program"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
@@ -213,20 +213,30 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
     sequence). ``resident``: programs the device holds at once; ``waves``, ``fill``: the grid's waves and the chunk's
     rule (module docstring); ``num_splits``: a fixed split count instead of the chunk chosen from the lengths.
     Columns and rows past those are padding."""
-    batch = seq_lens.shape[0]
-    n_pieces, n_wave = (grid_size(batch, num_kv_heads, resident, num_splits, w, _max_steps(max_blocks, step_pages))
-                        for w in (waves, 1))
-    table_shape, info_shape = _table_shapes(batch, num_kv_heads, n_pieces)
-    kernel = functools.partial(_table_kernel, batch=batch, block_size=block_size, max_blocks=max_blocks,
-                               step_pages=step_pages, n_pieces=n_pieces, n_wave=n_wave, num_splits=num_splits,
-                               fill=fill)
+    body, out_shape = table_program(seq_lens.shape[0], num_kv_heads=num_kv_heads, block_size=block_size,
+                                    max_blocks=max_blocks, step_pages=step_pages, resident=resident,
+                                    num_splits=num_splits, waves=waves, fill=fill)
     return pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32)),
+        body,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="tq_piece_table",
     )(seq_lens.astype(jnp.int32))
+
+
+def table_program(batch: int, *, num_kv_heads: int, block_size: int, max_blocks: int, step_pages: int,
+                  resident: int, num_splits: int | None = None, waves: int = WAVES, fill: float = FILL):
+    """:func:`piece_table`'s program for another Triton kernel to run in one of its programs (the Mosaic decode's
+    prologue): ``(body, out_shape)``, ``body(lens_ref, table_ref, info_ref)`` on whole refs, ``out_shape`` the
+    table's and the info's ``jax.ShapeDtypeStruct``."""
+    n_pieces, n_wave = (grid_size(batch, num_kv_heads, resident, num_splits, w, _max_steps(max_blocks, step_pages))
+                        for w in (waves, 1))
+    table_shape, info_shape = _table_shapes(batch, num_kv_heads, n_pieces)
+    body = functools.partial(_table_kernel, batch=batch, block_size=block_size, max_blocks=max_blocks,
+                             step_pages=step_pages, n_pieces=n_pieces, n_wave=n_wave, num_splits=num_splits,
+                             fill=fill)
+    return body, (jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32))
 
 
 def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int,
