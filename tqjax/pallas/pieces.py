@@ -1,6 +1,7 @@
 """Split-KV decode work cut by the batch's actual lengths: which pages each program of the Mosaic decode reads
-(:func:`piece_table`, a one-program Pallas kernel, :func:`piece_table_reference` beside it in plain jnp), and the
-merge of the pieces' partial outputs (:func:`merge_pieces`, a Pallas kernel; :func:`merge_pieces_reference`).
+(:func:`piece_table`, a Pallas kernel of a program per sequence, :func:`piece_table_reference` beside it in plain
+jnp), and the merge of the pieces' partial outputs (:func:`merge_pieces`, a Pallas kernel;
+:func:`merge_pieces_reference`).
 
 Why. A split count per (sequence, KV head) fixed from the block table's width leaves the device idle on ragged
 batches and on tables wider than the sequences (a server sizes them for its longest context). H200, ``4bit_nc``,
@@ -58,7 +59,10 @@ revision that landed (call C): 16k tokens in 16k-wide tables 332.8 us against 32
 loading 8 pieces at once instead of one, and the key tables' words as the decode's constants). The merge then
 took 38.8 us of that step under ncu (the decode 8.5); cut over the D rows (8 a program, one warp), B=1, 4k took 28.6
 us a step against 42.5, B=1, 32k 50.7 against 65.6, B=32, 16k 313.1 against 313.0
-(docs/data/decode_merge_h200_2026-11-30_s26.log).
+(docs/data/decode_merge_h200_2026-11-30_s26.log). Since then the table is made in the decode's prologue
+(``decode_mgpu.decode_prologue``), where one program doing it all took 76 us at B=128 (its rank tiles; ncu): a program
+per sequence now writes that sequence's columns, working out the chunk, counts and its last piece's rank from
+vectors of all the lengths (prologue 85 -> 28.7 us at B=128, 16k; docs/data/prologue_h200_2026-12-01_s27.log).
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ def _pieces_of(steps, count, whole, chunk, used, rank, j, *, step_pages: int, n_
     b = jnp.minimum(jnp.where(is_whole, b_whole, b_part), batch - 1)
     onehot = b[:, None] == b_idx
 
-    def at_b(x):  # x[b] for each piece (a one-hot sum: no gather in a Triton program)
+    def at_b(x):  # x[b] for each piece (a one-hot sum)
         return jnp.sum(jnp.where(onehot, x[None, :], 0), axis=1)
 
     whole_b, count_b = at_b(whole), at_b(count)
@@ -153,49 +157,88 @@ def _fill_rule(steps, coarse, fine, n_wave: int, fill: float):
     return jnp.where(filled & long_merge, coarse, fine)
 
 
-def _table_kernel(lens_ref, table_ref, info_ref, *, batch: int, block_size: int, max_blocks: int, step_pages: int,
-                  n_pieces: int, n_wave: int, num_splits: int | None, fill: float):
+def _chunk(steps, *, max_steps: int, n_pieces: int, n_wave: int, num_splits: int | None, fill: float):
+    """The pieces' length in steps (:func:`piece_table`), from the sequences' steps [B'] (0 past B)."""
+    if num_splits is not None:
+        return jnp.int32(-(-max_steps // num_splits))
+
+    def shortest(limit):  # the shortest chunk whose pieces fit: bisection (the pieces only fall as the chunk grows)
+        def halve(_, lo_hi):
+            lo, hi = lo_hi
+            mid = (lo + hi) // 2
+            fits = jnp.sum((steps + mid - 1) // mid) <= limit
+            return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+        return lax.fori_loop(0, max_steps.bit_length(), halve, (jnp.int32(1), jnp.int32(max_steps)))[1]
+
+    chunk = shortest(n_wave)
+    if n_pieces > n_wave:
+        chunk = _fill_rule(steps, chunk, shortest(n_pieces), n_wave, fill)
+    return chunk
+
+
+def _store_columns(table_ref, lo, hi, values):
+    """Columns ``[lo, hi)`` of ``table_ref`` [4, W] (W a multiple of _PIECE_ROWS) := ``values(j)`` (four int32
+    [_PIECE_ROWS] rows for the columns j), in aligned tiles of _PIECE_ROWS columns, masked to the range (other
+    programs write the tiles' other columns)."""
+
+    def tile(t, _):
+        j = t * _PIECE_ROWS + lax.broadcasted_iota(jnp.int32, (_PIECE_ROWS,), 0)
+        mask = (j >= lo) & (j < hi)
+        for c, col in enumerate(values(j)):
+            pltriton.store(table_ref.at[jnp.int32(c), pl.ds(t * _PIECE_ROWS, _PIECE_ROWS)], col, mask=mask)
+
+    lax.fori_loop(lo // _PIECE_ROWS, (hi + _PIECE_ROWS - 1) // _PIECE_ROWS, tile, None)
+
+
+def _table_share(lens_ref, table_ref, info_ref, seq, *, batch: int, block_size: int, max_blocks: int,
+                 step_pages: int, n_pieces: int, n_wave: int, num_splits: int | None, fill: float):
+    """Sequence ``seq``'s share of :func:`piece_table`, one program's (a program per sequence, in parallel): the
+    columns of its pieces; program 0 also the columns past the last piece and ``info``. Each program works out the
+    chunk, the pieces' counts and its last piece's rank from all the lengths (vectors of B', no [B', B'] tiles:
+    one program doing the whole table took 76 us at B=128 on the H200, twenty-sixth session)."""
     hk, bp = info_ref.shape[1], info_ref.shape[2]
     b_idx = lax.broadcasted_iota(jnp.int32, (bp,), 0)
     lens = pltriton.load(lens_ref.at[pl.ds(0, bp)], mask=b_idx < batch, other=0)
     used, steps = _steps(lens, block_size=block_size, max_blocks=max_blocks, step_pages=step_pages)
-    max_steps = _max_steps(max_blocks, step_pages)
-    if num_splits is not None:
-        chunk = jnp.int32(-(-max_steps // num_splits))
-    else:  # the shortest chunk whose pieces fit: bisection (the pieces only fall as the chunk grows)
-
-        def shortest(limit):
-            def halve(_, lo_hi):
-                lo, hi = lo_hi
-                mid = (lo + hi) // 2
-                fits = jnp.sum((steps + mid - 1) // mid) <= limit
-                return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
-
-            return lax.fori_loop(0, max_steps.bit_length(), halve, (jnp.int32(1), jnp.int32(max_steps)))[1]
-
-        chunk = shortest(n_wave)
-        if n_pieces > n_wave:
-            chunk = _fill_rule(steps, chunk, shortest(n_pieces), n_wave, fill)
+    chunk = _chunk(steps, max_steps=_max_steps(max_blocks, step_pages), n_pieces=n_pieces, n_wave=n_wave,
+                   num_splits=num_splits, fill=fill)
     whole = steps // chunk
     count = whole + (steps % chunk > 0).astype(jnp.int32)
-    # each last piece's rank among the last pieces, over [_PIECE_ROWS, B'] tiles (not [B', B']: a batch in the
-    # thousands); a tile's sequences' values picked by one-hot sums (no slicing of a Triton program's values)
     rem = steps % chunk
-    rank = jnp.zeros((bp,), jnp.int32)
-    for a0 in range(0, bp, min(_PIECE_ROWS, bp)):
-        a_idx = a0 + lax.broadcasted_iota(jnp.int32, (min(_PIECE_ROWS, bp),), 0)
-        a_rem = jnp.sum(jnp.where(a_idx[:, None] == b_idx[None, :], rem[None, :], 0), axis=1)
-        rank += jnp.sum(jnp.where(a_rem[:, None] > 0, _ahead(a_rem, a_idx, rem, b_idx), 0), axis=0)
-    for j0 in range(0, table_ref.shape[1], _PIECE_ROWS):
-        j = j0 + lax.broadcasted_iota(jnp.int32, (_PIECE_ROWS,), 0)
-        cols = _pieces_of(steps, count, whole, chunk, used, rank, j, step_pages=step_pages, n_pieces=n_pieces,
-                          batch=batch)
-        for c, col in enumerate(cols):
-            table_ref[c, pl.ds(j0, _PIECE_ROWS)] = col
-    first_slot = jnp.cumsum(count) - count
-    for h in range(hk):
-        info_ref[0, h, :] = first_slot * hk + h
-        info_ref[1, h, :] = count
+
+    def mine(x):  # x[seq] (a one-hot sum: no gather in a Triton program)
+        return jnp.sum(jnp.where(b_idx == seq, x, 0))
+
+    def before(x):  # sum of x over the sequences before seq
+        return jnp.sum(jnp.where(b_idx < seq, x, 0))
+
+    used_s, whole_s, rem_s = mine(used), mine(whole), mine(rem)
+    whole0, slot0 = before(whole), before(count)
+    total_whole, total = jnp.sum(whole), jnp.sum(count)
+    span = chunk * step_pages
+
+    def whole_columns(j):
+        k = j - whole0
+        return (jnp.full_like(j, seq), k * span, jnp.minimum(k * span + span, used_s), slot0 + k)
+
+    _store_columns(table_ref, whole0, whole0 + whole_s, whole_columns)
+    # the shorter last piece goes after every whole piece, ranked among the last pieces (_ahead: longer first)
+    rank = jnp.sum(((rem > 0) & ((rem > rem_s) | ((rem == rem_s) & (b_idx < seq)))).astype(jnp.int32))
+    last = total_whole + rank
+    first = whole_s * span
+    _store_columns(table_ref, last, jnp.where(rem_s > 0, last + 1, last),
+                   lambda j: (jnp.full_like(j, seq), jnp.full_like(j, first), jnp.full_like(j, used_s),
+                              jnp.full_like(j, slot0 + whole_s)))
+
+    @pl.when(seq == 0)
+    def _():
+        _store_columns(table_ref, total, table_ref.shape[1],
+                       lambda j: (jnp.zeros_like(j), jnp.zeros_like(j), jnp.zeros_like(j), jnp.full_like(j, n_pieces)))
+        first_slot = jnp.cumsum(count) - count
+        for h in range(hk):
+            info_ref[0, h, :] = first_slot * hk + h
+            info_ref[1, h, :] = count
 
 
 @functools.partial(jax.jit, static_argnames=("num_kv_heads", "block_size", "max_blocks", "step_pages", "resident",
@@ -204,7 +247,7 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
                 resident: int, num_splits: int | None = None, waves: int = WAVES, fill: float = FILL,
                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """seq_lens [B] int32 -> (table int32 [4, >= pieces], info int32 [2, Hk, >= B]); ``pieces`` =
-    :func:`grid_size`. One program (Triton lowering: CUDA, ROCm, interpret mode).
+    :func:`grid_size`. A program per sequence (Triton lowering: CUDA, ROCm, interpret mode).
 
     Column j < pieces of ``table`` = (b, first page, end page, slot) of piece j: the programs (h, j), one a KV head,
     read pages ``[first, end)`` of the block table's row b (at most ``chunk * step_pages``) and write slot
@@ -217,7 +260,8 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
                                     max_blocks=max_blocks, step_pages=step_pages, resident=resident,
                                     num_splits=num_splits, waves=waves, fill=fill)
     return pl.pallas_call(
-        body,
+        lambda lens_ref, table_ref, info_ref: body(lens_ref, table_ref, info_ref, pl.program_id(0)),
+        grid=(seq_lens.shape[0],),
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
@@ -227,13 +271,14 @@ def piece_table(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_
 
 def table_program(batch: int, *, num_kv_heads: int, block_size: int, max_blocks: int, step_pages: int,
                   resident: int, num_splits: int | None = None, waves: int = WAVES, fill: float = FILL):
-    """:func:`piece_table`'s program for another Triton kernel to run in one of its programs (the Mosaic decode's
-    prologue): ``(body, out_shape)``, ``body(lens_ref, table_ref, info_ref)`` on whole refs, ``out_shape`` the
-    table's and the info's ``jax.ShapeDtypeStruct``."""
+    """:func:`piece_table`'s programs for another Triton kernel to run in a program per sequence (the Mosaic decode's
+    prologue): ``(body, out_shape)``, ``body(lens_ref, table_ref, info_ref, seq)`` on whole refs (sequence ``seq``'s
+    share, an int32 scalar; every sequence's must run), ``out_shape`` the table's and the info's
+    ``jax.ShapeDtypeStruct``."""
     n_pieces, n_wave = (grid_size(batch, num_kv_heads, resident, num_splits, w, _max_steps(max_blocks, step_pages))
                         for w in (waves, 1))
     table_shape, info_shape = _table_shapes(batch, num_kv_heads, n_pieces)
-    body = functools.partial(_table_kernel, batch=batch, block_size=block_size, max_blocks=max_blocks,
+    body = functools.partial(_table_share, batch=batch, block_size=block_size, max_blocks=max_blocks,
                              step_pages=step_pages, n_pieces=n_pieces, n_wave=n_wave, num_splits=num_splits,
                              fill=fill)
     return body, (jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32))
