@@ -20,7 +20,10 @@ fp32-accurate by default and with bf16-rounded query/probabilities like JAX's op
 timed for decode-sized and prefill-sized N, per jitted call and, as "in-jit", 16 stores inside one
 jitted loop per store (the GPU's time without the host's per-call dispatch, which bounds small N;
 the key passes an optimization barrier with the cache each step, so its encoding is not hoisted out of the
-loop: ``experiments.timing.looped_store``).
+loop: ``experiments.timing.looped_store``). With ``--in-jit S`` every decode system (the presets and the peers, not
+the XLA path) is also timed as S steps inside one jitted loop (``experiments.timing.looped_decode``): a step's time
+inside a serving step's jitted function, where no call is dispatched from the host and XLA can run the steps as
+CUDA graphs; the report then has an "in-jit us" column and a second speed-up table from it.
 
 On a machine without a GPU it runs a small configuration of the XLA reference path (the Pallas kernels
 run only in interpret mode there: checked for correctness once, not timed) and says that its timings
@@ -49,6 +52,7 @@ from experiments.timing import (
     copy_bandwidth,
     device_description,
     launch_floor,
+    looped_decode,
     looped_store,
     time_fn,
 )
@@ -71,6 +75,7 @@ class Row:
     gbps: float
     bw_frac: float
     rel_err: float | None
+    in_jit_us: float | None = None  # a step of --in-jit steps in one jitted loop (None: not timed so)
 
 
 def parse_args(argv):
@@ -91,8 +96,12 @@ def parse_args(argv):
                    help="GPU: skip the XLA reference path over the quantized cache (the slowest row to time)")
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--no-decode", action="store_true", help="only time the store kernel")
+    p.add_argument("--in-jit", type=int, default=0, metavar="STEPS",
+                   help="also time each decode system as a step of STEPS in one jitted loop (0: not)")
     p.add_argument("--out", default="results/decode_sweep")
     a = p.parse_args(argv)
+    if a.in_jit < 0:
+        p.error(f"--in-jit: a number of steps >= 0, got {a.in_jit}")
     if a.presets is None:
         a.presets = list(tqjax.PRESETS) if ON_GPU else ["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_kqjl4v4"]
     if a.batch is None:
@@ -155,8 +164,22 @@ def rel_err(out, ref):
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
+def time_system(fn, args, q_sets, in_jit: int, *, iters: int, reps: int):
+    """``fn(query, *args)`` jitted with the arrays ``args`` as arguments -> (seconds a call, rotating ``q_sets``;
+    seconds a step of ``in_jit`` steps in one jitted loop, or None where ``in_jit`` is 0; the output for
+    ``q_sets[0]``)."""
+    jf = jax.jit(fn)
+    t = time_fn(lambda q: jf(q, *args), [(q,) for q in q_sets], iters=iters, reps=reps)
+    t_loop = None
+    if in_jit:
+        queries = jnp.stack([q_sets[i % len(q_sets)] for i in range(in_jit)])
+        t_loop = time_fn(looped_decode(fn, in_jit), [(queries, *args)], iters=max(1, iters // 4), reps=reps) / in_jit
+    return t, t_loop, jf(q_sets[0], *args)
+
+
 def peer_systems(q_sets, k, v, tables, lens, batch, context, block_size):
-    """(name, fn(q) -> out, bytes read) for JAX's own decode paths at the same shapes (GPU only)."""
+    """(name, fn(q, *args) -> out, args, bytes read) for JAX's own decode paths at the same shapes (GPU only): the
+    arrays in ``args`` (pages, tables, lengths) go to the jitted ``fn`` as arguments."""
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     tokens, hk, d = k.shape
@@ -179,27 +202,28 @@ def peer_systems(q_sets, k, v, tables, lens, batch, context, block_size):
     v8, vs = int8_pages(vp)
     # JAX's paged_attention applies no softmax scale: the peers get the query pre-scaled by 1/sqrt(D)
     scale = 1.0 / math.sqrt(d)
-    pa = jax.jit(lambda q, *args: paged_attention(q * scale, *args, **kw))
-    f_bf16 = functools.partial(lambda q, kp, vp: pa(q, kp, vp, tables, lens), kp=kp, vp=vp)
-    f_int8 = functools.partial(lambda q, k8, v8, ks, vs: pa(q, k8, v8, tables, lens, ks, vs), k8=k8, v8=v8, ks=ks, vs=vs)
+    def pa(q, *args):
+        return paged_attention(q * scale, *args, **kw)
+
     bf16_bytes = batch * context * hk * d * 2 * 2
     int8_bytes = batch * context * hk * (d + 4) * 2
-    systems = [("jax_paged_bf16", f_bf16, bf16_bytes), ("jax_paged_int8", f_int8, int8_bytes)]
+    systems = [("jax_paged_bf16", pa, (kp, vp, tables, lens), bf16_bytes),
+               ("jax_paged_int8", pa, (k8, v8, tables, lens, ks, vs), int8_bytes)]
     # cuDNN dense over a contiguous bf16 cache: [B, S, Hk, D] per sequence in token order
     order = (tables[:, :, None] * block_size + jnp.arange(block_size)[None, None, :]).reshape(batch, context)
     kc = k[order]
     vc = v[order]
-    dense = jax.jit(lambda q, kc, vc: jax.nn.dot_product_attention(q[:, None], kc, vc, implementation="cudnn")[:, 0])
-    f_cudnn = functools.partial(dense, kc=kc, vc=vc)
-    systems.append(("cudnn_dense_bf16", f_cudnn, bf16_bytes))
+    def dense(q, kc, vc):
+        return jax.nn.dot_product_attention(q[:, None], kc, vc, implementation="cudnn")[:, 0]
+
+    systems.append(("cudnn_dense_bf16", dense, (kc, vc), bf16_bytes))
     # tqjax's own FLASH backend (Pallas split-KV decode over the same bf16 pages, fp32-accurate hi/lo
     # products by default; split_dots=False rounds the query/probabilities to bf16 like JAX's op)
     from tqjax.pallas.flash_decode import paged_decode as flash_decode
 
     native = NativePagedKVCache(key=kp, value=vp, config=NativeConfig.from_cache_dtype("auto", d))
     for name, split in (("tqjax_flash_bf16", True), ("tqjax_flash_bf16_rounded", False)):
-        fl = jax.jit(functools.partial(flash_decode, split_dots=split))
-        systems.append((name, functools.partial(lambda q, c, fl=fl: fl(q, c, tables, lens), c=native), bf16_bytes))
+        systems.append((name, functools.partial(flash_decode, split_dots=split), (native, tables, lens), bf16_bytes))
     return systems
 
 
@@ -240,20 +264,19 @@ def main(argv=None) -> None:
             cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
             cache = fill_cache(cfg, k, v, a.block_size, a.hk, a.spare_pages)
             nbytes = tokens * a.hk * cfg.slot_bytes
-            f = functools.partial(jax.jit(decode), cache=cache, block_tables=tables, seq_lens=lens)
-            t = time_fn(f, [(q,) for q in q_sets], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
-            err = rel_err(f(q_sets[0])[:nb_err], ref)
-            rows.append(Row(name, batch, context, t * 1e6, nbytes, nbytes / t / 1e9, nbytes / t / bw, err))
+            args = (cache, tables, lens)
+            t, t_loop, out = time_system(decode, args, q_sets, a.in_jit, iters=20 if ON_GPU else 3,
+                                         reps=5 if ON_GPU else 3)
+            rows.append(make_row(name, batch, context, t, t_loop, nbytes, bw, rel_err(out[:nb_err], ref)))
             if ON_GPU and choose_implementation(cache, a.hq // a.hk) != "triton":  # the Triton kernel too
-                ft = functools.partial(jax.jit(functools.partial(paged_decode, implementation="triton")),
-                                       cache=cache, block_tables=tables, seq_lens=lens)
-                tt = time_fn(ft, [(q,) for q in q_sets], iters=20, reps=5)
-                rows.append(Row(f"triton_{name}", batch, context, tt * 1e6, nbytes, nbytes / tt / 1e9, nbytes / tt / bw,
-                                rel_err(ft(q_sets[0])[:nb_err], ref)))
-            if ON_GPU and not a.no_xla:  # the XLA path over the same quantized cache, as a peer
+                tt, tt_loop, out = time_system(functools.partial(paged_decode, implementation="triton"), args, q_sets,
+                                               a.in_jit, iters=20, reps=5)
+                rows.append(make_row(f"triton_{name}", batch, context, tt, tt_loop, nbytes, bw,
+                                     rel_err(out[:nb_err], ref)))
+            if ON_GPU and not a.no_xla:  # the XLA path over the same quantized cache, as a peer (per call only)
                 g = functools.partial(paged_decode_jit, cache=cache, block_tables=tables, seq_lens=lens)
                 tg = time_fn(g, [(q,) for q in q_sets], iters=5, reps=3)
-                rows.append(Row(f"xla_{name}", batch, context, tg * 1e6, nbytes, nbytes / tg / 1e9, nbytes / tg / bw, None))
+                rows.append(make_row(f"xla_{name}", batch, context, tg, None, nbytes, bw, None))
                 _progress(done, total, t_start, rows[-1])
             elif not ON_GPU and batch == a.batch[0] and context == a.context[0]:
                 kern = paged_decode(q_sets[0], cache, tables, lens, interpret=True)
@@ -265,11 +288,10 @@ def main(argv=None) -> None:
             _progress(done, total, t_start, rows[-1] if not ON_GPU else next(r for r in rows[::-1] if r.system == name))
             write_csv(a, rows)
         if ON_GPU and not a.no_peers:
-            for pname, pf, pbytes in peer_systems(q_sets, k, v, tables, lens, batch, context, a.block_size):
+            for pname, pf, pargs, pbytes in peer_systems(q_sets, k, v, tables, lens, batch, context, a.block_size):
                 try:
-                    t = time_fn(pf, [(q,) for q in q_sets])
-                    err = rel_err(pf(q_sets[0])[:nb_err], ref)
-                    rows.append(Row(pname, batch, context, t * 1e6, pbytes, pbytes / t / 1e9, pbytes / t / bw, err))
+                    t, t_loop, out = time_system(pf, pargs, q_sets, a.in_jit, iters=20, reps=5)
+                    rows.append(make_row(pname, batch, context, t, t_loop, pbytes, bw, rel_err(out[:nb_err], ref)))
                 except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
                     print(f"  {pname} failed at B={batch} ctx={context}: {type(e).__name__}: {str(e)[:120]}")
                 done += 1
@@ -311,9 +333,16 @@ def sweep_store(a, rng, bw):
     return out
 
 
+def make_row(system, batch, context, t, t_loop, nbytes, bw, err) -> Row:
+    """A decode row from seconds a call ``t`` and a step in a jitted loop ``t_loop`` (None: not timed so)."""
+    return Row(system, batch, context, t * 1e6, nbytes, nbytes / t / 1e9, nbytes / t / bw, err,
+               None if t_loop is None else t_loop * 1e6)
+
+
 def _progress(done, total, t0, row):
     print(f"[{done:3d}/{total}] {time.time() - t0:6.0f}s  {row.system:24s} B={row.batch:<4d} ctx={row.context:<7d} "
-          f"{row.time_us:9.1f} us {row.gbps:7.0f} GB/s ({row.bw_frac:4.0%})", flush=True)
+          f"{row.time_us:9.1f} us {row.gbps:7.0f} GB/s ({row.bw_frac:4.0%})"
+          + ("" if row.in_jit_us is None else f", in-jit {row.in_jit_us:9.1f} us"), flush=True)
 
 
 def write_csv(a, rows, name: str = "decode.csv", fields=tuple(Row.__dataclass_fields__)):
@@ -335,16 +364,23 @@ def report(a, rows, store_rows, dev, bw, floor):
     print(f"\n== decode: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
           f"block={a.block_size}, {a.spare_pages} spare pages a cache, launch floor {floor * 1e6:.1f} us"
           + ("" if ON_GPU else "  [CPU: not GPU timings]"))
-    print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s} {'x floor':>8s}")
+    looped = any(r.in_jit_us is not None for r in rows)
+    print(f"{'system':26s} {'B':>4s} {'ctx':>7s} {'time us':>10s} {'GB/s':>7s} {'of bw':>6s} {'rel err':>8s} "
+          f"{'x floor':>8s}" + (f" {'in-jit us':>10s} {'of bw':>6s}" if looped else ""))
     for r in rows:
         e = "" if r.rel_err is None else f"{r.rel_err:.3f}"
+        loop = ""
+        if looped:
+            loop = (f" {'':>10s} {'':>6s}" if r.in_jit_us is None
+                    else f" {r.in_jit_us:10.1f} {r.bytes_read / (r.in_jit_us * 1e-6) / bw:6.0%}")
         print(f"{r.system:26s} {r.batch:4d} {r.context:7d} {r.time_us:10.1f} {r.gbps:7.0f} {r.bw_frac:6.0%} {e:>8s} "
-              f"{r.time_us / (floor * 1e6):8.1f}")
-    speedups = speedup_table(rows)
-    if speedups:
-        print("\n== speed-up of each preset over each peer (same B, ctx)")
-        for line in speedups:
-            print(line)
+              f"{r.time_us / (floor * 1e6):8.1f}" + loop)
+    for field, what in (("time_us", "a jitted call each"), ("in_jit_us", f"a step of {a.in_jit} in one jitted loop")):
+        speedups = speedup_table(rows, field)
+        if speedups:
+            print(f"\n== speed-up of each preset over each peer (same B, ctx; {what})")
+            for line in speedups:
+                print(line)
     if store_rows:
         write_csv(a, store_rows, "store.csv", store_rows[0])
         print("\n== store kernel" + ("" if ON_GPU else " (XLA reference path on CPU)"))
@@ -358,7 +394,10 @@ def report(a, rows, store_rows, dev, bw, floor):
           + (", decode.png" if rows else ""))
 
 
-def speedup_table(rows):
+def speedup_table(rows, field: str = "time_us"):
+    """Lines of each preset's speed-up over each peer at its (B, ctx), from the rows' ``field`` (time_us: a call;
+    in_jit_us: a step in a jitted loop; rows without it are left out)."""
+    rows = [r for r in rows if getattr(r, field) is not None]
     by_key = {(r.system, r.batch, r.context): r for r in rows}
     peers = sorted({r.system for r in rows if not r.system.startswith("turboquant")})
     lines = []
@@ -371,7 +410,7 @@ def speedup_table(rows):
                 continue
             other = by_key.get((p, r.batch, r.context))
             if other:
-                parts.append(f"{p.replace('_' + r.system, '')}: {other.time_us / r.time_us:5.2f}x")
+                parts.append(f"{p.replace('_' + r.system, '')}: {getattr(other, field) / getattr(r, field):5.2f}x")
         if parts:
             lines.append(f"{r.system:24s} B={r.batch:<4d} ctx={r.context:<7d} " + "  ".join(parts))
     return lines

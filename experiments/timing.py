@@ -59,6 +59,23 @@ def looped_store(store: Callable, steps: int) -> Callable:
     return jax.jit(looped, donate_argnums=0)
 
 
+def looped_decode(decode: Callable, steps: int) -> Callable:
+    """``(queries [steps, ...], *args) -> outputs [steps, ...]``, jitted: ``decode(query, *args)`` for each query in
+    one ``lax.map``, the arrays (a cache, tables, lengths) traced arguments, not captured constants. Its time over
+    ``steps`` is a decode step's GPU time inside a jitted serving step: no host dispatch a call, and XLA runs the
+    loop's body as a command buffer (a CUDA graph) where it can. H200, ``4bit_nc``, B=32, 16k (twenty-sixth
+    session): 302.4 us a step in such a loop, 313.2 without command buffers, 317.1 per jitted call either way."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+
+    def looped(queries, *args):
+        if queries.shape[0] != steps:
+            raise ValueError(f"queries: {steps} steps' queries expected, got shape {queries.shape}")
+        return jax.lax.map(lambda q: decode(q, *args), queries)
+
+    return jax.jit(looped)
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (x -> x * 1 + 0)."""
     n = nbytes // 4

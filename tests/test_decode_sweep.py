@@ -37,6 +37,31 @@ def test_sweep_writes_decode_and_store_results(tmp_path, capsys) -> None:
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
+def test_sweep_in_jit_steps(tmp_path, capsys) -> None:
+    """``--in-jit S``: every decode row also timed as a step of S in one jitted loop (a column, and the speed-up
+    table from it where there are peers); without it the rows leave it empty."""
+    decode_sweep.main(["--presets", "turboquant_4bit_nc", "--batch", "1", "--context", "64", "--no-store",
+                       "--in-jit", "2", "--out", str(tmp_path)])
+    assert "in-jit us" in capsys.readouterr().out
+    [r] = _rows(tmp_path / "decode.csv")
+    assert float(r["in_jit_us"]) > 0 and float(r["time_us"]) > 0
+    decode_sweep.main(["--presets", "turboquant_4bit_nc", "--batch", "1", "--context", "64", "--no-store",
+                       "--out", str(tmp_path)])
+    assert "in-jit us" not in capsys.readouterr().out
+    [r] = _rows(tmp_path / "decode.csv")
+    assert r["in_jit_us"] == ""
+
+
+def test_speedup_table_from_either_timing() -> None:
+    rows = [decode_sweep.Row("turboquant_4bit_nc", 32, 16384, 300.0, 1, 1.0, 0.5, 0.1, 250.0),
+            decode_sweep.Row("jax_paged_bf16", 32, 16384, 900.0, 1, 1.0, 0.5, 0.0, 800.0),
+            decode_sweep.Row("jax_paged_int8", 32, 16384, 1200.0, 1, 1.0, 0.5, 0.0, None)]
+    [per_call] = decode_sweep.speedup_table(rows)
+    assert "jax_paged_bf16:  3.00x" in per_call and "jax_paged_int8:  4.00x" in per_call
+    [looped] = decode_sweep.speedup_table(rows, "in_jit_us")
+    assert "jax_paged_bf16:  3.20x" in looped and "int8" not in looped
+
+
 def test_store_only_sweep(tmp_path) -> None:
     decode_sweep.main(["--presets", "turboquant_k8v4", "--no-decode", "--out", str(tmp_path)])
     assert _rows(tmp_path / "decode.csv") == []

@@ -13,9 +13,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import tqjax
-from experiments.timing import in_turns, looped_store, on_cache
+from experiments.timing import in_turns, looped_decode, looped_store, on_cache
 from tqjax import reference
 
 
@@ -93,3 +94,29 @@ def test_on_cache_passes_the_cache_as_an_argument() -> None:
         np.testing.assert_allclose(f(q), reference.paged_decode_jit(q, cache, tables, lens, scale=0.25), rtol=1e-6,
                                    atol=1e-6)
     assert traced == [True]
+
+
+def test_looped_decode_runs_every_query_with_traced_arrays() -> None:
+    """Each step decodes its own query (the outputs stacked in order, equal to a call each), the cache, tables and
+    lengths are traced arguments of the one jitted loop, and a wrong number of queries is refused."""
+    rng = np.random.default_rng(6)
+    cache = tqjax.PagedKVCache.allocate(tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64), 6, 16, 2)
+    k, v = (jnp.asarray(rng.standard_normal((96, 2, 64)), jnp.float32) for _ in range(2))
+    cache = reference.store_jit(cache, k, v, jnp.arange(96, dtype=jnp.int32))
+    tables, lens = jnp.asarray([[4, 1, 2], [0, 5, 3]], jnp.int32), jnp.asarray([40, 17], jnp.int32)
+    traced = []
+
+    def decode(q, c, t, n):
+        traced.append(all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((c, t, n))))
+        return reference.paged_decode_reference(q, c, t, n)
+
+    queries = jnp.asarray(rng.standard_normal((3, 2, 4, 64)), jnp.float32)
+    out = looped_decode(decode, 3)(queries, cache, tables, lens)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], reference.paged_decode_jit(queries[i], cache, tables, lens), rtol=1e-6,
+                                   atol=1e-6)
+    assert traced and all(traced)
+    with pytest.raises(ValueError, match="3 steps' queries"):
+        looped_decode(decode, 3)(queries[:2], cache, tables, lens)
+    with pytest.raises(ValueError, match="at least 1"):
+        looped_decode(decode, 0)
