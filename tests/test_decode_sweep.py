@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 
@@ -23,7 +24,12 @@ def _rows(path) -> list[dict]:
 def test_sweep_writes_decode_and_store_results(tmp_path, capsys) -> None:
     decode_sweep.main(["--presets", *PRESETS, "--batch", "1", "2", "--context", "64", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "NOT GPU timings" in out and "max |diff| = 0.00e+00" in out  # interpret kernel == reference
+    assert "NOT GPU timings" in out
+    # the interpret-mode kernel against the reference, each preset: the same float32 math summed in another order
+    # (pieces, merge), then rounded to the bfloat16 output: at most one bfloat16 step apart, 2**-5 below |out| 8
+    # (the outputs are convex combinations of values drawn standard normal)
+    diffs = dict(re.findall(r"kernel vs reference \((\w+)\): max \|diff\| = (\S+)", out))
+    assert sorted(diffs) == sorted(PRESETS) and all(float(x) <= 2.0**-5 for x in diffs.values()), diffs
     decode = _rows(tmp_path / "decode.csv")
     assert sorted((r["system"], int(r["batch"]), int(r["context"])) for r in decode) == sorted(
         (p, b, 64) for p in PRESETS for b in (1, 2))
