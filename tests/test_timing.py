@@ -73,15 +73,20 @@ def test_in_turns_interleaves_the_functions() -> None:
     assert times == {"a": [1, 3, 5], "b": [2, 4, 6]}
 
 
+def _small_cache(rng):
+    """A 4bit_nc cache (6 pages of 16, Hk=2, D=64) of 96 random tokens, tables [2, 3] and lengths 40, 17."""
+    cache = tqjax.PagedKVCache.allocate(tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64), 6, 16, 2)
+    k, v = (jnp.asarray(rng.standard_normal((96, 2, 64)), jnp.float32) for _ in range(2))
+    cache = reference.store_jit(cache, k, v, jnp.arange(96, dtype=jnp.int32))
+    return cache, jnp.asarray([[4, 1, 2], [0, 5, 3]], jnp.int32), jnp.asarray([40, 17], jnp.int32)
+
+
 def test_on_cache_passes_the_cache_as_an_argument() -> None:
     """The decode sees the cache, tables and lengths as traced arguments (bound by functools.partial they would be
     concrete arrays, constants captured in the lowering), is traced once for several queries, and gives the
     reference's output for the same inputs."""
     rng = np.random.default_rng(5)
-    cache = tqjax.PagedKVCache.allocate(tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64), 6, 16, 2)
-    k, v = (jnp.asarray(rng.standard_normal((96, 2, 64)), jnp.float32) for _ in range(2))
-    cache = reference.store_jit(cache, k, v, jnp.arange(96, dtype=jnp.int32))
-    tables, lens = jnp.asarray([[4, 1, 2], [0, 5, 3]], jnp.int32), jnp.asarray([40, 17], jnp.int32)
+    cache, tables, lens = _small_cache(rng)
     traced = []
 
     def decode(q, c, t, n, *, scale):
@@ -100,10 +105,7 @@ def test_looped_decode_runs_every_query_with_traced_arrays() -> None:
     """Each step decodes its own query (the outputs stacked in order, equal to a call each), the cache, tables and
     lengths are traced arguments of the one jitted loop, and a wrong number of queries is refused."""
     rng = np.random.default_rng(6)
-    cache = tqjax.PagedKVCache.allocate(tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 64), 6, 16, 2)
-    k, v = (jnp.asarray(rng.standard_normal((96, 2, 64)), jnp.float32) for _ in range(2))
-    cache = reference.store_jit(cache, k, v, jnp.arange(96, dtype=jnp.int32))
-    tables, lens = jnp.asarray([[4, 1, 2], [0, 5, 3]], jnp.int32), jnp.asarray([40, 17], jnp.int32)
+    cache, tables, lens = _small_cache(rng)
     traced = []
 
     def decode(q, c, t, n):
