@@ -179,8 +179,8 @@ def attention_pieces(rng, lens, table, n_pieces, *, hk, block_size, d, rows):
     k = rng.standard_normal((n_bh, max(max(lens), 1), d))
     v = rng.standard_normal((n_bh, max(max(lens), 1), d))
     q = rng.standard_normal((n_bh, rows, d))
-    o = rng.standard_normal(((n_pieces + 1) * hk, d, rows))  # garbage wherever no piece writes
-    lse = np.full(((n_pieces + 1) * hk, 8, rows), 3.0)
+    o = np.full(((n_pieces + 1) * hk, d, rows), np.nan)  # NaN wherever no piece writes (the merge must not read it)
+    lse = np.full(((n_pieces + 1) * hk, 8, rows), np.nan)
     want = np.zeros((n_bh, d, rows))
     for bh in range(n_bh):
         n = lens[bh // hk]
@@ -199,11 +199,12 @@ def attention_pieces(rng, lens, table, n_pieces, *, hk, block_size, d, rows):
     return o, lse, want
 
 
-@pytest.mark.parametrize("num_splits", [None, 2])
-def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
+@pytest.mark.parametrize("num_splits,block", [(None, None), (2, None), (None, 2), (None, 4), (None, 16)])
+def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block):
     """Pieces of a ragged batch (empty sequences included), attended separately in float64 and merged by the
     kernel in interpret mode (and by the jnp reference): attention over each whole sequence, within float32
-    rounding (weights below 1, outputs of size ~1: 1e-5), zeros for empty sequences."""
+    rounding (weights below 1, outputs of size ~1: 1e-5), zeros for empty sequences. Slots no piece wrote hold
+    NaN; blocks of 2 and 4 pieces merge a sequence in several steps, one tile of 16 reads others' slots too."""
     rng = np.random.default_rng(7)
     lens = [0, 1, 100, 333, 64, 1000, 0, 17]
     table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24, num_splits=num_splits)
@@ -211,7 +212,8 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits):
     o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=64, rows=8)
     want = np.swapaxes(want, 1, 2)  # [B * Hk, rows, D]
     args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
-    got = np.asarray(merge_pieces(*args, batch=len(lens), interpret=True))
+    assert np.isnan(o).any() and (block in (None, 16) or info[1].max() >= 2 * block)
+    got = np.asarray(merge_pieces(*args, batch=len(lens), block=block, interpret=True))
     ref = np.asarray(merge_pieces_reference(*args, batch=len(lens)))
     chex.assert_shape(got, want.shape)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
@@ -266,3 +268,23 @@ def test_merge_weighs_empty_rows_nothing():
     np.testing.assert_allclose(got[0, 3], np.asarray(o)[1, :, 3], rtol=1e-6)
     np.testing.assert_allclose(got[0, 0], (np.asarray(o)[0, :, 0] + np.asarray(o)[1, :, 0]) / 2, rtol=1e-6)
     assert np.all(got[1] == 0)
+
+
+@pytest.mark.parametrize("block,n", [(2, 5), (4, 5), (16, 37), (32, 37)])
+def test_merge_blocks_past_the_outputs_end_count_each_piece_once(block, n):
+    """A (sequence, KV head) whose n pieces end at the outputs' last slot, merged in blocks whose last one reaches
+    past it (a load a piece: blocks of 2 and 4; one tile, shifted back to end at the last slot: 16 and 32): each
+    piece counted once, nothing read past the end: the float64 merge of random pieces (1 KV head; sequence 0 at slot
+    0, sequence 1's pieces at slots 1..n), within float32 rounding. The log-sum-exps span 400 (base 2): a weight
+    taken against anything but the block's maximum overflows."""
+    rng = np.random.default_rng(block)
+    o = rng.standard_normal((n + 1, 16, 8))
+    lse = np.zeros((n + 1, 8, 8))
+    lse[:, 0] = rng.uniform(-200, 200, (n + 1, 8))
+    info = jnp.asarray([[[0, 1]], [[1, n]]], jnp.int32)  # [2, Hk=1, B=2]
+    got = np.asarray(merge_pieces(jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), info, batch=2,
+                                  block=block, interpret=True))  # [B * Hk, R, D]
+    w = np.exp2(lse[1:, 0] - lse[1:, 0].max(axis=0))  # [n, R]
+    want = np.einsum("sdr,sr->rd", o[1:], w) / w.sum(axis=0)[:, None]
+    np.testing.assert_allclose(got[1], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[0], o[0].T, rtol=0, atol=1e-6)

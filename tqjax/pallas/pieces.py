@@ -77,7 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["grid_size", "merge_groups", "merge_pieces", "merge_pieces_reference", "piece_table",
+__all__ = ["grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "piece_table",
            "piece_table_reference", "table_program"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
@@ -153,7 +153,7 @@ def _fill_rule(steps, coarse, fine, n_wave: int, fill: float):
     waves'): ``coarse`` where its pieces fill at least ``fill`` of the wave's steps (the batch's steps against
     ``n_wave * coarse``) and ``fine`` cuts a sequence into more than one merge block of pieces, else ``fine``."""
     filled = jnp.sum(steps).astype(jnp.float32) >= fill * n_wave * coarse.astype(jnp.float32)
-    long_merge = (jnp.max(steps) + fine - 1) // fine > _MERGE_BLOCK
+    long_merge = (jnp.max(steps) + fine - 1) // fine > _LONG_MERGE
     return jnp.where(filled & long_merge, coarse, fine)
 
 
@@ -316,7 +316,9 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
     return table.astype(jnp.int32), info.astype(jnp.int32)
 
 
-_MERGE_BLOCK = 8  # pieces a merge program loads at once (their loads in flight together, not one after another)
+_LONG_MERGE = 8  # pieces of a sequence beyond which _fill_rule calls the finer cut's merge long
+_MERGE_TILE = 16  # blocks of at least this many pieces load as one tile (below: a load a piece)
+_MERGE_BLOCK = 64  # pieces a merge program loads at once, at most (a power of 2: one online merge step a block)
 _MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at most (a power of 2)
 
 
@@ -349,64 +351,108 @@ def merge_groups(channels: tuple[int, ...] | None, d: int) -> tuple[int, int, in
         size //= 2
 
 
-def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, size: int, row_stride: int,
+def merge_block(slots: int, num_kv_heads: int, batch: int) -> int:
+    """Pieces a merge program loads at once: the largest power of 2 up to the slot rows a sequence has on average
+    (``slots // num_kv_heads`` over ``batch``), at most :data:`_MERGE_BLOCK` and the slot rows."""
+    n_rows = slots // num_kv_heads
+    return 1 << (min(_MERGE_BLOCK, -(-n_rows // batch), n_rows).bit_length() - 1)
+
+
+def _tree(op, xs: list):
+    """``op`` over ``xs`` (a power-of-2 count) as a balanced tree: independent steps, not a chain."""
+    while len(xs) > 1:
+        xs = [op(xs[k], xs[k + 1]) for k in range(0, len(xs), 2)]
+    return xs[0]
+
+
+def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, block: int, size: int, row_stride: int,
                   channel_stride: int, rows: int, d_major: bool, lse_scale: float):
-    hk = info_ref.shape[1]
+    # o_ref [P, Hk, D, R] (d_major) or [P, Hk, R, D], lse_ref [P, Hk, L, R]: slot s = p * Hk + h at [p, h]
+    n_rows, hk = o_ref.shape[0], o_ref.shape[1]
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
     group = pl.program_id(1)
-    first, count = info_ref[0, h, b], info_ref[1, h, b]
+    first, count = info_ref[0, h, b] // hk, info_ref[1, h, b]  # the pieces at rows first .. first + count - 1
     d_rows, q_rows = pl.ds(groups_ref[0, group], size, row_stride), pl.ds(0, rows)
-    # o's tile [size, rows] (d_major) or [rows, size]; a query row's weight along the tile's query axis
-    along = (lambda w: w[None, :]) if d_major else (lambda w: w[:, None])
+    scaled = (lambda lse: lse) if lse_scale == 1.0 else (lambda lse: lse * lse_scale)
 
-    def block(i, carry):  # online log-sum-exp merge of _MERGE_BLOCK pieces; a -inf (empty) row weighs nothing
+    def load(p):  # o's tiles [.., size, rows] (d_major) or [.., rows, size] and the log-sum-exps [.., rows] at rows p
+        return (o_ref[p, h, d_rows, q_rows] if d_major else o_ref[p, h, q_rows, d_rows]), lse_ref[p, h, 0, q_rows]
+
+    def online(carry, lse_max, ws, o_w):  # the running merge and a block's maximum, weights and weighted sum
         m, den, acc = carry
-        pieces = []
-        for u in range(_MERGE_BLOCK):  # every load first (their addresses do not wait for the sums)
-            ok = i * _MERGE_BLOCK + u < count
-            slot = jnp.where(ok, first + (i * _MERGE_BLOCK + u) * hk, first)  # past the last: weight 0
-            o = o_ref[slot, d_rows, q_rows] if d_major else o_ref[slot, q_rows, d_rows]
-            lse = lse_ref[slot, 0, q_rows]
-            pieces.append((jnp.where(ok, lse if lse_scale == 1.0 else lse * lse_scale, -jnp.inf), o))
-        for lse, o in pieces:
-            m_new = jnp.maximum(m, lse)
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            a, w = jnp.exp2(m - m_safe), jnp.exp2(lse - m_safe)
-            m, den, acc = m_new, den * a + w, acc * along(a) + o * along(w)
-        return m, den, acc
+        m_new = jnp.maximum(m, lse_max)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        a = jnp.exp2(m - m_safe)
+        w, o_w = ws(m_safe), o_w(m_safe)
+        return m_new, den * a + w, acc * (a[None, :] if d_major else a[:, None]) + o_w
+
+    def tile_step(i, carry):  # the block's rows in one tile load, shifted back where they would pass the end
+        start = jnp.minimum(first + i * block, n_rows - block)
+        piece = start + lax.broadcasted_iota(jnp.int32, (block, rows), 0) - first
+        o, lse = load(pl.ds(start, block))
+        lse = jnp.where((piece >= i * block) & (piece < count), scaled(lse), -jnp.inf)  # others' rows: -inf
+
+        def o_w(m_safe):  # rows of no weight may hold anything (NaN: unwritten); -inf (empty) rows weigh nothing
+            w = jnp.exp2(lse - m_safe[None, :])
+            w = w[:, None, :] if d_major else w[:, :, None]
+            return jnp.sum(jnp.where(w > 0, o * w, 0.0), axis=0)
+
+        return online(carry, jnp.max(lse, axis=0), lambda m_safe: jnp.sum(jnp.exp2(lse - m_safe[None, :]), axis=0),
+                      o_w)
+
+    def piece_step(i, carry):  # a load a piece, all first (their addresses do not wait for the sums)
+        ok = [i * block + u < count for u in range(block)]
+        tiles = [load(jnp.where(k, first + i * block + u, first)) for u, k in enumerate(ok)]  # past: weight 0
+        lses = [jnp.where(k, scaled(lse), -jnp.inf) for k, (_, lse) in zip(ok, tiles)]
+        along = (lambda w: w[None, :]) if d_major else (lambda w: w[:, None])
+        return online(carry, _tree(jnp.maximum, lses),
+                      lambda m_safe: _tree(jnp.add, [jnp.exp2(lse - m_safe) for lse in lses]),
+                      lambda m_safe: _tree(jnp.add, [o * along(jnp.exp2(lse - m_safe))
+                                                     for (o, _), lse in zip(tiles, lses)]))
 
     shape = (size, rows) if d_major else (rows, size)
     init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros(shape, jnp.float32))
-    _, den, acc = lax.fori_loop(0, (count + _MERGE_BLOCK - 1) // _MERGE_BLOCK, block, init)
-    out = acc / along(jnp.where(den > 0, den, 1.0))
+    step = tile_step if block >= _MERGE_TILE else piece_step
+    _, den, acc = lax.fori_loop(0, (count + block - 1) // block, step, init)
+    den = jnp.where(den > 0, den, 1.0)
+    out = acc / (den[None, :] if d_major else den[:, None])
     out_ref[pl.program_id(0), q_rows, pl.ds(groups_ref[1, group], size, channel_stride)] = (
         (out.T if d_major else out).astype(out_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "rows", "channels", "d_major", "lse_scale", "dtype",
-                                             "interpret"))
+                                             "block", "interpret"))
 def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
                  channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
-                 dtype: Any = jnp.float32, interpret: bool = False) -> jax.Array:
+                 dtype: Any = jnp.float32, block: int | None = None, interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
     piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
     R, D]; its D row i is output channel ``channels[i]`` (None: i). ``lse`` [slots, L, R] float32: row 0 the
     pieces' log-sum-exps, in base 2 once times ``lse_scale``. ``info`` [2, Hk, >= B] int32 (:func:`piece_table`): KV
     head h of sequence b has ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets
-    zeros. ``rows``: the first query rows kept (default R). D, R and ``rows`` powers of 2.
+    zeros. Slots a multiple of Hk; slots of no piece may hold anything (NaN too). ``rows``: the first query rows kept
+    (default R). D, R and ``rows`` powers of 2. ``block``: pieces a program loads at once (a power of 2 up to the
+    slot rows, slots / Hk; default :func:`merge_block`).
 
     One program per (sequence, KV head) and group of up to 8 of the D rows (:func:`merge_groups`: strided rows
     into strided channels, so that the channel order costs no pass of its own), one warp (Triton lowering: CUDA,
-    ROCm, interpret mode): a merge is a chain of dependent steps per piece, so more programs with less each finish
-    sooner (H200, 8 KV heads, 64 pieces each, under ncu: 13.0 us for 8 rows a program against 38.8 for a program of
-    4 warps per (sequence, KV head); 132 pieces: 24.2 against 78.5; docs/data/decode_merge_h200_2026-11-30_s26.log;
-    the strided groups, the rows kept and the output's layout and dtype since, not timed)."""
-    n_bh = batch * info.shape[1]
+    ROCm, interpret mode): a merge is latency, so more programs with less each finish sooner (H200, 8 KV heads, 64
+    pieces each, under ncu: 13.0 us for 8 rows a program against 38.8 for a program of 4 warps per (sequence, KV
+    head); docs/data/decode_merge_h200_2026-11-30_s26.log). A (sequence, KV head)'s slots are consecutive rows of o
+    seen as [slots / Hk, Hk, ...]; a program loads a block of them at once and merges the block in one online
+    log-sum-exp step (the block's maximum, then independent weights and sums): blocks of :data:`_MERGE_TILE` or
+    more as one tile of whole rows (others' too, weighing nothing), smaller ones a load a piece. H200, under ncu
+    (docs/data/merge_h200_2026-12-01_s28.log): 64 pieces a sequence (B=1, 4k), one tile of 64 5.2 us, 32 5.9, a
+    load a piece 8.8-9.5 (a step a piece, as before: 9.9); 4 (B=32, 16k), a load a piece 6.5 us, a tile 7.8."""
+    n_bh, hk = batch * info.shape[1], info.shape[1]
     d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
+    if o.shape[0] % hk or lse.shape[0] != o.shape[0]:
+        raise ValueError(f"o {o.shape} and lse {lse.shape}: their slots must agree and be a multiple of Hk={hk}")
     rows = r if rows is None else rows
+    block = merge_block(o.shape[0], hk, batch) if block is None else block
     size, row_stride, channel_stride, starts = merge_groups(channels, d)
-    kernel = functools.partial(_merge_kernel, size=size, row_stride=row_stride, channel_stride=channel_stride,
-                               rows=rows, d_major=d_major, lse_scale=lse_scale)
+    kernel = functools.partial(_merge_kernel, block=block, size=size, row_stride=row_stride,
+                               channel_stride=channel_stride, rows=rows, d_major=d_major, lse_scale=lse_scale)
     return pl.pallas_call(
         kernel,
         grid=(n_bh, starts.shape[1]),
@@ -414,7 +460,8 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         name="tq_merge_pieces",
-    )(info, jnp.asarray(starts), o, lse)
+    )(info, jnp.asarray(starts), o.reshape(o.shape[0] // hk, hk, *o.shape[1:]),
+      lse.reshape(lse.shape[0] // hk, hk, *lse.shape[1:]))
 
 
 def merge_pieces_reference(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
