@@ -47,7 +47,7 @@ def chosen_chunk(lens, *, hk, block_size, max_blocks, resident, waves=WAVES, fil
     """The module docstring's rule, on the host: the shortest chunk (in steps) whose pieces fit one wave (the grid
     of ``waves=1``), unless the grid holds more pieces and the pieces of the shortest chunk that fit it are
     chosen: where one wave's pieces fill less than ``fill`` of the wave, or that finer cut leaves no sequence more
-    than 8 pieces (one merge block)."""
+    than 8 pieces (_LONG_MERGE)."""
     pps = STEP_TOKENS // block_size
     max_steps = max(1, math.ceil(max_blocks / pps))
     steps = [math.ceil(min(math.ceil(n / block_size), max_blocks) / pps) for n in lens]
@@ -149,7 +149,7 @@ def test_fixed_splits_cut_the_table_width(num_splits):
 
 def test_serving_shapes_at_528_resident_programs():
     """The H200's 528 resident programs (4 on each of 132 cores), Hk=8, block 16, the default two waves of pieces:
-    a uniform batch is cut finer than one wave cuts it where that leaves each sequence one merge block of pieces
+    a uniform batch is cut finer than one wave cuts it where that leaves each sequence at most 8 pieces
     (B=32, 16k: four of 64 steps, two waves, where one wave gave two of 128); one long sequence (B=1, 128k: 64 of
     32, one wave; 128 of 16 would leave 128 pieces to merge), a short one (B=1, 4k: 64 of one, the grid of 64
     pieces: a piece a step) and batches of a wave's programs or more (B=128, 4k and 16k: one piece each) are cut as

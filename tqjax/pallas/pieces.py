@@ -21,7 +21,7 @@ jitted step, where the lengths are known:
   the split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32), unless
   the shortest whose pieces fit the whole grid is taken: where one wave's pieces fill less than :data:`FILL` of
   the wave (ragged lengths: their last pieces are short; then the block scheduler balances the finer pieces), or
-  where that finer cut leaves no sequence more than one merge block (8) of pieces (B=32, 16k: 4 of 64 steps;
+  where that finer cut leaves no sequence more than 8 pieces (:data:`_LONG_MERGE`) (B=32, 16k: 4 of 64 steps;
   a sequence of many pieces keeps the one-wave cut: the merge's longest program bounds the merge); with S given,
   ``ceil(max_steps / S)`` (the table's width cut in S);
 - piece j is the j-th of the whole pieces (sequence-major), then of the shorter last pieces, longest first
@@ -151,7 +151,7 @@ def _pieces_of(steps, count, whole, chunk, used, rank, j, *, step_pages: int, n_
 def _fill_rule(steps, coarse, fine, n_wave: int, fill: float):
     """The chunk from ``coarse`` (the shortest whose pieces fit one wave, ``n_wave`` pieces) and ``fine`` (several
     waves'): ``coarse`` where its pieces fill at least ``fill`` of the wave's steps (the batch's steps against
-    ``n_wave * coarse``) and ``fine`` cuts a sequence into more than one merge block of pieces, else ``fine``."""
+    ``n_wave * coarse``) and ``fine`` cuts a sequence into more than :data:`_LONG_MERGE` pieces, else ``fine``."""
     filled = jnp.sum(steps).astype(jnp.float32) >= fill * n_wave * coarse.astype(jnp.float32)
     long_merge = (jnp.max(steps) + fine - 1) // fine > _LONG_MERGE
     return jnp.where(filled & long_merge, coarse, fine)
