@@ -14,6 +14,7 @@ from tqjax.pallas.pieces import (
     FILL,
     WAVES,
     grid_size,
+    merge_groups,
     merge_pieces,
     merge_pieces_reference,
     piece_table,
@@ -199,12 +200,14 @@ def attention_pieces(rng, lens, table, n_pieces, *, hk, block_size, d, rows):
     return o, lse, want
 
 
-@pytest.mark.parametrize("num_splits,block", [(None, None), (2, None), (None, 2), (None, 4), (None, 16)])
-def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block):
+@pytest.mark.parametrize("num_splits,block,groups", [(None, None, 1), (2, None, 1), (None, 2, 1), (None, 4, 4),
+                                                     (None, 16, 1), (None, 16, 8)])
+def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block, groups):
     """Pieces of a ragged batch (empty sequences included), attended separately in float64 and merged by the
     kernel in interpret mode (and by the jnp reference): attention over each whole sequence, within float32
     rounding (weights below 1, outputs of size ~1: 1e-5), zeros for empty sequences. Slots no piece wrote hold
-    NaN; blocks of 2 and 4 pieces merge a sequence in several steps, one tile of 16 reads others' slots too."""
+    NaN; blocks of 2 and 4 pieces merge a sequence in several steps, one tile of 16 reads others' slots too; a
+    program merges 1, 4 or all 8 groups of the D rows."""
     rng = np.random.default_rng(7)
     lens = [0, 1, 100, 333, 64, 1000, 0, 17]
     table, info = table_of(lens, hk=2, block_size=16, max_blocks=70, resident=24, num_splits=num_splits)
@@ -213,7 +216,7 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block):
     want = np.swapaxes(want, 1, 2)  # [B * Hk, rows, D]
     args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
     assert np.isnan(o).any() and (block in (None, 16) or info[1].max() >= 2 * block)
-    got = np.asarray(merge_pieces(*args, batch=len(lens), block=block, interpret=True))
+    got = np.asarray(merge_pieces(*args, batch=len(lens), block=block, groups=groups, interpret=True))
     ref = np.asarray(merge_pieces_reference(*args, batch=len(lens)))
     chex.assert_shape(got, want.shape)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
@@ -222,14 +225,15 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block):
 
 
 @pytest.mark.parametrize("channels", ["identity", "reversed pairs", "value4", "value3"])
-@pytest.mark.parametrize("d_major,rows,dtype", [(True, 8, jnp.float32), (True, 4, jnp.bfloat16),
-                                                (False, 2, jnp.float32), (False, 16, jnp.float16)])
-def test_merge_orders_channels_keeps_rows_and_reads_either_layout(channels, d_major, rows, dtype):
+@pytest.mark.parametrize("d_major,rows,dtype,groups", [(True, 8, jnp.float32, 1), (True, 4, jnp.bfloat16, "all"),
+                                                       (False, 2, jnp.float32, "all"), (False, 16, jnp.float16, 1)])
+def test_merge_orders_channels_keeps_rows_and_reads_either_layout(channels, d_major, rows, dtype, groups):
     """The merge writes [B * Hk, rows, D] with the channels in order (o's D row i is channel ``channels[i]``: the
     Mosaic decode's value orders, and orders whose groups are smaller), the first ``rows`` query rows, in
     ``dtype``, from o in either layout and base-e log-sum-exps scaled in the kernel: against the float64 merge of
-    the same pieces (attention_pieces) and against the jnp reference. Float32: within 1e-5 (as above); bfloat16 and
-    float16 outputs: one rounding of values up to ~4 (2**-7 and 2**-10 relative)."""
+    the same pieces (attention_pieces) and against the jnp reference, a group of D rows a program or all of them.
+    Float32: within 1e-5 (as above); bfloat16 and float16 outputs: one rounding of values up to ~4 (2**-7 and 2**-10
+    relative)."""
     from tqjax.pallas.decode_mgpu import value3_channel_order, value_channel_order
 
     rng = np.random.default_rng(len(channels) + rows)
@@ -247,7 +251,8 @@ def test_merge_orders_channels_keeps_rows_and_reads_either_layout(channels, d_ma
     kw = {"batch": len(lens), "rows": rows, "channels": tuple(int(c) for c in order), "d_major": d_major,
           "lse_scale": 1.0 if d_major else 1 / math.log(2.0), "dtype": dtype}
     args = (jnp.asarray(o_in, jnp.float32), jnp.asarray(lse_in, jnp.float32), jnp.asarray(info))
-    got = merge_pieces(*args, interpret=True, **kw)
+    n_groups = merge_groups(kw["channels"], d)[3].shape[1]  # "all": one program a (sequence, KV head)
+    got = merge_pieces(*args, interpret=True, groups=n_groups if groups == "all" else groups, **kw)
     ref = merge_pieces_reference(*args, **kw)
     chex.assert_shape((got, ref), want.shape)
     assert got.dtype == ref.dtype == dtype

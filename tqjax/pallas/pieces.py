@@ -365,66 +365,73 @@ def _tree(op, xs: list):
     return xs[0]
 
 
-def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, block: int, size: int, row_stride: int,
-                  channel_stride: int, rows: int, d_major: bool, lse_scale: float):
+def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, block: int, groups: int, size: int,
+                  row_stride: int, channel_stride: int, rows: int, d_major: bool, lse_scale: float):
     # o_ref [P, Hk, D, R] (d_major) or [P, Hk, R, D], lse_ref [P, Hk, L, R]: slot s = p * Hk + h at [p, h]
     n_rows, hk = o_ref.shape[0], o_ref.shape[1]
     b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
-    group = pl.program_id(1)
+    mine = [pl.program_id(1) * groups + g for g in range(groups)]  # this program's groups of D rows
     first, count = info_ref[0, h, b] // hk, info_ref[1, h, b]  # the pieces at rows first .. first + count - 1
-    d_rows, q_rows = pl.ds(groups_ref[0, group], size, row_stride), pl.ds(0, rows)
+    d_rows = [pl.ds(groups_ref[0, g], size, row_stride) for g in mine]
+    q_rows = pl.ds(0, rows)
     scaled = (lambda lse: lse) if lse_scale == 1.0 else (lambda lse: lse * lse_scale)
+    along = (lambda w: w[None, :]) if d_major else (lambda w: w[:, None])  # a [rows] weight along o's tile
 
-    def load(p):  # o's tiles [.., size, rows] (d_major) or [.., rows, size] and the log-sum-exps [.., rows] at rows p
-        return (o_ref[p, h, d_rows, q_rows] if d_major else o_ref[p, h, q_rows, d_rows]), lse_ref[p, h, 0, q_rows]
+    def load(p):  # o's tiles [.., size, rows] (d_major) or [.., rows, size], a group each, and the log-sum-exps
+        tiles = [o_ref[p, h, dr, q_rows] if d_major else o_ref[p, h, q_rows, dr] for dr in d_rows]
+        return tiles, lse_ref[p, h, 0, q_rows]
 
-    def online(carry, lse_max, ws, o_w):  # the running merge and a block's maximum, weights and weighted sum
-        m, den, acc = carry
+    def online(carry, lse_max, ws, o_ws):  # the running merge and a block's maximum, weights and weighted sums
+        m, den, accs = carry
         m_new = jnp.maximum(m, lse_max)
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         a = jnp.exp2(m - m_safe)
-        w, o_w = ws(m_safe), o_w(m_safe)
-        return m_new, den * a + w, acc * (a[None, :] if d_major else a[:, None]) + o_w
+        return m_new, den * a + ws(m_safe), [acc * along(a) + o_w for acc, o_w in zip(accs, o_ws(m_safe))]
 
     def tile_step(i, carry):  # the block's rows in one tile load, shifted back where they would pass the end
         start = jnp.minimum(first + i * block, n_rows - block)
         piece = start + lax.broadcasted_iota(jnp.int32, (block, rows), 0) - first
-        o, lse = load(pl.ds(start, block))
+        tiles, lse = load(pl.ds(start, block))
         lse = jnp.where((piece >= i * block) & (piece < count), scaled(lse), -jnp.inf)  # others' rows: -inf
 
-        def o_w(m_safe):  # rows of no weight may hold anything (NaN: unwritten); -inf (empty) rows weigh nothing
+        def o_ws(m_safe):  # rows of no weight may hold anything (NaN: unwritten); -inf (empty) rows weigh nothing
             w = jnp.exp2(lse - m_safe[None, :])
             w = w[:, None, :] if d_major else w[:, :, None]
-            return jnp.sum(jnp.where(w > 0, o * w, 0.0), axis=0)
+            return [jnp.sum(jnp.where(w > 0, o * w, 0.0), axis=0) for o in tiles]
 
         return online(carry, jnp.max(lse, axis=0), lambda m_safe: jnp.sum(jnp.exp2(lse - m_safe[None, :]), axis=0),
-                      o_w)
+                      o_ws)
 
     def piece_step(i, carry):  # a load a piece, all first (their addresses do not wait for the sums)
         ok = [i * block + u < count for u in range(block)]
-        tiles = [load(jnp.where(k, first + i * block + u, first)) for u, k in enumerate(ok)]  # past: weight 0
-        lses = [jnp.where(k, scaled(lse), -jnp.inf) for k, (_, lse) in zip(ok, tiles)]
-        along = (lambda w: w[None, :]) if d_major else (lambda w: w[:, None])
+        loads = [load(jnp.where(k, first + i * block + u, first)) for u, k in enumerate(ok)]  # past: weight 0
+        lses = [jnp.where(k, scaled(lse), -jnp.inf) for k, (_, lse) in zip(ok, loads)]
+
+        def o_ws(m_safe):
+            ws = [along(jnp.exp2(lse - m_safe)) for lse in lses]
+            return [_tree(jnp.add, [tiles[g] * w for (tiles, _), w in zip(loads, ws)]) for g in range(groups)]
+
         return online(carry, _tree(jnp.maximum, lses),
-                      lambda m_safe: _tree(jnp.add, [jnp.exp2(lse - m_safe) for lse in lses]),
-                      lambda m_safe: _tree(jnp.add, [o * along(jnp.exp2(lse - m_safe))
-                                                     for (o, _), lse in zip(tiles, lses)]))
+                      lambda m_safe: _tree(jnp.add, [jnp.exp2(lse - m_safe) for lse in lses]), o_ws)
 
     shape = (size, rows) if d_major else (rows, size)
-    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros(shape, jnp.float32))
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            [jnp.zeros(shape, jnp.float32) for _ in range(groups)])
     step = tile_step if block >= _MERGE_TILE else piece_step
-    _, den, acc = lax.fori_loop(0, (count + block - 1) // block, step, init)
-    den = jnp.where(den > 0, den, 1.0)
-    out = acc / (den[None, :] if d_major else den[:, None])
-    out_ref[pl.program_id(0), q_rows, pl.ds(groups_ref[1, group], size, channel_stride)] = (
-        (out.T if d_major else out).astype(out_ref.dtype))
+    _, den, accs = lax.fori_loop(0, (count + block - 1) // block, step, init)
+    den = along(jnp.where(den > 0, den, 1.0))
+    for g, acc in zip(mine, accs):
+        out = acc / den
+        out_ref[pl.program_id(0), q_rows, pl.ds(groups_ref[1, g], size, channel_stride)] = (
+            (out.T if d_major else out).astype(out_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "rows", "channels", "d_major", "lse_scale", "dtype",
-                                             "block", "interpret"))
+                                             "block", "groups", "interpret"))
 def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
                  channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
-                 dtype: Any = jnp.float32, block: int | None = None, interpret: bool = False) -> jax.Array:
+                 dtype: Any = jnp.float32, block: int | None = None, groups: int = 1,
+                 interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
     piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
     R, D]; its D row i is output channel ``channels[i]`` (None: i). ``lse`` [slots, L, R] float32: row 0 the
@@ -432,7 +439,8 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     head h of sequence b has ``info[1, h, b]`` pieces, at slots ``info[0, h, b] + i * Hk``; one without pieces gets
     zeros. Slots a multiple of Hk; slots of no piece may hold anything (NaN too). ``rows``: the first query rows kept
     (default R). D, R and ``rows`` powers of 2. ``block``: pieces a program loads at once (a power of 2 up to the
-    slot rows, slots / Hk; default :func:`merge_block`).
+    slot rows, slots / Hk; default :func:`merge_block`). ``groups``: groups of D rows a program merges (a divisor of
+    their count; the pieces' weights computed once for all).
 
     One program per (sequence, KV head) and group of up to 8 of the D rows (:func:`merge_groups`: strided rows
     into strided channels, so that the channel order costs no pass of its own), one warp (Triton lowering: CUDA,
@@ -451,11 +459,13 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     rows = r if rows is None else rows
     block = merge_block(o.shape[0], hk, batch) if block is None else block
     size, row_stride, channel_stride, starts = merge_groups(channels, d)
-    kernel = functools.partial(_merge_kernel, block=block, size=size, row_stride=row_stride,
+    if starts.shape[1] % groups:
+        raise ValueError(f"groups={groups} must divide the {starts.shape[1]} groups of D rows")
+    kernel = functools.partial(_merge_kernel, block=block, groups=groups, size=size, row_stride=row_stride,
                                channel_stride=channel_stride, rows=rows, d_major=d_major, lse_scale=lse_scale)
     return pl.pallas_call(
         kernel,
-        grid=(n_bh, starts.shape[1]),
+        grid=(n_bh, starts.shape[1] // groups),
         out_shape=jax.ShapeDtypeStruct((n_bh, rows, d), dtype),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),

@@ -1,0 +1,120 @@
+"""Device experiment: the merge of the decode's pieces (:func:`tqjax.pallas.pieces.merge_pieces`) alone, in variants
+(pieces a block, groups of D rows a program), timed by Nsight Compute's kernel durations:
+
+    ncu --clock-control none --kernel-name regex:tq_merge --metrics gpu__time_duration.sum \\
+        python -m experiments.merge_probe [--points 1/4096 32/16384] [--blocks 4 64] [--groups 1 16] > ncu.txt
+    python -m experiments.merge_probe --parse ncu.txt
+
+Each point is ``B/context`` at the Mosaic decode's shapes (Hq=32, Hk=8, D=128, block 16, 528 resident programs:
+the H200's): the pieces of :func:`tqjax.pallas.pieces.piece_table_reference` for B sequences of ``context`` tokens,
+random partial outputs o [slots, 128, 8] and log-sum-exps [slots, 8, 8], 4 query rows kept, the value channel order,
+bfloat16 out. Every variant is compiled, launched ``--launches`` times and checked against
+:func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
+bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order. ``--parse`` pairs ncu's
+``tq_merge_pieces`` durations with those lines: a table of median us per variant. ``default`` blocks are
+:func:`tqjax.pallas.pieces.merge_block`'s. On a CPU: interpret mode at small points (a check of the plumbing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+import statistics
+import sys
+
+_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+
+
+def parse_ncu(text: str, launches: int) -> list[tuple[str, float, list[float]]]:
+    """ncu's output with the probe's stdout -> [(variant, median us, the launches' us)]: the k-th ``VARIANT`` line
+    owns the k-th run of ``launches`` ``tq_merge_pieces`` durations."""
+    durations, variants, pending = [], [], False
+    for line in text.splitlines():
+        if line.startswith("VARIANT "):
+            variants.append(line[len("VARIANT "):])
+        elif "tq_merge_pieces" in line and "Context" in line:
+            pending = True
+        elif pending and "gpu__time_duration" in line:
+            *_, unit, value = line.split()
+            durations.append(float(value.replace(",", "")) * _UNITS[unit])
+            pending = False
+    if len(durations) != launches * len(variants):
+        raise ValueError(f"{len(durations)} merge launches for {len(variants)} variants of {launches} launches")
+    return [(v, statistics.median(durations[k * launches:(k + 1) * launches]),
+             durations[k * launches:(k + 1) * launches]) for k, v in enumerate(variants)]
+
+
+def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], launches: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tqjax.pallas.decode_mgpu import value_channel_order
+    from tqjax.pallas.pieces import (
+        WAVES,
+        grid_size,
+        merge_block,
+        merge_groups,
+        merge_pieces,
+        merge_pieces_reference,
+        piece_table_reference,
+    )
+
+    cpu = jax.default_backend() == "cpu"
+    hk, d, resident = 8, 128, 528
+    channels = tuple(int(c) for c in value_channel_order(d))
+    n_groups = merge_groups(channels, d)[3].shape[1]
+    for b, ctx in points:
+        max_blocks = ctx // 16
+        n_pieces = grid_size(b, hk, resident, None, WAVES, math.ceil(max_blocks / 4))
+        _, info = piece_table_reference(jnp.full((b,), ctx, jnp.int32), num_kv_heads=hk, block_size=16,
+                                        max_blocks=max_blocks, step_pages=4, resident=resident)
+        slots = (n_pieces + 1) * hk
+        rng = np.random.default_rng(b * ctx)
+        o = jnp.asarray(rng.standard_normal((slots, d, 8)), jnp.float32)
+        lse = jnp.asarray(rng.uniform(-4, 4, (slots, 8, 8)), jnp.float32)
+        kw = {"batch": b, "rows": 4, "channels": channels, "dtype": jnp.bfloat16}
+        ref = np.asarray(merge_pieces_reference(o, lse, info, **kw), np.float32)
+        for block in dict.fromkeys(merge_block(slots, hk, b) if x == "default" else int(x) for x in blocks):
+            for g in (g for g in groups if n_groups % g == 0):
+                f = functools.partial(merge_pieces, block=block, groups=g, interpret=cpu, **kw)
+                for _ in range(launches):
+                    out = jax.block_until_ready(f(o, lse, info))
+                err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
+                print(f"VARIANT B={b} ctx={ctx} pieces={n_pieces} block={block} groups={g} err={err:.2e}", flush=True)
+                if err > 2.0 ** -7 * max(1.0, float(np.max(np.abs(ref)))):
+                    raise SystemExit(f"B={b} ctx={ctx} block={block} groups={g}: off the reference by {err}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", nargs="+", default=None, help="B/context (default: 1/4096 1/32768 32/16384 "
+                    "128/16384 on a GPU, 1/1024 2/512 on a CPU)")
+    ap.add_argument("--blocks", nargs="+", default=["default"], help="pieces a block: numbers or 'default'")
+    ap.add_argument("--groups", nargs="+", type=int, default=[1], help="groups of D rows a program")
+    ap.add_argument("--launches", type=int, default=3)
+    ap.add_argument("--parse", default=None, help="print the table of this ncu output instead of running")
+    args = ap.parse_args(argv)
+    if args.parse:
+        with open(args.parse) as f:
+            rows = parse_ncu(f.read(), args.launches)
+        print("us (median) | variant | launches")
+        for variant, us, each in rows:
+            print(f"{us:8.2f} | {variant} | {' '.join(f'{x:.2f}' for x in each)}")
+        return
+    import jax
+
+    default = ["1/4096", "1/32768", "32/16384", "128/16384"] if jax.default_backend() == "gpu" else ["1/1024",
+                                                                                                    "2/512"]
+    points = []
+    for p in args.points or default:
+        if not re.fullmatch(r"\d+/\d+", p):
+            sys.exit(f"a point is B/context, got {p!r}")
+        points.append(tuple(int(x) for x in p.split("/")))
+    run(points, args.blocks, args.groups, args.launches)
+
+
+if __name__ == "__main__":
+    main()
