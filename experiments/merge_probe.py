@@ -77,8 +77,10 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], lau
         lse = jnp.asarray(rng.uniform(-4, 4, (slots, 8, 8)), jnp.float32)
         kw = {"batch": b, "rows": 4, "channels": channels, "dtype": jnp.bfloat16}
         ref = np.asarray(merge_pieces_reference(o, lse, info, **kw), np.float32)
-        for block in dict.fromkeys(merge_block(slots, hk, b) if x == "default" else int(x) for x in blocks):
-            for g in (g for g in groups if n_groups % g == 0):
+        for g in (g for g in groups if n_groups % g == 0):
+            size = merge_groups(channels, d)[0]
+            for block in dict.fromkeys(merge_block(slots, hk, b, g * size * 4) if x == "default" else int(x)
+                                       for x in blocks):
                 f = functools.partial(merge_pieces, block=block, groups=g, interpret=cpu, **kw)
                 for _ in range(launches):
                     out = jax.block_until_ready(f(o, lse, info))

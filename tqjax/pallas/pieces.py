@@ -319,6 +319,10 @@ def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size:
 _LONG_MERGE = 8  # pieces of a sequence beyond which _fill_rule calls the finer cut's merge long
 _MERGE_TILE = 16  # blocks of at least this many pieces load as one tile (below: a load a piece)
 _MERGE_BLOCK = 64  # pieces a merge program loads at once, at most (a power of 2: one online merge step a block)
+# a block's elements of o, at most: 64 floats a thread of the program's warp (PyPI Triton 3.9, sm_90: the Mosaic
+# layout's block of 64 pieces x 8 D rows x 4 query rows in 136 registers; the Triton decode's 64 x 8 x 16 in 255 and
+# 123 spilled stores, docs/data/merge_static_sass_cpu_2026-12-01_s28.log)
+_MERGE_ELEMENTS = 2048
 _MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at most (a power of 2)
 
 
@@ -351,11 +355,13 @@ def merge_groups(channels: tuple[int, ...] | None, d: int) -> tuple[int, int, in
         size //= 2
 
 
-def merge_block(slots: int, num_kv_heads: int, batch: int) -> int:
+def merge_block(slots: int, num_kv_heads: int, batch: int, piece_elements: int = 32) -> int:
     """Pieces a merge program loads at once: the largest power of 2 up to the slot rows a sequence has on average
-    (``slots // num_kv_heads`` over ``batch``), at most :data:`_MERGE_BLOCK` and the slot rows."""
+    (``slots // num_kv_heads`` over ``batch``), at most :data:`_MERGE_BLOCK`, the slot rows, and
+    :data:`_MERGE_ELEMENTS` over a piece's ``piece_elements`` (the program's D rows times the query rows kept)."""
     n_rows = slots // num_kv_heads
-    return 1 << (min(_MERGE_BLOCK, -(-n_rows // batch), n_rows).bit_length() - 1)
+    cap = min(_MERGE_BLOCK, max(1, _MERGE_ELEMENTS // piece_elements), n_rows)
+    return 1 << (min(cap, -(-n_rows // batch)).bit_length() - 1)
 
 
 def _tree(op, xs: list):
@@ -457,10 +463,10 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     if o.shape[0] % hk or lse.shape[0] != o.shape[0]:
         raise ValueError(f"o {o.shape} and lse {lse.shape}: their slots must agree and be a multiple of Hk={hk}")
     rows = r if rows is None else rows
-    block = merge_block(o.shape[0], hk, batch) if block is None else block
     size, row_stride, channel_stride, starts = merge_groups(channels, d)
     if starts.shape[1] % groups:
         raise ValueError(f"groups={groups} must divide the {starts.shape[1]} groups of D rows")
+    block = merge_block(o.shape[0], hk, batch, groups * size * rows) if block is None else block
     kernel = functools.partial(_merge_kernel, block=block, groups=groups, size=size, row_stride=row_stride,
                                channel_stride=channel_stride, rows=rows, d_major=d_major, lse_scale=lse_scale)
     return pl.pallas_call(
