@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     os.makedirs(a.out, exist_ok=True)
     rng = np.random.default_rng(0)
     dev = device_description()
-    print(f"tqjax decode sweep on {dev}")
+    print(f"tqjax decode sweep on {dev}" + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""))
     if not ON_GPU:
         print("NOTE: no GPU here: timing the XLA reference path on the CPU (the Pallas kernels run only in "
               "interpret mode, checked once for correctness). These are NOT GPU timings.")
@@ -358,10 +358,11 @@ def report(a, rows, store_rows, dev, bw, floor):
     write_csv(a, rows)
     meta = {"device": dev, "jax": jax.__version__, "copy_bandwidth_gbps": bw / 1e9, "launch_floor_us": floor * 1e6,
             "argv": sys.argv[1:], "hq": a.hq, "hk": a.hk, "head_dim": a.head_dim, "block_size": a.block_size,
-            "spare_pages": a.spare_pages}
+            "spare_pages": a.spare_pages, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump({"meta": meta, "decode": [dataclasses.asdict(r) for r in rows], "store": store_rows}, f, indent=1)
-    print(f"\n== decode: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
+    flags = f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
+    print(f"\n== decode: {dev}{flags}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
           f"block={a.block_size}, {a.spare_pages} spare pages a cache, launch floor {floor * 1e6:.1f} us"
           + ("" if ON_GPU else "  [CPU: not GPU timings]"))
     looped = any(r.in_jit_us is not None for r in rows)

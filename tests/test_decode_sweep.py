@@ -43,17 +43,23 @@ def test_sweep_writes_decode_and_store_results(tmp_path, capsys) -> None:
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
-def test_sweep_in_jit_steps(tmp_path, capsys) -> None:
+def test_sweep_in_jit_steps(tmp_path, capsys, monkeypatch) -> None:
     """``--in-jit S``: every decode row also timed as a step of S in one jitted loop (a column, and the speed-up
-    table from it where there are peers); without it the rows leave it empty."""
+    table from it where there are peers); without it the rows leave it empty. ``XLA_FLAGS`` (a CUDA graph for every
+    call: docs/PERFORMANCE.md) is named in the header, the table's title and the JSON, and only where set."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=1")
     decode_sweep.main(["--presets", "turboquant_4bit_nc", "--batch", "1", "--context", "64", "--no-store",
                        "--in-jit", "2", "--out", str(tmp_path)])
-    assert "in-jit us" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "in-jit us" in out and out.count("XLA_FLAGS=--xla_gpu_graph_min_graph_size=1") == 2
+    assert json.loads((tmp_path / "decode.json").read_text())["meta"]["xla_flags"] == "--xla_gpu_graph_min_graph_size=1"
     [r] = _rows(tmp_path / "decode.csv")
     assert float(r["in_jit_us"]) > 0 and float(r["time_us"]) > 0
+    monkeypatch.delenv("XLA_FLAGS")
     decode_sweep.main(["--presets", "turboquant_4bit_nc", "--batch", "1", "--context", "64", "--no-store",
                        "--out", str(tmp_path)])
-    assert "in-jit us" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "in-jit us" not in out and "XLA_FLAGS" not in out
     [r] = _rows(tmp_path / "decode.csv")
     assert r["in_jit_us"] == ""
 
