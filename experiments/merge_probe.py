@@ -3,15 +3,15 @@
 
     ncu --clock-control none --kernel-name regex:tq_merge --metrics gpu__time_duration.sum \\
         python -m experiments.merge_probe [--points 1/4096 32/16384] [--blocks 4 64] [--groups 1 16] > ncu.txt
-    python -m experiments.merge_probe --parse ncu.txt
+    python -m experiments.ncu_times ncu.txt --kernel tq_merge_pieces
 
 Each point is ``B/context`` at the Mosaic decode's shapes (Hq=32, Hk=8, D=128, block 16, 528 resident programs:
 the H200's): the pieces of :func:`tqjax.pallas.pieces.piece_table_reference` for B sequences of ``context`` tokens,
 random partial outputs o [slots, 128, 8] and log-sum-exps [slots, 8, 8], 4 query rows kept, the value channel order,
 bfloat16 out. Every variant is compiled, launched ``--launches`` times and checked against
 :func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
-bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order. ``--parse`` pairs ncu's
-``tq_merge_pieces`` durations with those lines: a table of median us per variant. ``default`` blocks are
+bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order, for
+:mod:`experiments.ncu_times`. ``default`` blocks are
 :func:`tqjax.pallas.pieces.merge_block`'s. On a CPU: interpret mode at small points (a check of the plumbing).
 """
 
@@ -21,29 +21,7 @@ import argparse
 import functools
 import math
 import re
-import statistics
 import sys
-
-_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
-
-
-def parse_ncu(text: str, launches: int) -> list[tuple[str, float, list[float]]]:
-    """ncu's output with the probe's stdout -> [(variant, median us, the launches' us)]: the k-th ``VARIANT`` line
-    owns the k-th run of ``launches`` ``tq_merge_pieces`` durations."""
-    durations, variants, pending = [], [], False
-    for line in text.splitlines():
-        if line.startswith("VARIANT "):
-            variants.append(line[len("VARIANT "):])
-        elif "tq_merge_pieces" in line and "Context" in line:
-            pending = True
-        elif pending and "gpu__time_duration" in line:
-            *_, unit, value = line.split()
-            durations.append(float(value.replace(",", "")) * _UNITS[unit])
-            pending = False
-    if len(durations) != launches * len(variants):
-        raise ValueError(f"{len(durations)} merge launches for {len(variants)} variants of {launches} launches")
-    return [(v, statistics.median(durations[k * launches:(k + 1) * launches]),
-             durations[k * launches:(k + 1) * launches]) for k, v in enumerate(variants)]
 
 
 def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], launches: int) -> None:
@@ -97,15 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blocks", nargs="+", default=["default"], help="pieces a block: numbers or 'default'")
     ap.add_argument("--groups", nargs="+", type=int, default=[1], help="groups of D rows a program")
     ap.add_argument("--launches", type=int, default=3)
-    ap.add_argument("--parse", default=None, help="print the table of this ncu output instead of running")
     args = ap.parse_args(argv)
-    if args.parse:
-        with open(args.parse) as f:
-            rows = parse_ncu(f.read(), args.launches)
-        print("us (median) | variant | launches")
-        for variant, us, each in rows:
-            print(f"{us:8.2f} | {variant} | {' '.join(f'{x:.2f}' for x in each)}")
-        return
     import jax
 
     default = ["1/4096", "1/32768", "32/16384", "128/16384"] if jax.default_backend() == "gpu" else ["1/1024",

@@ -316,14 +316,21 @@ QUERY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,head_dim,hq,hk,dtype", QUERY_CASES)
-def test_decode_prologue(name, head_dim, hq, hk, dtype):
+PROLOGUE_VARIANTS = [(False, "chunks", 8)] + [  # (table_apart, form, num_warps): the default, then the others
+    (True, "chunks", 8), (False, "outer", 4), (True, "outer", 4)]
+
+
+@pytest.mark.parametrize("name,head_dim,hq,hk,dtype,variant",
+                         [(*case, PROLOGUE_VARIANTS[0]) for case in QUERY_CASES]
+                         + [(*QUERY_CASES[i], v) for i in (1, 4) for v in PROLOGUE_VARIANTS[1:]])
+def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
     operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
     the inverse powers (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the
     kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi
     part scaled to a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero; rows of
-    magnitudes from 1e-3 to 1e3 and an all-zero row. Program 0's piece table equal to piece_table_reference's."""
+    magnitudes from 1e-3 to 1e3 and an all-zero row. Program 0's piece table equal to piece_table_reference's. Every
+    case in the default variant; groups of 3 and 7 in the others (the table in programs apart, the outer products)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
@@ -338,7 +345,8 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype):
     want = (q64 @ w).reshape(b, hk, g, w.shape[1])
     kw = {"num_kv_heads": hk, "factor": factor, "block_size": 16, "max_blocks": 320, "step_pages": 4, "resident": 24,
           "num_splits": None}
-    got = decode_prologue(q, lens, cfg, interpret=True, **kw)
+    table_apart, form, num_warps = variant
+    got = decode_prologue(q, lens, cfg, interpret=True, table_apart=table_apart, form=form, num_warps=num_warps, **kw)
     ref = decode_prologue_reference(q, lens, cfg, **kw)
     for q16, qinv, _, _ in (got, ref):
         chex.assert_shape(q16, (b, hk, 16, w.shape[1]))

@@ -1323,20 +1323,26 @@ def _pow2(k: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
 
 
-def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, *, group: int, factor: float, chunk: int):
+def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, bh, *, group: int, factor: float, chunk: int, form: str):
     hk = q16_ref.shape[1]
-    b, h = pl.program_id(0) // hk, pl.program_id(0) % hk
+    b, h = bh // hk, bh % hk
     d, width = w_ref.shape
 
-    # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs, summed over the chunk
-    # after the loop (a sum across threads a row, not one a row and step); unrolled, so that the matrix's loads
-    # need not wait for each other (a loop of 16 steps took 15 us at B=1 on the H200, unrolled over 8 warps 6.5)
-    rows = [jnp.zeros((chunk, width), jnp.float32) for _ in range(group)]
-    for i in range(d // chunk):
-        w = w_ref[pl.ds(i * chunk, chunk), :]
-        rows = [x + q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w
-                for r, x in enumerate(rows)]
-    rows = [jnp.sum(x, axis=0) for x in rows]
+    if form == "chunks":
+        # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs, summed over the chunk
+        # after the loop (a sum across threads a row, not one a row and step); unrolled, so that the matrix's loads
+        # need not wait for each other (a loop of 16 steps took 15 us at B=1 on the H200, unrolled over 8 warps 6.5)
+        rows = [jnp.zeros((chunk, width), jnp.float32) for _ in range(group)]
+        for i in range(d // chunk):
+            w = w_ref[pl.ds(i * chunk, chunk), :]
+            rows = [x + q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w
+                    for r, x in enumerate(rows)]
+        rows = [jnp.sum(x, axis=0) for x in rows]
+    else:  # "outer": a row of the matrix at a time times the rows' scalars, summed in order (no sum across threads)
+        rows = [jnp.zeros((width,), jnp.float32) for _ in range(group)]
+        for k in range(d):
+            w = w_ref[k, :]
+            rows = [x + q_ref[b, h * group + r, k].astype(jnp.float32) * w for r, x in enumerate(rows)]
     lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
     inv = jnp.full((4 * HALF,), 2.0 ** -_F16_TOP * factor, jnp.float32)  # padding rows: zeros, exponent 0
     for r, x in enumerate(rows):
@@ -1355,18 +1361,26 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, *, group: int, factor: float,
     qinv_ref[b, h, :] = inv
 
 
-def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_ref, *, table, **query):
-    hk = q16_ref.shape[1]
-    seq = pl.program_id(0) // hk  # read outside the branch (interpret mode cannot lower it inside)
-    pl.when(pl.program_id(0) % hk == 0)(lambda: table(lens_ref, table_ref, info_ref, seq))
-    _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, **query)
+def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_ref, *, table, table_apart: bool,
+                     **query):
+    batch, hk = q16_ref.shape[0], q16_ref.shape[1]
+    pid = pl.program_id(0)  # read outside the branches (interpret mode cannot lower it inside)
+    if table_apart:  # programs B * Hk + b make the table's share of sequence b, the others the query's operands
+        pl.when(pid >= batch * hk)(lambda: table(lens_ref, table_ref, info_ref, pid - batch * hk))
+        pl.when(pid < batch * hk)(lambda: _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, **query))
+    else:  # KV head 0's programs make the table's shares too
+        seq = pid // hk
+        pl.when(pid % hk == 0)(lambda: table(lens_ref, table_ref, info_ref, seq))
+        _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, **query)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "block_size", "max_blocks",
-                                             "step_pages", "resident", "num_splits", "waves", "fill", "interpret"))
+                                             "step_pages", "resident", "num_splits", "waves", "fill", "table_apart",
+                                             "form", "num_warps", "interpret"))
 def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
                     factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
-                    num_splits: int | None, waves: int = WAVES, fill: float = FILL,
+                    num_splits: int | None, waves: int = WAVES, fill: float = FILL, table_apart: bool = False,
+                    form: str = "chunks", num_warps: int = 8,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What the decode needs before its kernel, in one launch of a Triton kernel (CUDA, ROCm, interpret mode), one
     program per (sequence, KV head): query [B, Hq, D] (any float dtype), seq_lens [B] int32 -> (q16, qinv, table,
@@ -1376,7 +1390,12 @@ def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantCon
     [B, Hk, 32] (the inverse powers times ``factor``, four times); the products are float32 FMAs with
     :func:`query_matrix`. The programs of KV head 0 also make the piece table, (table, info) as
     :func:`tqjax.pallas.pieces.piece_table` makes them (its arguments) in a launch of its own, each its sequence's
-    share."""
+    share. Variants (``experiments.prologue_probe`` times them; the defaults are the timed ones): ``table_apart``,
+    the table in B programs of their own after the B * Hk query programs (the query's programs then do not wait for
+    a table share); ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across
+    threads; ``"chunks"``: in [chunk, D'] tiles summed after); ``num_warps`` a program's warps."""
+    if form not in ("chunks", "outer"):
+        raise ValueError(f"form must be 'chunks' or 'outer', got {form!r}")
     b, hq, d = query.shape
     w = jnp.asarray(query_matrix(config))
     width = w.shape[1]
@@ -1384,14 +1403,15 @@ def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantCon
     table, table_shapes = table_program(b, num_kv_heads=num_kv_heads, block_size=block_size, max_blocks=max_blocks,
                                         step_pages=step_pages, resident=resident, num_splits=num_splits,
                                         waves=waves, fill=fill)
-    kernel = functools.partial(_prologue_kernel, table=table, group=hq // num_kv_heads, factor=factor, chunk=chunk)
+    kernel = functools.partial(_prologue_kernel, table=table, table_apart=table_apart, group=hq // num_kv_heads,
+                               factor=factor, chunk=chunk, form=form)
     return pl.pallas_call(
         kernel,
-        grid=(b * num_kv_heads,),
+        grid=(b * num_kv_heads + (b if table_apart else 0),),
         out_shape=(jax.ShapeDtypeStruct((b, num_kv_heads, 2 * HALF, width), jnp.float16),
                    jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32), *table_shapes),
         interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="tq_decode_prologue",
     )(query, w, seq_lens.astype(jnp.int32))
 
