@@ -321,7 +321,7 @@ _MERGE_TILE = 16  # blocks of at least this many pieces load as one tile (below:
 _MERGE_BLOCK = 64  # pieces a merge program loads at once, at most (a power of 2: one online merge step a block)
 # a block's elements of o, at most: 64 floats a thread of the program's warp (PyPI Triton 3.9, sm_90: the Mosaic
 # layout's block of 64 pieces x 8 D rows x 4 query rows in 136 registers; the Triton decode's 64 x 8 x 16 in 255 and
-# 123 spilled stores, docs/data/merge_static_sass_cpu_2026-12-01_s28.log)
+# 123 spilled stores, docs/data/static_sass_cpu_2026-12-01_s28.log)
 _MERGE_ELEMENTS = 2048
 _MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at most (a power of 2)
 
