@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import re
-import sys
+
+from experiments.ncu_times import probe_points
 
 
 def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], launches: int) -> None:
@@ -76,15 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--groups", nargs="+", type=int, default=[1], help="groups of D rows a program")
     ap.add_argument("--launches", type=int, default=3)
     args = ap.parse_args(argv)
-    import jax
-
-    default = ["1/4096", "1/32768", "32/16384", "128/16384"] if jax.default_backend() == "gpu" else ["1/1024",
-                                                                                                    "2/512"]
-    points = []
-    for p in args.points or default:
-        if not re.fullmatch(r"\d+/\d+", p):
-            sys.exit(f"a point is B/context, got {p!r}")
-        points.append(tuple(int(x) for x in p.split("/")))
+    points = probe_points(args.points, ["1/4096", "1/32768", "32/16384", "128/16384"], ["1/1024", "2/512"])
     run(points, args.blocks, args.groups, args.launches)
 
 

@@ -11,7 +11,9 @@ the k-th ``VARIANT`` line owns the k-th run of ``launches`` durations of ``kerne
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import sys
 
 _UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 
@@ -32,6 +34,18 @@ def variant_times(text: str, kernel: str, launches: int) -> list[tuple[str, floa
         raise ValueError(f"{len(durations)} {kernel} launches for {len(variants)} variants of {launches} launches")
     return [(v, statistics.median(durations[k * launches:(k + 1) * launches]),
              durations[k * launches:(k + 1) * launches]) for k, v in enumerate(variants)]
+
+
+def probe_points(given: list[str] | None, gpu: list[str], cpu: list[str]) -> list[tuple[int, int]]:
+    """A probe's ``B/context`` points: ``given``, else ``gpu`` or ``cpu`` by JAX's backend; exits on a bad one."""
+    import jax
+
+    points = []
+    for p in given or (gpu if jax.default_backend() == "gpu" else cpu):
+        if not re.fullmatch(r"\d+/\d+", p):
+            sys.exit(f"a point is B/context, got {p!r}")
+        points.append(tuple(int(x) for x in p.split("/")))
+    return points
 
 
 def main(argv: list[str] | None = None) -> None:

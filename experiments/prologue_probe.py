@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
+
+from experiments.ncu_times import probe_points
 
 VARIANTS = ("shared/chunks/8", "shared/chunks/4", "apart/chunks/8", "shared/outer/4", "apart/outer/4",
             "apart/outer/8")
@@ -76,14 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for v in args.variants:
         parse_variant(v)
-    import jax
-
-    default = ["1/4096", "32/16384", "128/16384"] if jax.default_backend() == "gpu" else ["1/1024", "3/512"]
-    points = []
-    for p in args.points or default:
-        if not re.fullmatch(r"\d+/\d+", p):
-            sys.exit(f"a point is B/context, got {p!r}")
-        points.append(tuple(int(x) for x in p.split("/")))
+    points = probe_points(args.points, ["1/4096", "32/16384", "128/16384"], ["1/1024", "3/512"])
     run(points, args.variants, args.preset, args.launches)
 
 

@@ -53,3 +53,13 @@ def test_prologue_probe_checks_variants_against_the_first(capsys):
     assert float(lines[0].split("err=")[1]) == 0 and float(lines[1].split("err=")[1]) < 4e-6
     with pytest.raises(Exception, match="shared|apart"):
         prologue_probe.main(["--variants", "both/outer/4"])
+
+
+def test_probe_points_given_or_by_backend():
+    """Points as given, else the CPU's defaults here; a malformed one exits with its text."""
+    from experiments.ncu_times import probe_points
+
+    assert probe_points(["4/128", "1/64"], ["9/9"], ["1/1"]) == [(4, 128), (1, 64)]
+    assert probe_points(None, ["9/9"], ["2/512"]) == [(2, 512)]
+    with pytest.raises(SystemExit, match="32x16384"):
+        probe_points(["32x16384"], [], [])
