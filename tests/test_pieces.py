@@ -293,3 +293,19 @@ def test_merge_blocks_past_the_outputs_end_count_each_piece_once(block, n):
     want = np.einsum("sdr,sr->rd", o[1:], w) / w.sum(axis=0)[:, None]
     np.testing.assert_allclose(got[1], want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[0], o[0].T, rtol=0, atol=1e-6)
+
+
+def test_merge_refuses_bad_shapes_before_tracing():
+    """Slots not a multiple of Hk, lse's slots not o's, a block not a power of 2 or past the slot rows, groups that do
+    not divide the D rows' groups: each a ValueError naming the argument."""
+    o, lse = jnp.zeros((8, 16, 8), jnp.float32), jnp.zeros((8, 8, 8), jnp.float32)
+    info = jnp.zeros((2, 2, 2), jnp.int32)  # Hk=2: 4 slot rows
+    with pytest.raises(ValueError, match="multiple of Hk=3"):
+        merge_pieces(o, lse, jnp.zeros((2, 3, 2), jnp.int32), batch=2, interpret=True)
+    with pytest.raises(ValueError, match="slots must agree"):
+        merge_pieces(o, lse[:6], info, batch=2, interpret=True)
+    for block in (3, 8):
+        with pytest.raises(ValueError, match=f"block={block}"):
+            merge_pieces(o, lse, info, batch=2, block=block, interpret=True)
+    with pytest.raises(ValueError, match="groups=3"):
+        merge_pieces(o, lse, info, batch=2, groups=3, interpret=True)

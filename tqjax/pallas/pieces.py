@@ -456,8 +456,9 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     seen as [slots / Hk, Hk, ...]; a program loads a block of them at once and merges the block in one online
     log-sum-exp step (the block's maximum, then independent weights and sums): blocks of :data:`_MERGE_TILE` or
     more as one tile of whole rows (others' too, weighing nothing), smaller ones a load a piece. H200, under ncu
-    (docs/data/merge_h200_2026-12-01_s28.log): 64 pieces a sequence (B=1, 4k), one tile of 64 5.2 us, 32 5.9, a
-    load a piece 8.8-9.5 (a step a piece, as before: 9.9); 4 (B=32, 16k), a load a piece 6.5 us, a tile 7.8."""
+    (docs/data/merge_h200_2026-12-01_s28.log, call 4): 64 pieces a sequence (B=1, 4k), a tile of 64 5.6 us, of 32
+    5.7, of 16 6.1 (a load a piece, call 3: 8.8-9.5; a step a piece before: 9.5-9.9); 4 (B=32, 16k), a load a piece
+    6.5 us (a tile, call 2: 7.8)."""
     n_bh, hk = batch * info.shape[1], info.shape[1]
     d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
     if o.shape[0] % hk or lse.shape[0] != o.shape[0]:
@@ -467,6 +468,8 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     if starts.shape[1] % groups:
         raise ValueError(f"groups={groups} must divide the {starts.shape[1]} groups of D rows")
     block = merge_block(o.shape[0], hk, batch, groups * size * rows) if block is None else block
+    if block < 1 or block & (block - 1) or block > o.shape[0] // hk:
+        raise ValueError(f"block={block} must be a power of 2 up to the slot rows, {o.shape[0] // hk}")
     kernel = functools.partial(_merge_kernel, block=block, groups=groups, size=size, row_stride=row_stride,
                                channel_stride=channel_stride, rows=rows, d_major=d_major, lse_scale=lse_scale)
     return pl.pallas_call(
