@@ -696,7 +696,7 @@ def _paged_decode(
               "name": f"tq_decode_{cfg.name}", "rows": gp}
     out = split_kv_decode(functools.partial(_decode_kernel, **static), block_tables, seq_lens, queries, cache_arrays,
                           num_splits=num_splits, resident=resident, block_size=cache.block_size,
-                          pages_per_chunk=pages_per_chunk, **launch)
+                          pages_per_chunk=pages_per_chunk, keep=g, **launch)
     return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
@@ -779,13 +779,14 @@ def pieces_call(
 
 def split_kv_decode(kernel, block_tables: jax.Array, seq_lens: jax.Array, queries: list, cache_arrays: list, *,
                     num_splits: int | None, resident: int | None, block_size: int, pages_per_chunk: int, rows: int,
-                    out_dim: int, interpret: bool, **launch) -> jax.Array:
+                    keep: int, out_dim: int, interpret: bool, **launch) -> jax.Array:
     """A split-KV decode kernel (this module's, :mod:`tqjax.pallas.flash_decode`'s) end to end, merged: with
     ``num_splits``, each block table's width cut in that many splits (:func:`split_program`, :func:`split_kv_call`,
     :func:`merge_splits`); without, the work cut by the lengths (:func:`tqjax.pallas.pieces.piece_table`, steps of
     ``pages_per_chunk`` pages, ``resident`` programs a wave; :func:`piece_program`, :func:`pieces_call`,
-    :func:`tqjax.pallas.pieces.merge_pieces`). ``launch``: the launches' other arguments. Returns
-    [B, Hk, rows, out_dim] float32 (zeros for an empty sequence)."""
+    :func:`tqjax.pallas.pieces.merge_pieces`, which merges only the first ``keep`` of the kernel's ``rows`` query
+    rows, rounded up to a power of 2). ``launch``: the launches' other arguments. Returns [B, Hk, rows', out_dim]
+    float32, ``keep <= rows' <= rows``, the first ``keep`` rows the queries' (zeros for an empty sequence)."""
     b, hk = queries[0].shape[:2]
     max_blocks = block_tables.shape[1]
     if num_splits is not None:
@@ -799,8 +800,10 @@ def split_kv_decode(kernel, block_tables: jax.Array, seq_lens: jax.Array, querie
     o, lse = pieces_call(piece_program(kernel), work, block_tables, seq_lens, queries, cache_arrays,
                          n_pieces=n_pieces, rows=rows, out_dim=out_dim, interpret=interpret, **launch)
     # o [slots, R, D]; the log-sum-exps [slots, R] in base e
-    merged = merge_pieces(o, lse[:, None, :], info, batch=b, d_major=False, lse_scale=_LOG2E, interpret=interpret)
-    return merged.reshape(b, hk, rows, out_dim)
+    kept = min(rows, pl.next_power_of_2(keep))
+    merged = merge_pieces(o, lse[:, None, :], info, batch=b, rows=kept, d_major=False, lse_scale=_LOG2E,
+                          interpret=interpret)
+    return merged.reshape(b, hk, kept, out_dim)
 
 
 def merge_splits(o: jax.Array, lse: jax.Array) -> jax.Array:

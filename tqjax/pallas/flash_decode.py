@@ -174,7 +174,8 @@ def _paged_decode(
     launch = {"out_dim": d, "num_warps": num_warps, "num_stages": num_stages, "interpret": interpret,
               "name": f"flash_decode_{cache.config.name}", "rows": gp}
     out = split_kv_decode(kernel, block_tables, seq_lens, queries, cache_arrays, num_splits=num_splits,
-                          resident=resident, block_size=cache.block_size, pages_per_chunk=pages_per_chunk, **launch)
+                          resident=resident, block_size=cache.block_size, pages_per_chunk=pages_per_chunk, keep=g,
+                          **launch)
     return out[:, :, :g].reshape(b, hq, d).astype(query.dtype)
 
 
