@@ -227,12 +227,17 @@ def peer_systems(q_sets, k, v, tables, lens, batch, context, block_size):
     return systems
 
 
+def _xla_flags_note() -> str:
+    """", XLA_FLAGS=..." where the environment sets them (a CUDA graph for every call, docs/PERFORMANCE.md), else ""."""
+    return f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     rng = np.random.default_rng(0)
     dev = device_description()
-    print(f"tqjax decode sweep on {dev}" + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""))
+    print(f"tqjax decode sweep on {dev}{_xla_flags_note()}")
     if not ON_GPU:
         print("NOTE: no GPU here: timing the XLA reference path on the CPU (the Pallas kernels run only in "
               "interpret mode, checked once for correctness). These are NOT GPU timings.")
@@ -361,8 +366,8 @@ def report(a, rows, store_rows, dev, bw, floor):
             "spare_pages": a.spare_pages, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump({"meta": meta, "decode": [dataclasses.asdict(r) for r in rows], "store": store_rows}, f, indent=1)
-    flags = f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
-    print(f"\n== decode: {dev}{flags}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} D={a.head_dim} "
+    print(f"\n== decode: {dev}{_xla_flags_note()}, copy bandwidth {bw / 1e9:.0f} GB/s, Hq={a.hq} Hk={a.hk} "
+          f"D={a.head_dim} "
           f"block={a.block_size}, {a.spare_pages} spare pages a cache, launch floor {floor * 1e6:.1f} us"
           + ("" if ON_GPU else "  [CPU: not GPU timings]"))
     looped = any(r.in_jit_us is not None for r in rows)

@@ -43,7 +43,7 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], lau
     cpu = jax.default_backend() == "cpu"
     hk, d, resident = 8, 128, 528
     channels = tuple(int(c) for c in value_channel_order(d))
-    n_groups = merge_groups(channels, d)[3].shape[1]
+    size, _, _, starts = merge_groups(channels, d)  # size D rows a group, starts.shape[1] groups
     for b, ctx in points:
         max_blocks = ctx // 16
         n_pieces = grid_size(b, hk, resident, None, WAVES, math.ceil(max_blocks / 4))
@@ -55,8 +55,7 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], lau
         lse = jnp.asarray(rng.uniform(-4, 4, (slots, 8, 8)), jnp.float32)
         kw = {"batch": b, "rows": 4, "channels": channels, "dtype": jnp.bfloat16}
         ref = np.asarray(merge_pieces_reference(o, lse, info, **kw), np.float32)
-        for g in (g for g in groups if n_groups % g == 0):
-            size = merge_groups(channels, d)[0]
+        for g in (g for g in groups if starts.shape[1] % g == 0):
             for block in dict.fromkeys(merge_block(slots, hk, b, g * size * 4) if x == "default" else int(x)
                                        for x in blocks):
                 f = functools.partial(merge_pieces, block=block, groups=g, interpret=cpu, **kw)

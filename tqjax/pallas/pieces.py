@@ -355,7 +355,7 @@ def merge_groups(channels: tuple[int, ...] | None, d: int) -> tuple[int, int, in
         size //= 2
 
 
-def merge_block(slots: int, num_kv_heads: int, batch: int, piece_elements: int = 32) -> int:
+def merge_block(slots: int, num_kv_heads: int, batch: int, piece_elements: int) -> int:
     """Pieces a merge program loads at once: the largest power of 2 up to the slot rows a sequence has on average
     (``slots // num_kv_heads`` over ``batch``), at most :data:`_MERGE_BLOCK`, the slot rows, and
     :data:`_MERGE_ELEMENTS` over a piece's ``piece_elements`` (the program's D rows times the query rows kept)."""
