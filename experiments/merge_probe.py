@@ -11,8 +11,8 @@ random partial outputs o [slots, 128, 8] and log-sum-exps [slots, 8, 8], 4 query
 bfloat16 out. Every variant is compiled, launched ``--launches`` times and checked against
 :func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
 bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order, for
-:mod:`experiments.ncu_times`. ``default`` blocks are
-:func:`tqjax.pallas.pieces.merge_block`'s. On a CPU: interpret mode at small points (a check of the plumbing).
+:mod:`experiments.ncu_times`. ``default`` blocks and groups are
+:func:`tqjax.pallas.pieces.merge_block`'s and :func:`tqjax.pallas.pieces.merge_program_groups`'s. On a CPU: interpret mode at small points (a check of the plumbing).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 from experiments.ncu_times import probe_points
 
 
-def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], launches: int) -> None:
+def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], launches: int) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -37,6 +37,7 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], lau
         merge_groups,
         merge_pieces,
         merge_pieces_reference,
+        merge_program_groups,
         piece_table_reference,
     )
 
@@ -55,7 +56,8 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[int], lau
         lse = jnp.asarray(rng.uniform(-4, 4, (slots, 8, 8)), jnp.float32)
         kw = {"batch": b, "rows": 4, "channels": channels, "dtype": jnp.bfloat16}
         ref = np.asarray(merge_pieces_reference(o, lse, info, **kw), np.float32)
-        for g in (g for g in groups if starts.shape[1] % g == 0):
+        counts = (merge_program_groups(b * hk, starts.shape[1]) if x == "default" else int(x) for x in groups)
+        for g in (g for g in dict.fromkeys(counts) if starts.shape[1] % g == 0):
             for block in dict.fromkeys(merge_block(slots, hk, b, g * size * 4) if x == "default" else int(x)
                                        for x in blocks):
                 f = functools.partial(merge_pieces, block=block, groups=g, interpret=cpu, **kw)
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--points", nargs="+", default=None, help="B/context (default: 1/4096 1/32768 32/16384 "
                     "128/16384 on a GPU, 1/1024 2/512 on a CPU)")
     ap.add_argument("--blocks", nargs="+", default=["default"], help="pieces a block: numbers or 'default'")
-    ap.add_argument("--groups", nargs="+", type=int, default=[1], help="groups of D rows a program")
+    ap.add_argument("--groups", nargs="+", default=["default"],
+                    help="groups of D rows a program: numbers or 'default'")
     ap.add_argument("--launches", type=int, default=3)
     args = ap.parse_args(argv)
     points = probe_points(args.points, ["1/4096", "1/32768", "32/16384", "128/16384"], ["1/1024", "2/512"])

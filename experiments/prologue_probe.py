@@ -6,7 +6,7 @@ operands and the piece table, one Triton launch) alone, in variants, timed by Ns
     python -m experiments.ncu_times ncu.txt --kernel tq_decode_prologue
 
 A variant is ``shared|apart``/``chunks|outer``/warps (``decode_prologue``'s ``table_apart``, ``form``,
-``num_warps``; ``shared/chunks/8`` is the default), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128,
+``num_warps``; ``apart/chunks/8`` is the default), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128,
 block 16, a block table as wide as the context, 528 resident programs: the H200's). Every variant is compiled,
 launched ``--launches`` times and checked against the default's outputs: the table and ``info`` equal, the scaled
 rows ``(hi + lo) * qinv`` within 4e-6 of each row's largest magnitude (two float32 sums in other orders, each within

@@ -17,6 +17,7 @@ from tqjax.pallas.pieces import (
     merge_groups,
     merge_pieces,
     merge_pieces_reference,
+    merge_program_groups,
     piece_table,
     piece_table_reference,
 )
@@ -224,6 +225,33 @@ def test_merged_pieces_are_attention_over_whole_sequences(num_splits, block, gro
     assert np.all(got[:2] == 0) and np.all(got[12:14] == 0)  # the empty sequences' bh
 
 
+@pytest.mark.parametrize("pairs,n_groups,want", [(8, 16, 1), (64, 16, 1), (128, 16, 2), (256, 16, 4), (1024, 16, 4),
+                                                 (4096, 2, 2), (4096, 1, 1), (4096, 12, 4), (4096, 6, 2), (4096, 3, 1)])
+def test_merge_program_groups_keep_1024_programs(pairs, n_groups, want):
+    """A program takes the most groups of D rows (a power of 2, at most 4, dividing their count) that leave 1024
+    programs: B=1 at Hk=8 and 16 groups one (128 programs), B=16 two, B=32 four (1024 programs)."""
+    assert merge_program_groups(pairs, n_groups) == want
+
+
+def test_merge_default_groups_merge_correctly(monkeypatch):
+    """The default groups (here several a program: the program threshold lowered to this small grid) give the
+    float64 merge of the pieces within float32 rounding (1e-5, as above)."""
+    from tqjax.pallas import pieces
+
+    monkeypatch.setattr(pieces, "_MERGE_PROGRAMS", 16)
+    chosen = []
+    monkeypatch.setattr(pieces, "merge_program_groups", lambda *a: chosen.append(merge_program_groups(*a)) or chosen[-1])
+    rng = np.random.default_rng(11)
+    lens = [500, 3, 0, 129, 64]
+    table, info = table_of(lens, hk=2, block_size=16, max_blocks=40, resident=24)
+    n_pieces = grid_size(len(lens), 2, 24, None, WAVES, math.ceil(40 / 4))
+    o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=64, rows=8)
+    args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
+    got = np.asarray(merge_pieces(*args, batch=len(lens), rows=4, interpret=True))
+    assert chosen == [4]  # 10 (sequence, KV head) pairs x 8 groups of D rows: 20 programs of 4 groups
+    np.testing.assert_allclose(got, np.swapaxes(want, 1, 2)[:, :4], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels", ["identity", "reversed pairs", "value4", "value3"])
 @pytest.mark.parametrize("d_major,rows,dtype,groups", [(True, 8, jnp.float32, 1), (True, 4, jnp.bfloat16, "all"),
                                                        (False, 2, jnp.float32, "all"), (False, 16, jnp.float16, 1)])
@@ -307,5 +335,6 @@ def test_merge_refuses_bad_shapes_before_tracing():
     for block in (3, 8):
         with pytest.raises(ValueError, match=f"block={block}"):
             merge_pieces(o, lse, info, batch=2, block=block, interpret=True)
-    with pytest.raises(ValueError, match="groups=3"):
-        merge_pieces(o, lse, info, batch=2, groups=3, interpret=True)
+    for groups in (3, 0):
+        with pytest.raises(ValueError, match=f"groups={groups}"):
+            merge_pieces(o, lse, info, batch=2, groups=groups, interpret=True)

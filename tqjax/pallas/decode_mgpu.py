@@ -1379,7 +1379,7 @@ def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_
                                              "form", "num_warps", "interpret"))
 def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
                     factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
-                    num_splits: int | None, waves: int = WAVES, fill: float = FILL, table_apart: bool = False,
+                    num_splits: int | None, waves: int = WAVES, fill: float = FILL, table_apart: bool = True,
                     form: str = "chunks", num_warps: int = 8,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What the decode needs before its kernel, in one launch of a Triton kernel (CUDA, ROCm, interpret mode), one
@@ -1388,12 +1388,13 @@ def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantCon
     16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by powers of 2 so that each
     row's largest magnitude lies in [2**13, 2**14); rows 8..15 the low parts; rows past the group zero) and float32
     [B, Hk, 32] (the inverse powers times ``factor``, four times); the products are float32 FMAs with
-    :func:`query_matrix`. The programs of KV head 0 also make the piece table, (table, info) as
-    :func:`tqjax.pallas.pieces.piece_table` makes them (its arguments) in a launch of its own, each its sequence's
-    share. Variants (``experiments.prologue_probe`` times them; the defaults are the timed ones): ``table_apart``,
-    the table in B programs of their own after the B * Hk query programs (the query's programs then do not wait for
-    a table share); ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across
-    threads; ``"chunks"``: in [chunk, D'] tiles summed after); ``num_warps`` a program's warps."""
+    :func:`query_matrix`. B programs of their own, after the B * Hk query programs, make the piece table, (table,
+    info) as :func:`tqjax.pallas.pieces.piece_table` makes them (its arguments) in a launch of its own, each its
+    sequence's share (H200, under ncu: B=1, 4k 6.9 us against 9.0 with KV head 0's programs making the shares too;
+    B=32, 16k 9.9 against 11.2; docs/data/merge_h200_2026-12-01_s29.log). Variants (``experiments.prologue_probe``
+    times them; the defaults are the fastest timed): ``table_apart=False``, KV head 0's programs make the table's
+    shares too; ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across threads;
+    ``"chunks"``: in [chunk, D'] tiles summed after; outer 19 us at B=1); ``num_warps`` a program's warps."""
     if form not in ("chunks", "outer"):
         raise ValueError(f"form must be 'chunks' or 'outer', got {form!r}")
     b, hq, d = query.shape

@@ -77,8 +77,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "piece_table",
-           "piece_table_reference", "table_program"]
+__all__ = ["grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "merge_program_groups",
+           "piece_table", "piece_table_reference", "table_program"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
@@ -324,6 +324,12 @@ _MERGE_BLOCK = 64  # pieces a merge program loads at once, at most (a power of 2
 # 123 spilled stores, docs/data/static_sass_cpu_2026-12-01_s28.log)
 _MERGE_ELEMENTS = 2048
 _MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at most (a power of 2)
+# merge programs enough to keep the device busy: a program takes more groups of D rows only while the grid keeps
+# this many (H200, under ncu, docs/data/merge_h200_2026-12-01_s29.log: B=32, 16k, 4 groups a program (1024
+# programs) 4.9 us against 6.5 for 1 (4096); B=128 6.5 against 13.0; B=1, 4k, 1 group (128 programs) 5.5 against
+# 8.1 for 4 (32))
+_MERGE_PROGRAMS = 1024
+_MERGE_GROUPS = 4  # groups of D rows a merge program takes, at most
 
 
 @functools.cache
@@ -362,6 +368,17 @@ def merge_block(slots: int, num_kv_heads: int, batch: int, piece_elements: int) 
     n_rows = slots // num_kv_heads
     cap = min(_MERGE_BLOCK, max(1, _MERGE_ELEMENTS // piece_elements), n_rows)
     return 1 << (min(cap, -(-n_rows // batch)).bit_length() - 1)
+
+
+def merge_program_groups(pairs: int, n_groups: int) -> int:
+    """Groups of D rows a merge program takes, of ``n_groups`` for each of ``pairs`` (sequence, KV head) pairs: the
+    largest power of 2 up to :data:`_MERGE_GROUPS` that divides ``n_groups`` and leaves at least
+    :data:`_MERGE_PROGRAMS` programs (1 where none does)."""
+    groups = 1
+    while (2 * groups <= _MERGE_GROUPS and n_groups % (2 * groups) == 0
+           and pairs * n_groups // (2 * groups) >= _MERGE_PROGRAMS):
+        groups *= 2
+    return groups
 
 
 def _tree(op, xs: list):
@@ -436,7 +453,7 @@ def _merge_kernel(info_ref, groups_ref, o_ref, lse_ref, out_ref, *, block: int, 
                                              "block", "groups", "interpret"))
 def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
                  channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
-                 dtype: Any = jnp.float32, block: int | None = None, groups: int = 1,
+                 dtype: Any = jnp.float32, block: int | None = None, groups: int | None = None,
                  interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
     piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
@@ -446,7 +463,7 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     zeros. Slots a multiple of Hk; slots of no piece may hold anything (NaN too). ``rows``: the first query rows kept
     (default R). D, R and ``rows`` powers of 2. ``block``: pieces a program loads at once (a power of 2 up to the
     slot rows, slots / Hk; default :func:`merge_block`). ``groups``: groups of D rows a program merges (a divisor of
-    their count; the pieces' weights computed once for all).
+    their count; the pieces' weights computed once for all; default :func:`merge_program_groups`).
 
     One program per (sequence, KV head) and group of up to 8 of the D rows (:func:`merge_groups`: strided rows
     into strided channels, so that the channel order costs no pass of its own), one warp (Triton lowering: CUDA,
@@ -458,14 +475,16 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     more as one tile of whole rows (others' too, weighing nothing), smaller ones a load a piece. H200, under ncu
     (docs/data/merge_h200_2026-12-01_s28.log, call 4): 64 pieces a sequence (B=1, 4k), a tile of 64 5.6 us, of 32
     5.7, of 16 6.1 (a load a piece, call 3: 8.8-9.5; a step a piece before: 9.5-9.9); 4 (B=32, 16k), a load a piece
-    6.5 us (a tile, call 2: 7.8)."""
+    6.5 us (a tile, call 2: 7.8), and 4.9 with 4 groups of D rows a program (docs/data/merge_h200_2026-12-01_s29.log).
+    """
     n_bh, hk = batch * info.shape[1], info.shape[1]
     d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
     if o.shape[0] % hk or lse.shape[0] != o.shape[0]:
         raise ValueError(f"o {o.shape} and lse {lse.shape}: their slots must agree and be a multiple of Hk={hk}")
     rows = r if rows is None else rows
     size, row_stride, channel_stride, starts = merge_groups(channels, d)
-    if starts.shape[1] % groups:
+    groups = merge_program_groups(n_bh, starts.shape[1]) if groups is None else groups
+    if groups < 1 or starts.shape[1] % groups:
         raise ValueError(f"groups={groups} must divide the {starts.shape[1]} groups of D rows")
     block = merge_block(o.shape[0], hk, batch, groups * size * rows) if block is None else block
     if block < 1 or block & (block - 1) or block > o.shape[0] // hk:
