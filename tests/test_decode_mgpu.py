@@ -316,8 +316,8 @@ QUERY_CASES = [
 ]
 
 
-PROLOGUE_VARIANTS = [(False, "chunks", 8)] + [  # (table_apart, form, num_warps): the default, then the others
-    (True, "chunks", 8), (False, "outer", 4), (True, "outer", 4)]
+PROLOGUE_VARIANTS = [(True, "chunks", 8)] + [  # (table_apart, form, num_warps): the default, then the others
+    (False, "chunks", 8), (False, "outer", 4), (True, "outer", 4)]
 
 
 @pytest.mark.parametrize("name,head_dim,hq,hk,dtype,variant",
@@ -330,7 +330,7 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi
     part scaled to a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero; rows of
     magnitudes from 1e-3 to 1e3 and an all-zero row. Program 0's piece table equal to piece_table_reference's. Every
-    case in the default variant; groups of 3 and 7 in the others (the table in programs apart, the outer products)."""
+    case in the default variant; groups of 3 and 7 in the others (the table shared, the outer products)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
