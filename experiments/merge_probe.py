@@ -11,8 +11,8 @@ random partial outputs o [slots, 128, 8] and log-sum-exps [slots, 8, 8], 4 query
 bfloat16 out. Every variant is compiled, launched ``--launches`` times and checked against
 :func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
 bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order, for
-:mod:`experiments.ncu_times`. ``default`` blocks and groups are
-:func:`tqjax.pallas.pieces.merge_block`'s and :func:`tqjax.pallas.pieces.merge_program_groups`'s. On a CPU: interpret mode at small points (a check of the plumbing).
+:mod:`experiments.ncu_times`. ``default`` blocks and groups are :func:`tqjax.pallas.pieces.merge_block`'s and
+:func:`tqjax.pallas.pieces.merge_program_groups`'s. On a CPU: interpret mode at small points (a check of the plumbing).
 """
 
 from __future__ import annotations
