@@ -37,7 +37,8 @@ capability 9.0 device and refuses to load the module; the plugin registers its N
 on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with
 ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the predicated backward branch around both
 products' ``HGMMA``s; its instructions run once per 64-token step in every warp, except a branch taken by one warp
-(the page copies).
+(the page copies). ``--live`` adds the general registers live at the loop's head and at its fullest instruction
+(``nvdisasm -lrm count``): where a variant's registers go (docs/data/static_sass_cpu_2026-12-01_s29.log).
 
 A proxy, not a measurement: static counts (no stalls; occupancy by registers and shared memory only); with jax
 0.10.2 on the CPU, not the GPU machine's lowering (on the H200 the kept decode kernel of the fourteenth session had
@@ -173,10 +174,10 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
     return instrs, labels
 
 
-def main_loop(instrs: list[tuple[int, str]], labels: dict[str, int],
-              markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> list[str]:
-    """The main loop's instructions: the range of the predicated backward branch (the loop's back edge)
-    that holds every marker (both products: the score product's ``HGMMA``, the value product's ``tnspA``
+def loop_range(instrs: list[tuple[int, str]], labels: dict[str, int],
+               markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> tuple[int, int]:
+    """The main loop's first and last addresses: the range of the predicated backward branch (the loop's back
+    edge) that holds every marker (both products: the score product's ``HGMMA``, the value product's ``tnspA``
     one), from the branch target to the branch, both included; the largest if several. Out-of-line blocks
     (a barrier wait's retry) jump back into the loop with unpredicated branches and are not loops."""
     best: tuple[int, int] | None = None
@@ -190,7 +191,29 @@ def main_loop(instrs: list[tuple[int, str]], labels: dict[str, int],
             best = (start, addr)
     if best is None:
         raise ValueError(f"no loop around {markers}")
-    return [t for a, t in instrs if best[0] <= a <= best[1]]
+    return best
+
+
+def main_loop(instrs: list[tuple[int, str]], labels: dict[str, int],
+              markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> list[str]:
+    """The main loop's instructions (:func:`loop_range`), in order."""
+    start, end = loop_range(instrs, labels, markers)
+    return [t for a, t in instrs if start <= a <= end]
+
+
+_LIVE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*//\s*\|\s*(\d*)\s*\|")
+
+
+def live_registers(text: str, start: int, end: int) -> tuple[int, int, str]:
+    """``nvdisasm -lrm count`` output -> the general registers live at ``start`` (the loop's head), the most live at
+    any instruction in [start, end], and the first instruction where that many are (``addr: instruction``)."""
+    counts = [(int(m.group(1), 16), m.group(2), int(m.group(3) or 0))
+              for m in map(_LIVE.match, text.splitlines()) if m]
+    loop = [c for c in counts if start <= c[0] <= end]
+    if not loop:
+        raise ValueError(f"no live-range rows in [{start:#x}, {end:#x}]")
+    peak = max(loop, key=lambda c: c[2])
+    return loop[0][2], peak[2], f"{peak[0]:#06x}: {peak[1]}"
 
 
 def opcode(instruction: str) -> str:
@@ -217,7 +240,8 @@ def point_args(point: str, kind: str = "decode") -> tuple:
     return preset, int(head_dim), int(block_size), int(group), 0, 8 if rest else 2, *decode
 
 
-def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str, kind: str = "decode") -> dict:
+def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: str, kind: str = "decode",
+            live: bool = False) -> dict:
     """One decode_mgpu.py file at one point -> registers, spill stores (bytes), shared memory (bytes), kernel and
     main-loop instruction counts, the loop's opcodes, the kernel's instructions. RuntimeError (with the child's
     error) where the file's kernel does not compile for the point."""
@@ -240,10 +264,16 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     instrs, labels = parse_sass(sass)
-    loop = main_loop(instrs, labels) if kind == "decode" else [t for _, t in instrs]  # the store: no loop
+    start, end = loop_range(instrs, labels) if kind == "decode" else (instrs[0][0], instrs[-1][0])  # store: no loop
+    loop = [t for a, t in instrs if start <= a <= end]
     smem_bytes = int(smem.group(1)) if smem else -1
+    lives = None
+    if live:
+        lrm = subprocess.run([nvdisasm, "-c", "-lrm", "count", cubin], capture_output=True, text=True, check=True)
+        lives = live_registers(lrm.stdout, start, end)
     return {"registers": regs, "spills": spills, "smem": smem_bytes, "total": len(instrs), "loop": len(loop),
-            "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs)}
+            "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs),
+            "live": lives}
 
 
 def same_code(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
@@ -272,6 +302,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-root", default="/usr/local/cuda-13.0", help="for libdevice (MOSAIC_GPU_CUDA_ROOT)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a kernel fits fewer programs a multiprocessor "
                     "than its module assumes (assumed_programs): ptxas's register cliff, before any device time")
+    ap.add_argument("--live", action="store_true", help="also print the live general registers at the loop's head "
+                    "and at its fullest instruction (nvdisasm -lrm count): where a variant's registers go")
     ap.add_argument("--dump", default="", help="a folder to write each kernel's SASS into (label_point.sass, one "
                     "instruction a line, no addresses: diff two of them to see what a change moved)")
     args = ap.parse_args(argv)
@@ -288,12 +320,12 @@ def main(argv=None) -> None:
         files[os.path.basename(path).removesuffix(".py")] = path
     modules = {label: next(iter(load_versions(path, f"static_sass_{label}_").values()))
                for label, path in files.items()} if args.check else {}
-    rows, short = [], []
+    rows, short, lives = [], [], []
     for point in args.points.split(","):
         codes, first = {}, len(rows)
         for label, path in files.items():
             try:
-                r = analyse(path, point, env, args.ptxas, args.nvdisasm, work, args.kernel)
+                r = analyse(path, point, env, args.ptxas, args.nvdisasm, work, args.kernel, args.live)
             except RuntimeError as e:  # a kernel that does not take this point: say so, go on
                 lines = [ln for ln in str(e).splitlines() if "Error" in ln] or str(e).splitlines()
                 rows.append([point, label, "-", "-", "-", "-", "failed: " + lines[-1].strip()[:200]])
@@ -314,6 +346,8 @@ def main(argv=None) -> None:
                         short.append(f"{point} {label}: {fit} programs fit, {want} assumed")
                         smem += f" (assumes {want}: SHORT)"
                 rows.append([point, label, regs, smem, r["loop"], r["total"], top])
+                if r["live"]:
+                    lives.append([point, label, *r["live"]])
             print("RESULT", *rows[-1], sep=" | ", flush=True)
         same = same_code(codes)
         for row in rows[first:]:
@@ -322,6 +356,10 @@ def main(argv=None) -> None:
           " | kernel SASS instructions | loop's top opcodes | the same machine code as")
     for row in rows:
         print(" | ".join(map(str, row)))
+    if lives:
+        print("point | kernel | live at the loop's head | most live in the loop | first at")
+        for row in lives:
+            print(" | ".join(map(str, row)))
     if short:
         print("fewer programs a multiprocessor than assumed:", *short, sep="\n  ")
         sys.exit(1)

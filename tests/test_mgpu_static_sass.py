@@ -7,6 +7,8 @@ import pytest
 
 from experiments.mgpu_static_sass import (
     assumed_programs,
+    live_registers,
+    loop_range,
     main_loop,
     opcode,
     parse_sass,
@@ -104,3 +106,35 @@ def test_assumed_programs() -> None:
     assert assumed_programs(decode_mgpu, "decode", "4bit_nc", 128) == 4
     assert assumed_programs(decode_mgpu, "decode", "kqjl4v4", 128) == 3  # the QJL query's shared memory
     assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 256) == 2
+
+
+# nvdisasm -lrm count's form: each instruction followed by the live general, predicate, uniform and uniform
+# predicate registers (a blank: none)
+LIVE_LISTING = """
+        .global         tq_decode_mgpu_mosaic_gpu_kernel                             // |       |        |        |
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                                    // |    1  |        |    3   |
+        /*0010*/                   S2R R0, SR_TID.X ;                                        // |    2  |        |    3   |
+        /*0020*/                   LDG.E R24, desc[UR12][R24.64] ;                           // |   70  |   1    |    9   |
+        /*0030*/                   PRMT R35, R35, R32, 0xa1a8abad ;                          // |  121  |   1    |    9   |
+        /*0040*/                   PRMT R36, R35, R33, 0xa1a8abad ;                          // |  121  |   1    |    9   |
+        /*0050*/                   HGMMA.64x16x16.F32 R24, R32, gdesc[UR16], RZ, !UPT ;      // |   92  |   1    |   12   |
+        /*0060*/               @!P2 BRA `(.L_x_7) ;                                          // |   75  |   1    |    9   |
+        /*0070*/                   EXIT ;                                                    // |       |        |        |
+"""
+
+
+def test_live_registers_reads_the_loops_head_and_fullest_instruction():
+    """The count at the range's first instruction, the largest inside the range (the first of equal ones), the
+    rows outside the range ignored (the kernel's start, the exit's blank count)."""
+    head, peak, at = live_registers(LIVE_LISTING, 0x20, 0x60)
+    assert (head, peak) == (70, 121)
+    assert at == "0x0030: PRMT R35, R35, R32, 0xa1a8abad"
+    assert live_registers(LIVE_LISTING, 0x50, 0x70)[:2] == (92, 92)
+    with pytest.raises(ValueError, match="no live-range rows"):
+        live_registers(LIVE_LISTING, 0x100, 0x200)
+
+
+def test_loop_range_is_main_loops_addresses():
+    instrs, labels = parse_sass(LISTING)
+    assert loop_range(instrs, labels) == (0x20, 0xC0)
+
