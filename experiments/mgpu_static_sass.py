@@ -194,14 +194,7 @@ def loop_range(instrs: list[tuple[int, str]], labels: dict[str, int],
     return best
 
 
-def main_loop(instrs: list[tuple[int, str]], labels: dict[str, int],
-              markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> list[str]:
-    """The main loop's instructions (:func:`loop_range`), in order."""
-    start, end = loop_range(instrs, labels, markers)
-    return [t for a, t in instrs if start <= a <= end]
-
-
-_LIVE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*//\s*\|\s*(\d*)\s*\|")
+_LIVE = re.compile(_INSTR.pattern + r"\s*//\s*\|\s*(\d*)\s*\|")  # an instruction, then its live registers
 
 
 def live_registers(text: str, start: int, end: int) -> tuple[int, int, str]:

@@ -9,7 +9,6 @@ from experiments.mgpu_static_sass import (
     assumed_programs,
     live_registers,
     loop_range,
-    main_loop,
     opcode,
     parse_sass,
     point_args,
@@ -57,11 +56,13 @@ def test_parse_sass_reads_addresses_and_labels():
 def test_main_loop_is_the_back_edge_around_both_products():
     """The predicated back edge 0x00c0 -> .L_x_7, not the retry's unpredicated branch back into the loop
     (a range that holds both products too), nor the retry's own one-instruction loop."""
-    loop = main_loop(*parse_sass(LISTING))
+    instrs, labels = parse_sass(LISTING)
+    assert loop_range(instrs, labels) == (0x20, 0xC0)
+    loop = [t for a, t in instrs if 0x20 <= a <= 0xC0]
     assert loop[0].startswith("LDG.E") and loop[-1] == "@!P2 BRA `(.L_x_7)"
     assert len(loop) == 11
     with pytest.raises(ValueError, match="no loop"):
-        main_loop(*parse_sass(LISTING.replace("tnspA", "")))
+        loop_range(*parse_sass(LISTING.replace("tnspA", "")))
 
 
 def test_opcode_drops_predicates_and_modifiers():
@@ -132,9 +133,3 @@ def test_live_registers_reads_the_loops_head_and_fullest_instruction():
     assert live_registers(LIVE_LISTING, 0x50, 0x70)[:2] == (92, 92)
     with pytest.raises(ValueError, match="no live-range rows"):
         live_registers(LIVE_LISTING, 0x100, 0x200)
-
-
-def test_loop_range_is_main_loops_addresses():
-    instrs, labels = parse_sass(LISTING)
-    assert loop_range(instrs, labels) == (0x20, 0xC0)
-
