@@ -5,10 +5,11 @@ operands and the piece table, one Triton launch) alone, in variants, timed by Ns
         python -m experiments.prologue_probe [--points 1/4096 32/16384 128/16384] > ncu.txt
     python -m experiments.ncu_times ncu.txt --kernel tq_decode_prologue
 
-A variant is ``shared|apart``/``chunks|outer``/warps (``decode_prologue``'s ``table_apart``, ``form``,
-``num_warps``; ``apart/chunks/8`` is the default), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128,
-block 16, a block table as wide as the context, 528 resident programs: the H200's). Every variant is compiled,
-launched ``--launches`` times and checked against the default's outputs: the table and ``info`` equal, the scaled
+A variant is ``shared|apart``/``chunks|outer``/warps[/cN] (``decode_prologue``'s ``table_apart``, ``form``,
+``num_warps``, ``columns`` N, without it the default :func:`~tqjax.pallas.decode_mgpu.query_columns`;
+``apart/chunks/4`` is the default), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128, block 16, a block
+table as wide as the context, 528 resident programs: the H200's). Every variant is compiled, launched
+``--launches`` times and checked against the first variant's outputs: the table and ``info`` equal, the scaled
 rows ``(hi + lo) * qinv`` within 4e-6 of each row's largest magnitude (two float32 sums in other orders, each within
 ~2e-6 of the exact one); ``VARIANT`` lines name the launches in order, for :mod:`experiments.ncu_times`. On a CPU:
 interpret mode at small points.
@@ -21,16 +22,16 @@ import re
 
 from experiments.ncu_times import probe_points
 
-VARIANTS = ("shared/chunks/8", "shared/chunks/4", "apart/chunks/8", "shared/outer/4", "apart/outer/4",
-            "apart/outer/8")
+VARIANTS = ("apart/chunks/4", "apart/chunks/4/c1", "apart/chunks/4/c2", "apart/chunks/4/c4", "apart/chunks/4/c8",
+            "apart/chunks/8", "shared/chunks/4", "apart/outer/4")
 
 
-def parse_variant(text: str) -> tuple[bool, str, int]:
-    """``shared|apart/chunks|outer/warps`` -> (table_apart, form, num_warps)."""
-    m = re.fullmatch(r"(shared|apart)/(chunks|outer)/(\d+)", text)
+def parse_variant(text: str) -> tuple[bool, str, int, int | None]:
+    """``shared|apart/chunks|outer/warps[/cN]`` -> (table_apart, form, num_warps, columns or None)."""
+    m = re.fullmatch(r"(shared|apart)/(chunks|outer)/(\d+)(?:/c(\d+))?", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"a variant is shared|apart/chunks|outer/warps, got {text!r}")
-    return m.group(1) == "apart", m.group(2), int(m.group(3))
+        raise argparse.ArgumentTypeError(f"a variant is shared|apart/chunks|outer/warps[/cN], got {text!r}")
+    return m.group(1) == "apart", m.group(2), int(m.group(3)), None if m.group(4) is None else int(m.group(4))
 
 
 def run(points: list[tuple[int, int]], variants: list[str], preset: str, launches: int) -> None:
@@ -52,10 +53,10 @@ def run(points: list[tuple[int, int]], variants: list[str], preset: str, launche
               "resident": 528, "num_splits": None, "interpret": cpu}
         want = None
         for text in variants:
-            apart, form, warps = parse_variant(text)
+            apart, form, warps, columns = parse_variant(text)
             for _ in range(launches):
                 got = jax.block_until_ready(decode_prologue(q, lens, cfg, table_apart=apart, form=form,
-                                                            num_warps=warps, **kw))
+                                                            num_warps=warps, columns=columns, **kw))
             q16, qinv = (np.asarray(x, np.float64) for x in got[:2])
             rows = (q16[:, :, :8] + q16[:, :, 8:]) * qinv[..., :8, None]
             if want is None:

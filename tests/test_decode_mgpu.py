@@ -50,6 +50,8 @@ from tqjax.pallas.decode_mgpu import (
     programs_per_core,
     qjl_channel_order,
     qjl_word_asm,
+    query_bound,
+    query_columns,
     query_matrix,
     resident_programs,
     table_words,
@@ -316,8 +318,9 @@ QUERY_CASES = [
 ]
 
 
-PROLOGUE_VARIANTS = [(True, "chunks", 8)] + [  # (table_apart, form, num_warps): the default, then the others
-    (False, "chunks", 8), (False, "outer", 4), (True, "outer", 4)]
+PROLOGUE_VARIANTS = [(True, "chunks", 4, None)] + [  # (table_apart, form, num_warps, columns): the default, others
+    (False, "chunks", 8, None), (False, "outer", 4, None), (True, "outer", 4, 2), (True, "chunks", 4, 1),
+    (True, "chunks", 8, 4)]
 
 
 @pytest.mark.parametrize("name,head_dim,hq,hk,dtype,variant",
@@ -327,26 +330,30 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
     operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
     the inverse powers (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the
-    kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's hi
-    part scaled to a largest magnitude in [2**13, 2**14] (2**14: rounded up), the rows past the group zero; rows of
-    magnitudes from 1e-3 to 1e3 and an all-zero row. Program 0's piece table equal to piece_table_reference's. Every
-    case in the default variant; groups of 3 and 7 in the others (the table shared, the outer products)."""
+    kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's
+    bound (its largest magnitude before the matrix times query_bound) scaled into [2**13, 2**14) and its hi part
+    below 2**14, the rows past the group zero; rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of
+    the matrix's longest column (the bound met where that column is flat: Hadamard rotations). Program 0's piece table equal to piece_table_reference's.
+    Every case in the default variant (the columns its rule gives: 1, 2 or 4 here); groups of 3 and 7 in the others (the
+    table shared, the outer products, whole rows, 8 warps)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
     q = rng.standard_normal((b, hq, head_dim)) * 10.0 ** rng.uniform(-3, 3, (b, hq, 1))
     q[1, 0] = 0.0
+    w = np.asarray(query_matrix(cfg), np.float64)
+    q[2, 1] = 3.0 * np.sign(w[:, np.argmax((w * w).sum(axis=0))])  # the bound met where that column is flat
     q = jnp.asarray(q, dtype)
     lens = jnp.asarray([700, 0, 5000], jnp.int32)
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
-    w = np.asarray(query_matrix(cfg), np.float64)
     tq = np.asarray(tile_query(cfg, q.astype(jnp.float32)), np.float64)
     assert np.all(np.abs(tq - q64 @ w) <= 1e-6 * np.abs(q64 @ w).max(axis=-1, keepdims=True))
     want = (q64 @ w).reshape(b, hk, g, w.shape[1])
     kw = {"num_kv_heads": hk, "factor": factor, "block_size": 16, "max_blocks": 320, "step_pages": 4, "resident": 24,
           "num_splits": None}
-    table_apart, form, num_warps = variant
-    got = decode_prologue(q, lens, cfg, interpret=True, table_apart=table_apart, form=form, num_warps=num_warps, **kw)
+    table_apart, form, num_warps, columns = variant
+    got = decode_prologue(q, lens, cfg, interpret=True, table_apart=table_apart, form=form, num_warps=num_warps,
+                          columns=columns, **kw)
     ref = decode_prologue_reference(q, lens, cfg, **kw)
     for q16, qinv, _, _ in (got, ref):
         chex.assert_shape(q16, (b, hk, 16, w.shape[1]))
@@ -359,11 +366,39 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
         top = np.abs(want).max(axis=-1, keepdims=True)
         assert np.all(np.abs(x[:, :, :g] - want) <= 1e-6 * top), np.abs(x[:, :, :g] - want).max(axis=-1) / top[..., 0]
         assert not hi[:, :, g:].any() and not lo[:, :, g:].any()
-        peak = np.abs(hi[:, :, :g]).max(axis=-1)
-        assert np.all((peak >= 2**13) & (peak <= 2**14) | (top[..., 0] == 0))
+        assert np.all(np.abs(hi) < 2**14)
+        bound = np.abs(q64).max(axis=-1).reshape(b, hk, g) * query_bound(cfg) / inv[..., :g] * factor
+        assert np.all((bound >= 2**13) & (bound < 2**14) | (top[..., 0] == 0)), bound
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
     for table_got, table_ref in zip(got[2:], ref[2:]):
         np.testing.assert_array_equal(np.asarray(table_got), np.asarray(table_ref))
+
+
+@pytest.mark.parametrize("name,head_dim", sorted({case[:2] for case in QUERY_CASES}))
+def test_query_bound(name, head_dim):
+    """query_bound(config) bounds every entry of ``q @ query_matrix`` by max|q| times it: random rows of several
+    scales, and the signs of each column (where |q @ w| is that column's 1-norm, the most a row of largest magnitude
+    1 gives it); met within 1e-6 by a flat column (the Hadamard rotations'); a float32 at most one step above
+    sqrt(D) times the longest column's norm."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+    w = np.asarray(query_matrix(cfg), np.float64)
+    bound = query_bound(cfg)
+    c = np.sqrt(w.shape[0]) * np.sqrt((w * w).sum(axis=0)).max()
+    assert c <= bound <= np.nextafter(np.float32(c), np.float32(np.inf))
+    rng = np.random.default_rng(head_dim)
+    q = np.concatenate([rng.standard_normal((64, w.shape[0])) * 10.0 ** rng.uniform(-3, 3, (64, 1)), np.sign(w).T])
+    ratio = np.abs(q @ w).max(axis=-1) / np.abs(q).max(axis=-1)
+    assert np.all(ratio <= bound)
+    if cfg.key_format == "mse":  # a Hadamard rotation: flat columns (split keys: each segment's own, narrower)
+        assert ratio.max() >= bound * (1 - 1e-6)
+
+
+def test_query_columns_rule():
+    """The prologue's column blocks: the most (up to 8, >= 16 columns each) whose programs the device holds at once
+    (H200's 528: B=1 8, B=32 2, B=128 1 with Hk=8), fewer for narrow rows, 1 where even that does not fit."""
+    assert [query_columns(pairs, 128, 528) for pairs in (8, 256, 264, 265, 1024)] == [8, 2, 2, 1, 1]
+    assert query_columns(8, 64, 528) == 4 and query_columns(8, 16, 528) == 1 and query_columns(4, 512, 528) == 8
+    assert query_columns(130, 128, 528) == 4 and query_columns(8, 128, 8) == 1
 
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])

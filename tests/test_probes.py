@@ -47,9 +47,9 @@ def test_merge_probe_runs_every_variant_against_the_reference_on_a_cpu(capsys):
 def test_prologue_probe_checks_variants_against_the_first(capsys):
     """Interpret mode: the variants' rows within 4e-6 and their tables equal to the first's; a malformed variant is
     refused before anything runs."""
-    prologue_probe.main(["--points", "3/512", "--variants", "shared/chunks/8", "apart/outer/4", "--launches", "1"])
+    prologue_probe.main(["--points", "3/512", "--variants", "shared/chunks/8", "apart/outer/4/c2", "--launches", "1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("VARIANT")]
-    assert [ln.split()[3] for ln in lines] == ["shared/chunks/8", "apart/outer/4"]
+    assert [ln.split()[3] for ln in lines] == ["shared/chunks/8", "apart/outer/4/c2"]
     assert float(lines[0].split("err=")[1]) == 0 and float(lines[1].split("err=")[1]) < 4e-6
     with pytest.raises(Exception, match="shared|apart"):
         prologue_probe.main(["--variants", "both/outer/4"])

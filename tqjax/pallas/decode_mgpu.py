@@ -96,7 +96,7 @@ __all__ = [
     "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
     "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper",
     "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm",
-    "qjl_word_plan", "query_matrix", "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit",
+    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit",
     "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants",
     "value_tile_plan", "value_word_asm",
 ]
@@ -108,7 +108,7 @@ BLOCK_SIZES = (16, 32, 64)
 HEAD_DIMS = (64, 128, 256)
 _LOG2E = math.log2(math.e)
 _F16_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-_F16_TOP = 14  # the query's rows are scaled so their max lies in [2**13, 2**14) (frexp: a mantissa in [1/2, 1))
+_F16_TOP = 14  # the query rows are scaled by 2**(14 - e), their bound in [2**13, 2**14) (:func:`_bound_exponent`)
 #: The value tile's power of two is at most 2**9 (-71.5 * 2**e is a float16 value); a larger value scale's
 #: excess goes with the probabilities, whose factor stays below 2**15 for scales below 2**14 (the store's 4-bit
 #: value scales are at most 2 * 65504 / 15 = 8734: it clamps values to float16's range).
@@ -1294,18 +1294,18 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
     )
 
 
-def _split_query(q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 [B, Hk, G, D] -> (float16 [B, Hk, 16, D]: rows 0..7 the high parts of the group's rows
-    scaled by powers of 2 (max in [2**13, 2**14)), rows 8..15 the low parts; float32 [B, Hk, 32]: the
-    inverse powers, four times (a copy of at least 128 bytes))."""
-    g = q.shape[2]
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, HALF - g), (0, 0)))
-    _, ex = jnp.frexp(jnp.max(jnp.abs(q), axis=-1, keepdims=True))
-    ex = jnp.clip(ex, -100, 100)
-    x = jnp.ldexp(q, _F16_TOP - ex)
+def _split_query(x: jax.Array, top: jax.Array, bound: float) -> tuple[jax.Array, jax.Array]:
+    """float32 [B, Hk, G, D'] (the tiled queries) and [B, Hk, G] (the largest magnitudes of the queries before the
+    matrix) -> (float16 [B, Hk, 16, D']: rows 0..7 the high parts of the group's rows scaled by powers of 2
+    (:func:`_bound_exponent`), rows 8..15 the low parts; float32 [B, Hk, 32]: the inverse powers, four times (a copy of
+    at least 128 bytes))."""
+    g = x.shape[2]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, HALF - g), (0, 0)))
+    ex = _bound_exponent(jnp.pad(top, ((0, 0), (0, 0), (0, HALF - g))), bound)[..., None]
+    x = x * _pow2(_F16_TOP - ex)
     hi = lax.optimization_barrier(x.astype(jnp.float16))  # keep XLA from dropping the rounding
     lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
-    inv = jnp.ldexp(jnp.ones_like(q[..., 0]), (ex - _F16_TOP)[..., 0])
+    inv = _pow2(ex - _F16_TOP)[..., 0]
     return jnp.concatenate([hi, lo], axis=2), jnp.concatenate([inv] * 4, axis=2)
 
 
@@ -1323,92 +1323,145 @@ def _pow2(k: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
 
 
-def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, bh, *, group: int, factor: float, chunk: int, form: str):
+@functools.cache
+def query_bound(config: TurboQuantConfig) -> float:
+    """C with ``|tile_query(config, q)| <= max|q| * C`` for every query row q: sqrt(D) times the largest column
+    2-norm of :func:`query_matrix` (Cauchy-Schwarz), a float32 rounded up."""
+    w = np.asarray(query_matrix(config), np.float64)
+    c = math.sqrt(w.shape[0]) * float(np.sqrt((w * w).sum(axis=0)).max())
+    c32 = np.float32(c)
+    return float(c32) if float(c32) >= c else float(np.nextafter(c32, np.float32(np.inf)))
+
+
+def _bound_exponent(top: jax.Array, bound: float) -> jax.Array:
+    """int32 exponents of the query rows' scales: frexp's exponent of ``top * bound`` (float32, the rows' largest
+    magnitudes before the matrix times :func:`query_bound`; 0 for a zero row), clipped to [-100, 100]. A row times
+    2**(14 - e) then has magnitudes below 2**14 (the bound in [2**13, 2**14); the row's largest entry at least
+    2**13 / (C sqrt(D')) with C = ``bound`` where the matrix holds a rotation, as every preset's does: 2**6 at
+    D = D' = 128): the high and low float16 parts keep ~22 bits of each entry. Formed from ``top``, not the product's
+    largest entry, so that a program can make some of a row's columns."""
+    t = top * jnp.float32(bound)
+    ex = jnp.where(t == 0, 0, (lax.bitcast_convert_type(t, jnp.int32) >> 23 & 0xFF) - 126)
+    return jnp.clip(ex, -100, 100)
+
+
+def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: float, bound: float, columns: int,
+                  form: str):
+    """Program ``pid``'s share of the query's operands: (sequence, KV head) pair ``pid // columns`` (b * Hk + h), its
+    columns ``[c * cw, (c + 1) * cw)`` with c = ``pid % columns`` and cw = D' / ``columns``."""
     hk = q16_ref.shape[1]
+    bh, c = pid // columns, pid % columns
     b, h = bh // hk, bh % hk
     d, width = w_ref.shape
-
+    cw = width // columns
+    cols = pl.ds(c * cw, cw)
+    q_rows = [q_ref[b, h * group + r, :].astype(jnp.float32) for r in range(group)]
     if form == "chunks":
         # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs, summed over the chunk
-        # after the loop (a sum across threads a row, not one a row and step); unrolled, so that the matrix's loads
-        # need not wait for each other (a loop of 16 steps took 15 us at B=1 on the H200, unrolled over 8 warps 6.5)
-        rows = [jnp.zeros((chunk, width), jnp.float32) for _ in range(group)]
-        for i in range(d // chunk):
-            w = w_ref[pl.ds(i * chunk, chunk), :]
-            rows = [x + q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32)[:, None] * w
-                    for r, x in enumerate(rows)]
+        # after (a sum across threads a row, not one a row and step); every load issued before the first product,
+        # so that their latencies overlap (H200, B=1: 6.1 us against 6.9 with each chunk's loads before its products,
+        # docs/data/prologue_h200_2026-12-01_s30.log)
+        chunk = min(d, max(1, 2048 // cw))  # 8 rows' [chunk, cw] float32 sums: 64 registers a thread of 256
+        ws = [w_ref[pl.ds(i * chunk, chunk), cols] for i in range(d // chunk)]
+        qs = [[q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32) for i in range(d // chunk)]
+              for r in range(group)]
+        rows = [jnp.zeros((chunk, cw), jnp.float32) for _ in range(group)]
+        for i, w in enumerate(ws):
+            rows = [x + qs[r][i][:, None] * w for r, x in enumerate(rows)]
         rows = [jnp.sum(x, axis=0) for x in rows]
     else:  # "outer": a row of the matrix at a time times the rows' scalars, summed in order (no sum across threads)
-        rows = [jnp.zeros((width,), jnp.float32) for _ in range(group)]
+        rows = [jnp.zeros((cw,), jnp.float32) for _ in range(group)]
         for k in range(d):
-            w = w_ref[k, :]
+            w = w_ref[k, cols]
             rows = [x + q_ref[b, h * group + r, k].astype(jnp.float32) * w for r, x in enumerate(rows)]
     lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
     inv = jnp.full((4 * HALF,), 2.0 ** -_F16_TOP * factor, jnp.float32)  # padding rows: zeros, exponent 0
     for r, x in enumerate(rows):
-        top = jnp.max(jnp.abs(x))
-        # frexp's exponent of the row's largest magnitude (0 for a zero row), clipped as _split_query clips it
-        ex = jnp.where(top == 0, 0, (lax.bitcast_convert_type(top, jnp.int32) >> 23 & 0xFF) - 126)
-        ex = jnp.clip(ex, -100, 100)
+        ex = _bound_exponent(jnp.max(jnp.abs(q_rows[r])), bound)
         x = x * _pow2(_F16_TOP - ex)
         hi = x.astype(jnp.float16)
-        q16_ref[b, h, r, :] = hi
-        q16_ref[b, h, HALF + r, :] = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+        q16_ref[b, h, r, cols] = hi
+        q16_ref[b, h, HALF + r, cols] = (x - hi.astype(jnp.float32)).astype(jnp.float16)
         inv = jnp.where(lane == r, _pow2(ex - _F16_TOP) * factor, inv)
     for r in range(group, HALF):
-        q16_ref[b, h, r, :] = jnp.zeros((width,), jnp.float16)
-        q16_ref[b, h, HALF + r, :] = jnp.zeros((width,), jnp.float16)
-    qinv_ref[b, h, :] = inv
+        q16_ref[b, h, r, cols] = jnp.zeros((cw,), jnp.float16)
+        q16_ref[b, h, HALF + r, cols] = jnp.zeros((cw,), jnp.float16)
+    qinv_ref[b, h, :] = inv  # every column's program writes the same
 
 
 def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_ref, *, table, table_apart: bool,
                      **query):
     batch, hk = q16_ref.shape[0], q16_ref.shape[1]
     pid = pl.program_id(0)  # read outside the branches (interpret mode cannot lower it inside)
-    if table_apart:  # programs B * Hk + b make the table's share of sequence b, the others the query's operands
-        pl.when(pid >= batch * hk)(lambda: table(lens_ref, table_ref, info_ref, pid - batch * hk))
-        pl.when(pid < batch * hk)(lambda: _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, **query))
+    n_query = batch * hk * query["columns"]
+    if table_apart:  # programs n_query + b make the table's share of sequence b, the others the query's operands
+        pl.when(pid >= n_query)(lambda: table(lens_ref, table_ref, info_ref, pid - n_query))
+        pl.when(pid < n_query)(lambda: _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, **query))
     else:  # KV head 0's programs make the table's shares too
         seq = pid // hk
         pl.when(pid % hk == 0)(lambda: table(lens_ref, table_ref, info_ref, seq))
         _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, **query)
 
 
+_QUERY_COLUMNS = 8  # column blocks a (sequence, KV head) pair's query is cut in, at most
+
+
+def query_columns(pairs: int, width: int, resident: int) -> int:
+    """The prologue's column blocks a (sequence, KV head) pair: the most (a power of 2 up to :data:`_QUERY_COLUMNS`,
+    leaving at least 16 of the ``width`` columns a program) whose programs, ``pairs`` times as many, the device
+    holds at once (``resident``); 1 where none does. H200 (528 resident): B=1 8, B=32 2, B=128 1."""
+    columns = 1
+    while 2 * columns <= _QUERY_COLUMNS and width // (2 * columns) >= 16 and pairs * 2 * columns <= resident:
+        columns *= 2
+    return columns
+
+
 @functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "block_size", "max_blocks",
                                              "step_pages", "resident", "num_splits", "waves", "fill", "table_apart",
-                                             "form", "num_warps", "interpret"))
+                                             "form", "columns", "num_warps", "interpret"))
 def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
                     factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
                     num_splits: int | None, waves: int = WAVES, fill: float = FILL, table_apart: bool = True,
-                    form: str = "chunks", num_warps: int = 8,
+                    form: str = "chunks", columns: int | None = None, num_warps: int = 4,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What the decode needs before its kernel, in one launch of a Triton kernel (CUDA, ROCm, interpret mode), one
-    program per (sequence, KV head): query [B, Hq, D] (any float dtype), seq_lens [B] int32 -> (q16, qinv, table,
-    info). The query's operands, what :func:`decode_prologue_reference` makes in XLA's five kernels: float16 [B, Hk,
-    16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by powers of 2 so that each
-    row's largest magnitude lies in [2**13, 2**14); rows 8..15 the low parts; rows past the group zero) and float32
-    [B, Hk, 32] (the inverse powers times ``factor``, four times); the products are float32 FMAs with
-    :func:`query_matrix`. B programs of their own, after the B * Hk query programs, make the piece table, (table,
+    program per (sequence, KV head) and block of columns: query [B, Hq, D] (any float dtype), seq_lens [B] int32 ->
+    (q16, qinv, table, info). The query's operands, what :func:`decode_prologue_reference` makes in XLA's five
+    kernels: float16 [B, Hk, 16, D'] (rows 0..7 the high parts of :func:`tile_query` of the group's rows, scaled by
+    powers of 2, :func:`_bound_exponent`, to magnitudes below 2**14; rows 8..15 the low parts; rows past the group
+    zero) and float32 [B, Hk, 32] (the inverse powers times ``factor``, four times); the products are float32 FMAs
+    with :func:`query_matrix`. B programs of their own, after the query programs, make the piece table, (table,
     info) as :func:`tqjax.pallas.pieces.piece_table` makes them (its arguments) in a launch of its own, each its
     sequence's share (H200, under ncu: B=1, 4k 6.9 us against 9.0 with KV head 0's programs making the shares too;
-    B=32, 16k 9.9 against 11.2; docs/data/merge_h200_2026-12-01_s29.log). Variants (``experiments.prologue_probe``
-    times them; the defaults are the fastest timed): ``table_apart=False``, KV head 0's programs make the table's
-    shares too; ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across threads;
-    ``"chunks"``: in [chunk, D'] tiles summed after; outer 19 us at B=1); ``num_warps`` a program's warps."""
+    B=32, 16k 9.9 against 11.2; docs/data/merge_h200_2026-12-01_s29.log).
+
+    ``columns``: the query programs a (sequence, KV head) pair has, each making D' / ``columns`` of the columns (a
+    power of 2 leaving at least 16); default :func:`query_columns`. A program then reads that share of the matrix,
+    not all of it: H200, under ncu, B=1, 4k: 4.0 us with 8 column blocks against 6.6 for the whole rows (8 warps, the
+    loads issued chunk by chunk); B=32, 16k 7.6 with 2 against 9.8; B=128, 16k 22.4 with 2, 22.7 with 1, 22.9 before
+    (docs/data/prologue_h200_2026-12-01_s30.log). Variants (``experiments.prologue_probe`` times them; the defaults
+    are the fastest timed): ``table_apart=False``, KV head 0's programs make the table's shares too;
+    ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across threads;
+    ``"chunks"``: in [chunk, D'] tiles summed after; outer 19 us at B=1); ``num_warps`` a program's warps (4: B=1
+    5.0 us against 5.4 for 8 with 4 column blocks, B=128 22.7 against 36.5 with whole rows)."""
     if form not in ("chunks", "outer"):
         raise ValueError(f"form must be 'chunks' or 'outer', got {form!r}")
-    b, hq, d = query.shape
+    b, hq, _ = query.shape
     w = jnp.asarray(query_matrix(config))
     width = w.shape[1]
-    chunk = min(d, max(1, 2048 // width))  # 8 rows' [chunk, D'] float32 sums: 64 registers a thread of 256
+    if columns is None:
+        columns = query_columns(b * num_kv_heads, width, resident) if table_apart else 1
+    if columns < 1 or columns & (columns - 1) or width // columns < 16 or (columns > 1 and not table_apart):
+        raise ValueError(f"columns={columns} must be a power of 2 leaving >= 16 of the {width} columns a program "
+                         "(and needs table_apart)")
     table, table_shapes = table_program(b, num_kv_heads=num_kv_heads, block_size=block_size, max_blocks=max_blocks,
                                         step_pages=step_pages, resident=resident, num_splits=num_splits,
                                         waves=waves, fill=fill)
     kernel = functools.partial(_prologue_kernel, table=table, table_apart=table_apart, group=hq // num_kv_heads,
-                               factor=factor, chunk=chunk, form=form)
+                               factor=factor, bound=query_bound(config), columns=columns, form=form)
     return pl.pallas_call(
         kernel,
-        grid=(b * num_kv_heads + (b if table_apart else 0),),
+        grid=(b * num_kv_heads * columns + (b if table_apart else 0),),
         out_shape=(jax.ShapeDtypeStruct((b, num_kv_heads, 2 * HALF, width), jnp.float16),
                    jax.ShapeDtypeStruct((b, num_kv_heads, 4 * HALF), jnp.float32), *table_shapes),
         interpret=interpret,
@@ -1425,7 +1478,7 @@ def decode_prologue_reference(query: jax.Array, seq_lens: jax.Array, config: Tur
     as before the prologue kernel), :func:`tqjax.pallas.pieces.piece_table_reference`."""
     b, hq, d = query.shape
     q = query.astype(jnp.float32).reshape(b, num_kv_heads, hq // num_kv_heads, d)
-    q16, qinv = _split_query(tile_query(config, q))
+    q16, qinv = _split_query(tile_query(config, q), jnp.max(jnp.abs(q), axis=-1), query_bound(config))
     table, info = piece_table_reference(seq_lens, num_kv_heads=num_kv_heads, block_size=block_size,
                                         max_blocks=max_blocks, step_pages=step_pages, resident=resident,
                                         num_splits=num_splits, waves=waves, fill=fill)
