@@ -308,6 +308,23 @@ def test_merge_weighs_empty_rows_nothing():
     assert np.all(got[1] == 0)
 
 
+@pytest.mark.parametrize("block", [1, 2, 16])
+def test_merge_sequence_without_pieces_gets_zeros_whatever_its_first_slot_holds(block):
+    """A sequence of no pieces (count 0) whose first slot holds NaN output and log-sum-exp (the spare slot, which no
+    program wrote): zeros, in a load a piece (blocks 1 and 2) and in one tile (16); the other sequence's merge
+    unchanged. The kernel merges a first block before its loop whatever the count."""
+    rng = np.random.default_rng(2)
+    o = rng.standard_normal((17, 16, 8)).astype(np.float32)  # Hk=1: 17 slot rows, sequence 0 at 0-15, the spare 16
+    lse = rng.uniform(-2, 2, (17, 8, 8)).astype(np.float32)
+    o[16], lse[16] = np.nan, np.nan
+    info = jnp.asarray([[[0, 16]], [[16, 0]]], jnp.int32)  # [2, Hk=1, B=2]: sequence 1 has no piece, first slot 16
+    got = np.asarray(merge_pieces(jnp.asarray(o), jnp.asarray(lse), info, batch=2, block=block, interpret=True))
+    assert np.all(got[1] == 0)
+    w = np.exp2(lse[:16, 0] - lse[:16, 0].max(axis=0))  # [16, R]
+    np.testing.assert_allclose(got[0], (np.einsum("pdr,pr->rd", o[:16], w) / w.sum(axis=0)[:, None]), rtol=2e-5,
+                               atol=2e-6)
+
+
 @pytest.mark.parametrize("block,n", [(2, 5), (4, 5), (16, 37), (32, 37)])
 def test_merge_blocks_past_the_outputs_end_count_each_piece_once(block, n):
     """A (sequence, KV head) whose n pieces end at the outputs' last slot, merged in blocks whose last one reaches
