@@ -333,9 +333,9 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's
     bound (its largest magnitude before the matrix times query_bound) scaled into [2**13, 2**14) and its hi part
     below 2**14, the rows past the group zero; rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of
-    the matrix's longest column (the bound met where that column is flat: Hadamard rotations). Program 0's piece table equal to piece_table_reference's.
-    Every case in the default variant (the columns its rule gives: 1, 2 or 4 here); groups of 3 and 7 in the others (the
-    table shared, the outer products, whole rows, 8 warps)."""
+    the matrix's longest column (the bound met where that column is flat: Hadamard rotations). Program 0's piece
+    table equal to piece_table_reference's. Every case in the default variant (the columns its rule gives: 1, 2 or 4
+    here); groups of 3 and 7 in the others (the table shared, the outer products, whole rows, 8 warps)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634

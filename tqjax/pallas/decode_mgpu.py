@@ -96,9 +96,9 @@ __all__ = [
     "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
     "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper",
     "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm",
-    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "table_words", "tile_order", "tile_query", "tile_unit",
-    "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order", "value_constants",
-    "value_tile_plan", "value_word_asm",
+    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "table_words", "tile_order",
+    "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
+    "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -1358,16 +1358,20 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: f
     q_rows = [q_ref[b, h * group + r, :].astype(jnp.float32) for r in range(group)]
     if form == "chunks":
         # the group's rows times the matrix's rows [i * chunk, (i + 1) * chunk), float32 FMAs, summed over the chunk
-        # after (a sum across threads a row, not one a row and step); every load issued before the first product,
-        # so that their latencies overlap (H200, B=1: 6.1 us against 6.9 with each chunk's loads before its products,
+        # after (a sum across threads a row, not one a row and step); the loads of up to 64 KB of the matrix's share
+        # (all of it at D' / columns <= 128, D = 128) issued before their products, so that their latencies overlap
+        # (H200, B=1: 6.1 us against 6.9 with each chunk's loads before its products,
         # docs/data/prologue_h200_2026-12-01_s30.log)
-        chunk = min(d, max(1, 2048 // cw))  # 8 rows' [chunk, cw] float32 sums: 64 registers a thread of 256
-        ws = [w_ref[pl.ds(i * chunk, chunk), cols] for i in range(d // chunk)]
-        qs = [[q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32) for i in range(d // chunk)]
-              for r in range(group)]
+        chunk = min(d, max(1, 2048 // cw))  # a row's [chunk, cw] float32 sums: 2048 floats
+        per_batch = max(1, (64 * 1024) // (4 * chunk * cw))
         rows = [jnp.zeros((chunk, cw), jnp.float32) for _ in range(group)]
-        for i, w in enumerate(ws):
-            rows = [x + qs[r][i][:, None] * w for r, x in enumerate(rows)]
+        for i0 in range(0, d // chunk, per_batch):
+            span = range(i0, min(d // chunk, i0 + per_batch))
+            ws = [w_ref[pl.ds(i * chunk, chunk), cols] for i in span]
+            qs = [[q_ref[b, h * group + r, pl.ds(i * chunk, chunk)].astype(jnp.float32) for i in span]
+                  for r in range(group)]
+            for k, w in enumerate(ws):
+                rows = [x + qs[r][k][:, None] * w for r, x in enumerate(rows)]
         rows = [jnp.sum(x, axis=0) for x in rows]
     else:  # "outer": a row of the matrix at a time times the rows' scalars, summed in order (no sum across threads)
         rows = [jnp.zeros((cw,), jnp.float32) for _ in range(group)]

@@ -453,9 +453,9 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, starts: tuple[tuple[int,
     init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
             [jnp.zeros(shape, jnp.float32) for _ in range(groups)])
     step = tile_step if block >= _MERGE_TILE else piece_step
-    # the first block before the loop: its loads wait for the table's first slot and the D rows' starts, not for the
-    # count (in the loop, the compilers sank them under the loop's test: one more round trip to memory); a sequence
-    # without pieces weighs all its rows at 0
+    # the first block before the loop: its loads wait for the table's first slot, not for the count (in the loop,
+    # the compilers sank them under the loop's test: one more round trip to memory); a sequence without pieces weighs
+    # all its rows at 0
     carry = step(0, init)
     _, den, accs = lax.fori_loop(1, (count + block - 1) // block, step, carry)
     den = along(jnp.where(den > 0, den, 1.0))
