@@ -1,8 +1,9 @@
 """Device experiment: the merge of the decode's pieces (:func:`tqjax.pallas.pieces.merge_pieces`) alone, in variants
-(pieces a block, groups of D rows a program), timed by Nsight Compute's kernel durations:
+(pieces a block, groups of D rows a program, warps a program), timed by Nsight Compute's kernel durations:
 
     ncu --clock-control none --kernel-name regex:tq_merge --metrics gpu__time_duration.sum \\
-        python -m experiments.merge_probe [--points 1/4096 32/16384] [--blocks 4 64] [--groups 1 16] > ncu.txt
+        python -m experiments.merge_probe [--points 1/4096 32/16384] [--blocks 4 64] [--groups 1 16] \\
+        [--warps 1 4] > ncu.txt
     python -m experiments.ncu_times ncu.txt --kernel tq_merge_pieces
 
 Each point is ``B/context`` at the Mosaic decode's shapes (Hq=32, Hk=8, D=128, block 16, 528 resident programs:
@@ -24,7 +25,8 @@ import math
 from experiments.ncu_times import probe_points
 
 
-def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], launches: int) -> None:
+def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], launches: int,
+        warps: tuple[int, ...] = (1,)) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,13 +62,16 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], lau
         for g in (g for g in dict.fromkeys(counts) if starts.shape[1] % g == 0):
             for block in dict.fromkeys(merge_block(slots, hk, b, g * size * 4) if x == "default" else int(x)
                                        for x in blocks):
-                f = functools.partial(merge_pieces, block=block, groups=g, interpret=cpu, **kw)
-                for _ in range(launches):
-                    out = jax.block_until_ready(f(o, lse, info))
-                err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
-                print(f"VARIANT B={b} ctx={ctx} pieces={n_pieces} block={block} groups={g} err={err:.2e}", flush=True)
-                if err > 2.0 ** -7 * max(1.0, float(np.max(np.abs(ref)))):
-                    raise SystemExit(f"B={b} ctx={ctx} block={block} groups={g}: off the reference by {err}")
+                for w in warps:
+                    f = functools.partial(merge_pieces, block=block, groups=g, num_warps=w, interpret=cpu, **kw)
+                    for _ in range(launches):
+                        out = jax.block_until_ready(f(o, lse, info))
+                    err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
+                    print(f"VARIANT B={b} ctx={ctx} pieces={n_pieces} block={block} groups={g} warps={w} "
+                          f"err={err:.2e}", flush=True)
+                    if err > 2.0 ** -7 * max(1.0, float(np.max(np.abs(ref)))):
+                        raise SystemExit(f"B={b} ctx={ctx} block={block} groups={g} warps={w}: off the reference "
+                                         f"by {err}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blocks", nargs="+", default=["default"], help="pieces a block: numbers or 'default'")
     ap.add_argument("--groups", nargs="+", default=["default"],
                     help="groups of D rows a program: numbers or 'default'")
+    ap.add_argument("--warps", nargs="+", type=int, default=[1], help="warps a program (merge_pieces' num_warps)")
     ap.add_argument("--launches", type=int, default=3)
     args = ap.parse_args(argv)
     points = probe_points(args.points, ["1/4096", "1/32768", "32/16384", "128/16384"], ["1/1024", "2/512"])
-    run(points, args.blocks, args.groups, args.launches)
+    run(points, args.blocks, args.groups, args.launches, tuple(args.warps))
 
 
 if __name__ == "__main__":

@@ -466,10 +466,10 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, starts: tuple[tuple[int,
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "rows", "channels", "d_major", "lse_scale", "dtype",
-                                             "block", "groups", "interpret"))
+                                             "block", "groups", "num_warps", "interpret"))
 def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
                  channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
-                 dtype: Any = jnp.float32, block: int | None = None, groups: int | None = None,
+                 dtype: Any = jnp.float32, block: int | None = None, groups: int | None = None, num_warps: int = 1,
                  interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
     piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
@@ -494,7 +494,8 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     6.5 us (a tile, call 2: 7.8), and 4.9 with 4 groups of D rows a program (docs/data/merge_h200_2026-12-01_s29.log).
     The first block is merged before the loop and the groups' starts are constants, so that the tiles' loads wait for
     one round trip to the table, not three: B=32, 16k 4.3 us against 5.1, B=128 5.3 against 6.4, B=1 unchanged
-    (docs/data/merge_h200_2026-12-01_s30.log).
+    (docs/data/merge_h200_2026-12-01_s30.log). ``num_warps``: a program's warps (1; more split a program's tiles,
+    fewer instructions a warp: B=1, 4k, PyPI Triton 3.9's SASS 1264 a warp at 1, 928 at 2, 672 at 4; not timed).
     """
     n_bh, hk = batch * info.shape[1], info.shape[1]
     d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
@@ -516,7 +517,7 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
         grid=(n_bh, starts.shape[1] // groups),
         out_shape=jax.ShapeDtypeStruct((n_bh, rows, d), dtype),
         interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="tq_merge_pieces",
     )(info, o.reshape(o.shape[0] // hk, hk, *o.shape[1:]),
       lse.reshape(lse.shape[0] // hk, hk, *lse.shape[1:]))
