@@ -37,8 +37,11 @@ capability 9.0 device and refuses to load the module; the plugin registers its N
 on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with
 ``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the predicated backward branch around both
 products' ``HGMMA``s; its instructions run once per 64-token step in every warp, except a branch taken by one warp
-(the page copies). ``--live`` adds the general registers live at the loop's head and at its fullest instruction
-(``nvdisasm -lrm count``): where a variant's registers go (docs/data/static_sass_cpu_2026-12-01_s29.log).
+(the page copies). ``--loads`` adds the global loads before the loop with their depth (:func:`load_depths`: the
+round trips to memory a program waits for in turn before its first page copy;
+docs/data/static_sass_cpu_2026-12-01_s30.log). ``--live`` adds the general registers live at the loop's head and at
+its fullest instruction (``nvdisasm -lrm count``): where a variant's registers go
+(docs/data/static_sass_cpu_2026-12-01_s29.log).
 
 A proxy, not a measurement: static counts (no stalls; occupancy by registers and shared memory only); with jax
 0.10.2 on the CPU, not the GPU machine's lowering (on the H200 the kept decode kernel of the fourteenth session had
@@ -209,6 +212,83 @@ def live_registers(text: str, start: int, end: int) -> tuple[int, int, str]:
     return loop[0][2], peak[2], f"{peak[0]:#06x}: {peak[1]}"
 
 
+_REG = re.compile(r"\b(U?R\d+|U?P\d)(\.(64|128))?\b")
+_GLOBAL_LOADS = ("LDG", "UTMALDG", "UBLKCP", "LDGSTS")  # global memory read by the instruction (TMA copies too)
+# instructions whose first operand is not a register they write (stores, copies, barriers, branches)
+_NO_DEST = ("ST", "STG", "STS", "RED", "REDG", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "BRA", "BAR", "EXIT",
+            "WARPSYNC", "MEMBAR", "FENCE", "NOP", "DEPBAR", "CCTL", "ERRBAR", "SYNCS", "WARPGROUP", "CALL", "RET")
+_CARRY_OUT = ("IADD3", "LEA", "IMAD", "UIADD3", "ULEA", "ISETP", "UISETP", "FSETP", "HSETP2", "PLOP3", "UPLOP3")
+
+
+def _regs(operand: str) -> list[str]:
+    """The registers an operand names (R2.64: R2, R3; R8 of a 128-bit access: R8..R11), RZ/URZ/PT/UPT aside."""
+    out = []
+    for m in _REG.finditer(operand):
+        name, width = m.group(1), int(m.group(3) or 32)
+        prefix, n = re.match(r"(U?[RP])(\d+)", name).groups()
+        out += [f"{prefix}{int(n) + k}" for k in range(max(1, width // 32))]
+    return out
+
+
+def load_depths(instrs: list[tuple[int, str]]) -> list[tuple[int, str, int]]:
+    """The global loads of a straight-line reading of ``instrs`` with their depth: 1 where the address (for a TMA copy,
+    its coordinates) comes from parameters and constants alone, n + 1 where it waits for a value loaded at depth n,
+    through registers (data) or a predicated branch on such a value (control: every later instruction). What a kernel
+    waits for in turn before its first page copy (the round trips to memory of its start). Approximations: the listing
+    read once in address order (a loop's body once), a destination's width from ``.64``/``.128`` in the opcode."""
+    depth: dict[str, int] = {}
+    floor, out = 0, []
+    for addr, text in instrs:
+        pred = re.match(r"^@!?(U?P\d)\s+", text)
+        body = text[pred.end():] if pred else text
+        op, _, rest = body.partition(" ")
+        name = op.split(".")[0]
+        operands = [o.strip() for o in re.split(r",(?![^\[]*\])", rest)] if rest else []
+        dests: list[str] = []
+        if operands and name not in _NO_DEST:
+            dests = _regs(operands[0])
+            width = 128 if ".128" in op else 64 if ".64" in op else 32
+            if name in ("LDG", "LDS", "LD", "LDC", "ULDC") and dests:
+                base = re.match(r"(U?R)(\d+)", dests[0])
+                dests = [f"{base.group(1)}{int(base.group(2)) + k}" for k in range(width // 32)]
+            if name in _CARRY_OUT and len(operands) > 1 and re.fullmatch(r"U?P\d", operands[1]):
+                dests.append(operands[1])
+            srcs = [r for o in operands[1:] for r in _regs(o)]
+        else:
+            srcs = [r for o in operands for r in _regs(o)]
+        if name in ("UTMALDG", "UTMASTG") and operands:  # [URa]: the shared address, the barrier, nD coordinates
+            dims = re.search(r"\.(\d)D", op)
+            base = re.match(r"\[(UR)(\d+)", operands[0])
+            if dims and base:
+                srcs += [f"UR{int(base.group(2)) + k}" for k in range(int(dims.group(1)) + 3)]
+        if pred:
+            srcs.append(pred.group(1))
+        level = max([floor] + [depth.get(r, 0) for r in srcs])
+        if name in _GLOBAL_LOADS:
+            level += 1
+            out.append((addr, text, level))
+        for r in dests:
+            depth[r] = level
+        if name == "BRA" and pred:
+            floor = max(floor, depth.get(pred.group(1), 0))
+    return out
+
+
+def load_chain(instrs: list[tuple[int, str]], until: int | None = None) -> str:
+    """:func:`load_depths` before address ``until`` (the main loop's head), run-length encoded in order: 'LDG d1 x3,
+    LDG d2, UTMALDG d2 x2, LDG d3 x4, UTMALDG d4 x8'."""
+    runs: list[list] = []
+    for addr, text, level in load_depths(instrs):
+        if until is not None and addr >= until:
+            break
+        key = (opcode(text), level)
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+    return ", ".join(f"{op} d{level}" + (f" x{n}" if n > 1 else "") for (op, level), n in runs)
+
+
 def opcode(instruction: str) -> str:
     """'@!P2 BRA `(.L_x_4)' -> 'BRA'; 'IMAD.U32 R49, RZ, RZ, UR13' -> 'IMAD'."""
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
@@ -266,7 +346,7 @@ def analyse(path: str, point: str, env: dict, ptxas: str, nvdisasm: str, work: s
         lives = live_registers(lrm.stdout, start, end)
     return {"registers": regs, "spills": spills, "smem": smem_bytes, "total": len(instrs), "loop": len(loop),
             "ops": collections.Counter(opcode(t) for t in loop), "code": tuple(t for _, t in instrs),
-            "live": lives}
+            "live": lives, "loads": load_chain(instrs, until=start if kind == "decode" else None)}
 
 
 def same_code(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
@@ -297,6 +377,8 @@ def main(argv=None) -> None:
                     "than its module assumes (assumed_programs): ptxas's register cliff, before any device time")
     ap.add_argument("--live", action="store_true", help="also print the live general registers at the loop's head "
                     "and at its fullest instruction (nvdisasm -lrm count): where a variant's registers go")
+    ap.add_argument("--loads", action="store_true", help="also print the global loads before the loop (the store: "
+                    "the whole kernel) with their depth, load_chain: the round trips a program's start waits for")
     ap.add_argument("--dump", default="", help="a folder to write each kernel's SASS into (label_point.sass, one "
                     "instruction a line, no addresses: diff two of them to see what a change moved)")
     args = ap.parse_args(argv)
@@ -313,7 +395,7 @@ def main(argv=None) -> None:
         files[os.path.basename(path).removesuffix(".py")] = path
     modules = {label: next(iter(load_versions(path, f"static_sass_{label}_").values()))
                for label, path in files.items()} if args.check else {}
-    rows, short, lives = [], [], []
+    rows, short, lives, chains = [], [], [], []
     for point in args.points.split(","):
         codes, first = {}, len(rows)
         for label, path in files.items():
@@ -341,6 +423,8 @@ def main(argv=None) -> None:
                 rows.append([point, label, regs, smem, r["loop"], r["total"], top])
                 if r["live"]:
                     lives.append([point, label, *r["live"]])
+                if args.loads:
+                    chains.append([point, label, r["loads"]])
             print("RESULT", *rows[-1], sep=" | ", flush=True)
         same = same_code(codes)
         for row in rows[first:]:
@@ -352,6 +436,10 @@ def main(argv=None) -> None:
     if lives:
         print("point | kernel | live at the loop's head | most live in the loop | first at")
         for row in lives:
+            print(" | ".join(map(str, row)))
+    if chains:
+        print("point | kernel | global loads before the loop, in order (dN: waits for N - 1 loads in turn)")
+        for row in chains:
             print(" | ".join(map(str, row)))
     if short:
         print("fewer programs a multiprocessor than assumed:", *short, sep="\n  ")

@@ -8,6 +8,8 @@ import pytest
 from experiments.mgpu_static_sass import (
     assumed_programs,
     live_registers,
+    load_chain,
+    load_depths,
     loop_range,
     opcode,
     parse_sass,
@@ -63,6 +65,41 @@ def test_main_loop_is_the_back_edge_around_both_products():
     assert len(loop) == 11
     with pytest.raises(ValueError, match="no loop"):
         loop_range(*parse_sass(LISTING.replace("tnspA", "")))
+
+
+# A program's start: its table column (params only), the sequence's length at the column's b, a TMA copy of the
+# query at b, the block table's entries at the length (through uniform registers), a branch on the length, then the
+# page copies; loads whose addresses come from elsewhere in between.
+START = """
+        /*0000*/                   LDC.64 R116, c[0x0][0x210] ;
+        /*0010*/                   LDG.E R2, desc[UR56][R116.64] ;
+        /*0020*/                   LDG.E R5, desc[UR56][R116.64+0x80] ;
+        /*0030*/                   R2UR UR52, R2 ;
+        /*0040*/                   IMAD.WIDE R2, R2, 0x4, R8 ;
+        /*0050*/                   LDG.E R94, desc[UR56][R2.64] ;
+        /*0060*/                   USHF.L.U32 UR9, UR52, 0x7, URZ ;
+        /*0070*/                   UTMALDG.3D [UR8], [UR6] ;
+        /*0080*/                   IADD3 R7, R94, 0xf, RZ ;
+        /*0090*/                   LEA R10, P0, R7, R20, 0x2 ;
+        /*00a0*/                   LDG.E.128 R12, desc[UR56][R10.64] ;
+        /*00b0*/                   ISETP.GE.AND P1, PT, R5, 0x1, PT ;
+        /*00c0*/              @!P1 BRA `(.L_x_0) ;
+        /*00d0*/                   LDG.E R30, desc[UR56][R40.64] ;
+        /*00e0*/                   R2UR UR28, R15 ;
+        /*00f0*/                   UTMALDG.4D [UR24], [UR14] ;
+        /*0100*/                   LDG.E R31, desc[UR56][R41.64] ;
+"""
+
+
+def test_load_depths_follow_data_and_branches():
+    """Depth 1 from parameters; the length at b (data: 2); the query's copy whose coordinates hold b (2); the block
+    table at the length, through IADD3/LEA (3); after a branch on a depth-1 value, a load of unrelated address (2);
+    the page copy whose coordinates hold a block-table entry (4); a 128-bit load's four registers all carry its depth;
+    the chain run-length encoded, cut at an address."""
+    depths = [(a, d) for a, _, d in load_depths(parse_sass(START)[0])]
+    assert depths == [(0x10, 1), (0x20, 1), (0x50, 2), (0x70, 2), (0xA0, 3), (0xD0, 2), (0xF0, 4), (0x100, 2)]
+    assert load_chain(parse_sass(START)[0]) == "LDG d1 x2, LDG d2, UTMALDG d2, LDG d3, LDG d2, UTMALDG d4, LDG d2"
+    assert load_chain(parse_sass(START)[0], until=0xA0) == "LDG d1 x2, LDG d2, UTMALDG d2"
 
 
 def test_opcode_drops_predicates_and_modifiers():
