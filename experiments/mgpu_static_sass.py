@@ -212,7 +212,7 @@ def live_registers(text: str, start: int, end: int) -> tuple[int, int, str]:
     return loop[0][2], peak[2], f"{peak[0]:#06x}: {peak[1]}"
 
 
-_REG = re.compile(r"\b(U?R\d+|U?P\d)(\.(64|128))?\b")
+_REG = re.compile(r"\b(U?[RP])(\d+)(?:\.(64|128))?\b")  # RZ, URZ, PT, UPT: no digits, not matched
 _GLOBAL_LOADS = ("LDG", "UTMALDG", "UBLKCP", "LDGSTS")  # global memory read by the instruction (TMA copies too)
 # instructions whose first operand is not a register they write (stores, copies, barriers, branches)
 _NO_DEST = ("ST", "STG", "STS", "RED", "REDG", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "BRA", "BAR", "EXIT",
@@ -222,12 +222,8 @@ _CARRY_OUT = ("IADD3", "LEA", "IMAD", "UIADD3", "ULEA", "ISETP", "UISETP", "FSET
 
 def _regs(operand: str) -> list[str]:
     """The registers an operand names (R2.64: R2, R3; R8 of a 128-bit access: R8..R11), RZ/URZ/PT/UPT aside."""
-    out = []
-    for m in _REG.finditer(operand):
-        name, width = m.group(1), int(m.group(3) or 32)
-        prefix, n = re.match(r"(U?[RP])(\d+)", name).groups()
-        out += [f"{prefix}{int(n) + k}" for k in range(max(1, width // 32))]
-    return out
+    return [f"{m.group(1)}{int(m.group(2)) + k}" for m in _REG.finditer(operand)
+            for k in range(int(m.group(3) or 32) // 32)]
 
 
 def load_depths(instrs: list[tuple[int, str]]) -> list[tuple[int, str, int]]:
@@ -240,15 +236,14 @@ def load_depths(instrs: list[tuple[int, str]]) -> list[tuple[int, str, int]]:
     floor, out = 0, []
     for addr, text in instrs:
         pred = re.match(r"^@!?(U?P\d)\s+", text)
-        body = text[pred.end():] if pred else text
-        op, _, rest = body.partition(" ")
-        name = op.split(".")[0]
+        op, _, rest = (text[pred.end():] if pred else text).partition(" ")
+        name = opcode(text)
         operands = [o.strip() for o in re.split(r",(?![^\[]*\])", rest)] if rest else []
         dests: list[str] = []
         if operands and name not in _NO_DEST:
             dests = _regs(operands[0])
-            width = 128 if ".128" in op else 64 if ".64" in op else 32
-            if name in ("LDG", "LDS", "LD", "LDC", "ULDC") and dests:
+            if name in ("LDG", "LDS", "LD", "LDC", "ULDC") and dests:  # the access's width names the registers
+                width = 128 if ".128" in op else 64 if ".64" in op else 32
                 base = re.match(r"(U?R)(\d+)", dests[0])
                 dests = [f"{base.group(1)}{int(base.group(2)) + k}" for k in range(width // 32)]
             if name in _CARRY_OUT and len(operands) > 1 and re.fullmatch(r"U?P\d", operands[1]):
