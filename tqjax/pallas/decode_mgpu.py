@@ -1085,13 +1085,16 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
         def piece():
             b, first_page = work_ref[0, j], work_ref[1, j]
             seq_len = lens_ref[b]
-            last_page = (seq_len + block_size - 1) // block_size - 1  # -1: an empty sequence (no table entry read)
+            # the piece's last page (not the sequence's, from its length: the table's entries then load without
+            # waiting for the length, one round trip less before the first copy); a piece ends where its steps do,
+            # but for the sequence's last piece, which ends at its used pages
+            last_page = work_ref[2, j] - 1
             n_steps = jnp.maximum(work_ref[2, j] - first_page + pps - 1, 0) // pps
 
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
             plgpu.copy_gmem_to_smem(qinv_ref.at[b, h], qinv_smem, q_bar.at[0])
 
-            def pages_of(step):  # the block-table entries of a step's pages (clamped to the last used page)
+            def pages_of(step):  # the block-table entries of a step's pages (clamped to the piece's last page)
                 idx = [jnp.minimum(first_page + step * pps + k, jnp.maximum(last_page, 0)) for k in range(pps)]
                 return tuple(jnp.where(last_page < 0, 0, bt_ref[b, i]) for i in idx)
 
