@@ -12,8 +12,8 @@ random partial outputs o [slots, 128, 8] and log-sum-exps [slots, 8, 8], 4 query
 bfloat16 out. Every variant is compiled, launched ``--launches`` times and checked against
 :func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
 bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order, for
-:mod:`experiments.ncu_times`. ``default`` blocks and groups are :func:`tqjax.pallas.pieces.merge_block`'s and
-:func:`tqjax.pallas.pieces.merge_program_groups`'s. On a CPU: interpret mode at small points (a check of the plumbing).
+:mod:`experiments.ncu_times`. ``default`` blocks, groups and warps are :func:`tqjax.pallas.pieces.merge_block`'s,
+:func:`tqjax.pallas.pieces.merge_program_groups`'s and :func:`tqjax.pallas.pieces.merge_warps`'. On a CPU: interpret mode at small points (a check of the plumbing).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from experiments.ncu_times import probe_points
 
 
 def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], launches: int,
-        warps: tuple[int, ...] = (1,)) -> None:
+        warps: tuple[str, ...] = ("default",)) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -40,6 +40,7 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], lau
         merge_pieces,
         merge_pieces_reference,
         merge_program_groups,
+        merge_warps,
         piece_table_reference,
     )
 
@@ -60,9 +61,11 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], lau
         ref = np.asarray(merge_pieces_reference(o, lse, info, **kw), np.float32)
         counts = (merge_program_groups(b * hk, starts.shape[1]) if x == "default" else int(x) for x in groups)
         for g in (g for g in dict.fromkeys(counts) if starts.shape[1] % g == 0):
+            n_warps = dict.fromkeys(merge_warps(b * hk * starts.shape[1] // g) if x == "default" else int(x)
+                                    for x in warps)
             for block in dict.fromkeys(merge_block(slots, hk, b, g * size * 4) if x == "default" else int(x)
                                        for x in blocks):
-                for w in warps:
+                for w in n_warps:
                     f = functools.partial(merge_pieces, block=block, groups=g, num_warps=w, interpret=cpu, **kw)
                     for _ in range(launches):
                         out = jax.block_until_ready(f(o, lse, info))
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blocks", nargs="+", default=["default"], help="pieces a block: numbers or 'default'")
     ap.add_argument("--groups", nargs="+", default=["default"],
                     help="groups of D rows a program: numbers or 'default'")
-    ap.add_argument("--warps", nargs="+", type=int, default=[1], help="warps a program (merge_pieces' num_warps)")
+    ap.add_argument("--warps", nargs="+", default=["default"],
+                    help="warps a program (merge_pieces' num_warps): numbers or 'default'")
     ap.add_argument("--launches", type=int, default=3)
     args = ap.parse_args(argv)
     points = probe_points(args.points, ["1/4096", "1/32768", "32/16384", "128/16384"], ["1/1024", "2/512"])

@@ -18,6 +18,7 @@ from tqjax.pallas.pieces import (
     merge_pieces,
     merge_pieces_reference,
     merge_program_groups,
+    merge_warps,
     piece_table,
     piece_table_reference,
 )
@@ -252,9 +253,25 @@ def test_merge_default_groups_merge_correctly(monkeypatch):
     n_pieces = grid_size(len(lens), 2, 24, None, WAVES, math.ceil(40 / 4))
     o, lse, want = attention_pieces(rng, lens, table, n_pieces, hk=2, block_size=16, d=64, rows=8)
     args = (jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), jnp.asarray(info))
+    warps = []
+
+    def warps_spy(programs):
+        warps.append((programs, merge_warps(programs)))
+        return warps[-1][1]
+
+    monkeypatch.setattr(pieces, "merge_warps", warps_spy)
     got = np.asarray(merge_pieces(*args, batch=len(lens), rows=4, interpret=True))
     assert chosen == [4]  # 10 (sequence, KV head) pairs x 8 groups of D rows: 20 programs of 4 groups
+    assert warps == [(20, 4)]  # the grid's programs, few: 4 warps each
     np.testing.assert_allclose(got, np.swapaxes(want, 1, 2)[:, :4], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        merge_pieces(*args, batch=len(lens), rows=4, num_warps=3, interpret=True)
+
+
+@pytest.mark.parametrize("programs,want", [(1, 4), (128, 4), (256, 4), (257, 1), (512, 1), (1024, 1)])
+def test_merge_warps_four_for_few_programs(programs, want):
+    """4 warps a merge program for grids of at most 256 programs (B = 1 and 2 at Hk = 8, D = 128), 1 above."""
+    assert merge_warps(programs) == want
 
 
 @pytest.mark.parametrize("channels", ["identity", "reversed pairs", "value4", "value3"])

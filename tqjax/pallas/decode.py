@@ -801,8 +801,9 @@ def split_kv_decode(kernel, block_tables: jax.Array, seq_lens: jax.Array, querie
                          n_pieces=n_pieces, rows=rows, out_dim=out_dim, interpret=interpret, **launch)
     # o [slots, R, D]; the log-sum-exps [slots, R] in base e
     kept = min(rows, pl.next_power_of_2(keep))
+    # one warp a merge program: the few-program rule (pieces.merge_warps) was measured on the Mosaic decode's layout
     merged = merge_pieces(o, lse[:, None, :], info, batch=b, rows=kept, d_major=False, lse_scale=_LOG2E,
-                          interpret=interpret)
+                          num_warps=1, interpret=interpret)
     return merged.reshape(b, hk, kept, out_dim)
 
 

@@ -330,6 +330,10 @@ _MERGE_ROWS = 8  # D rows of the partial outputs a merge program combines, at mo
 # 8.1 for 4 (32))
 _MERGE_PROGRAMS = 1024
 _MERGE_GROUPS = 4  # groups of D rows a merge program takes, at most
+# merge programs few enough for 4 warps each (more: 1). H200, under ncu (docs/data/merge_h200_2026-12-01_s31.log):
+# 128 programs (B=1, 4k) 4.8-5.0 us with 4 warps against 5.3 with 1, 256 (B=2) 6.1 against 6.4; 512 (B=4) 5.7
+# against 5.4, 1024 (B=8 to 128) 5.6-8.8 against 4.2-5.4
+_MERGE_FEW_PROGRAMS = 256
 
 
 @functools.cache
@@ -379,6 +383,12 @@ def merge_program_groups(pairs: int, n_groups: int) -> int:
            and pairs * n_groups // (2 * groups) >= _MERGE_PROGRAMS):
         groups *= 2
     return groups
+
+
+def merge_warps(programs: int) -> int:
+    """Warps a merge program: 4 where the grid has at most :data:`_MERGE_FEW_PROGRAMS` programs (a program's
+    tiles split over its warps: a shorter chain each), 1 otherwise (more programs at once)."""
+    return 4 if programs <= _MERGE_FEW_PROGRAMS else 1
 
 
 def _tree(op, xs: list):
@@ -469,8 +479,8 @@ def _merge_kernel(info_ref, o_ref, lse_ref, out_ref, *, starts: tuple[tuple[int,
                                              "block", "groups", "num_warps", "interpret"))
 def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, rows: int | None = None,
                  channels: tuple[int, ...] | None = None, d_major: bool = True, lse_scale: float = 1.0,
-                 dtype: Any = jnp.float32, block: int | None = None, groups: int | None = None, num_warps: int = 1,
-                 interpret: bool = False) -> jax.Array:
+                 dtype: Any = jnp.float32, block: int | None = None, groups: int | None = None,
+                 num_warps: int | None = None, interpret: bool = False) -> jax.Array:
     """The pieces' partial outputs -> [B * Hk, rows, D] ``dtype`` (row b * Hk + h; channels in order). ``o``: each
     piece's output for R query rows, normalised within the piece, float32 [slots, D, R] (``d_major``) or [slots,
     R, D]; its D row i is output channel ``channels[i]`` (None: i). ``lse`` [slots, L, R] float32: row 0 the
@@ -494,8 +504,9 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     6.5 us (a tile, call 2: 7.8), and 4.9 with 4 groups of D rows a program (docs/data/merge_h200_2026-12-01_s29.log).
     The first block is merged before the loop and the groups' starts are constants, so that the tiles' loads wait for
     one round trip to the table, not three: B=32, 16k 4.3 us against 5.1, B=128 5.3 against 6.4, B=1 unchanged
-    (docs/data/merge_h200_2026-12-01_s30.log). ``num_warps``: a program's warps (1; more split a program's tiles,
-    fewer instructions a warp: B=1, 4k, PyPI Triton 3.9's SASS 1264 a warp at 1, 928 at 2, 672 at 4; not timed).
+    (docs/data/merge_h200_2026-12-01_s30.log). ``num_warps``: a program's warps (default :func:`merge_warps`: 4
+    for a grid of few programs, whose tiles they split, fewer instructions a warp: B=1, 4k, PyPI Triton 3.9's SASS
+    1264 a warp at 1, 672 at 4; 4.8-5.0 us against 5.3, docs/data/merge_h200_2026-12-01_s31.log).
     """
     n_bh, hk = batch * info.shape[1], info.shape[1]
     d, r = (o.shape[1], o.shape[2]) if d_major else (o.shape[2], o.shape[1])
@@ -509,6 +520,10 @@ def merge_pieces(o: jax.Array, lse: jax.Array, info: jax.Array, *, batch: int, r
     block = merge_block(o.shape[0], hk, batch, groups * size * rows) if block is None else block
     if block < 1 or block & (block - 1) or block > o.shape[0] // hk:
         raise ValueError(f"block={block} must be a power of 2 up to the slot rows, {o.shape[0] // hk}")
+    n_programs = n_bh * (starts.shape[1] // groups)
+    num_warps = merge_warps(n_programs) if num_warps is None else num_warps
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps={num_warps} must be a power of 2")
     kernel = functools.partial(_merge_kernel, starts=tuple(tuple(int(x) for x in row) for row in starts), block=block,
                                groups=groups, size=size, row_stride=row_stride, channel_stride=channel_stride,
                                rows=rows, d_major=d_major, lse_scale=lse_scale)
