@@ -33,7 +33,7 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], lau
 
     from tqjax.pallas.decode_mgpu import value_channel_order
     from tqjax.pallas.pieces import (
-        WAVES,
+        decode_waves,
         grid_size,
         merge_block,
         merge_groups,
@@ -50,9 +50,11 @@ def run(points: list[tuple[int, int]], blocks: list[str], groups: list[str], lau
     size, _, _, starts = merge_groups(channels, d)  # size D rows a group, starts.shape[1] groups
     for b, ctx in points:
         max_blocks = ctx // 16
-        n_pieces = grid_size(b, hk, resident, None, WAVES, math.ceil(max_blocks / 4))
+        max_steps = math.ceil(max_blocks / 4)
+        waves = decode_waves(b, hk, resident, max_steps)  # the decode's grid
+        n_pieces = grid_size(b, hk, resident, None, waves, max_steps)
         _, info = piece_table_reference(jnp.full((b,), ctx, jnp.int32), num_kv_heads=hk, block_size=16,
-                                        max_blocks=max_blocks, step_pages=4, resident=resident)
+                                        max_blocks=max_blocks, step_pages=4, resident=resident, waves=waves)
         slots = (n_pieces + 1) * hk
         rng = np.random.default_rng(b * ctx)
         o = jnp.asarray(rng.standard_normal((slots, d, 8)), jnp.float32)

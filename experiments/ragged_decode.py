@@ -83,8 +83,8 @@ def build(name: str, lens: np.ndarray, width: int, seed: int = 0):
 
 
 def waves_decode(query, cache, block_tables, seq_lens, *, waves: int):
-    """The default pieces cut for ``waves`` waves of resident programs (:data:`tqjax.pallas.pieces.WAVES` by
-    default)."""
+    """The default pieces cut for ``waves`` waves of resident programs (the default:
+    :func:`tqjax.pallas.pieces.decode_waves`)."""
     return decode_mgpu.paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=D**-0.5, softcap=None,
                                              num_splits=None, stages=2, resident=decode_mgpu.resident_programs(
                                                  cache.config), waves=waves)
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--presets", nargs="+", default=["4bit_nc"], help="preset suffixes")
     ap.add_argument("--splits", default="2,16", help="comma-separated fixed split counts timed beside the pieces")
     ap.add_argument("--waves", default="", help="comma-separated waves of pieces timed beside the default "
-                    f"({pieces.WAVES})")
+                    f"(pieces.decode_waves: 1 for short tables, else {pieces.WAVES})")
     ap.add_argument("--triton", action="store_true", help="also the Triton decode, cut by the width and by the lengths")
     ap.add_argument("--against", default="", help="other decode_mgpu.py files (comma-separated), at their defaults")
     ap.add_argument("--repeats", type=int, default=1)

@@ -13,6 +13,7 @@ import pytest
 from tqjax.pallas.pieces import (
     FILL,
     WAVES,
+    decode_waves,
     grid_size,
     merge_groups,
     merge_pieces,
@@ -377,3 +378,12 @@ def test_merge_refuses_bad_shapes_before_tracing():
     for groups in (3, 0):
         with pytest.raises(ValueError, match=f"groups={groups}"):
             merge_pieces(o, lse, info, batch=2, groups=groups, interpret=True)
+
+
+@pytest.mark.parametrize("batch,hk,max_steps,want", [(1, 8, 64, 1), (1, 8, 512, 1), (1, 8, 529, 2), (4, 8, 64, 1),
+                                                     (16, 8, 32, 1), (8, 8, 66, 1), (8, 8, 67, 2), (32, 8, 256, 2),
+                                                     (128, 8, 8, 1), (128, 8, 9, 2), (4, 2, 528, 1), (4, 2, 529, 2)])
+def test_decode_waves_one_wave_for_short_tables(batch, hk, max_steps, want):
+    """One wave where one wave's pieces (528 resident programs: 66 pieces at Hk=8, 264 at Hk=2; at least a piece a
+    sequence) hold the whole table at most 8 steps a piece; two otherwise (B=32, 16k: 256 steps a sequence)."""
+    assert decode_waves(batch, hk, 528, max_steps) == want

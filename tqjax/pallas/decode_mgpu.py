@@ -85,6 +85,7 @@ from tqjax.layout import PagedKVCache
 from tqjax.pallas.pieces import (
     FILL,
     WAVES,
+    decode_waves,
     grid_size,
     merge_pieces,
     piece_table_reference,
@@ -1612,18 +1613,22 @@ def paged_decode_mgpu_jit(
     num_splits: int | None,
     stages: int,
     resident: int = 528,
-    waves: int = WAVES,
+    waves: int | None = None,
     fill: float = FILL,
 ) -> jax.Array:
     """The jitted kernel call behind :func:`paged_decode_mgpu` (no checks; static tuning arguments; ``resident``:
     :func:`resident_programs`, 528 on the H100 and H200; ``waves``, ``fill``: :func:`tqjax.pallas.pieces.piece_table`'s,
-    with ``waves > 1`` the programs past the last piece skip the body)."""
+    with ``waves > 1`` the programs past the last piece skip the body; default waves:
+    :func:`tqjax.pallas.pieces.decode_waves`)."""
     cfg = cache.config
     b, hq, d = query.shape
     hk = cache.num_kv_heads
     g = hq // hk
-    waves = 1 if num_splits is not None else waves
     step_pages, max_blocks = TOKENS // cache.block_size, block_tables.shape[1]
+    if num_splits is not None:
+        waves = 1
+    elif waves is None:
+        waves = decode_waves(b, hk, resident, -(-max_blocks // step_pages))
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     factor = scale * _LOG2E if softcap is None else scale / softcap

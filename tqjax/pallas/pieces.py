@@ -16,7 +16,8 @@ jitted step, where the lengths are known:
 - the grid is static: ``max(WAVES * ceil(resident / Hk), B)`` pieces (:data:`WAVES` = 2 waves of the programs
   the device holds at once, or one piece a sequence), at most ``B * max_steps`` (a piece a step of every
   sequence: B=1, 4k, 64 pieces), ``B * S`` with a fixed split count S; programs past the last piece skip the
-  whole kernel body (a wave of them costs 3-5 us, below);
+  whole kernel body (a wave of them costs 2-5 us, below); one wave where even a full table's pieces would be short
+  (:func:`decode_waves`: B=1 up to 32k, B=16 at 2k);
 - ``chunk`` is the shortest whose pieces fit one wave (``max(ceil(resident / Hk), B)`` pieces: for equal lengths
   the split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32), unless
   the shortest whose pieces fit the whole grid is taken: where one wave's pieces fill less than :data:`FILL` of
@@ -77,12 +78,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "merge_program_groups",
+__all__ = ["decode_waves", "grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "merge_program_groups",
            "piece_table", "piece_table_reference", "table_program"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
 FILL = 0.9  # one wave's chunk where its pieces fill at least this much of the wave (and the finer one's merge is long)
+# one wave where one wave's pieces would hold the whole table at most this many steps a piece (decode_waves)
+_ONE_WAVE_STEPS = 8
 
 
 def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None, waves: int = 1,
@@ -95,6 +98,17 @@ def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | No
         return batch * num_splits
     n = max(waves * -(-resident // num_kv_heads), batch)
     return n if max_steps is None else min(n, batch * max_steps)
+
+
+def decode_waves(batch: int, num_kv_heads: int, resident: int, max_steps: int) -> int:
+    """The Mosaic decode's waves of pieces for a block table of ``batch`` rows of ``max_steps`` steps: 1 where one
+    wave's pieces (:func:`grid_size`) would hold every step of the table at most :data:`_ONE_WAVE_STEPS` steps a
+    piece, else :data:`WAVES`. A second wave's programs without a piece cost 2-5 us, more than finer pieces save
+    where a piece is so short: H200, ``4bit_nc``, tables of 256 and 512 steps (B=1, 16k to B=16, 2k), uniform and
+    ragged batches, one wave 4-13% faster (docs/data/decode_h200_2026-12-01_s31.log, call 9); in wide tables two
+    waves cut ragged batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
+    one_wave = grid_size(batch, num_kv_heads, resident, None, 1)
+    return 1 if batch * max_steps <= _ONE_WAVE_STEPS * one_wave else WAVES
 
 
 def _table_shapes(batch: int, num_kv_heads: int, n_pieces: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
