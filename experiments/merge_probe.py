@@ -13,7 +13,8 @@ bfloat16 out. Every variant is compiled, launched ``--launches`` times and check
 :func:`tqjax.pallas.pieces.merge_pieces_reference` (its largest difference printed; a variant off by more than one
 bfloat16 step of the outputs fails the run); ``VARIANT`` lines name the launches in order, for
 :mod:`experiments.ncu_times`. ``default`` blocks, groups and warps are :func:`tqjax.pallas.pieces.merge_block`'s,
-:func:`tqjax.pallas.pieces.merge_program_groups`'s and :func:`tqjax.pallas.pieces.merge_warps`'. On a CPU: interpret mode at small points (a check of the plumbing).
+:func:`tqjax.pallas.pieces.merge_program_groups`'s and :func:`tqjax.pallas.pieces.merge_warps`'. On a CPU: interpret
+mode at small points (a check of the plumbing).
 """
 
 from __future__ import annotations

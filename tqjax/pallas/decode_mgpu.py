@@ -1625,17 +1625,18 @@ def paged_decode_mgpu_jit(
     hk = cache.num_kv_heads
     g = hq // hk
     step_pages, max_blocks = TOKENS // cache.block_size, block_tables.shape[1]
+    max_steps = -(-max_blocks // step_pages)
     if num_splits is not None:
         waves = 1
     elif waves is None:
-        waves = decode_waves(b, hk, resident, -(-max_blocks // step_pages))
+        waves = decode_waves(b, hk, resident, max_steps)
     # the logits' scale (in base 2 without a softcap: the softmax runs on exp2) goes with the query's inverse
     # powers of 2, a product the kernel makes anyway
     factor = scale * _LOG2E if softcap is None else scale / softcap
     q16, qinv, work, info = decode_prologue(query, seq_lens, cfg, num_kv_heads=hk, factor=factor,
                                             block_size=cache.block_size, max_blocks=max_blocks, step_pages=step_pages,
                                             resident=resident, num_splits=num_splits, waves=waves, fill=fill)
-    pieces = grid_size(b, hk, resident, num_splits, waves, -(-max_blocks // step_pages))
+    pieces = grid_size(b, hk, resident, num_splits, waves, max_steps)
     call = _build_call(cfg, hk, cache.block_size, pieces, stages, softcap, waves)
     key_scales = cache.key_scales
     if key_scales is None:  # fp8 keys carry no norms; the kernel does not read this placeholder

@@ -78,8 +78,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["decode_waves", "grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference", "merge_program_groups",
-           "piece_table", "piece_table_reference", "table_program"]
+__all__ = ["decode_waves", "grid_size", "merge_block", "merge_groups", "merge_pieces", "merge_pieces_reference",
+           "merge_program_groups", "merge_warps", "piece_table", "piece_table_reference", "table_program"]
 
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
