@@ -51,6 +51,8 @@ def test_grid_sketch_is_exact_in_any_summation_order() -> None:
     s = qjl_sketch.sign_matrix(D, 1)
     sketch, inexact = qjl_sketch.exact_sketch(s, r_int)
     assert inexact == 0
+    big = rng.integers(-2**22, 2**22, (256, D)).astype(np.float32)  # exact float32 integers, their sums not
+    assert qjl_sketch.exact_sketch(s, big)[1] > 0  # sums past 2**24 lose bits: the count sees it
     perm = rng.permutation(D)
     forward = np.zeros((256, D), np.float32)
     backward = np.zeros((256, D), np.float32)
