@@ -17,7 +17,7 @@ jitted step, where the lengths are known:
   the device holds at once, or one piece a sequence), at most ``B * max_steps`` (a piece a step of every
   sequence: B=1, 4k, 64 pieces), ``B * S`` with a fixed split count S; programs past the last piece skip the
   whole kernel body (a wave of them costs 2-5 us, below); one wave where even a full table's pieces would be short
-  (:func:`decode_waves`: B=1 up to 32k, B=16 at 2k);
+  (:func:`decode_waves`, at 8 KV heads: B=1 up to 270k tokens, B=4 to 67k, B=8 to 33k, B=16 to 8.4k, B=32 to 1k);
 - ``chunk`` is the shortest whose pieces fit one wave (``max(ceil(resident / Hk), B)`` pieces: for equal lengths
   the split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32), unless
   the shortest whose pieces fit the whole grid is taken: where one wave's pieces fill less than :data:`FILL` of
@@ -84,8 +84,9 @@ __all__ = ["decode_waves", "grid_size", "merge_block", "merge_groups", "merge_pi
 _PIECE_ROWS = 32  # table columns written per store (a power of 2)
 WAVES = 2  # the decode's grid: pieces for this many waves of resident programs (module docstring)
 FILL = 0.9  # one wave's chunk where its pieces fill at least this much of the wave (and the finer one's merge is long)
-# one wave where one wave's pieces would hold the whole table at most this many steps a piece (decode_waves)
-_ONE_WAVE_STEPS = 8
+# one wave where one wave's pieces, at least this many a sequence, would hold the whole table at most this many steps
+# a piece (decode_waves; the last entry applies to every batch)
+_ONE_WAVE_LIMITS = ((8, 64), (4, 32), (1, 8))
 
 
 def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None, waves: int = 1,
@@ -102,13 +103,21 @@ def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | No
 
 def decode_waves(batch: int, num_kv_heads: int, resident: int, max_steps: int) -> int:
     """The Mosaic decode's waves of pieces for a block table of ``batch`` rows of ``max_steps`` steps: 1 where one
-    wave's pieces (:func:`grid_size`) would hold every step of the table at most :data:`_ONE_WAVE_STEPS` steps a
-    piece, else :data:`WAVES`. A second wave's programs without a piece cost 2-5 us, more than finer pieces save
-    where a piece is so short: H200, ``4bit_nc``, tables of 256 and 512 steps (B=1, 16k to B=16, 2k), uniform and
-    ragged batches, one wave 4-13% faster (docs/data/decode_h200_2026-12-01_s31.log, call 9); in wide tables two
-    waves cut ragged batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
+    wave's pieces (:func:`grid_size`) would hold every step of the table in pieces short enough for the pieces a
+    sequence gets (:data:`_ONE_WAVE_LIMITS`: at most 8 steps a piece; 32 with 4 pieces a sequence or more; 64 with 8
+    or more), else :data:`WAVES`. A second wave's programs without a piece cost 2-5 us, more than finer pieces save
+    where a piece is short, or where a sequence has enough pieces for ragged lengths to balance anyway. H200,
+    ``4bit_nc``, Hk=8 (66 pieces a wave), one wave against two in turns: tables of 256 and 512 steps (B=1, 16k to
+    B=16, 2k), uniform and ragged, one wave 4-13% faster (docs/data/decode_h200_2026-12-01_s31.log, call 9); tables
+    of 1024-4096 steps (docs/data/decode_waves_h200_2026-12-01_s33.log): B=4 to 16 up to 2048 steps, uniform and
+    ragged, one wave 2-9% faster, B=4 and 8 at 4096 steps (32k-64k) 2.5-3%, but B=16 at 4096 steps even (uniform) or 3%
+    slower (ragged), ragged B=32 (two pieces a sequence in one wave: its long sequences' pieces run alone at the end)
+    0-11% slower at 1024-2048 steps, and B=32 at 4096-8192 steps 0.7-2% slower. In wide tables two waves cut ragged
+    batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
     one_wave = grid_size(batch, num_kv_heads, resident, None, 1)
-    return 1 if batch * max_steps <= _ONE_WAVE_STEPS * one_wave else WAVES
+    per_sequence = one_wave // batch
+    limit = next(steps for pieces, steps in _ONE_WAVE_LIMITS if per_sequence >= pieces)
+    return 1 if batch * max_steps <= limit * one_wave else WAVES
 
 
 def _table_shapes(batch: int, num_kv_heads: int, n_pieces: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
