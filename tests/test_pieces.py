@@ -381,12 +381,12 @@ def test_merge_refuses_bad_shapes_before_tracing():
 
 
 @pytest.mark.parametrize("batch,hk,max_steps,want", [
-    (1, 8, 64, 1), (1, 8, 4224, 1), (1, 8, 4225, 2), (4, 8, 64, 1), (4, 8, 1056, 1), (4, 8, 1057, 2), (8, 8, 528, 1),
-    (8, 8, 529, 2), (16, 8, 32, 1), (16, 8, 132, 1), (16, 8, 133, 2), (17, 8, 31, 1), (17, 8, 32, 2), (32, 8, 16, 1),
-    (32, 8, 17, 2), (32, 8, 256, 2), (128, 8, 8, 1), (128, 8, 9, 2), (4, 2, 4224, 1), (4, 2, 4225, 2),
-    (33, 2, 512, 1), (33, 2, 513, 2), (66, 2, 128, 1), (66, 2, 129, 2), (67, 2, 31, 1), (67, 2, 32, 2)])
+    (1, 8, 64, 1), (1, 8, 8448, 1), (1, 8, 8449, 2), (4, 8, 64, 1), (4, 8, 2112, 1), (4, 8, 2113, 2), (8, 8, 1056, 1),
+    (8, 8, 1057, 2), (16, 8, 32, 1), (16, 8, 132, 1), (16, 8, 133, 2), (17, 8, 31, 1), (17, 8, 32, 2), (32, 8, 16, 1),
+    (32, 8, 17, 2), (32, 8, 256, 2), (128, 8, 8, 1), (128, 8, 9, 2), (4, 2, 8448, 1), (4, 2, 8449, 2),
+    (33, 2, 1024, 1), (33, 2, 1025, 2), (66, 2, 128, 1), (66, 2, 129, 2), (67, 2, 31, 1), (67, 2, 32, 2)])
 def test_decode_waves_one_wave_for_short_tables(batch, hk, max_steps, want):
     """One wave where one wave's pieces (528 resident programs: 66 pieces at Hk=8, 264 at Hk=2; at least a piece a
-    sequence) hold the whole table at most 8 steps a piece, 32 with 4 or more pieces a sequence (B=9-16 at Hk=8), 64
+    sequence) hold the whole table at most 8 steps a piece, 32 with 4 or more pieces a sequence (B=9-16 at Hk=8), 128
     with 8 or more (B <= 8); two otherwise (B=32, 16k: 256 steps a sequence; B=17 past 8 steps a piece)."""
     assert decode_waves(batch, hk, 528, max_steps) == want

@@ -17,7 +17,7 @@ jitted step, where the lengths are known:
   the device holds at once, or one piece a sequence), at most ``B * max_steps`` (a piece a step of every
   sequence: B=1, 4k, 64 pieces), ``B * S`` with a fixed split count S; programs past the last piece skip the
   whole kernel body (a wave of them costs 2-5 us, below); one wave where even a full table's pieces would be short
-  (:func:`decode_waves`, at 8 KV heads: B=1 up to 270k tokens, B=4 to 67k, B=8 to 33k, B=16 to 8.4k, B=32 to 1k);
+  (:func:`decode_waves`, at 8 KV heads: B=1 up to 540k tokens, B=4 to 135k, B=8 to 67k, B=16 to 8.4k, B=32 to 1k);
 - ``chunk`` is the shortest whose pieces fit one wave (``max(ceil(resident / Hk), B)`` pieces: for equal lengths
   the split counts the table's width gave before: B=32, 16k: 2 pieces of 128 steps; B=1, 128k: 64 of 32), unless
   the shortest whose pieces fit the whole grid is taken: where one wave's pieces fill less than :data:`FILL` of
@@ -86,7 +86,7 @@ WAVES = 2  # the decode's grid: pieces for this many waves of resident programs 
 FILL = 0.9  # one wave's chunk where its pieces fill at least this much of the wave (and the finer one's merge is long)
 # one wave where one wave's pieces, at least this many a sequence, would hold the whole table at most this many steps
 # a piece (decode_waves; the last entry applies to every batch)
-_ONE_WAVE_LIMITS = ((8, 64), (4, 32), (1, 8))
+_ONE_WAVE_LIMITS = ((8, 128), (4, 32), (1, 8))
 
 
 def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | None = None, waves: int = 1,
@@ -104,13 +104,13 @@ def grid_size(batch: int, num_kv_heads: int, resident: int, num_splits: int | No
 def decode_waves(batch: int, num_kv_heads: int, resident: int, max_steps: int) -> int:
     """The Mosaic decode's waves of pieces for a block table of ``batch`` rows of ``max_steps`` steps: 1 where one
     wave's pieces (:func:`grid_size`) would hold every step of the table in pieces short enough for the pieces a
-    sequence gets (:data:`_ONE_WAVE_LIMITS`: at most 8 steps a piece; 32 with 4 pieces a sequence or more; 64 with 8
-    or more), else :data:`WAVES`. A second wave's programs without a piece cost 2-5 us, more than finer pieces save
+    sequence gets (:data:`_ONE_WAVE_LIMITS`: at most 8 steps a piece; 32 with 4 pieces a sequence or more; 128 with
+    8 or more), else :data:`WAVES`. A second wave's programs without a piece cost 2-5 us, more than finer pieces save
     where a piece is short, or where a sequence has enough pieces for ragged lengths to balance anyway. H200,
     ``4bit_nc``, Hk=8 (66 pieces a wave), one wave against two in turns: tables of 256 and 512 steps (B=1, 16k to
     B=16, 2k), uniform and ragged, one wave 4-13% faster (docs/data/decode_h200_2026-12-01_s31.log, call 9); tables
     of 1024-4096 steps (docs/data/decode_waves_h200_2026-12-01_s33.log): B=4 to 16 up to 2048 steps, uniform and
-    ragged, one wave 2-9% faster, B=4 and 8 at 4096 steps (32k-64k) 2.5-3%, but B=16 at 4096 steps even (uniform) or 3%
+    ragged, one wave 2-9% faster, B=2 to 8 at 4096 and 8192 steps (32k-256k) 1.5-3%, but B=16 at 4096 steps even (uniform) or 3%
     slower (ragged), ragged B=32 (two pieces a sequence in one wave: its long sequences' pieces run alone at the end)
     0-11% slower at 1024-2048 steps, and B=32 at 4096-8192 steps 0.7-2% slower. In wide tables two waves cut ragged
     batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
