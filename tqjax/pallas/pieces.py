@@ -109,11 +109,11 @@ def decode_waves(batch: int, num_kv_heads: int, resident: int, max_steps: int) -
     where a piece is short, or where a sequence has enough pieces for ragged lengths to balance anyway. H200,
     ``4bit_nc``, Hk=8 (66 pieces a wave), one wave against two in turns: tables of 256 and 512 steps (B=1, 16k to
     B=16, 2k), uniform and ragged, one wave 4-13% faster (docs/data/decode_h200_2026-12-01_s31.log, call 9); tables
-    of 1024-4096 steps (docs/data/decode_waves_h200_2026-12-01_s33.log): B=4 to 16 up to 2048 steps, uniform and
-    ragged, one wave 2-9% faster, B=2 to 8 at 4096 and 8192 steps (32k-256k) 1.5-3%, but B=16 at 4096 steps even (uniform) or 3%
-    slower (ragged), ragged B=32 (two pieces a sequence in one wave: its long sequences' pieces run alone at the end)
-    0-11% slower at 1024-2048 steps, and B=32 at 4096-8192 steps 0.7-2% slower. In wide tables two waves cut ragged
-    batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
+    of 1024-8192 steps (docs/data/decode_waves_h200_2026-12-01_s33.log): B=4 to 16 up to 2048 steps, uniform and
+    ragged, one wave 2-9% faster, B=2 to 8 at 4096 and 8192 steps (32k-256k) 1.5-3%, but B=16 at 4096 steps even
+    (uniform) or 3% slower (ragged), ragged B=32 (two pieces a sequence in one wave: its long sequences' pieces run
+    alone at the end) 0-11% slower at 1024-2048 steps, and B=32 at 4096-8192 steps 0.7-2% slower. In wide tables two
+    waves cut ragged batches evenly (B=32, lengths in 1k-32k: 370.1 us against 421.2, module docstring)."""
     one_wave = grid_size(batch, num_kv_heads, resident, None, 1)
     per_sequence = one_wave // batch
     limit = next(steps for pieces, steps in _ONE_WAVE_LIMITS if per_sequence >= pieces)
