@@ -357,6 +357,11 @@ def assumed_programs(module, kind: str, preset: str, head_dim: int) -> int:
     return module.PROGRAMS_PER_CORE[head_dim] if kind == "store" else module.programs_per_core(config)
 
 
+def program_warps(module, kind: str, head_dim: int) -> int:
+    """Warps a program of ``module``: 4 a warpgroup, times the store's ``WARPGROUPS`` (1 where a version has none)."""
+    return 4 * (getattr(module, "WARPGROUPS", {}).get(head_dim, 1) if kind == "store" else 1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="4bit_nc/128/16/4,k8v4/128/16/4",
@@ -389,7 +394,7 @@ def main(argv=None) -> None:
     for path in filter(None, args.against.split(",")):
         files[os.path.basename(path).removesuffix(".py")] = path
     modules = {label: next(iter(load_versions(path, f"static_sass_{label}_").values()))
-               for label, path in files.items()} if args.check else {}
+               for label, path in files.items()}
     rows, short, lives, chains = [], [], [], []
     for point in args.points.split(","):
         codes, first = {}, len(rows)
@@ -407,10 +412,11 @@ def main(argv=None) -> None:
                         f.write("\n".join(r["code"]) + "\n")
                 top = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(8))
                 regs = f"{r['registers']}" + (f" (spills {r['spills']} B)" if r["spills"] else "")
-                fit = programs_per_sm(r["registers"], r["smem"]) if r["smem"] > 0 else None
+                fields = point_args(point, args.kernel)
+                warps = program_warps(modules[label], args.kernel, fields[1])
+                fit = programs_per_sm(r["registers"], r["smem"], warps) if r["smem"] > 0 else None
                 smem = f"{r['smem']} B, {fit} programs/SM" if fit is not None else "?"
-                if modules:
-                    fields = point_args(point, args.kernel)
+                if args.check:
                     want = assumed_programs(modules[label], args.kernel, fields[0], fields[1])
                     if fit is None or fit < want:
                         short.append(f"{point} {label}: {fit} programs fit, {want} assumed")

@@ -7,6 +7,7 @@ import pytest
 
 from experiments.mgpu_static_sass import (
     assumed_programs,
+    program_warps,
     live_registers,
     load_chain,
     load_depths,
@@ -139,8 +140,10 @@ def test_point_args() -> None:
 def test_assumed_programs() -> None:
     from tqjax.pallas import decode_mgpu, store_mgpu
 
-    assert assumed_programs(store_mgpu, "store", "4bit_nc", 128) == store_mgpu.PROGRAMS_PER_CORE[128] == 3
-    assert assumed_programs(store_mgpu, "store", "3bit_nc", 64) == 4
+    assert assumed_programs(store_mgpu, "store", "4bit_nc", 128) == store_mgpu.PROGRAMS_PER_CORE[128] == 1
+    assert program_warps(store_mgpu, "store", 128) == 16  # 4 warpgroups share the +-1 matrix
+    assert assumed_programs(store_mgpu, "store", "3bit_nc", 64) == 4 and program_warps(store_mgpu, "store", 64) == 4
+    assert program_warps(decode_mgpu, "decode", 128) == 4
     assert assumed_programs(decode_mgpu, "decode", "4bit_nc", 128) == 4
     assert assumed_programs(decode_mgpu, "decode", "kqjl4v4", 128) == 3  # the QJL query's shared memory
     assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 256) == 2

@@ -269,8 +269,9 @@ def test_gpu_bit_exact_many_heads_contiguous_slots() -> None:
 @needs_hopper
 @pytest.mark.gpu
 def test_gpu_bit_exact_two_rounds_with_an_overlapping_last_tile() -> None:
-    """528 items on 396 programs: 132 store a second item (its copies issued during the first one's keys)."""
-    _check("turboquant_3bit_nc", 4101, 16, hk=8)
+    """1040 items on 528 warpgroups (132 programs of 4): most store a second item (its copies issued during the
+    first one's keys), the last tile overlapping the one before it."""
+    _check("turboquant_3bit_nc", 8261, 16, hk=8)
 
 
 @needs_hopper
@@ -285,12 +286,13 @@ def test_gpu_out_of_range_and_padding_slots_are_skipped() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, head_dim", CASES)
 def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, head_dim: int, capfd, monkeypatch) -> None:
-    """``PROGRAMS_PER_CORE`` programs of 128 threads fit a multiprocessor's 65536 registers (registers are given
-    per warp in units of 256: 168 a thread for 3). The kernel launches that many programs a multiprocessor, each
-    taking every ``programs``-th item, so with fewer resident the last programs run in a second wave (30-45%
-    slower at 16k tokens: docs/PERFORMANCE.md, "A cliff at 168 registers"). ptxas chooses the count (Mosaic cannot
-    cap it) and moves it with N (128-168 on the H200 with jax 0.11.2), so this checks the toolchain in use."""
-    programs = store_mgpu.PROGRAMS_PER_CORE[head_dim]
+    """``PROGRAMS_PER_CORE`` programs of ``WARPGROUPS`` x 128 threads fit a multiprocessor's 65536 registers
+    (registers are given per warp in units of 256: 128 a thread for 4 warpgroups, 168 for 3). The kernel launches
+    that many programs a multiprocessor, each warpgroup taking every ``workers``-th item, so with fewer resident the
+    last programs run in a second wave (30-45% slower at 16k tokens: docs/PERFORMANCE.md, "A cliff at 168
+    registers"). ptxas chooses the count (Mosaic cannot cap it) and moves it with N (128-168 on the H200 with jax
+    0.11.2 for one warpgroup a program), so this checks the toolchain in use."""
+    programs = store_mgpu.PROGRAMS_PER_CORE[head_dim] * store_mgpu.WARPGROUPS[head_dim]
     limit = 65536 // (128 * programs) // 8 * 8
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
     for n in (4096, 16384):
@@ -303,7 +305,7 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, head_d
         assert registers, f"{name} D={head_dim} n={n}: no ptxas report (was the kernel compiled here?)"
         assert max(registers) <= limit, (
             f"{name} D={head_dim} n={n}: the Mosaic store compiled to {max(registers)} registers a thread, above "
-            f"{limit}: fewer than PROGRAMS_PER_CORE[{head_dim}] = {programs} programs fit a multiprocessor")
+            f"{limit}: fewer than {programs} warpgroups fit a multiprocessor")
 
 
 @needs_hopper

@@ -5,11 +5,12 @@ key's store in instructions Triton's layouts impose (per-row scalars replicated 
 packed through reshapes) and leaves the fp16 key norms to XLA after it (a reduction over the packed words and a
 scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole words:
 
-- work item = 64 tokens of one KV head; persistent programs of one warpgroup, up to 3 a multiprocessor (4 at
-  head_dim 64), each taking every ``programs``-th item (heads fastest); once an item's key and value rows are in
-  registers, the next item's copies fill the same shared memory while this item's keys are rotated and stored
-  (one buffer each: 67.6 KB a program at head_dim 128); the +-1 matrix is copied once per program. Copies (TMA)
-  alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
+- work item = 64 tokens of one KV head; persistent warpgroups, 4 a multiprocessor, each taking every
+  ``workers``-th item (heads fastest): at head_dim 128 one program of 4 warpgroups (:data:`WARPGROUPS`) that
+  share one copy of the +-1 matrix (32 KB, copied once per program), at 64 four programs of one; once an item's
+  key and value rows are in registers, the next item's copies fill the same shared memory while this item's keys
+  are rotated and stored (one buffer each a warpgroup: 32.5 KB at head_dim 128, 162 KB a program with the matrix).
+  Copies (TMA) alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
 - thread ``(warp w, lane l)`` handles token rows ``16 w + l // 4`` and ``+ 8`` (Mosaic's WGMMA register rows)
   and, of each, channels ``32 c .. 32 c + 31`` with ``c = l % 4`` (head_dim 128; ``16 c ..`` at 64): four
   (two) 16-byte shared-memory loads a row of the key and of the value;
@@ -80,14 +81,17 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "field_runs", "on_hopper", "refusal", "rotation_operand",
-           "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
+__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "WARPGROUPS", "field_runs", "on_hopper", "refusal",
+           "rotation_operand", "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
 HEAD_DIMS = (64, 128)  # a thread holds head_dim / 4 channels of a row: 32 (whole words of every field) or 16
-#: Programs resident a multiprocessor, by head_dim: at 128 <= 168 registers and 67.6 KB of shared memory each; at
-#: 64 <= 128 registers (80 with the CPU's ptxas 13.0) and 26.7 KB.
-PROGRAMS_PER_CORE = {64: 4, 128: 3}
+#: Programs resident a multiprocessor, by head_dim: at 128 one of 4 warpgroups (<= 128 registers a thread, 162 KB
+#: of shared memory); at 64 four of one (<= 128 registers, 80 with the CPU's ptxas 13.0, and 26.7 KB each).
+PROGRAMS_PER_CORE = {64: 4, 128: 1}
+#: Warpgroups a program, by head_dim: each takes its own work items; a program's warpgroups share the +-1 matrix
+#: (32 KB at head_dim 128: with 3 programs of one warpgroup, each held its own copy; 4 did not fit).
+WARPGROUPS = {64: 1, 128: 4}
 _CHAIN = 2  # register pairs (4 elements) of a row bucketized at once (:func:`_keys_out`)
 
 
@@ -578,9 +582,10 @@ def _value_scalars(hi, lo, levels: int):
 def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
     """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
     value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, up to
-    :data:`PROGRAMS_PER_CORE` a multiprocessor (by head_dim), each storing every ``programs``-th (tile, head); an
-    item's key and value are read from shared memory first, then the next item's copies are issued into the same
-    buffers while this item's keys are rotated and stored."""
+    :data:`PROGRAMS_PER_CORE` a multiprocessor, of :data:`WARPGROUPS` warpgroups (by head_dim); each warpgroup
+    stores every ``workers``-th (tile, head) with its own buffers and barriers, the program's first copies the
+    matrix and the squares that all of them read; an item's key and value are read from shared memory first, then
+    the next item's copies are issued into the same buffers while this item's keys are rotated and stored."""
     d = cfg.head_dim
     grid = {key_codec(cfg).quantizers[i].grid_bits for i in range(len(cfg.key_segments))}
     assert len(grid) == 1, grid  # one grid for every segment (grid_bits(64) == grid_bits(128) == 11)
@@ -623,30 +628,40 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         mgpu.utils.warpgroup_barrier()
 
     total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
-    programs = min(total, PROGRAMS_PER_CORE[d] * _num_cores())
+    wgs = WARPGROUPS[d]
+    programs = min(pl.cdiv(total, wgs), PROGRAMS_PER_CORE[d] * _num_cores())
+    workers = programs * wgs  # warpgroups, each its own items
 
     def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
                key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
         mat_bar = mat_bar if mat_bar.shape == () else mat_bar.at[0]  # jax 0.10: shape (1,); 0.11: a scalar's
-        p = lax.axis_index("p")
-        count = (total - p + programs - 1) // programs  # this program's work items p, p + programs, ...
+        wg = lax.axis_index("wg")
+        worker = lax.axis_index("p") * wgs + wg
+        count = (total - worker + workers - 1) // workers  # this warpgroup's work items worker, + workers, ...
+        key_smem, value_smem, slots_smem = key_smem.at[wg], value_smem.at[wg], slots_smem.at[wg]
 
         def item(i):  # (tile, head, first token of the tiles): the last tile ends at the last token (it overlaps
             # the previous one when N % 64 != 0: _Row skips those rows)
-            w = p + i * programs
+            w = worker + i * workers
             tile = w // hk
             return tile, w % hk, jnp.minimum(tile * TOKENS, rows_len - TOKENS)
 
         def issue(i, buf):  # only copies read the inputs (so XLA need not copy them: the cache refs alone are written)
             tile, h, start = item(i)
+            bar = 2 * wg + buf
             # the slots from tile * 64 (a copy's source is 16-byte aligned; the slots are padded to whole tiles)
-            plgpu.copy_gmem_to_smem(slot_ref.at[pl.ds(tile * TOKENS, TOKENS)], slots_smem.at[buf], key_bar.at[buf])
-            plgpu.copy_gmem_to_smem(key_ref.at[pl.ds(start, TOKENS), h], key_smem, key_bar.at[buf])
-            plgpu.copy_gmem_to_smem(value_ref.at[pl.ds(start, TOKENS), h], value_smem, value_bar.at[buf])
+            plgpu.copy_gmem_to_smem(slot_ref.at[pl.ds(tile * TOKENS, TOKENS)], slots_smem.at[buf], key_bar.at[bar])
+            plgpu.copy_gmem_to_smem(key_ref.at[pl.ds(start, TOKENS), h], key_smem, key_bar.at[bar])
+            plgpu.copy_gmem_to_smem(value_ref.at[pl.ds(start, TOKENS), h], value_smem, value_bar.at[bar])
 
-        plgpu.copy_gmem_to_smem(mat_ref, mat_smem, mat_bar)  # once per program
-        plgpu.copy_gmem_to_smem(sq_ref, sq_smem, mat_bar)
-        issue(0, 0)
+        @pl.when(wg == 0)
+        def _():  # once per program: its warpgroups share the matrix and the squares
+            plgpu.copy_gmem_to_smem(mat_ref, mat_smem, mat_bar)
+            plgpu.copy_gmem_to_smem(sq_ref, sq_smem, mat_bar)
+
+        @pl.when(count > 0)
+        def _():
+            issue(0, 0)
 
         plgpu.barrier_wait(mat_bar)
 
@@ -654,9 +669,9 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
             buf = lax.rem(i, 2)
             tile, h, start = item(i)
             slots = slots_smem.at[buf]
-            plgpu.barrier_wait(key_bar.at[buf])
+            plgpu.barrier_wait(key_bar.at[2 * wg + buf])
             n_f16, n2, field = keys_in(key_smem, slots, tile, start)
-            plgpu.barrier_wait(value_bar.at[buf])
+            plgpu.barrier_wait(value_bar.at[2 * wg + buf])
             values(value_smem, slots, vc_ref, vs_ref, tile, start, h)
             sync()  # key and value read: the next item's copies overwrite them while this item's keys finish
 
@@ -675,17 +690,17 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
 
         lax.fori_loop(0, count, step, 0)
 
-    scratch = (plgpu.SMEM((TOKENS, d), jnp.bfloat16), plgpu.SMEM((TOKENS, d), jnp.bfloat16),
-               plgpu.SMEM((2, TOKENS), jnp.int32), plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE),
+    scratch = (plgpu.SMEM((wgs, TOKENS, d), jnp.bfloat16), plgpu.SMEM((wgs, TOKENS, d), jnp.bfloat16),
+               plgpu.SMEM((wgs, 2, TOKENS), jnp.int32), plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE),
                plgpu.SMEM((32,), jnp.int32),
-               plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
+               plgpu.Barrier(num_arrivals=2, num_barriers=2 * wgs), plgpu.Barrier(num_arrivals=1, num_barriers=2 * wgs),
                plgpu.Barrier(num_arrivals=2))  # arrivals: the copies on each
-    mesh = plgpu.Mesh(grid=(programs,), grid_names=("p",))
+    mesh = plgpu.Mesh(grid=(programs,), grid_names=("p",), num_threads=wgs, thread_name="wg")
 
     def call(*refs) -> None:  # GMEM refs: the inputs, then the cache arrays (written in place)
         @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
         def tq_store_mgpu():  # the kernel's name (in a profiler)
-            pl.run_scoped(functools.partial(kernel, *refs), *scratch)
+            pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
 
     return call
 
