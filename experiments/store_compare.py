@@ -5,7 +5,8 @@ on the same inputs, with their differences from the reference store.
     git show c9b1166:tqjax/pallas/store_mgpu.py > /tmp/store_mgpu_old.py
     python -m experiments.store_compare --against /tmp/store_mgpu_old.py --kernels mosaic --repeats 3
 
-For each preset and N (Hk=8, D=128 or ``--head-dim``, block 16, random distinct slots, bf16 keys and values): each
+For each preset and N (Hk=8, D=128 or ``--head-dim``, block 16, random distinct slots or with ``--slots blocks`` whole
+blocks in a random order, bf16 keys and values): each
 kernel stores into a fresh cache once, and its arrays are compared with ``tqjax.reference.store_reference`` jitted
 on the same device (the count of differing entries per array; for the fp16 key norms also the largest difference in
 ulps), then it is timed as ``decode_sweep`` times a store inside a jitted loop (``experiments.timing.looped_store``,
@@ -34,6 +35,7 @@ from experiments.timing import (
     in_turns,
     load_versions,
     looped_store,
+    store_slots,
     time_fn,
 )
 from tqjax import reference
@@ -83,6 +85,9 @@ def main(argv=None) -> None:
     p.add_argument("--hk", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--slots", choices=("random", "blocks"), default="random",
+                   help="the stored tokens' slots: any, in any order (a decode step's pattern), or whole blocks in a "
+                        "random order, in order inside each (a prefill's; experiments.timing.store_slots)")
     p.add_argument("--once", action="store_true",
                    help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
                         "profiler: ncu -k regex:tq_store_mgpu --launch-skip 1 -c 1 ...)")
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
             shape = (n, a.hk, a.head_dim)
             k = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 8, (n, a.hk, 1)), jnp.bfloat16)
             v = jnp.asarray(rng.standard_normal(shape) * 2 + rng.uniform(-1, 1, (n, a.hk, 1)), jnp.bfloat16)
-            slots = jnp.asarray(rng.permutation(num_blocks * a.block_size)[:n].astype(np.int32))
+            slots = jnp.asarray(store_slots(rng, n, num_blocks, a.block_size, a.slots))
 
             def fresh(cfg=cfg, num_blocks=num_blocks):
                 return tqjax.PagedKVCache.allocate(cfg, num_blocks, a.block_size, a.hk)
@@ -136,7 +141,7 @@ def main(argv=None) -> None:
                 rows.append((name, n, label, t * 1e6, nbytes / t, diff))
                 print("RESULT", rows[-1], [round(x * 1e6, 1) for x in times[label]], flush=True)
     print(f"\n== store kernels: {dev}, copy bandwidth {bw / 1e9:.0f} GB/s, Hk={a.hk} D={a.head_dim} "
-          f"block {a.block_size}; "
+          f"block {a.block_size}, {a.slots} slots; "
           f"per store in a jitted loop of {LOOP}")
     width = max([7] + [len(r[2]) for r in rows])
     print(f"{'preset':22s} {'N':>6s} {'kernel':{width}s} {'time us':>8s} {'GB/s':>6s} {'of bw':>6s}  "

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -30,6 +31,21 @@ def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, iters: int = 20, reps: i
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / iters)
     return statistics.median(samples)
+
+
+def store_slots(rng, n: int, num_blocks: int, block_size: int, pattern: str = "random"):
+    """``n`` distinct cache slots (int32 numpy) of ``num_blocks`` blocks: ``"random"``, any slots in any order (each
+    token's row lands apart from its neighbours': a decode step's pattern, and the worst for a prefill's writes), or
+    ``"blocks"``, whole blocks in a random order, the tokens in order inside each (a block allocator's pattern for a
+    prefill: a block's rows of one head are contiguous in the cache)."""
+    if n > num_blocks * block_size:
+        raise ValueError(f"{n} tokens: the cache has {num_blocks * block_size} slots")
+    if pattern == "random":
+        return rng.permutation(num_blocks * block_size)[:n].astype(np.int32)
+    if pattern == "blocks":
+        blocks = rng.permutation(num_blocks)[:-(-n // block_size)]
+        return (blocks[:, None] * block_size + np.arange(block_size)).reshape(-1)[:n].astype(np.int32)
+    raise ValueError(f"slot pattern {pattern!r}: expected 'random' or 'blocks'")
 
 
 def in_turns(fns: dict, repeats: int, timer: Callable) -> dict:

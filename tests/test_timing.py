@@ -122,3 +122,24 @@ def test_looped_decode_runs_every_query_with_traced_arrays() -> None:
         looped_decode(decode, 3)(queries[:2], cache, tables, lens)
     with pytest.raises(ValueError, match="at least 1"):
         looped_decode(decode, 0)
+
+
+@pytest.mark.parametrize("pattern", ["random", "blocks"])
+def test_store_slots_are_distinct_and_in_the_cache(pattern: str) -> None:
+    from experiments.timing import store_slots
+
+    rng = np.random.default_rng(0)
+    slots = store_slots(rng, 1000, 130, 16, pattern)
+    assert slots.dtype == np.int32 and slots.shape == (1000,)
+    assert len(np.unique(slots)) == 1000 and slots.min() >= 0 and slots.max() < 130 * 16
+    if pattern == "blocks":  # whole blocks, tokens in order inside each, the blocks in no fixed order
+        assert np.all(slots[:992].reshape(62, 16) % 16 == np.arange(16))
+        assert np.all(np.diff(slots[:992].reshape(62, 16), axis=1) == 1)
+        assert np.all(slots[992:] == slots[992] + np.arange(8)) and slots[992] % 16 == 0
+        assert not np.all(np.diff(slots[::16]) > 0)
+    else:  # neighbours apart: not one block's run
+        assert np.mean(np.diff(slots) == 1) < 0.05
+    with pytest.raises(ValueError, match="slot pattern 'seq'"):
+        store_slots(rng, 10, 4, 16, "seq")
+    with pytest.raises(ValueError, match="65 tokens: the cache has 64 slots"):
+        store_slots(rng, 65, 4, 16, pattern)
