@@ -5,9 +5,9 @@ key's store in instructions Triton's layouts impose (per-row scalars replicated 
 packed through reshapes) and leaves the fp16 key norms to XLA after it (a reduction over the packed words and a
 scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole words:
 
-- work item = 64 tokens of one KV head; persistent warpgroups, 4 a multiprocessor, each taking every
-  ``workers``-th item (heads fastest): at head_dim 128 one program of 4 warpgroups (:data:`WARPGROUPS`) that
-  share one copy of the +-1 matrix (32 KB, copied once per program), at 64 four programs of one; once an item's
+- work item = 64 tokens of one KV head; persistent warpgroups, each taking every ``workers``-th item (heads
+  fastest): at head_dim 128 one program a multiprocessor of 4 warpgroups (:data:`WARPGROUPS`) that share one copy
+  of the +-1 matrix (32 KB, copied once per program), at 64 five programs of one; once an item's
   key and value rows are in registers, the next item's copies fill the same shared memory while this item's keys
   are rotated and stored (one buffer each a warpgroup: 32.5 KB at head_dim 128, 162 KB a program with the matrix).
   Copies (TMA) alone read the inputs: the slots, the bf16 key rows and value rows ``[64, D]`` of the item;
@@ -87,8 +87,9 @@ __all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "WARPGROUPS", "field_runs
 TOKENS = 64  # tokens per program: the rotation product's M
 HEAD_DIMS = (64, 128)  # a thread holds head_dim / 4 channels of a row: 32 (whole words of every field) or 16
 #: Programs resident a multiprocessor, by head_dim: at 128 one of 4 warpgroups (<= 128 registers a thread, 162 KB
-#: of shared memory); at 64 four of one (<= 128 registers, 80 with the CPU's ptxas 13.0, and 26.7 KB each).
-PROGRAMS_PER_CORE = {64: 4, 128: 1}
+#: of shared memory); at 64 five of one (<= 96 registers: 84-96 by preset, static count with jax 0.11.2's lowering
+#: and ptxas 13.0; 26.7 KB each; 1-3% faster than four at 16k tokens on the H200, six do not fit).
+PROGRAMS_PER_CORE = {64: 5, 128: 1}
 #: Warpgroups a program, by head_dim: each takes its own work items; a program's warpgroups share the +-1 matrix
 #: (32 KB at head_dim 128: with 3 programs of one warpgroup, each held its own copy; 4 did not fit).
 WARPGROUPS = {64: 1, 128: 4}
