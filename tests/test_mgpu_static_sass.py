@@ -7,7 +7,6 @@ import pytest
 
 from experiments.mgpu_static_sass import (
     assumed_programs,
-    program_warps,
     live_registers,
     load_chain,
     load_depths,
@@ -15,6 +14,7 @@ from experiments.mgpu_static_sass import (
     opcode,
     parse_sass,
     point_args,
+    program_warps,
     programs_per_sm,
     same_code,
 )
