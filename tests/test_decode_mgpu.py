@@ -319,14 +319,13 @@ QUERY_CASES = [
 
 
 PROLOGUE_VARIANTS = [(True, "chunks", 4, None)] + [  # (table_apart, form, num_warps, columns): the default, others
-    (False, "chunks", 8, None), (False, "outer", 4, None), (True, "outer", 4, 2), (True, "chunks", 4, 1),
-    (True, "chunks", 8, 4)]
+    (False, "chunks", 8, None), (True, "outer", 4, 2), (True, "chunks", 4, 1), (True, "chunks", 8, 4)]
 
 
 @pytest.mark.parametrize("name,head_dim,hq,hk,dtype,variant",
                          [(*case, PROLOGUE_VARIANTS[0]) for case in QUERY_CASES]
                          + [(*QUERY_CASES[i], v) for i in (1, 4) for v in PROLOGUE_VARIANTS[1:]
-                            if i == 1 or v[1] != "outer"])  # the outer products at D=256: 30 s each on a CPU
+                            if i == 1 or v[1] != "outer"])  # the outer products: 30-40 s a case on a CPU
 def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
     operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
@@ -336,7 +335,8 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     below 2**14, the rows past the group zero; rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of
     the matrix's longest column (the bound met where that column is flat: Hadamard rotations). Program 0's piece
     table equal to piece_table_reference's. Every case in the default variant (the columns its rule gives: 1, 2 or 4
-    here); groups of 3 and 7 in the others (the table shared, whole rows, 8 warps), the outer products in groups of 3."""
+    here); groups of 3 and 7 in the others (the table shared, whole rows, 8 warps), the outer products (the table apart,
+    2 column blocks) in groups of 3."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634

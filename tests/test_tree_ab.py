@@ -30,15 +30,16 @@ def test_summarise_takes_medians_over_rounds(tmp_path) -> None:
 
 def test_two_trees_on_the_cpu(tmp_path, capsys) -> None:
     """This checkout against a tree linking to its tqjax: the tree's child imports the tree's package, both children
-    run, every case gets both trees' figures, equal outputs."""
+    run, the case gets both trees' figures (both timings), equal outputs. (One case: the children's interpret-mode
+    decodes are most of the test's time; several cases' rows are test_summarise_takes_medians_over_rounds's.)"""
     (tmp_path / "tqjax").symlink_to(os.path.join(tree_ab.ROOT, "tqjax"))
-    tree_ab.main(["--tree", str(tmp_path), "--cases", "triton/1/64", "default/2/48", "--rounds", "1", "--steps", "2"])
+    tree_ab.main(["--tree", str(tmp_path), "--cases", "default/2/48", "--rounds", "1", "--steps", "2"])
     out = capsys.readouterr().out
     assert f"tree {tmp_path / 'tqjax' / '__init__.py'}" in out
     assert f"this {os.path.join(tree_ab.ROOT, 'tqjax', '__init__.py')}" in out
-    rows = [ln for ln in out.splitlines() if ln.startswith(("triton |", "default |"))]
-    assert len(rows) == 4 and not any("missing" in r for r in rows), out
-    assert "triton_1_64: max |this - tree| 0.000e+00" in out and "default_2_48: max |this - tree| 0.000e+00" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("default |")]
+    assert len(rows) == 2 and not any("missing" in r for r in rows), out
+    assert "default_2_48: max |this - tree| 0.000e+00" in out
 
 
 def test_tree_must_hold_tqjax(tmp_path) -> None:
