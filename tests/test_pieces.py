@@ -275,16 +275,21 @@ def test_merge_warps_four_for_few_programs(programs, want):
     assert merge_warps(programs) == want
 
 
-@pytest.mark.parametrize("channels", ["identity", "reversed pairs", "value4", "value3"])
-@pytest.mark.parametrize("d_major,rows,dtype,groups", [(True, 8, jnp.float32, 1), (True, 4, jnp.bfloat16, "all"),
-                                                       (False, 2, jnp.float32, "all"), (False, 16, jnp.float16, 1)])
+_MERGE_LAYOUTS = [(True, 8, jnp.float32, 1), (True, 4, jnp.bfloat16, "all"), (False, 2, jnp.float32, "all"),
+                  (False, 16, jnp.float16, 1)]  # d_major, rows, dtype, groups
+
+
+@pytest.mark.parametrize("channels,d_major,rows,dtype,groups", [
+    (channels, *_MERGE_LAYOUTS[i]) for channels, layouts in [("identity", (0, 3)), ("reversed pairs", (1, 2)),
+                                                            ("value4", (0, 2)), ("value3", (1, 3))] for i in layouts])
 def test_merge_orders_channels_keeps_rows_and_reads_either_layout(channels, d_major, rows, dtype, groups):
     """The merge writes [B * Hk, rows, D] with the channels in order (o's D row i is channel ``channels[i]``: the
     Mosaic decode's value orders, and orders whose groups are smaller), the first ``rows`` query rows, in
     ``dtype``, from o in either layout and base-e log-sum-exps scaled in the kernel: against the float64 merge of
     the same pieces (attention_pieces) and against the jnp reference, a group of D rows a program or all of them.
     Float32: within 1e-5 (as above); bfloat16 and float16 outputs: one rounding of values up to ~4 (2**-7 and 2**-10
-    relative)."""
+    relative). Each order in two of the four layouts and each layout with two orders (every order in both o
+    layouts; the Mosaic decode's orders with one group and with all of them): the full cross took 90 s on a CPU."""
     from tqjax.pallas.decode_mgpu import value3_channel_order, value_channel_order
 
     rng = np.random.default_rng(len(channels) + rows)
