@@ -39,7 +39,8 @@ def test_variant_times_pair_durations_with_variants_in_order():
 def test_merge_probe_runs_every_variant_against_the_reference_on_a_cpu(capsys):
     """Interpret mode: the default block, 1 and all 16 groups, 4 warps, each checked (err printed). (Groups of 16
     cost ~10 s a variant here; the merge's other blocks and warps are tests/test_pieces.py's.)"""
-    merge_probe.main(["--points", "2/512", "--blocks", "default", "--groups", "1", "16", "--warps", "4", "--launches", "1"])
+    merge_probe.main(["--points", "2/512", "--blocks", "default", "--groups", "1", "16", "--warps", "4",
+                      "--launches", "1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("VARIANT")]
     assert [ln.split()[5] for ln in lines] == ["groups=1", "groups=16"] and all("warps=4" in ln for ln in lines)
     assert all(float(ln.split("err=")[1]) < 2.0**-7 for ln in lines)
