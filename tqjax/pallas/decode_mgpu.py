@@ -1478,6 +1478,8 @@ def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantCon
     )(query, w, seq_lens.astype(jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "num_kv_heads", "factor", "block_size", "max_blocks",
+                                             "step_pages", "resident", "num_splits", "waves", "fill"))
 def decode_prologue_reference(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
                               factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
                               num_splits: int | None, waves: int = WAVES,
@@ -1571,6 +1573,7 @@ def tile_order(config: TurboQuantConfig, seg: int) -> np.ndarray:
     return (key3_channel_order if spans else key_channel_order)(segment.dim)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def tile_query(config: TurboQuantConfig, q: jax.Array) -> jax.Array:
     """float32 [..., D] queries -> the score products' right operands, float32 [..., D] (QJL keys: [..., 2 D]):
     each key tile's query (the segment's rotated query) in that tile's column order (:func:`tile_order`; split

@@ -307,6 +307,8 @@ def table_program(batch: int, *, num_kv_heads: int, block_size: int, max_blocks:
     return body, (jax.ShapeDtypeStruct(table_shape, jnp.int32), jax.ShapeDtypeStruct(info_shape, jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("num_kv_heads", "block_size", "max_blocks", "step_pages", "resident",
+                                             "num_splits", "waves", "fill"))
 def piece_table_reference(seq_lens: jax.Array, *, num_kv_heads: int, block_size: int, max_blocks: int,
                           step_pages: int, resident: int, num_splits: int | None = None, waves: int = WAVES,
                           fill: float = FILL) -> tuple[jax.Array, jax.Array]:
