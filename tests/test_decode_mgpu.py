@@ -476,8 +476,10 @@ def test_decode_wrapper_around_an_emulated_kernel(monkeypatch, name, head_dim, g
     monkeypatch.setattr(decode_mgpu, "_build_call", _emulated_kernel(cache))
     monkeypatch.setattr(decode_mgpu, "decode_prologue", functools.partial(decode_prologue, interpret=True))
     monkeypatch.setattr(decode_mgpu, "merge_kernel_pieces", functools.partial(merge_kernel_pieces, interpret=True))
-    out = decode_mgpu.paged_decode_mgpu_jit.__wrapped__(q, cache, tables, lens, scale=0.1, softcap=None,
-                                                        num_splits=None, stages=2, resident=24)
+    # a jit of its own (not the module's, whose cache may hold the real kernel): one program, not eager ops
+    call = jax.jit(decode_mgpu.paged_decode_mgpu_jit.__wrapped__,
+                   static_argnames=("scale", "softcap", "num_splits", "stages", "resident"))
+    out = call(q, cache, tables, lens, scale=0.1, softcap=None, num_splits=None, stages=2, resident=24)
     ref = paged_decode_jit(q.astype(jnp.float32), cache, tables, lens, scale=0.1)
     assert out.shape == q.shape and out.dtype == dtype
     tol = RTOL if dtype == jnp.float32 else 2**-8
