@@ -40,6 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tqjax.pallas.decode_mgpu import (
     key_word_asm,  # the product's key block (the probe's was the same text)
+    smem_load,
 )
 
 TOKENS = 64  # tokens per step: the N of the score product and the K of the value product
@@ -158,9 +159,9 @@ def make_probe(batch: int, heads: int, context: int, table: np.ndarray, scale: f
                 plgpu.barrier_wait(bar.at[slot])
             k16_smem[par] = keys_f16(kw_smem.at[slot])
             v16_smem[par] = values_f16(vw_smem.at[slot])
-            kn = plgpu.load(kn_smem.at[slot], (), layout=col)
-            vs = plgpu.load(vs_smem.at[slot], (), layout=col)
-            vz = plgpu.load(vz_smem.at[slot], (), layout=col)
+            kn = smem_load(kn_smem.at[slot], col)
+            vs = smem_load(vs_smem.at[slot], col)
+            vz = smem_load(vz_smem.at[slot], col)
             plgpu.commit_smem()  # our stores visible to the tensor cores; every thread done with this slot
 
             @pl.when(i + stages < steps)
@@ -168,7 +169,7 @@ def make_probe(batch: int, heads: int, context: int, table: np.ndarray, scale: f
                 issue(i + stages, slot)
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k16_smem.at[par], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, k16_smem.at[par].T)
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, TOKENS), jnp.float32))
@@ -272,14 +273,14 @@ def make_probe_t(batch: int, heads: int, context: int, table: np.ndarray, scale:
 
             def values_and_scalars():
                 v16_smem[buf] = values_f16(vw_smem.at[slot])
-                return tuple(plgpu.load(sc_smem.at[slot, j], (), layout=row) for j in range(3))
+                return tuple(smem_load(sc_smem.at[slot, j], row) for j in range(3))
 
             if not overlap:
                 kn, vs, vz = values_and_scalars()
             plgpu.commit_smem()
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, k16_smem.at[buf], plgpu.transpose_ref(q_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, k16_smem.at[buf], q_smem.T)
                 extra = values_and_scalars() if overlap else ()
                 return acc_ref[...], extra
 
@@ -306,12 +307,11 @@ def make_probe_t(batch: int, heads: int, context: int, table: np.ndarray, scale:
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + lax.broadcast_in_dim(
                     pz.sum(axis=0), acc.shape, [1])
             pw = (p * lax.broadcast_in_dim(vs, s.shape, [0])).astype(jnp.float16)
-            plgpu.transpose_ref(p_smem.at[buf], (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+            p_smem.at[buf].T[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
             plgpu.commit_smem()
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[buf], (1, 0)),
-                            plgpu.transpose_ref(p_smem.at[buf], (1, 0)))
+                plgpu.wgmma(acc_ref, v16_smem.at[buf].T, p_smem.at[buf].T)
 
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             return acc, m_new, l_i, z_i

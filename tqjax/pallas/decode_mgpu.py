@@ -67,6 +67,7 @@ below 2**31 for any cache that fits a GPU; the TMA descriptors take 64-bit strid
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -97,9 +98,9 @@ __all__ = [
     "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
     "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper",
     "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm",
-    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "table_words", "tile_order",
-    "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
-    "value_constants", "value_tile_plan", "value_word_asm",
+    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "smem_load", "table_words",
+    "tile_order", "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm",
+    "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -427,6 +428,14 @@ def value3_channel_order(dim: int) -> np.ndarray:
 #    columns 8j + 2 * (lane % 4) + 0..1 of token row 16 * warp + 8r + lane // 4;
 #  WGMMA_ROW_LAYOUT on [64]: register (0, 0, r, 0, 0) holds row 16 * warp + 8r + lane // 4;
 #  WGMMA_LAYOUT on [M, 16]: register index 1 is the 8-column block (0: high parts, 1: low parts).
+
+
+def smem_load(ref, layout) -> jax.Array:
+    """``plgpu.load`` of a whole (already indexed) shared-memory ref in ``layout``: jax 0.11 deprecates the index
+    argument that jax 0.10 requires."""
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:  # jax 0.10
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
 
 
 def _ir():
@@ -1118,7 +1127,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                     issue(pages_of(s), s)
 
             plgpu.barrier_wait(q_bar.at[0])
-            qinv = plgpu.load(qinv_smem.at[pl.ds(0, HALF)], (), layout=col)
+            qinv = smem_load(qinv_smem.at[pl.ds(0, HALF)], col)
             tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
             def step_fn(i, carry):
@@ -1143,18 +1152,18 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                 kn, vm, vz, *extra = row_scalars(step_norms, step_values)
 
                 def qk(acc_ref, *acc2_ref):
-                    plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[:, pl.ds(0, kd)], (1, 0)))
+                    plgpu.wgmma(acc_ref, keys, q_smem.at[:, pl.ds(0, kd)].T)
                     if split_keys:  # the second segment's tile, into its own sums (converted once the first tile's
                         # registers are free: overlapping them cost 13-18 registers, 3 programs a multiprocessor)
                         plgpu.wgmma_wait(0)
                         keys2 = keys2_f16(kw_smem.at[slot], ktab2, ktab3)
-                        plgpu.wgmma(acc2_ref[0], keys2, plgpu.transpose_ref(q_smem.at[:, pl.ds(kd, kd)], (1, 0)))
+                        plgpu.wgmma(acc2_ref[0], keys2, q_smem.at[:, pl.ds(kd, kd)].T)
                         return acc_ref[...], acc2_ref[0][...]
                     if qjl:  # the sign sketch times the projected query, into the same sums (the key tile's registers
                         # are free once its product is done)
                         plgpu.wgmma_wait(0)
                         signs = signs_f16(kw_smem.at[slot], extra[0])
-                        plgpu.wgmma(acc_ref, signs, plgpu.transpose_ref(q_smem.at[:, pl.ds(d, d)], (1, 0)))
+                        plgpu.wgmma(acc_ref, signs, q_smem.at[:, pl.ds(d, d)].T)
                     return acc_ref[...]
 
                 # the score product waited for before the value words are converted: the keys' registers are free
@@ -1186,7 +1195,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
 
                 def store_probabilities(p):  # as p * scale / 2**e * 2**p_top, high and low parts
                     pw = split(p * lax.broadcast_in_dim(vm, s.shape, [0]))
-                    plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
+                    p_smem.T[...] = plgpu.layout_cast(pw, plgpu.Layout.WGMMA_TRANSPOSED)
 
                 if lazy_max:
                     # the probabilities against the running maximum m_i, unless a logit exceeds it by more than
@@ -1230,8 +1239,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                     issue(pages, slot)  # from one warp
 
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(v16_smem.at[vbuf], (1, 0)),
-                                plgpu.transpose_ref(p_smem, (1, 0)))
+                    plgpu.wgmma(acc_ref, v16_smem.at[vbuf].T, p_smem.T)
 
                 # this step's product in its own accumulator, added in float32: accumulating the steps in the
                 # wgmma's accumulator lost 8e-4 of max|out| over 16k tokens (the tensor cores' sums do not

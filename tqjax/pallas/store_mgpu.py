@@ -681,7 +681,7 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
                 issue(i + 1, 1 - buf)  # its slots into the other buffer (this item's keys_out reads these)
 
             def rotate(acc_ref):
-                plgpu.wgmma(acc_ref, n_f16, plgpu.transpose_ref(mat_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, n_f16, mat_smem.T)
                 return acc_ref[...]
 
             z = pl.run_scoped(rotate, plgpu.ACC((TOKENS, d), jnp.float32))
