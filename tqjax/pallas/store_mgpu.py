@@ -581,7 +581,7 @@ def _value_scalars(hi, lo, levels: int):
 
 
 def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_size: int):
-    """``call(slots, matrix, squares, key, value, *cache_refs)`` on GMEM refs (slots padded to whole tiles, key and
+    """``call(slots, matrix, squares, key, value, *cache_refs)``: arrays, then the cache arrays as GMEM refs (slots padded to whole tiles, key and
     value of at least 64 tokens: :func:`_store_impl` pads them). Persistent programs, up to
     :data:`PROGRAMS_PER_CORE` a multiprocessor, of :data:`WARPGROUPS` warpgroups (by head_dim); each warpgroup
     stores every ``workers``-th (tile, head) with its own buffers and barriers, the program's first copies the
@@ -698,12 +698,12 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
                plgpu.Barrier(num_arrivals=2))  # arrivals: the copies on each
     mesh = plgpu.Mesh(grid=(programs,), grid_names=("p",), num_threads=wgs, thread_name="wg")
 
-    def call(*refs) -> None:  # GMEM refs: the inputs, then the cache arrays (written in place)
-        @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
-        def tq_store_mgpu():  # the kernel's name (in a profiler)
-            pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
+    def tq_store_mgpu(*refs) -> None:  # GMEM refs: the inputs, then the cache arrays (written in place)
+        pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
 
-    return call
+    # pl.kernel, not plgpu.kernel: the latter's batching wrapper (custom_vmap) does not take refs as operands
+    return pl.kernel(tq_store_mgpu, out_type=(), mesh=mesh,  # the function's name is the kernel's (in a profiler)
+                     compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
 
 
 def _num_cores() -> int:
@@ -724,12 +724,11 @@ def _store_impl(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapp
     if n < TOKENS:  # one whole tile of keys and values to copy
         key, value = (jnp.pad(x, ((0, TOKENS - n), (0, 0), (0, 0))) for x in (key, value))
     inputs = (slots, jnp.asarray(rotation_operand(cfg)), jnp.asarray(square_table(cfg)), key, value)
-    # every operand a GMEM ref; the kernel writes only the cache's, which XLA aliases to its outputs (in place:
-    # the jit donates the cache); the inputs only copies read, so they are not copied
+    # the cache arrays as GMEM refs, which only the kernel writes and XLA aliases to its outputs (in place: the jit
+    # donates the cache); the inputs as arrays, which are neither aliased nor copied
     cache_refs = [jax.new_ref(a, memory_space=plgpu.GMEM)
                   for a in (cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scales)]
-    _build_call(cfg, n, hk, cache.num_blocks, cache.block_size)(
-        *[jax.new_ref(x, memory_space=plgpu.GMEM) for x in inputs], *cache_refs)
+    _build_call(cfg, n, hk, cache.num_blocks, cache.block_size)(*inputs, *cache_refs)
     kc, ks, vc, vs = (jax.freeze(r) for r in cache_refs)
     return PagedKVCache(key_codes=kc, key_scales=ks, value_codes=vc, value_scales=vs, config=cfg)
 
