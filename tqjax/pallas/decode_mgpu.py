@@ -33,7 +33,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
   where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for 3-bit values, which
   take it every step). The
-  denominators and the value zero-point terms accumulate per token row and are summed once at the end;
+  denominators and the value zero-point terms accumulate per thread (its two token rows' sum) and are summed
+  across the warpgroup once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
 - pages come by TMA, issued from one warp, ``stages`` 64-token steps ahead; the per-token scalars and the
   next pages' ids are loaded from global memory a step ahead;
@@ -875,8 +876,9 @@ def _tile_pairs(tw, value_bits: int):
 
 
 def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") -> mgpu.FragmentedArray:
-    """float32 [64, 8] (WGMMA layout) -> its column maxima [8] (WGMMA column layout; ``op="add.rn"``: sums),
-    with one warpgroup barrier: shuffles within each warp, then each warp's maxima through ``scratch_ref``
+    """float32 [64, 8] (WGMMA layout) -> its column maxima [8] (WGMMA column layout; ``op="add.rn"``: sums; or
+    float32 [8], WGMMA column layout, of per-thread partials as :func:`_thread_total` makes them), with one warpgroup
+    barrier: shuffles within each warp, then each warp's maxima through ``scratch_ref``
     (float32 [2 * 32], half ``buf``: the next writes to it come two steps later, after other barriers).
     Scalar maxima (a vector maximum lowers to compares and selects)."""
     ir, arith, llvm, _, vector = _ir()
@@ -887,7 +889,7 @@ def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") 
         return llvm.inline_asm(f32, [a, b], f"{op}.f32 $0, $1, $2;", "=f,f,f")
 
     vals = None
-    for reg in np.array(x.registers, dtype=object).flat:
+    for reg in np.array(x.registers, dtype=object).flat:  # [64, 8]: the thread's rows; [8]: its one pair
         parts = [vector.extract(reg, [], [k]) for k in range(2)]
         vals = parts if vals is None else [fmax(a, b) for a, b in zip(vals, parts)]
     for dist in (4, 8, 16):  # lanes with the same lane % 4 hold the same columns
@@ -909,6 +911,19 @@ def _column_max(x: mgpu.FragmentedArray, scratch_ref, buf, op: str = "max.NaN") 
     vty = ir.VectorType.get((2,), f32)
     layout = mgpu.WGMMA_COL_LAYOUT
     regs = np.array([vector.from_elements(vty, out)], dtype=object).reshape(layout.registers_shape((HALF,)))
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+
+def _thread_total(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
+    """float32 [64, 8] (WGMMA layout) -> float32 [8] in the WGMMA column layout holding, in each thread, the sum of
+    the thread's own rows of its two columns (rows r and r + 8): a partial sum, not the column's; :func:`_column_max`
+    with ``op="add.rn"`` completes it across the warpgroup."""
+    _, arith, *_ = _ir()
+    total = None
+    for reg in np.array(x.registers, dtype=object).flat:
+        total = reg if total is None else arith.addf(total, reg)
+    layout = mgpu.WGMMA_COL_LAYOUT
+    regs = np.array([total], dtype=object).reshape(layout.registers_shape((HALF,)))
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
@@ -1058,11 +1073,18 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
         del ctx
         return _commit_and_vote(s, m, LAZY_MAX_BITS)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), splat),
+    @plgpu.inline_mgpu(arg_types=(col, plgpu.RefType(), splat),
                        return_type=plgpu.ShapeDtypeStruct((HALF,), jnp.float32, layout=col))
-    def column_sum(ctx, x, scratch_ref, buf):  # no Mosaic reduction: its 2 KB of scratch stay unreserved
+    def column_sum(ctx, x, scratch_ref, buf):  # thread_total's partial sums summed (no Mosaic reduction: its 2 KB
+        # of scratch stay unreserved)
         del ctx
         return _column_max(x, scratch_ref, buf, op="add.rn")
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((HALF,), jnp.float32, layout=col))
+    def thread_total(ctx, x):
+        del ctx
+        return _thread_total(x)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=s_folded)
     def fold(ctx, x):
@@ -1130,16 +1152,18 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
             qinv = smem_load(qinv_smem.at[pl.ds(0, HALF)], col)
             tok_iota = plgpu.broadcasted_iota(jnp.int32, (TOKENS, HALF), 0, layout=plgpu.Layout.WGMMA)
 
+            # the key tables' words, held in registers across the loop. As constants, ptxas moved a word into a
+            # register before every byte permute that reads it (27-35 instructions a step, 4% of the loop); xor-ed
+            # with seq_len >>> 31, which is 0 for every length (a negative one masks every token, whatever the table),
+            # they are values it cannot fold, and it holds them (docs/PERFORMANCE.md, "The key tables held"). Held
+            # as loads, they cost 3-bit keys 8-16 registers, 3 programs a multiprocessor, until the row sums below
+            # took 2-4 fewer (loaded from global memory every step instead, the decode took 10% longer)
+            ktab0, ktab1, ktab2, ktab3 = (jnp.int32(w) ^ lax.shift_right_logical(seq_len, 31) for w in ktab_words)
+
             def step_fn(i, carry):
                 # the step's scales (as stored: converted where used) and the page ids of step i + stages were loaded
                 # a step ahead
                 acc, m_i, l_i, z_i, (step_norms, step_values, step_tile), pages = carry
-                # the key tables' words as constants (ptxas moves them in where used). Held in registers across the loop
-                # beside the piece's sequence and first page (loads, not program ids: vector registers), they cost
-                # 3bit_nc and k3p5v4 8-16 registers (136-144: 3 programs a multiprocessor); loaded from global memory
-                # every step, the decode took 10% longer at B=32, 16k (docs/PERFORMANCE.md, "The decode cut by the
-                # lengths")
-                ktab0, ktab1, ktab2, ktab3 = (jnp.int32(w) for w in ktab_words)
                 slot = lax.rem(i, stages)
                 buf = lax.rem(i, 2)  # the maximum's scratch halves alternate
                 vbuf = 0 if single_tile else buf  # two value tiles: step i - 1's product may still read the other
@@ -1230,9 +1254,8 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                     p = probabilities(m_new)
                     store_probabilities(p)
                     plgpu.commit_smem()  # as above
-                a2 = lax.broadcast_in_dim(alpha, s.shape, [1])
-                l_i = l_i * a2 + p
-                z_i = z_i * a2 + p * lax.broadcast_in_dim(vz, s.shape, [0])
+                l_i = l_i * alpha + thread_total(p)
+                z_i = z_i * alpha + thread_total(p * lax.broadcast_in_dim(vz, s.shape, [0]))
 
                 @pl.when(i + stages < n_steps)
                 def _():
@@ -1254,7 +1277,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
             zeros_wide = plgpu.layout_cast(jnp.zeros((d, COLS), jnp.float32), plgpu.Layout.WGMMA)
             zeros_out = plgpu.layout_cast(jnp.zeros((d, HALF), jnp.float32), plgpu.Layout.WGMMA)
             m0 = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), col)
-            l0 = plgpu.layout_cast(jnp.zeros((TOKENS, HALF), jnp.float32), plgpu.Layout.WGMMA)
+            l0 = plgpu.layout_cast(jnp.zeros((HALF,), jnp.float32), col)
             first_words = step_words(ks_ref, vs_ref, bt_ref, b, h, first_page, last_page)
             if lazy_max:
                 plgpu.barrier_arrive(pv_bar[0].at[0])  # for step -1's product
