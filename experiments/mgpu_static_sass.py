@@ -354,7 +354,9 @@ def assumed_programs(module, kind: str, preset: str, head_dim: int) -> int:
     """The programs a multiprocessor that ``module`` (a decode_mgpu.py or store_mgpu.py) launches or chooses its
     splits for at this preset and head_dim: fewer resident run a second wave."""
     config = TurboQuantConfig.from_cache_dtype(f"turboquant_{preset}", head_dim)
-    return module.PROGRAMS_PER_CORE[head_dim] if kind == "store" else module.programs_per_core(config)
+    if kind == "store" and not hasattr(module, "programs_per_core"):  # versions before QJL keys
+        return module.PROGRAMS_PER_CORE[head_dim]
+    return module.programs_per_core(config)
 
 
 def program_warps(module, kind: str, head_dim: int) -> int:

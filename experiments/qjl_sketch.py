@@ -16,13 +16,16 @@ accuracy is what this measures.
 Sketch kinds, each with its own matrix from the batch's seed (common random numbers otherwise: the same inputs,
 queries, rotation and MSE stage):
 
-* ``gaussian``: the library's :class:`tqjax.TurboQuantProd` (S with i.i.d. N(0, 1) entries), its signs recomputed
-  here from its float32 sketch;
+* ``gaussian``: the paper's (S with i.i.d. N(0, 1) entries, the normals that :func:`tqjax.quantizers.qjl_sketch_matrix`
+  rounds), on the float residual of :meth:`tqjax.TurboQuantProd.float_features`;
 * ``signs``: S with i.i.d. +-1 entries, the float residual;
 * ``signs_grid``: S with +-1 entries (the same as ``signs``), the residual on the integer grid above;
-* ``gaussian_grid``: S with i.i.d. N(0, 1) entries rounded to quarters (``round(4 z) / 4``: integers up to ~22 over
-  4, so ``4 S r_int`` stays below 2**24 at d = 128 and is exact in any order too), the residual on the grid, the
-  estimator's scale divided by the rounded normal's standard deviation (``sqrt(v)``, v = 1 + 1/192 nearly).
+* ``gaussian_grid``: the same normals rounded to quarters (the library's ``S_int / 4``: integers up to 31 over 4, so
+  ``4 S r_int`` stays below 2**24 at d = 128 and is exact in any order too), the float residual on the grid, the
+  estimator's scale divided by the rounded normal's standard deviation (``sqrt(v)``, v = 1 + 1/192 nearly);
+* ``library``: :meth:`tqjax.TurboQuantProd.quantize` and ``inner_product`` as they are (with a Hadamard rotation:
+  ``gaussian_grid`` on the exact integer path, the grid vector's residual scaled by ``round13(L)``; module
+  docstring of :mod:`tqjax.quantizers`).
 
 The estimator is the library's for every kind, ``||x|| (<Pi q, m> + sqrt(pi/2) / d * gamma * <S Pi q, 2 signs - 1>)``
 (``gamma = ||r||``, the float residual's norm). For Gaussian rows ``E[sign(<s, r>) <s, q>] = sqrt(2/pi) <r, q> /
@@ -45,10 +48,10 @@ import numpy as np
 
 from experiments.distortion import FAMILIES, batch_mean, family_inputs
 from tqjax import TurboQuantProd
+from tqjax.quantizers import QJL_STEPS, qjl_entry_variance
 
-KINDS = ("gaussian", "signs", "signs_grid", "gaussian_grid")
+KINDS = ("gaussian", "signs", "signs_grid", "gaussian_grid", "library")
 GRID_BITS = 11
-STEPS = 4  # gaussian_grid: the matrix's entries in steps of 1/STEPS
 
 
 def sign_matrix(dim: int, seed: int) -> np.ndarray:
@@ -57,14 +60,9 @@ def sign_matrix(dim: int, seed: int) -> np.ndarray:
     return (2.0 * rng.integers(0, 2, (dim, dim)) - 1.0).astype(np.float32)
 
 
-def gaussian_grid_matrix(dim: int, seed: int, steps: int = STEPS) -> tuple[np.ndarray, float]:
-    """``(S_int, v)``: float32 [dim, dim] integers ``round(steps * z)`` for i.i.d. N(0, 1) z (a stream of its own), and
-    v = E[(S_int / steps)**2], the variance of that rounded normal, from the normal's distribution (not the sample)."""
-    rng = np.random.default_rng([seed, 0x6A55])
-    s_int = np.rint(steps * rng.standard_normal((dim, dim))).astype(np.float32)
-    cdf = [0.5 * (1.0 + math.erf((k + 0.5) / steps / math.sqrt(2.0))) for k in range(-12 * steps - 1, 12 * steps + 1)]
-    v = sum((k / steps) ** 2 * (cdf[i + 1] - cdf[i]) for i, k in enumerate(range(-12 * steps, 12 * steps + 1)))
-    return s_int, v
+def paper_matrix(dim: int, seed: int) -> np.ndarray:
+    """float32 [dim, dim] of i.i.d. N(0, 1) entries: the normals that the library's sketch matrix rounds (its stream)."""
+    return np.random.default_rng([seed, 0x514A4C]).standard_normal((dim, dim)).astype(np.float32)
 
 
 def grid_residual(r: np.ndarray, grid_bits: int = GRID_BITS) -> np.ndarray:
@@ -89,9 +87,9 @@ def batch_estimates(bits: int, seed: int, x: np.ndarray, y: np.ndarray, grid_bit
     ``inexact`` ({grid kind: its sketch entries whose float32 sum was not the integer one})."""
     dim = x.shape[1]
     q = TurboQuantProd(dim, bits, seed=seed)
-    f = q.quantize_features(jnp.asarray(x))
+    f = q.float_features(jnp.asarray(x))
     m = np.asarray(q.mse.centroid_vectors(f.codes) if q.mse is not None else jnp.zeros(x.shape), np.float64)
-    r = np.asarray(f.rotated, np.float32) - m.astype(np.float32)  # as the library forms it
+    r = np.asarray(f.residual, np.float32)
     gamma = np.asarray(f.residual_norm, np.float64)
     norm = np.asarray(f.norm, np.float64)
     q_rot = np.asarray(q.rotation.apply(jnp.asarray(y)), np.float64)
@@ -110,13 +108,16 @@ def batch_estimates(bits: int, seed: int, x: np.ndarray, y: np.ndarray, grid_bit
     signs = (r @ signs_matrix.T) >= 0
     sketch, inexact = exact_sketch(signs_matrix, r_int)
     grid_signs = sketch >= 0
-    s_int, v = gaussian_grid_matrix(dim, seed)
+    s_int = np.asarray(q.sketch_matrix)
     g_sketch, g_inexact = exact_sketch(s_int, r_int)
+    paper = paper_matrix(dim, seed)
+    library = q.inner_product(q.prepare_query(jnp.asarray(y)), q.quantize(jnp.asarray(x)))
     return {
-        "gaussian": error(q.projection, np.asarray(f.sketch) >= 0),
+        "gaussian": error(paper, r @ paper.T >= 0),
         "signs": error(signs_matrix, signs),
         "signs_grid": error(signs_matrix, grid_signs),
-        "gaussian_grid": error(s_int / STEPS, g_sketch >= 0, v),
+        "gaussian_grid": error(s_int / QJL_STEPS, g_sketch >= 0, qjl_entry_variance()),
+        "library": np.asarray(library, np.float64) - truth,
         "flips": float(np.mean(signs != grid_signs)),
         "inexact": {"signs_grid": inexact, "gaussian_grid": g_inexact},
     }

@@ -332,23 +332,86 @@ def test_zero_vector_round_trips_to_zeros() -> None:
 
 
 def test_prod_encoding_products_run_at_their_precision() -> None:
-    """The QJL quantizer's rotation and sketch run at ``PROD_ENCODE_PRECISION`` (HIGH: bf16x3 on a GPU,
-    where the store's XLA half spends its time); the query side and dequantization stay at HIGHEST.
-    (A CPU computes every precision in float32, so only the lowered program can tell them apart.)"""
+    """The QJL quantizer's float path (a Haar rotation) runs its rotation and sketch at ``PROD_ENCODE_PRECISION``
+    (HIGH: bf16x3 on a GPU); the exact path (Hadamard kinds) runs both as float16 products with float32 sums; the
+    query side and dequantization stay at HIGHEST. (A CPU computes every precision in float32, so only the lowered
+    program can tell them apart.)"""
     import re
 
     from tqjax.quantizers import PROD_ENCODE_PRECISION
 
     assert PROD_ENCODE_PRECISION == jax.lax.Precision.HIGH
-    q = TurboQuantProd(D, 4, seed=0)
     x = f32(np.random.default_rng(3).standard_normal((32, D)))  # more rows than FWHT_MAX_ROWS: a matmul rotation
 
     def precisions(fn, *args):
         return re.findall(r"dot_general .*precision = \[(\w+), (\w+)\]", jax.jit(fn).lower(*args).as_text())
 
-    assert precisions(q.quantize, x) == [("HIGH", "HIGH")] * 2
+    haar = TurboQuantProd(D, 4, rotation_kind="haar", seed=0)
+    assert not haar.exact
+    assert precisions(haar.quantize, x) == [("HIGH", "HIGH")] * 2
+    q = TurboQuantProd(D, 4, seed=0)
+    assert q.exact
+    text = jax.jit(q.quantize).lower(x).as_text()
+    assert len(re.findall(r"dot_general.*\(tensor<32x128xf16>, tensor<128x128xf16>\) -> tensor<32x128xf32>", text)) == 2
     assert precisions(q.prepare_query, x) == [("HIGHEST", "HIGHEST")] * 2
     assert precisions(q.dequantize, q.quantize(x)) == [("HIGHEST", "HIGHEST")] * 2
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_exact_prod_code_is_its_definition(bits: int, dim: int) -> None:
+    """With a Hadamard rotation, ``TurboQuantProd.quantize`` is its definition (module docstring of
+    ``tqjax.quantizers``), computed here in numpy from integers (int64 products and sums) and IEEE float32 steps:
+    codes (those of ``TurboQuantMSE(bits - 1)`` on the same key), signs, norm and gamma all bit for bit. Rows of
+    very different scales, a zero row, one with a huge outlier; bf16 inputs (as a cache stores)."""
+    from tqjax.quantizers import qjl_grid_bits
+
+    rng = np.random.default_rng([bits, dim, 7])
+    x = rng.standard_normal((256, dim)) * np.exp(rng.uniform(-20, 20, (256, 1)))
+    x[3] = 0.0
+    x[5, :] = 1e-3 * rng.standard_normal(dim)
+    x[5, 7] = 1e4
+    x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    q = TurboQuantProd(dim, bits, seed=bits)
+    assert q.exact and q.sketch_grid_bits == qjl_grid_bits(dim) == 11
+    code = jax.device_get(q.quantize(jnp.asarray(x)))
+
+    def grid(v: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:  # (integers float32, step float32)
+        _, e = np.frexp(np.max(np.abs(v), axis=-1, keepdims=True))
+        e = np.where(np.max(np.abs(v), axis=-1, keepdims=True) == 0, 0, e)
+        scale = np.ldexp(np.float32(1.0), g - e).astype(np.float32)
+        return np.floor((v * scale).astype(np.float32) + np.float32(0.5)), (1 / scale.astype(np.float64))[..., 0]
+
+    n, step = grid(x, q.grid_bits)
+    z = n.astype(np.int64) @ q.pm1.astype(np.int64).T
+    n2 = np.sum(n.astype(np.int64) ** 2, axis=-1)
+    if bits > 1:
+        codes = np.asarray(TurboQuantMSE(dim, bits - 1, seed=bits).quantize(jnp.asarray(x)).codes)
+        c = q.mse.centroids.astype(np.float64)[codes]
+    else:
+        codes, c = np.zeros(x.shape, np.uint8), np.zeros(x.shape)
+    np.testing.assert_array_equal(code.codes, codes)
+    length = np.sqrt(n2.astype(np.float32) * np.float32(dim)).astype(np.float64)  # IEEE sqrt of float32
+    m, e = np.frexp(length)
+    length = np.ldexp(np.rint(m * 2.0**13), e - 13)  # 13 significant bits, ties to even
+    p = c * length[:, None]
+    assert np.all(p == p.astype(np.float32))  # c L exact in float32
+    w = (z - p).astype(np.float32)  # the float64 difference is exact (< 53 bits span): rounded once
+    w_int, w_step = grid(w, q.sketch_grid_bits)
+    assert np.max(np.abs(w_int)) <= 2**11
+    sketch = w_int.astype(np.int64) @ q.sketch_matrix.astype(np.int64).T
+    assert np.max(np.abs(sketch)) < 2**24
+    np.testing.assert_array_equal(code.signs, (sketch >= 0).astype(np.uint8))
+    w2 = np.sum(w_int.astype(np.int64) ** 2, axis=-1).astype(np.float32)
+    gamma = (np.sqrt(w2) * w_step.astype(np.float32)) / np.maximum(length, 1.0).astype(np.float32)
+    np.testing.assert_array_equal(code.residual_norm, gamma.astype(np.float32))
+    np.testing.assert_array_equal(code.norm, np.sqrt(n2.astype(np.float32)) * step.astype(np.float32))
+    assert code.norm[3] == 0 and code.residual_norm[3] == 0
+    # gamma is the float residual's norm of the grid vector, ||z / L - c||, within the grid's rounding (not for the
+    # zero row, whose w is 0: its codes' centroids are not a residual)
+    y = z / np.maximum(length, 1.0)[:, None]
+    rows = np.arange(len(x)) != 3
+    np.testing.assert_allclose(code.residual_norm[rows], np.linalg.norm(y - c, axis=-1)[rows], rtol=2.0**-9)
 
 
 def test_bad_shapes_and_arguments_raise() -> None:

@@ -29,7 +29,8 @@ from tqjax.pallas.decode_mgpu import key_channel_order, on_hopper
 from tqjax.pallas.store import choose_implementation, store
 from tqjax.reference import store_reference
 
-PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc", "turboquant_k3p5v4", "turboquant_k2p5v4")
+PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k3v4_nc", "turboquant_k3p5v4", "turboquant_k2p5v4",
+           "turboquant_kqjl4v4", "turboquant_kqjl3v4")
 CASES = [(name, head_dim) for head_dim in (128, 64) for name in PRESETS]  # (preset, head_dim) the kernel takes
 needs_hopper = pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: needs a Hopper GPU (sm_90)")
 _reference_jit = jax.jit(store_reference)
@@ -61,7 +62,7 @@ def test_kernel_lowers_for_cuda(name: str, head_dim: int, n: int, block_size: in
 
 @pytest.mark.parametrize("name, head_dim, reason", [
     ("turboquant_k8v4", 128, "fp8 keys"),
-    ("turboquant_kqjl4v4", 128, "prod keys"),
+    ("turboquant_kqjl4v4", 256, "head_dim 256"),
     ("turboquant_k3p5v4", 256, "head_dim 256"),
     ("turboquant_4bit_nc", 256, "head_dim 256"),
 ])
@@ -72,8 +73,9 @@ def test_unsupported_caches_are_named(name: str, head_dim: int, reason: str) -> 
 
 
 def test_haar_rotation_is_not_taken() -> None:
-    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_4bit_nc", 128, rotation="haar")
-    assert "rotation" in store_mgpu.unsupported(cfg)
+    for name in ("turboquant_4bit_nc", "turboquant_kqjl4v4"):
+        cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128, rotation="haar")
+        assert "rotation" in store_mgpu.unsupported(cfg)
 
 
 def test_calibrated_outliers_and_uncorrected_norms_are_not_taken() -> None:
@@ -96,10 +98,15 @@ def test_rotation_operand_gives_each_thread_its_channels(name: str, head_dim: in
     got = n[:, order] @ store_mgpu.rotation_operand(cfg).astype(np.float64).T
     # each key segment's channels rotated by its own +-1 matrix (split keys: two halves, two matrices)
     expected = np.zeros_like(n)
-    for i, seg in enumerate(cfg.key_segments):
+    if cfg.key_format == "prod":  # one rotation of every channel
+        expected = n @ np.asarray(codec.prod.pm1, np.float64).T
+    for i, seg in enumerate(cfg.key_segments if cfg.key_format != "prod" else ()):
         at = list(seg.channels)
         expected[:, at] = n[:, at] @ np.asarray(codec.quantizers[i].pm1, np.float64).T
     np.testing.assert_array_equal(got, expected[:, order])
+    if cfg.key_format == "prod":  # the sketch's operand, the same way: w_int S_int^T with its columns in that order
+        got = n[:, order] @ store_mgpu.sketch_operand(cfg).astype(np.float64).T
+        np.testing.assert_array_equal(got, (n @ np.asarray(codec.prod.sketch_matrix, np.float64).T)[:, order])
     # thread lane % 4 = c holds columns 8j + 2c + e, j < D/8: channels D/4 c .. D/4 (c + 1) - 1, in order
     per = head_dim // 4
     for c in range(4):
@@ -107,7 +114,20 @@ def test_rotation_operand_gives_each_thread_its_channels(name: str, head_dim: in
         np.testing.assert_array_equal(order[cols], np.arange(per * c, per * c + per))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", ["turboquant_kqjl4v4", "turboquant_kqjl3v4"])
+def test_centroid_table_is_the_centroids_by_magnitude(name: str) -> None:
+    """QJL keys: entry m is the float32 bits of the MSE stage's centroid c[half + m] = -c[half - 1 - m]."""
+    cfg = _config(name)
+    table = store_mgpu.centroid_table(cfg)
+    c = np.asarray(key_codec(cfg).prod.mse.centroids, np.float32)
+    half = len(c) // 2
+    assert half == 1 << (cfg.key_bits - 2)
+    np.testing.assert_array_equal(table[:half].view(np.float32), c[half:])
+    np.testing.assert_array_equal(table[:half].view(np.float32), -c[:half][::-1])
+    assert not table[half:].any()
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if "qjl" not in p])
 def test_square_table_is_the_squares_by_magnitude(name: str) -> None:
     cfg = _config(name)
     table = store_mgpu.square_table(cfg)
@@ -129,10 +149,14 @@ def test_threads_words_make_the_packed_rows(name: str, head_dim: int) -> None:
     cfg = _config(name, head_dim)
     rng = np.random.default_rng(3)
     segs = cfg.key_segments
-    lanes = 4 // len(segs)
+    lanes = 4 if cfg.key_format == "prod" else 4 // len(segs)  # QJL keys: both segments over every channel
     per = head_dim // 4  # a thread's channels of a row
     key = jnp.asarray(rng.standard_normal((5, head_dim)), jnp.float32)
-    codes = [np.asarray(c) for c in key_codec(cfg).mse_codes(key)[0]]  # per segment [5, seg.dim]
+    if cfg.key_format == "prod":  # the MSE codes and the signs, each a segment
+        code = key_codec(cfg).prod.quantize(key)
+        codes = [np.asarray(code.codes), np.asarray(code.signs)]
+    else:
+        codes = [np.asarray(c) for c in key_codec(cfg).mse_codes(key)[0]]  # per segment [5, seg.dim]
     expected_keys = np.asarray(key_codec(cfg).encode(key)[0])
     values = rng.integers(0, 1 << cfg.value_bits, (5, head_dim))
     expected_values = np.asarray(pack_codes(jnp.asarray(values, jnp.uint32), cfg.value_bits))
@@ -295,8 +319,9 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, head_d
     registers by ptxas itself, which spills instead: the split presets spill 48-64 bytes a thread (static count,
     ptxas 13.0; still 2-15% faster than 3 programs of one warpgroup at 4096-16k tokens on the H200, 4-10% slower at
     64k: docs/PERFORMANCE.md, "Four warpgroups share the store's matrix"), the others nothing; more fails here."""
-    programs = store_mgpu.PROGRAMS_PER_CORE[head_dim] * store_mgpu.WARPGROUPS[head_dim]
-    spill_limit = 64 if len(_config(name, head_dim).key_segments) > 1 else 0
+    cfg = _config(name, head_dim)
+    programs = store_mgpu.programs_per_core(cfg) * store_mgpu.WARPGROUPS[head_dim]
+    spill_limit = {"mse": 0, "split": 64, "prod": 128}[cfg.key_format]
     limit = 65536 // (128 * programs) // 8 * 8
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
     for n in (4096, 16384):
@@ -338,7 +363,7 @@ def test_gpu_store_defaults_to_mosaic_where_it_runs() -> None:
     for name, dtype, expected in [("turboquant_4bit_nc", jnp.bfloat16, "mosaic"), ("turboquant_k3v4_nc", jnp.bfloat16,
                                   "mosaic"), ("turboquant_k3p5v4", jnp.bfloat16, "mosaic"),
                                   ("turboquant_k8v4", jnp.bfloat16, "triton"), ("turboquant_kqjl4v4", jnp.bfloat16,
-                                  "triton"), ("turboquant_4bit_nc", jnp.float16, "triton")]:
+                                  "mosaic"), ("turboquant_4bit_nc", jnp.float16, "triton")]:
         cache = PagedKVCache.allocate(_config(name), 4, 16, 2)
         assert choose_implementation(cache, x.astype(dtype), x.astype(dtype)) == expected, (name, dtype)
     cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)

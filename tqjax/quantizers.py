@@ -12,7 +12,7 @@
 Everything is jnp and jit-able; arithmetic is float32 with float matmuls at HIGHEST precision (the
 integer rotation below is exact on float16 operands), so the Pallas store kernel can reproduce the
 codes bit for bit. One exception, :data:`PROD_ENCODE_PRECISION`: the two products of
-:meth:`TurboQuantProd.quantize` (rotation and sketch), whose codes only XLA computes.
+:class:`TurboQuantProd`'s float path (rotations other than Hadamard's), whose codes only XLA computes.
 
 Exact Hadamard codes. With a Hadamard-kind rotation (``"hadamard"``, ``"random_hadamard"``: every
 power-of-two dim), :meth:`TurboQuantMSE.quantize` first snaps each vector onto a fixed-point grid
@@ -26,6 +26,23 @@ Pallas store kernel (which rotates inside the kernel) get the same codes bit for
 sum whose bits depend on the summation order. The norms (``||n||`` times the grid step, and with norm
 correction over ``||c[codes]||``) stay XLA float32 (:meth:`TurboQuantMSE.grid_norm`,
 :meth:`TurboQuantMSE.stored_norm`) on integer inputs that both paths share.
+
+Exact QJL signs. :class:`TurboQuantProd` with a Hadamard kind codes its (b-1)-bit MSE stage as above (``n``,
+``z``, ``n2``, codes) and then sketches the residual on integers, so that a kernel's sums in any order give the
+reference's signs bit for bit (the paper's sketch ``sign(S r)`` with Gaussian ``S`` and float ``r`` flips the
+signs of projections near zero with the summation order)::
+
+    L     = round13(sqrt(f32(n2) dim))          (residual_length: y = z / L)
+    w     = z - c[codes] L                      (= L r; c L exact, one rounded difference)
+    w_int = snap_to_grid(w, G)                  (|w_int| <= 2**G, G = qjl_grid_bits(dim))
+    signs = S_int w_int >= 0                    (S_int = clip(round(4 N(0, 1)), +-31): sums below 2**24, exact)
+    gamma = sqrt(f32(||w_int||**2)) step_w / L   (||r||, of the residual on its grid)
+    norm  = sqrt(f32(n2)) step                  (||x||, of the vector on its grid)
+
+``S = S_int / (4 sqrt(v))`` (unit-variance entries) is what the query meets. Against the paper's Gaussian
+``S`` on the float residual this is as unbiased and as accurate to the precision measured
+(``experiments/qjl_sketch.py``: bias within 2.7 standard errors and D_prod within -2.8% / +1.6% over 16
+configurations of 32768 vectors; docs/PERFORMANCE.md, "The QJL sketch on integers").
 """
 
 from __future__ import annotations
@@ -44,13 +61,14 @@ from tqjax.rotation import default_rotation_kind, rotation
 FP16_MAX = 65504.0
 FP8_E4M3_MAX = 448.0
 HIGHEST = jax.lax.Precision.HIGHEST
-#: Precision of :meth:`TurboQuantProd.quantize`'s rotation and sketch products (float32 in, float32 out):
+#: Precision of the rotation and sketch products of :class:`TurboQuantProd`'s float path (rotations other than
+#: Hadamard's; float32 in, float32 out):
 #: ``HIGH`` is three bf16 passes on an NVIDIA GPU (a ~2**-17 relative error per product term; float32 on
 #: a CPU, where every precision is float32), against six for HIGHEST. On the H200 at 4096 tokens x 8
 #: heads the sketch took 24.6 us instead of 44.3 and 9.5e-5 of its signs differed (projections within
 #: ~1e-5 of zero, whose sign says nothing about the residual's direction); ``experiments.store_probe``
 #: and ``experiments.distortion`` measure the codes, signs and estimator errors of both precisions.
-#: Only XLA computes these codes (the Pallas store copies XLA's words), so no kernel reproduces them.
+#: Only XLA computes these codes (the Pallas stores copy XLA's words), so no kernel reproduces them.
 PROD_ENCODE_PRECISION = jax.lax.Precision.HIGH
 _TINY = 1e-30  # norms below this are treated as zero vectors
 
@@ -155,11 +173,11 @@ class ProdCode(NamedTuple):
 
 
 class ProdFeatures(NamedTuple):
-    """The float32 intermediates of :meth:`TurboQuantProd.quantize` (the codes are ``bucketize(rotated)``)."""
+    """The float32 intermediates of :meth:`TurboQuantProd.float_features` (the codes are ``bucketize(rotated)``)."""
 
     rotated: jax.Array  # [..., d], y = Pi x / ||x||
     codes: jax.Array  # uint8 [..., d], (bits-1)-bit MSE codes of y (all 0 when bits == 1)
-    sketch: jax.Array  # [..., d], S r with r = y - c[codes]; the stored signs are sketch >= 0
+    residual: jax.Array  # [..., d], r = y - c[codes]
     norm: jax.Array  # [...], ||x||
     residual_norm: jax.Array  # [...], ||r||
 
@@ -269,13 +287,62 @@ class TurboQuantMSE:
         return self.rotation.apply_inverse(self.dequantize_rotated(code))
 
 
+#: The QJL sketch matrix is ``S_int / QJL_STEPS``: normals rounded to quarters (module docstring, "Exact QJL signs").
+QJL_STEPS = 4
+#: ``|S_int| <= QJL_CLIP``, a normal beyond 7.75 standard deviations (never met at these sizes: the bound makes the
+#: sketch's exactness a property of the construction, not of the seed).
+QJL_CLIP = 31
+
+
+def qjl_grid_bits(dim: int) -> int:
+    """``G`` of the residual's grid (:func:`snap_to_grid`, ``|w_int| <= 2**G``): the largest ``G <= 11`` with
+    ``dim * QJL_CLIP * 2**G < 2**24``, so that every partial sum of ``S_int w_int`` is an integer exact in float32
+    (11 up to dim 256, 10 at 512)."""
+    g = 11
+    while dim * QJL_CLIP * 2**g >= 2**24:
+        g -= 1
+    return g
+
+
 @functools.lru_cache(maxsize=None)
-def qjl_matrix(dim: int, seed: int) -> np.ndarray:
-    """The QJL projection S: i.i.d. N(0, 1) entries, float32 [dim, dim], deterministic per seed."""
-    rng = np.random.default_rng([seed, 0x514A4C])  # own stream, independent of the rotation's
-    s = rng.standard_normal((dim, dim)).astype(np.float32)
+def qjl_sketch_matrix(dim: int, seed: int) -> np.ndarray:
+    """``S_int``: float32 integers [dim, dim], ``clip(round(QJL_STEPS z), +-QJL_CLIP)`` for i.i.d. N(0, 1) ``z``,
+    deterministic per seed (a stream of its own, independent of the rotation's)."""
+    rng = np.random.default_rng([seed, 0x514A4C])
+    s = np.clip(np.rint(QJL_STEPS * rng.standard_normal((dim, dim))), -QJL_CLIP, QJL_CLIP).astype(np.float32)
     s.flags.writeable = False
     return s
+
+
+@functools.lru_cache(maxsize=None)
+def qjl_entry_variance() -> float:
+    """``E[(S_int / QJL_STEPS)**2]`` over the normal's distribution (float64): ``1 + 1/192`` nearly (the rounding's
+    ``1 / (12 QJL_STEPS**2)``)."""
+    edges = [(k + 0.5) / QJL_STEPS for k in range(-QJL_CLIP - 1, QJL_CLIP + 1)]
+    cdf = [0.0] + [0.5 * (1.0 + math.erf(e / math.sqrt(2.0))) for e in edges[1:-1]] + [1.0]
+    return sum((k / QJL_STEPS) ** 2 * (cdf[i + 1] - cdf[i]) for i, k in enumerate(range(-QJL_CLIP, QJL_CLIP + 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def qjl_matrix(dim: int, seed: int) -> np.ndarray:
+    """The QJL projection ``S`` the query meets: :func:`qjl_sketch_matrix` over ``QJL_STEPS sqrt(v)`` (v:
+    :func:`qjl_entry_variance`), float32 [dim, dim] of unit-variance entries, so the estimator keeps the paper's
+    ``sqrt(pi/2) / d`` scale. Its rows have the signs' directions: ``sign(S r) = sign(S_int r)``."""
+    s = (qjl_sketch_matrix(dim, seed).astype(np.float64) / (QJL_STEPS * math.sqrt(qjl_entry_variance())))
+    s = s.astype(np.float32)
+    s.flags.writeable = False
+    return s
+
+
+def residual_length(n2: jax.Array, dim: int) -> jax.Array:
+    """``L = sqrt(dim ||n||**2)`` rounded to 13 significant bits (to nearest, ties to even), float32 [...]: the
+    scale of the rotated grid vector, ``y = z / L``. With 13 bits, ``c L`` is exact in float32 for every centroid
+    ``c`` (11 significant bits, :func:`tf32_table`); the rounding scales ``y`` by at most ``1 +- 2**-14``, to
+    nearest, so by a factor whose mean over vectors is 1."""
+    length = jnp.sqrt(n2.astype(jnp.float32) * np.float32(dim))
+    bits = jax.lax.bitcast_convert_type(length, jnp.int32)
+    bits = (bits + 0x3FF + ((bits >> 11) & 1)) & ~0x7FF
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 class TurboQuantProd:
@@ -284,6 +351,9 @@ class TurboQuantProd:
     With ``x = ||x|| u``, rotated unit vector ``y = Pi u``, MSE reconstruction ``m = c[codes]``, residual
     ``r = y - m``: store codes, ``sign(S r)``, ``||x||`` and ``gamma = ||r||``. The estimate of
     ``<q, x>`` is ``||x|| (<Pi q, m> + sqrt(pi/2)/d * gamma * <S Pi q, sign(S r)>)``, unbiased.
+
+    ``S`` has normals rounded to quarters (:func:`qjl_matrix`), not the paper's normals. Hadamard kinds code exactly
+    (module docstring, "Exact QJL signs"), the others with float32 products at :data:`PROD_ENCODE_PRECISION`.
     """
 
     def __init__(
@@ -306,34 +376,58 @@ class TurboQuantProd:
             else None
         )
         self.projection = qjl_matrix(dim, seed)  # numpy float32 [dim, dim]
+        self.sketch_matrix = qjl_sketch_matrix(dim, seed)  # numpy float32 integers [dim, dim]
         self.qjl_scale = math.sqrt(math.pi / 2) / dim
+        self.exact = self.rotation.kind in ("hadamard", "random_hadamard")
+        self.grid_bits = self.pm1 = None
+        self.sketch_grid_bits = qjl_grid_bits(dim)
+        if self.exact:
+            self.grid_bits = grid_bits(dim)
+            self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
 
     def _mse_part(self, codes: jax.Array) -> jax.Array:
         if self.mse is None:
             return jnp.zeros(codes.shape, jnp.float32)
         return self.mse.centroid_vectors(codes)
 
-    def quantize_features(self, x: jax.Array, precision: jax.lax.Precision = PROD_ENCODE_PRECISION) -> ProdFeatures:
-        """Everything :meth:`quantize` computes before taking the signs of the sketch (its two products at
-        ``precision``)."""
+    def float_features(self, x: jax.Array, precision: jax.lax.Precision = PROD_ENCODE_PRECISION) -> ProdFeatures:
+        """The float path's intermediates (every rotation kind; :meth:`quantize` takes it for non-Hadamard kinds):
+        ``y = Pi x / ||x||`` at ``precision``, its MSE codes and residual ``r = y - c[codes]``, the norms."""
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape [..., {self.dim}], got {x.shape}")
         x = x.astype(jnp.float32)
         norm = _norm(x)
         y = self.rotation.apply(x / jnp.maximum(norm, _TINY)[..., None], precision=precision)
-        if self.mse is None:
-            codes = jnp.zeros(y.shape, jnp.uint8)
-        else:
-            codes = bucketize(y, self.mse.boundaries)
+        codes = jnp.zeros(y.shape, jnp.uint8) if self.mse is None else bucketize(y, self.mse.boundaries)
         r = y - self._mse_part(codes)
-        sketch = jnp.matmul(r, self.projection.T, precision=precision)
-        return ProdFeatures(y, codes, sketch, norm, _norm(r))
+        return ProdFeatures(y, codes, r, norm, _norm(r))
 
-    def quantize(self, x: jax.Array, precision: jax.lax.Precision = PROD_ENCODE_PRECISION) -> ProdCode:
-        """Codes, sketch signs and norms of ``x`` [..., dim]; ``precision``: of the rotation and sketch products
-        (the default is the reference's, :data:`PROD_ENCODE_PRECISION`)."""
-        f = self.quantize_features(x, precision)
-        return ProdCode(f.codes, (f.sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
+    def quantize(self, x: jax.Array) -> ProdCode:
+        """Codes, sketch signs and norms of ``x`` [..., dim]: exactly for Hadamard kinds (module docstring),
+        otherwise from :meth:`float_features` and a float32 sketch at :data:`PROD_ENCODE_PRECISION`."""
+        if not self.exact:
+            f = self.float_features(x)
+            sketch = jnp.matmul(f.residual, self.projection.T, precision=PROD_ENCODE_PRECISION)
+            return ProdCode(f.codes, (sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
+        if x.shape[-1:] != (self.dim,):
+            raise ValueError(f"x must have shape [..., {self.dim}], got {x.shape}")
+        n, field = snap_to_grid(x.astype(jnp.float32), self.grid_bits)
+        z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(self.pm1.T, jnp.float16), preferred_element_type=jnp.float32)
+        n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+        if self.mse is None:
+            codes = jnp.zeros(z.shape, jnp.uint8)
+        else:
+            codes = exact_bucketize(z, n2, self.mse.thresholds)
+        length = residual_length(n2, self.dim)
+        # w = L r: an exact product (11 x 13 significant bits) and one rounded difference, the same in any compiler
+        w = z - self._mse_part(codes) * length[..., None]
+        w_int, w_field = snap_to_grid(w, self.sketch_grid_bits)
+        sketch = jnp.matmul(w_int.astype(jnp.float16), jnp.asarray(self.sketch_matrix.T, jnp.float16),
+                            preferred_element_type=jnp.float32)  # integers below 2**24: exact in any order
+        w2 = jnp.sum(jnp.square(w_int.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+        gamma = jnp.sqrt(w2.astype(jnp.float32)) * grid_step(w_field) / jnp.maximum(length, 1.0)
+        norm = jnp.sqrt(n2.astype(jnp.float32)) * grid_step(field)
+        return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), norm, gamma)
 
     def qjl_vectors(self, signs: jax.Array, residual_norm: jax.Array) -> jax.Array:
         """``sqrt(pi/2)/d * gamma * (2 signs - 1)``: the sign sketch as the vector the projected query meets."""

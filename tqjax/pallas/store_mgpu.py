@@ -28,6 +28,13 @@ scatter: 22 of 90 us at 16k tokens on the H200). Here every thread owns whole wo
   of the low bits, two of the high pairs) and stored (16-, 8- and 4-byte stores); the fixed-point squares of
   the codes' centroids summed (:func:`square_table` in shared memory, the quad's shuffles), and the fp16 key
   norm formed with IEEE float32 operations (``sqrt.rn``, ``div.rn``) and stored by the quad's first thread;
+- QJL keys (exact QJL signs, :meth:`tqjax.quantizers.TurboQuantProd.quantize`): the MSE stage's codes as above
+  (one segment of b - 1 bits, no norm correction), then in the same registers ``w = z - c L`` (the centroid's
+  magnitude from :func:`centroid_table` times :func:`tqjax.quantizers.residual_length`, an exact product, signed
+  by ``z``'s sign; one ``sub.rn``), the row's largest ``|w|`` (the quad's shuffles) and its grid, the integers
+  ``w_int`` as the left operand of a second ``wgmma`` against the integer sketch matrix (:func:`sketch_operand`,
+  32 KB more shared memory at head_dim 128): the sums are integers below 2**24, exact in any order, and their
+  signs are packed and stored as a 1-bit segment; the row's fp16 (norm, gamma) in one 4-byte store;
 - values (:func:`tqjax.quantizers.quantize_values`): min/max on the bf16 pairs (``min.bf16x2``), the quad's
   shuffles, the fp16 scale and zero, the reciprocal ``rcp.rn`` (correctly rounded: the entry of
   :func:`tqjax.quantizers.fp16_reciprocals`), then per element ``(v - zero) * inv`` and ``floor(t + 1/2)``
@@ -43,8 +50,8 @@ about 1 in 10**4 key norms one fp16 ulp away (H200: 6 of 131072 at 16k tokens; i
 its float32 operations differs too); ``tests/test_store_mgpu.py`` checks both. The cache is updated in place
 (its arrays are GMEM refs, ``jax.new_ref``, that only the kernel writes; the jit donates the cache); ``slot <
 0`` and ``slot >= num_slots`` are skipped; keys and values without NaN. :func:`unsupported` says which caches it
-takes (head_dim 128: MSE keys of one 3- or 4-bit segment or the split presets, with a Hadamard rotation, 3- or
-4-bit values; head_dim 64: the same presets, a thread holding 16 codes of a row: the one-bit fields of 3-bit codes
+takes (head_dim 128: MSE keys of one 3- or 4-bit segment, the split presets or 3- and 4-bit QJL keys, with a
+Hadamard rotation, 3- or 4-bit values; head_dim 64: the same presets, a thread holding 16 codes of a row: the one-bit fields of 3-bit codes
 are half a word, shared by a lane pair through a shuffle);
 :func:`tqjax.pallas.store.store` runs the Triton kernel for the others and is the entry point. There is no
 interpret mode: ``tests/test_store_mgpu.py`` lowers the kernel on the CPU and compares it with the reference
@@ -81,7 +88,8 @@ from tqjax.pallas.decode_mgpu import (
 from tqjax.quantizers import _TINY, FP16_MAX
 from tqjax.reference import check_store_inputs
 
-__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "WARPGROUPS", "field_runs", "on_hopper", "refusal",
+__all__ = ["HEAD_DIMS", "PROGRAMS_PER_CORE", "TOKENS", "WARPGROUPS", "centroid_table", "field_runs", "on_hopper",
+           "programs_per_core", "refusal", "sketch_operand",
            "rotation_operand", "square_table", "store_mgpu", "store_mgpu_jit", "unsupported"]
 
 TOKENS = 64  # tokens per program: the rotation product's M
@@ -93,6 +101,14 @@ PROGRAMS_PER_CORE = {64: 5, 128: 1}
 #: Warpgroups a program, by head_dim: each takes its own work items; a program's warpgroups share the +-1 matrix
 #: (32 KB at head_dim 128: with 3 programs of one warpgroup, each held its own copy; 4 did not fit).
 WARPGROUPS = {64: 1, 128: 4}
+def programs_per_core(config: TurboQuantConfig) -> int:
+    """Programs resident a multiprocessor for ``config``: :data:`PROGRAMS_PER_CORE`, but 4 for QJL keys at head_dim
+    64 (101 registers, static count with jax 0.11.2's lowering and ptxas 13.0: five need <= 96)."""
+    if config.key_format == "prod" and config.head_dim == 64:
+        return 4
+    return PROGRAMS_PER_CORE[config.head_dim]
+
+
 _CHAIN = 2  # register pairs (4 elements) of a row bucketized at once (:func:`_keys_out`)
 
 
@@ -100,6 +116,14 @@ def unsupported(config: TurboQuantConfig) -> str | None:
     """Why this kernel cannot store ``config`` (None if it can)."""
     if config.head_dim not in HEAD_DIMS:
         return f"head_dim {config.head_dim} (the Mosaic store takes {HEAD_DIMS})"
+    if config.key_format == "prod":
+        if config.key_bits not in (3, 4):
+            return f"{config.key_bits}-bit QJL keys (the Mosaic store takes 3 and 4: 2- or 3-bit MSE codes)"
+        if not key_codec(config).prod.exact:
+            return f"a {config.rotation} rotation (the Mosaic store codes Hadamard rotations exactly)"
+        if config.value_bits not in (3, 4):
+            return f"{config.value_bits}-bit values (the Mosaic store takes 3 or 4)"
+        return None
     segs = config.key_segments
     bits = [s.bits for s in segs]
     if bits not in {"mse": ([3], [4]), "split": ([4, 3], [3, 2])}.get(config.key_format, ()):
@@ -123,11 +147,34 @@ def rotation_operand(config: TurboQuantConfig) -> np.ndarray:
     product's column j is channel ``order[j]`` of ``z`` (each thread holds its own channels on both sides)."""
     codec = key_codec(config)
     m = np.zeros((config.head_dim, config.head_dim), np.float32)
-    for i, seg in enumerate(config.key_segments):
-        at = np.asarray(seg.channels)
-        m[np.ix_(at, at)] = codec.quantizers[i].pm1
+    if config.key_format == "prod":  # one rotation of every channel, the MSE stage's and the residual's
+        m[...] = codec.prod.pm1
+    else:
+        for i, seg in enumerate(config.key_segments):
+            at = np.asarray(seg.channels)
+            m[np.ix_(at, at)] = codec.quantizers[i].pm1
     order = key_channel_order(config.head_dim)
     return m.astype(np.float16)[np.ix_(order, order)]
+
+
+def sketch_operand(config: TurboQuantConfig) -> np.ndarray:
+    """float16 [D, D]: the QJL sketch's right operand (``s = w_int S_int^T``), the integer matrix
+    :func:`tqjax.quantizers.qjl_sketch_matrix` (entries up to 31: exact in float16) with its rows and columns in
+    :func:`key_channel_order`, as :func:`rotation_operand` (QJL keys only)."""
+    order = key_channel_order(config.head_dim)
+    return np.asarray(key_codec(config).prod.sketch_matrix)[np.ix_(order, order)].astype(np.float16)
+
+
+def centroid_table(config: TurboQuantConfig) -> np.ndarray:
+    """int32 [32] (QJL keys, in the place of :func:`square_table`): entry ``m`` (``m < 2**(b - 2)``) the float32 bits
+    of the MSE stage's centroid ``c[half + m] = -c[half - 1 - m]`` (odd codebooks), the rest 0."""
+    c = np.asarray(key_codec(config).prod.mse.centroids, np.float32)
+    half = len(c) // 2
+    if not np.array_equal(c[half:], -c[:half][::-1]):
+        raise ValueError("the Mosaic store needs an odd codebook")
+    out = np.zeros(32, np.int32)
+    out[:half] = c[half:].view(np.int32)
+    return out
 
 
 def square_table(config: TurboQuantConfig) -> np.ndarray:
@@ -384,7 +431,7 @@ def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
     ir, arith, _, _, vector = _ir()
     i32, _, f32 = _types()
     d = cfg.head_dim
-    lanes = 4 // len(cfg.key_segments)
+    lanes = 4 if cfg.key_format == "prod" else 4 // len(cfg.key_segments)  # a key segment's lanes (QJL: one rotation)
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((TOKENS, d)), dtype=object)
     stats = []
     for r, row in enumerate(rows):
@@ -525,6 +572,124 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             llvm.store(arith.trunci(i16, norm16), ptr)
 
 
+def _sum_squares(xs: list):
+    """i32: the sum of the squares of float32 integers ``xs`` (``|x| <= 2**11``: four squares sum exactly in
+    float32, one conversion a group)."""
+    i32 = _types()[0]
+    _, arith, *_ = _ir()
+    total = _ci(0)
+    for k in range(0, len(xs), 4):
+        total = arith.addi(total, _asm(i32, xs[k:k + 4], "{ .reg .f32 t; mul.rn.f32 t, $1, $1; fma.rn.f32 t, $2, $2, t;"
+                                       " fma.rn.f32 t, $3, $3, t; fma.rn.f32 t, $4, $4, t; cvt.rzi.s32.f32 $0, t; }",
+                                       "=r,f,f,f,f"))
+    return total
+
+
+def _grid_field(top, grid_bits: int):
+    """:func:`tqjax.quantizers.snap_to_grid`'s field from ``top``, the float32 exponent field of the largest
+    magnitude (i32)."""
+    _, arith, *_ = _ir()
+    return arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
+
+
+def _snap(x, scale):
+    """``floor(x scale + 1/2)`` (f32; ``scale`` a power of two: the product is exact, so the FMA rounds as the
+    reference's product and addition)."""
+    return _asm(_types()[2], [x, scale], "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }",
+                "=f,f,f")
+
+
+def _residual_length(n2f, dim: int):
+    """:func:`tqjax.quantizers.residual_length` of ``n2f`` (``f32(||n||**2)``): f32."""
+    _, arith, *_ = _ir()
+    length = _bits_i32(_asm(_types()[2], [n2f, arith.constant(_types()[2], float(dim))],
+                            "{ .reg .f32 t; mul.rn.f32 t, $1, $2; sqrt.rn.f32 $0, t; }", "=f,f,f"))
+    odd = arith.andi(arith.shrui(length, _ci(11)), _ci(1))
+    return _bits_f32(arith.andi(arith.addi(length, arith.addi(odd, _ci(0x3FF))), _ci(~0x7FF)))
+
+
+def _prod_residual(rows: list, z: mgpu.FragmentedArray, n2s: list, cent_ref, kc_ref, h, cfg: TurboQuantConfig,
+                   num_pages: int, block_size: int):
+    """QJL keys, the MSE stage and the residual on its grid (:meth:`tqjax.quantizers.TurboQuantProd.quantize`): codes
+    of the rotated keys ``z`` (as :func:`_keys_out`, one segment of ``b - 1`` bits) packed and stored, ``w = z - c L``
+    (``c L`` exact, ``L`` :func:`_residual_length`), its grid integers as the sketch product's float16 left operand
+    (WGMMA layout, the channels as in ``z``), and for each row (``||w_int||**2`` i32, grid field i32)."""
+    ir, arith, llvm, _, vector = _ir()
+    i32, _, f32 = _types()
+    prod = key_codec(cfg).prod
+    seg = cfg.key_segments[0]
+    bits, d = seg.bits, cfg.head_dim
+    positive = np.asarray(prod.mse.thresholds, np.float32)[1 << (bits - 1):]
+    half = 1 << (bits - 1)
+    top_step = 1 << ((len(positive) + 1).bit_length() - 2)
+    regs = np.array(z.registers, dtype=object)
+    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((TOKENS, d)), dtype=object)
+    stats = []
+    for r, row in enumerate(rows):
+        n2f = arith.sitofp(f32, n2s[r])
+        limits = [_bits_i32(arith.mulf(n2f, arith.constant(f32, float(t)))) for t in positive]
+        length = _residual_length(n2f, d)
+        cent_ptr = mgpu.utils.getelementptr(mgpu.utils.memref_ptr(cent_ref), [_ci(-half)], i32)
+        codes, ws, top = [], [], _ci(0)  # top: the running largest |w| (its bits)
+        for j in range(regs.shape[1]):
+            pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
+            for e in range(2):
+                zz = vector.extract(pair, [], [e])
+                if j and j % _CHAIN == 0:  # after the previous elements (as in _keys_out): fewer live registers
+                    zz = _after(zz, top)
+                up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
+                s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
+                at = _search(s_bits, limits, [_ci(half + top_step), _ci(half)])
+                codes.append(arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), _ci(2 * half - 1))))
+                mag = llvm.load(i32, mgpu.utils.getelementptr(cent_ptr, [at], i32))
+                # c L with c's sign (+ where z > 0), then w = z - c L: an exact product, one rounded difference
+                cl = arith.xori(_bits_i32(_asm(f32, [_bits_f32(mag), length], "mul.rn.f32 $0, $1, $2;", "=f,f,f")),
+                                arith.andi(arith.xori(up, _ci(-1)), _ci(-0x80000000)))
+                ws.append(_asm(f32, [zz, _bits_f32(cl)], "sub.rn.f32 $0, $1, $2;", "=f,f,f"))
+                top = arith.maxui(top, arith.andi(_bits_i32(ws[-1]), _ci(0x7FFFFFFF)))
+        _store_codes(kc_ref, codes, bits, row.lane4, d, 0, cfg.key_words, row, h, num_pages, block_size, row.valid)
+        field = _grid_field(arith.shrui(_quad(top, "max.u32"), _ci(23)), prod.sketch_grid_bits)
+        scale = _bits_f32(arith.shli(field, _ci(23)))
+        ints = [_snap(w, scale) for w in ws]
+        for j in range(len(ints) // 2):
+            packed = _asm(i32, [ints[2 * j + 1], ints[2 * j]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
+            out[(0, j, 0, 0, r) + (0,) * (out.ndim - 5)] = vector.bitcast(
+                ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
+        stats.append((_quad(_sum_squares(ints), "add.u32"), field))
+    w_f16 = mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+    return w_f16, stats
+
+
+def _prod_signs(rows: list, sketch: mgpu.FragmentedArray, n2s: list, fields: list, w2s: list, w_fields: list,
+                kc_ref, ks_ref, h, cfg: TurboQuantConfig, num_pages: int, block_size: int) -> None:
+    """QJL keys, the rest: the signs ``sketch >= 0`` (float32 [64, D], WGMMA layout, exact integers) packed and
+    stored, and the row's fp16 (norm, gamma): ``sqrt(n2) step`` and ``sqrt(||w_int||**2) step_w / max(L, 1)``."""
+    _, arith, llvm, _, vector = _ir()
+    i32, _, f32 = _types()
+    seg = cfg.key_segments[-1]
+    d = cfg.head_dim
+    regs = np.array(sketch.registers, dtype=object)
+    for r, row in enumerate(rows):
+        signs = []
+        for j in range(regs.shape[1]):
+            pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
+            for e in range(2):
+                signs.append(_asm(i32, [vector.extract(pair, [], [e])],
+                                  "{ .reg .pred p; setp.ge.f32 p, $1, 0f00000000; selp.u32 $0, 1, 0, p; }", "=r,f"))
+        _store_codes(kc_ref, signs, 1, row.lane4, d, seg.word_start, cfg.key_words, row, h, num_pages, block_size,
+                     row.valid)
+        with mgpu.utils.when(row.valid), mgpu.utils.when(row.first):
+            n2f, w2f = arith.sitofp(f32, n2s[r]), arith.sitofp(f32, w2s[r])
+            step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
+            w_step = _bits_f32(arith.shli(arith.subi(_ci(254), w_fields[r]), _ci(23)))
+            pair = _asm(i32, [n2f, step, w2f, w_step, _residual_length(n2f, d), arith.constant(f32, float(FP16_MAX))],
+                        "{ .reg .f32 a, g; .reg .b16 x, y; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2; min.NaN.f32 a, a, $6;"
+                        " cvt.rn.f16.f32 x, a; sqrt.rn.f32 g, $3; mul.rn.f32 g, g, $4; max.f32 a, $5, 0f3F800000;"
+                        " div.rn.f32 g, g, a; min.NaN.f32 g, g, $6; cvt.rn.f16.f32 y, g; mov.b32 $0, {x, y}; }",
+                        "=r,f,f,f,f,f,f")
+            llvm.store(pair, _global_ptr(ks_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
+
+
 def _values(rows: list, value_smem, vc_ref, vs_ref, h, cfg: TurboQuantConfig, num_pages: int,
             block_size: int) -> None:
     """Quantize, pack and store this thread's value elements and its rows' (scale, zero)."""
@@ -588,9 +753,13 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
     matrix and the squares that all of them read; an item's key and value are read from shared memory first, then
     the next item's copies are issued into the same buffers while this item's keys are rotated and stored."""
     d = cfg.head_dim
-    grid = {key_codec(cfg).quantizers[i].grid_bits for i in range(len(cfg.key_segments))}
-    assert len(grid) == 1, grid  # one grid for every segment (grid_bits(64) == grid_bits(128) == 11)
-    grid_bits = grid.pop()
+    prod = cfg.key_format == "prod"
+    if prod:
+        grid_bits = key_codec(cfg).prod.grid_bits
+    else:
+        grid = {key_codec(cfg).quantizers[i].grid_bits for i in range(len(cfg.key_segments))}
+        assert len(grid) == 1, grid  # one grid for every segment (grid_bits(64) == grid_bits(128) == 11)
+        grid_bits = grid.pop()
     num_slots = num_pages * block_size
     rows_len = max(n, TOKENS)  # the inputs' tokens (padded)
     splat = plgpu.Layout.WG_SPLAT(())
@@ -622,6 +791,21 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         _keys_out(rows_of(tile, start, slots_smem), z, _row_values(n2), _row_values(field), squares_smem, kc_ref,
                   ks_ref, h.registers.item(), cfg, num_pages, block_size)
 
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, row_layout) + (plgpu.RefType(),) * 3 + (splat,) * 3,
+                       return_type=(plgpu.ShapeDtypeStruct((TOKENS, d), jnp.float16, layout=plgpu.Layout.WGMMA),
+                                    rows_ty, rows_ty))
+    def prod_residual(ctx, z, n2, slots_smem, cent_smem, kc_ref, tile, start, h):
+        del ctx
+        w_f16, stats = _prod_residual(rows_of(tile, start, slots_smem), z, _row_values(n2), cent_smem, kc_ref,
+                                      h.registers.item(), cfg, num_pages, block_size)
+        return w_f16, _rows_array([s[0] for s in stats]), _rows_array([s[1] for s in stats])
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) + (row_layout,) * 4 + (plgpu.RefType(),) * 3 + (splat,) * 3)
+    def prod_signs(ctx, sketch, n2, field, w2, w_field, slots_smem, kc_ref, ks_ref, tile, start, h):
+        del ctx
+        _prod_signs(rows_of(tile, start, slots_smem), sketch, _row_values(n2), _row_values(field), _row_values(w2),
+                    _row_values(w_field), kc_ref, ks_ref, h.registers.item(), cfg, num_pages, block_size)
+
     @plgpu.inline_mgpu()
     def sync(ctx):  # every thread's shared-memory reads done (and fenced) before a copy overwrites them
         del ctx
@@ -630,11 +814,16 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
 
     total = pl.cdiv(n, TOKENS) * hk  # work items: (tile, head), heads fastest
     wgs = WARPGROUPS[d]
-    programs = min(pl.cdiv(total, wgs), PROGRAMS_PER_CORE[d] * _num_cores())
+    programs = min(pl.cdiv(total, wgs), programs_per_core(cfg) * _num_cores())
     workers = programs * wgs  # warpgroups, each its own items
 
-    def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, kc_ref, ks_ref, vc_ref, vs_ref,
-               key_smem, value_smem, slots_smem, mat_smem, sq_smem, key_bar, value_bar, mat_bar):
+    def kernel(slot_ref, mat_ref, sq_ref, key_ref, value_ref, *refs):
+        if prod:  # the sketch's matrix after the inputs, in shared memory after the squares' (here centroids') table
+            sk_ref, kc_ref, ks_ref, vc_ref, vs_ref, key_smem, value_smem, slots_smem, mat_smem, sq_smem, sk_smem, \
+                key_bar, value_bar, mat_bar = refs
+        else:
+            kc_ref, ks_ref, vc_ref, vs_ref, key_smem, value_smem, slots_smem, mat_smem, sq_smem, \
+                key_bar, value_bar, mat_bar = refs
         mat_bar = mat_bar if mat_bar.shape == () else mat_bar.at[0]  # jax 0.10: shape (1,); 0.11: a scalar's
         wg = lax.axis_index("wg")
         worker = lax.axis_index("p") * wgs + wg
@@ -659,6 +848,8 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
         def _():  # once per program: its warpgroups share the matrix and the squares
             plgpu.copy_gmem_to_smem(mat_ref, mat_smem, mat_bar)
             plgpu.copy_gmem_to_smem(sq_ref, sq_smem, mat_bar)
+            if prod:
+                plgpu.copy_gmem_to_smem(sk_ref, sk_smem, mat_bar)
 
         @pl.when(count > 0)
         def _():
@@ -685,7 +876,17 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
                 return acc_ref[...]
 
             z = pl.run_scoped(rotate, plgpu.ACC((TOKENS, d), jnp.float32))
-            keys_out(z, n2, field, slots, sq_smem, kc_ref, ks_ref, tile, start, h)
+            if prod:
+                w_f16, w2, w_field = prod_residual(z, n2, slots, sq_smem, kc_ref, tile, start, h)
+
+                def sketch(acc_ref):
+                    plgpu.wgmma(acc_ref, w_f16, sk_smem.T)
+                    return acc_ref[...]
+
+                signs = pl.run_scoped(sketch, plgpu.ACC((TOKENS, d), jnp.float32))
+                prod_signs(signs, n2, field, w2, w_field, slots, kc_ref, ks_ref, tile, start, h)
+            else:
+                keys_out(z, n2, field, slots, sq_smem, kc_ref, ks_ref, tile, start, h)
 
             return carry
 
@@ -694,8 +895,9 @@ def _build_call(cfg: TurboQuantConfig, n: int, hk: int, num_pages: int, block_si
     scratch = (plgpu.SMEM((wgs, TOKENS, d), jnp.bfloat16), plgpu.SMEM((wgs, TOKENS, d), jnp.bfloat16),
                plgpu.SMEM((wgs, 2, TOKENS), jnp.int32), plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE),
                plgpu.SMEM((32,), jnp.int32),
+               *([plgpu.SMEM((d, d), jnp.float16, transforms=_F16_TILE)] if prod else []),
                plgpu.Barrier(num_arrivals=2, num_barriers=2 * wgs), plgpu.Barrier(num_arrivals=1, num_barriers=2 * wgs),
-               plgpu.Barrier(num_arrivals=2))  # arrivals: the copies on each
+               plgpu.Barrier(num_arrivals=3 if prod else 2))  # arrivals: the copies on each
     mesh = plgpu.Mesh(grid=(programs,), grid_names=("p",), num_threads=wgs, thread_name="wg")
 
     def tq_store_mgpu(*refs) -> None:  # GMEM refs: the inputs, then the cache arrays (written in place)
@@ -723,7 +925,11 @@ def _store_impl(cache: PagedKVCache, key: jax.Array, value: jax.Array, slot_mapp
         slots = jnp.pad(slots, (0, -n % TOKENS), constant_values=-1)
     if n < TOKENS:  # one whole tile of keys and values to copy
         key, value = (jnp.pad(x, ((0, TOKENS - n), (0, 0), (0, 0))) for x in (key, value))
-    inputs = (slots, jnp.asarray(rotation_operand(cfg)), jnp.asarray(square_table(cfg)), key, value)
+    if cfg.key_format == "prod":
+        inputs = (slots, jnp.asarray(rotation_operand(cfg)), jnp.asarray(centroid_table(cfg)), key, value,
+                  jnp.asarray(sketch_operand(cfg)))
+    else:
+        inputs = (slots, jnp.asarray(rotation_operand(cfg)), jnp.asarray(square_table(cfg)), key, value)
     # the cache arrays as GMEM refs, which only the kernel writes and XLA aliases to its outputs (in place: the jit
     # donates the cache); the inputs as arrays, which are neither aliased nor copied
     cache_refs = [jax.new_ref(a, memory_space=plgpu.GMEM)
