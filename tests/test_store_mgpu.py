@@ -264,6 +264,11 @@ def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pa
         if array == "key_scales":
             ulps = np.abs(got[array].view(np.int16).astype(np.int32) - on_gpu[array].view(np.int16).astype(np.int32))
             assert ulps.max() <= 1 and np.mean(ulps > 0) < 1e-3, where
+        elif array == "key_codes" and cfg.key_format == "prod":
+            # QJL keys: XLA's float32 square root on the GPU is not IEEE either, so its residual's scale L (rounded
+            # to 13 bits) moves now and then (H200: 1 word of 131072 rows x 16 at 16k tokens, its signs and codes)
+            rows = np.any(got[array] != on_gpu[array], axis=-1)
+            assert np.mean(rows) < 1e-3, where
         else:
             assert np.array_equal(got[array], on_gpu[array]), f"{where} differs from the reference on the GPU"
 
@@ -318,10 +323,12 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name: str, head_d
     0.11.2 for one warpgroup a program), so this checks the toolchain in use. A program of 4 warpgroups is held to 128
     registers by ptxas itself, which spills instead: the split presets spill 48-64 bytes a thread (static count,
     ptxas 13.0; still 2-15% faster than 3 programs of one warpgroup at 4096-16k tokens on the H200, 4-10% slower at
-    64k: docs/PERFORMANCE.md, "Four warpgroups share the store's matrix"), the others nothing; more fails here."""
+    64k: docs/PERFORMANCE.md, "Four warpgroups share the store's matrix"), the QJL presets 76-100 bytes (their
+    residual's 32 floats a row held until the row's largest is known), the others nothing; more fails here. QJL keys
+    at head_dim 64 take 101-114 registers: 4 programs a multiprocessor (``programs_per_core``)."""
     cfg = _config(name, head_dim)
     programs = store_mgpu.programs_per_core(cfg) * store_mgpu.WARPGROUPS[head_dim]
-    spill_limit = {"mse": 0, "split": 64, "prod": 128}[cfg.key_format]
+    spill_limit = {"mse": 0, "split": 64, "prod": 112}[cfg.key_format]  # QJL: 76-100 B (static count)
     limit = 65536 // (128 * programs) // 8 * 8
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
     for n in (4096, 16384):

@@ -350,10 +350,11 @@ def field_runs(bits: int, seg_dim: int, word_start: int, row_words: int,
     return out
 
 
-def _pack(codes: list, bits: int, width: int, shift: int) -> list:
+def _pack(codes: list, bits: int, width: int, shift: int, masks: bool = False) -> list:
     """The thread's codes (``codes[i]``: channel ``len(codes) * lane + i`` of its segment, i32) -> its words of the
     field ``(width, shift)`` (:func:`tqjax.packing.pack_codes`: code bits ``shift .. shift + width - 1``, ``32 /
-    width`` codes a word, the first in the low bits; fewer codes than a word takes fill its low bits)."""
+    width`` codes a word, the first in the low bits; fewer codes than a word takes fill its low bits). ``masks``:
+    one-bit codes given as 0 or -1, each taken as ``code & bit`` (one ``lop3`` with the OR)."""
     _, arith, *_ = _ir()
     per_word = 32 // width
     words = []
@@ -361,6 +362,11 @@ def _pack(codes: list, bits: int, width: int, shift: int) -> list:
         word = None
         for i in range(min(per_word, len(codes) - w * per_word)):
             code = codes[w * per_word + i]
+            if masks:
+                assert bits == width == 1
+                code = arith.andi(code, _ci(1 << i))
+                word = code if word is None else arith.ori(word, code)
+                continue
             if shift:
                 code = arith.shrui(code, _ci(shift))
             if bits - shift > width:
@@ -373,9 +379,9 @@ def _pack(codes: list, bits: int, width: int, shift: int) -> list:
 
 
 def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
-                 num_pages: int, block_size: int, where) -> None:
-    """Pack the thread's codes of a segment and store them into its cache row (:func:`field_runs`) where ``where``
-    (i1). Whole words: all under one condition. A half-word field's two halves meet by a shuffle (every lane takes
+                 num_pages: int, block_size: int, where, masks: bool = False) -> None:
+    """Pack the thread's codes of a segment (:func:`_pack`) and store them into its cache row (:func:`field_runs`)
+    where ``where`` (i1). Whole words: all under one condition. A half-word field's two halves meet by a shuffle (every lane takes
     part, so it runs before the condition) and the pair's even lane stores the word."""
     _, arith, *_ = _ir()
     runs = field_runs(bits, seg_dim, word_start, row_words, len(codes))
@@ -384,10 +390,10 @@ def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: in
             for run in runs:
                 at = arith.addi(_ci(run.start), arith.muli(lane, _ci(run.words)))
                 _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at),
-                             _pack(codes, bits, run.width, run.shift), run.chunk)
+                             _pack(codes, bits, run.width, run.shift, masks), run.chunk)
         return
     for run in runs:
-        words = _pack(codes, bits, run.width, run.shift)
+        words = _pack(codes, bits, run.width, run.shift, masks)
         if run.words:
             at, store = arith.addi(_ci(run.start), arith.muli(lane, _ci(run.words))), where
         else:  # lanes 2k and 2k + 1 (lane ^ 1 in the warp too): the even one's codes in the low half
@@ -630,13 +636,13 @@ def _prod_residual(rows: list, z: mgpu.FragmentedArray, n2s: list, cent_ref, kc_
         limits = [_bits_i32(arith.mulf(n2f, arith.constant(f32, float(t)))) for t in positive]
         length = _residual_length(n2f, d)
         cent_ptr = mgpu.utils.getelementptr(mgpu.utils.memref_ptr(cent_ref), [_ci(-half)], i32)
-        codes, ws, top = [], [], _ci(0)  # top: the running largest |w| (its bits)
+        codes, ws, top = [], [], arith.constant(f32, 0.0)  # top: the running largest |w|
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
             for e in range(2):
                 zz = vector.extract(pair, [], [e])
                 if j and j % _CHAIN == 0:  # after the previous elements (as in _keys_out): fewer live registers
-                    zz = _after(zz, top)
+                    zz = _after(zz, _bits_i32(top))
                 up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
                 s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
                 at = _search(s_bits, limits, [_ci(half + top_step), _ci(half)])
@@ -646,9 +652,9 @@ def _prod_residual(rows: list, z: mgpu.FragmentedArray, n2s: list, cent_ref, kc_
                 cl = arith.xori(_bits_i32(_asm(f32, [_bits_f32(mag), length], "mul.rn.f32 $0, $1, $2;", "=f,f,f")),
                                 arith.andi(arith.xori(up, _ci(-1)), _ci(-0x80000000)))
                 ws.append(_asm(f32, [zz, _bits_f32(cl)], "sub.rn.f32 $0, $1, $2;", "=f,f,f"))
-                top = arith.maxui(top, arith.andi(_bits_i32(ws[-1]), _ci(0x7FFFFFFF)))
+                top = _asm(f32, [top, ws[-1]], "{ .reg .f32 t; abs.f32 t, $2; max.f32 $0, $1, t; }", "=f,f,f")
         _store_codes(kc_ref, codes, bits, row.lane4, d, 0, cfg.key_words, row, h, num_pages, block_size, row.valid)
-        field = _grid_field(arith.shrui(_quad(top, "max.u32"), _ci(23)), prod.sketch_grid_bits)
+        field = _grid_field(arith.shrui(_quad(_bits_i32(top), "max.u32"), _ci(23)), prod.sketch_grid_bits)
         scale = _bits_f32(arith.shli(field, _ci(23)))
         ints = [_snap(w, scale) for w in ws]
         for j in range(len(ints) // 2):
@@ -674,10 +680,9 @@ def _prod_signs(rows: list, sketch: mgpu.FragmentedArray, n2s: list, fields: lis
         for j in range(regs.shape[1]):
             pair = regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)]
             for e in range(2):
-                signs.append(_asm(i32, [vector.extract(pair, [], [e])],
-                                  "{ .reg .pred p; setp.ge.f32 p, $1, 0f00000000; selp.u32 $0, 1, 0, p; }", "=r,f"))
+                signs.append(_asm(i32, [vector.extract(pair, [], [e])], "set.ge.u32.f32 $0, $1, 0f00000000;", "=r,f"))
         _store_codes(kc_ref, signs, 1, row.lane4, d, seg.word_start, cfg.key_words, row, h, num_pages, block_size,
-                     row.valid)
+                     row.valid, masks=True)
         with mgpu.utils.when(row.valid), mgpu.utils.when(row.first):
             n2f, w2f = arith.sitofp(f32, n2s[r]), arith.sitofp(f32, w2s[r])
             step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
