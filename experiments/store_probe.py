@@ -18,9 +18,10 @@ sweep (``experiments.timing.time_fn``):
 * ``tT/wW in-jit``: the full store in the jitted loop with T tokens per program and W warps (``--launches``; per call,
   the host's dispatch of a donating call, 40-70 us on the H200, hides the launches' differences);
 * ``reference``: the pure-XLA reference store (``tqjax.reference.store_jit``);
-* for QJL keys, the XLA half's two float32 products alone: ``prod rotation`` and ``prod sketch HIGHEST``,
-  per call and in-jit, at HIGHEST and at HIGH (``sum of unit``: the in-jit loop's own cost), and the
-  quantizer's encoding against the float32 HIGHEST one (codes, signs, estimator error);
+* for QJL keys, their XLA encoding in-jit (``prod exact encoding``: the library's, on integers) beside the float
+  path's (``prod float encoding HIGHEST``: a float32 rotation and sketch, the reference before the thirty-eighth
+  session but for its matrix; ``sum of key``: the in-jit loop's own cost), and the two compared (codes, signs,
+  estimator error);
 * with ``--rotation``, for MSE keys, the rotation of the unit keys alone: ``rot f32 HIGHEST`` (what the XLA half runs
   above ``FWHT_MAX_ROWS`` rows), ``rot bf16 +-1`` (the bf16 key times the unnormalised +-1 matrix in one
   bf16 pass, float32 accumulation: exact products) and ``rot fwht``.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 
 import jax
@@ -46,6 +48,7 @@ from experiments.timing import copy_bandwidth, device_description, looped_store,
 from tqjax import reference
 from tqjax.codec import key_codec, take_channels
 from tqjax.pallas import store as store_mod
+from tqjax.quantizers import ProdCode
 from tqjax.rotation import fwht, hadamard_matrix
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -122,22 +125,12 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
         add(f"t{tokens}/w{warps} in-jit (/{STEPS})", in_jit(launch))
     ref = lambda c: reference.store_jit(c, k, v, slots)
     add("reference", time_fn(stepper(ref), [()], iters=iters, reps=reps))
-    if cfg.key_format == "prod":  # the XLA half's two float32 products, alone
+    if cfg.key_format == "prod":  # the XLA encoding alone: the library's exact one, and the float path's
         prod = key_codec(cfg).prod
         x = k.astype(jnp.float32)
-        unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        add("prod rotation HIGHEST", time_fn(jax.jit(prod.rotation.apply), [(unit,)], iters=iters, reps=reps))
-        sketch = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGHEST))
-        add("prod sketch HIGHEST", time_fn(sketch, [(unit,)], iters=iters, reps=reps))
-        add(f"prod rotation HIGHEST in-jit (/{STEPS})", pure_in_jit(prod.rotation.apply, unit))
-        add(f"prod sketch HIGHEST in-jit (/{STEPS})", pure_in_jit(sketch, unit))
-        add(f"sum of unit in-jit (/{STEPS})", pure_in_jit(lambda x: x, unit))
-        # at HIGH (the quantizer's PROD_ENCODE_PRECISION): time, and how many sketch signs differ from HIGHEST's
-        high = jax.jit(lambda r: jnp.matmul(r, prod.projection.T, precision=jax.lax.Precision.HIGH))
-        flips = float(jnp.mean((high(unit) >= 0) != (sketch(unit) >= 0)))
-        add(f"prod sketch HIGH in-jit, {flips:.1e} flips", pure_in_jit(high, unit))
-        rot_high = jax.jit(lambda x: prod.rotation.apply(x, precision=jax.lax.Precision.HIGH))
-        add(f"prod rotation HIGH in-jit (/{STEPS})", pure_in_jit(rot_high, unit))
+        add(f"prod exact encoding in-jit (/{STEPS})", pure_in_jit(prod.quantize, x))
+        add(f"prod float encoding HIGHEST in-jit (/{STEPS})", pure_in_jit(functools.partial(float_encoding, prod), x))
+        add(f"sum of key in-jit (/{STEPS})", pure_in_jit(lambda x: x, x))
         compare_with_float_encoding(prod, k[:, 0], rng)
     if cfg.key_format == "mse" and a.rotation:
         codec = key_codec(cfg)
@@ -162,19 +155,28 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
             add("rot fwht", time_fn(fw, [(x,)], iters=iters, reps=reps))
 
 
+def float_encoding(prod, x: jax.Array) -> ProdCode:
+    """The QJL code of ``x`` by the float path at HIGHEST (:meth:`tqjax.TurboQuantProd.float_features`, a float32
+    sketch against the same matrix): the paper's definition, which only XLA computes."""
+    f = prod.float_features(x, jax.lax.Precision.HIGHEST)
+    sketch = jnp.matmul(f.residual, prod.projection.T, precision=jax.lax.Precision.HIGHEST)
+    return ProdCode(f.codes, (sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
+
+
 def compare_with_float_encoding(prod, keys: jax.Array, rng, num_queries: int = 64) -> None:
-    """The QJL quantizer's codes (``prod.quantize``) against its float32 HIGHEST encoding (the reference
-    before the tenth session) on ``keys`` [n, D]: the fraction of MSE codes and of sketch signs that differ, and the inner-product estimator's
-    RMS error against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries, with either."""
+    """The QJL quantizer's codes (``prod.quantize``, exact on integers) against the float path's
+    (:func:`float_encoding`) on ``keys`` [n, D]: the fraction of MSE codes and of sketch signs that differ, and the
+    inner-product estimator's RMS error against the exact float64 ``<q, x>`` for ``num_queries`` Gaussian queries,
+    with either."""
     new = jax.jit(prod.quantize)(keys)
-    old = jax.jit(lambda x: prod.quantize(x, jax.lax.Precision.HIGHEST))(keys)
+    old = jax.jit(functools.partial(float_encoding, prod))(keys)
     q = jnp.asarray(rng.standard_normal((num_queries, 1, keys.shape[-1])), jnp.float32)
     exact = np.asarray(q[:, 0], np.float64) @ np.asarray(keys, np.float64).T  # [Q, n]
     est = {name: np.asarray(jax.jit(prod.inner_product)(prod.prepare_query(q), c), np.float64)
            for name, c in (("new", new), ("old", old))}
     rms = {name: float(np.sqrt(np.mean((e - exact) ** 2))) for name, e in est.items()}
     diff = float(np.sqrt(np.mean((est["new"] - est["old"]) ** 2)))
-    print(f"  QJL encoding vs the float32 HIGHEST one, {keys.shape[0]} keys: MSE codes differ "
+    print(f"  QJL encoding vs the float path's at HIGHEST, {keys.shape[0]} keys: MSE codes differ "
           f"{float(jnp.mean(new.codes != old.codes)):.1e}, sketch signs {float(jnp.mean(new.signs != old.signs)):.1e}; "
           f"estimator RMS error vs exact <q, x> ({num_queries} queries) {rms['new']:.4e} vs {rms['old']:.4e}, "
           f"RMS of their difference {diff:.1e}", flush=True)

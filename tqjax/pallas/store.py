@@ -30,10 +30,12 @@ What runs where
   vector, in place).
 * **QJL (``prod``) keys, wider Hadamard segments (``MAX_KERNEL_ROTATION_DIM``: the kernel's +-1 matrix
   would not fit its shared memory) and Haar rotations: XLA encodes the key before the kernel** with
-  the reference's own function (``KeyCodec.encode``: the float rotation, the QJL residual and its
-  sketch ``S r``, whose bits depend on how a compiler orders a reduction or a matmul, the codes, the
-  packing and the fp16 norms), so the words are the reference's bits; the kernel copies the packed
-  words (``Wk / 32`` of the bytes a float32 feature would take) into the pages.
+  the reference's own function (``KeyCodec.encode``: the rotation, the QJL residual and its sketch, the
+  codes, the packing and the fp16 norms), so the words are the reference's bits; the kernel copies the
+  packed words (``Wk / 32`` of the bytes a float32 feature would take) into the pages. (QJL keys with a
+  Hadamard rotation are coded on integers, exact in any summation order, and the Mosaic GPU store,
+  :mod:`tqjax.pallas.store_mgpu`, codes them in its kernel on Hopper; a Haar rotation's float sketch
+  depends on how a compiler orders its sums, so only XLA computes it.)
 * **The kernel, in every case:** float8 e4m3 conversion of raw keys (``arithmetic``: the hardware's,
   or integer bit arithmetic; both round to nearest even, bit-exact with XLA's convert), the complete
   value quantization (fp16 clamp, min/max, fp16 scale and zero, reciprocal, rounded codes, clip), bit
