@@ -61,7 +61,7 @@ def sign_matrix(dim: int, seed: int) -> np.ndarray:
 
 
 def paper_matrix(dim: int, seed: int) -> np.ndarray:
-    """float32 [dim, dim] of i.i.d. N(0, 1) entries: the normals that the library's sketch matrix rounds (its stream)."""
+    """float32 [dim, dim] of i.i.d. N(0, 1) entries: the normals the library's sketch matrix rounds (its stream)."""
     return np.random.default_rng([seed, 0x514A4C]).standard_normal((dim, dim)).astype(np.float32)
 
 

@@ -51,8 +51,8 @@ its float32 operations differs too); ``tests/test_store_mgpu.py`` checks both. T
 (its arrays are GMEM refs, ``jax.new_ref``, that only the kernel writes; the jit donates the cache); ``slot <
 0`` and ``slot >= num_slots`` are skipped; keys and values without NaN. :func:`unsupported` says which caches it
 takes (head_dim 128: MSE keys of one 3- or 4-bit segment, the split presets or 3- and 4-bit QJL keys, with a
-Hadamard rotation, 3- or 4-bit values; head_dim 64: the same presets, a thread holding 16 codes of a row: the one-bit fields of 3-bit codes
-are half a word, shared by a lane pair through a shuffle);
+Hadamard rotation, 3- or 4-bit values; head_dim 64: the same presets, a thread holding 16 codes of a row: the
+one-bit fields of 3-bit codes are half a word, shared by a lane pair through a shuffle);
 :func:`tqjax.pallas.store.store` runs the Triton kernel for the others and is the entry point. There is no
 interpret mode: ``tests/test_store_mgpu.py`` lowers the kernel on the CPU and compares it with the reference
 on a Hopper GPU (``-m gpu``).
@@ -101,6 +101,8 @@ PROGRAMS_PER_CORE = {64: 5, 128: 1}
 #: Warpgroups a program, by head_dim: each takes its own work items; a program's warpgroups share the +-1 matrix
 #: (32 KB at head_dim 128: with 3 programs of one warpgroup, each held its own copy; 4 did not fit).
 WARPGROUPS = {64: 1, 128: 4}
+
+
 def programs_per_core(config: TurboQuantConfig) -> int:
     """Programs resident a multiprocessor for ``config``: :data:`PROGRAMS_PER_CORE`, but 4 for QJL keys at head_dim
     64 (101 registers, static count with jax 0.11.2's lowering and ptxas 13.0: five need <= 96)."""
@@ -381,8 +383,8 @@ def _pack(codes: list, bits: int, width: int, shift: int, masks: bool = False) -
 def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: int, row_words: int, row: _Row, h,
                  num_pages: int, block_size: int, where, masks: bool = False) -> None:
     """Pack the thread's codes of a segment (:func:`_pack`) and store them into its cache row (:func:`field_runs`)
-    where ``where`` (i1). Whole words: all under one condition. A half-word field's two halves meet by a shuffle (every lane takes
-    part, so it runs before the condition) and the pair's even lane stores the word."""
+    where ``where`` (i1). Whole words: all under one condition. A half-word field's two halves meet by a shuffle
+    (every lane takes part, so it runs before the condition) and the pair's even lane stores the word."""
     _, arith, *_ = _ir()
     runs = field_runs(bits, seg_dim, word_start, row_words, len(codes))
     if all(run.words for run in runs):
@@ -431,6 +433,35 @@ def _search(s_bits, limits: list, firsts: list):
 # ---- the kernel's three parts -----------------------------------------------------------------------
 
 
+def _grid_field(top, grid_bits: int):
+    """:func:`tqjax.quantizers.snap_to_grid`'s field from ``top``, the float32 exponent field of the largest
+    magnitude (i32)."""
+    _, arith, *_ = _ir()
+    return arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
+
+
+def _snap(x, scale):
+    """``floor(x scale + 1/2)`` (f32; ``scale`` a power of two: the product is exact, so the FMA rounds as the
+    reference's product and addition)."""
+    return _asm(_types()[2], [x, scale], "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }",
+                "=f,f,f")
+
+
+def _four_squares(xs: list):
+    """i32: the sum of the squares of four float32 integers ``|x| <= 2**11`` (exact in float32: <= 2**24)."""
+    return _asm(_types()[0], xs, "{ .reg .f32 t; mul.rn.f32 t, $1, $1; fma.rn.f32 t, $2, $2, t;"
+                " fma.rn.f32 t, $3, $3, t; fma.rn.f32 t, $4, $4, t; cvt.rzi.s32.f32 $0, t; }", "=r,f,f,f,f")
+
+
+def _f16_pair(lo, hi):
+    """A WGMMA-layout register: float32 integers ``lo``, ``hi`` (exact in float16) as vector<2xf16>."""
+    ir, _, _, _, vector = _ir()
+    i32 = _types()[0]
+    packed = _asm(i32, [hi, lo], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
+    return vector.bitcast(ir.VectorType.get((2,), ir.F16Type.get()),
+                          vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
+
+
 def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
     """Snap this thread's key elements to the grid: (float16 [64, D] WGMMA-layout registers of ``n``, for each
     row (``||n||**2`` i32, grid field i32) of the thread's key segment)."""
@@ -448,24 +479,16 @@ def _keys_in(rows: list, key_smem, cfg: TurboQuantConfig, grid_bits: int):
             top = mag if top is None else _op2("max.u16x2", top, mag)
         top = arith.maxui(arith.andi(top, _ci(0xFFFF)), arith.shrui(top, _ci(16)))
         top = arith.shrui(_quad(top, "max.u32", lanes), _ci(7))  # the float32 exponent field of max |x|
-        field = arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
+        field = _grid_field(top, grid_bits)
         scale = _bits_f32(arith.shli(field, _ci(23)))
         n2, group = _ci(0), []
         for j, w in enumerate(words):
-            pair = []
-            for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000))):
-                n = _asm(f32, [_bits_f32(x), scale],
-                         "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }", "=f,f,f")
-                pair.append(n)
+            pair = [_snap(_bits_f32(x), scale) for x in (arith.shli(w, _ci(16)), arith.andi(w, _ci(0xFFFF0000)))]
             group += pair
-            if len(group) == 4:  # |n| <= 2**grid_bits = 2**11: four squares sum exactly in float32 (<= 2**24)
-                n2 = arith.addi(n2, _asm(i32, group, "{ .reg .f32 t; mul.rn.f32 t, $1, $1; fma.rn.f32 t, $2, $2, t;"
-                                         " fma.rn.f32 t, $3, $3, t; fma.rn.f32 t, $4, $4, t; cvt.rzi.s32.f32 $0, t; }",
-                                         "=r,f,f,f,f"))
+            if len(group) == 4:  # |n| <= 2**grid_bits = 2**11
+                n2 = arith.addi(n2, _four_squares(group))
                 group = []
-            packed = _asm(i32, [pair[1], pair[0]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
-            regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)] = vector.bitcast(
-                ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
+            regs[(0, j, 0, 0, r) + (0,) * (regs.ndim - 5)] = _f16_pair(*pair)
         stats.append((_quad(n2, "add.u32", lanes), field))
     n_f16 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
     return n_f16, stats
@@ -578,33 +601,6 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
             llvm.store(arith.trunci(i16, norm16), ptr)
 
 
-def _sum_squares(xs: list):
-    """i32: the sum of the squares of float32 integers ``xs`` (``|x| <= 2**11``: four squares sum exactly in
-    float32, one conversion a group)."""
-    i32 = _types()[0]
-    _, arith, *_ = _ir()
-    total = _ci(0)
-    for k in range(0, len(xs), 4):
-        total = arith.addi(total, _asm(i32, xs[k:k + 4], "{ .reg .f32 t; mul.rn.f32 t, $1, $1; fma.rn.f32 t, $2, $2, t;"
-                                       " fma.rn.f32 t, $3, $3, t; fma.rn.f32 t, $4, $4, t; cvt.rzi.s32.f32 $0, t; }",
-                                       "=r,f,f,f,f"))
-    return total
-
-
-def _grid_field(top, grid_bits: int):
-    """:func:`tqjax.quantizers.snap_to_grid`'s field from ``top``, the float32 exponent field of the largest
-    magnitude (i32)."""
-    _, arith, *_ = _ir()
-    return arith.minsi(arith.maxsi(arith.subi(_ci(254 + grid_bits - 1), top), _ci(1)), _ci(254))
-
-
-def _snap(x, scale):
-    """``floor(x scale + 1/2)`` (f32; ``scale`` a power of two: the product is exact, so the FMA rounds as the
-    reference's product and addition)."""
-    return _asm(_types()[2], [x, scale], "{ .reg .f32 t; fma.rn.f32 t, $1, $2, 0f3F000000; cvt.rmi.f32.f32 $0, t; }",
-                "=f,f,f")
-
-
 def _residual_length(n2f, dim: int):
     """:func:`tqjax.quantizers.residual_length` of ``n2f`` (``f32(||n||**2)``): f32."""
     _, arith, *_ = _ir()
@@ -657,11 +653,12 @@ def _prod_residual(rows: list, z: mgpu.FragmentedArray, n2s: list, cent_ref, kc_
         field = _grid_field(arith.shrui(_quad(_bits_i32(top), "max.u32"), _ci(23)), prod.sketch_grid_bits)
         scale = _bits_f32(arith.shli(field, _ci(23)))
         ints = [_snap(w, scale) for w in ws]
+        w2 = _ci(0)
         for j in range(len(ints) // 2):
-            packed = _asm(i32, [ints[2 * j + 1], ints[2 * j]], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")
-            out[(0, j, 0, 0, r) + (0,) * (out.ndim - 5)] = vector.bitcast(
-                ir.VectorType.get((2,), ir.F16Type.get()), vector.from_elements(ir.VectorType.get((1,), i32), [packed]))
-        stats.append((_quad(_sum_squares(ints), "add.u32"), field))
+            out[(0, j, 0, 0, r) + (0,) * (out.ndim - 5)] = _f16_pair(ints[2 * j], ints[2 * j + 1])
+        for k in range(0, len(ints), 4):  # |w_int| <= 2**11
+            w2 = arith.addi(w2, _four_squares(ints[k:k + 4]))
+        stats.append((_quad(w2, "add.u32"), field))
     w_f16 = mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
     return w_f16, stats
 
@@ -688,10 +685,10 @@ def _prod_signs(rows: list, sketch: mgpu.FragmentedArray, n2s: list, fields: lis
             step = _bits_f32(arith.shli(arith.subi(_ci(254), fields[r]), _ci(23)))
             w_step = _bits_f32(arith.shli(arith.subi(_ci(254), w_fields[r]), _ci(23)))
             pair = _asm(i32, [n2f, step, w2f, w_step, _residual_length(n2f, d), arith.constant(f32, float(FP16_MAX))],
-                        "{ .reg .f32 a, g; .reg .b16 x, y; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2; min.NaN.f32 a, a, $6;"
-                        " cvt.rn.f16.f32 x, a; sqrt.rn.f32 g, $3; mul.rn.f32 g, g, $4; max.f32 a, $5, 0f3F800000;"
-                        " div.rn.f32 g, g, a; min.NaN.f32 g, g, $6; cvt.rn.f16.f32 y, g; mov.b32 $0, {x, y}; }",
-                        "=r,f,f,f,f,f,f")
+                        "{ .reg .f32 a, g; .reg .b16 x, y; sqrt.rn.f32 a, $1; mul.rn.f32 a, a, $2;"
+                        " min.NaN.f32 a, a, $6; cvt.rn.f16.f32 x, a; sqrt.rn.f32 g, $3; mul.rn.f32 g, g, $4;"
+                        " max.f32 a, $5, 0f3F800000; div.rn.f32 g, g, a; min.NaN.f32 g, g, $6; cvt.rn.f16.f32 y, g;"
+                        " mov.b32 $0, {x, y}; }", "=r,f,f,f,f,f,f")
             llvm.store(pair, _global_ptr(ks_ref, row.cache_at(h, num_pages, block_size, 1, 0), i32))
 
 
