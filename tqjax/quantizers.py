@@ -41,8 +41,8 @@ signs of projections near zero with the summation order)::
 
 ``S = S_int / (4 sqrt(v))`` (unit-variance entries) is what the query meets. Against the paper's Gaussian
 ``S`` on the float residual this is as unbiased and as accurate to the precision measured
-(``experiments/qjl_sketch.py``: bias within 2.7 standard errors and D_prod within -2.8% / +1.6% over 16
-configurations of 32768 vectors; docs/PERFORMANCE.md, "The QJL sketch on integers").
+(``experiments/qjl_sketch.py``, its ``library`` kind: bias within 2.0 standard errors and D_prod within -0.8% /
++0.7% over 16 configurations of 32768 vectors; docs/PERFORMANCE.md, "QJL keys in the Mosaic store").
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def qjl_matrix(dim: int, seed: int) -> np.ndarray:
 def residual_length(n2: jax.Array, dim: int) -> jax.Array:
     """``L = sqrt(dim ||n||**2)`` rounded to 13 significant bits (to nearest, ties to even), float32 [...]: the
     scale of the rotated grid vector, ``y = z / L``. With 13 bits, ``c L`` is exact in float32 for every centroid
-    ``c`` (11 significant bits, :func:`tf32_table`); the rounding scales ``y`` by at most ``1 +- 2**-14``, to
+    ``c`` (11 significant bits, :func:`tf32_table`); the rounding scales ``y`` by at most ``1 +- 2**-13``, to
     nearest, so by a factor whose mean over vectors is 1."""
     length = jnp.sqrt(n2.astype(jnp.float32) * np.float32(dim))
     bits = jax.lax.bitcast_convert_type(length, jnp.int32)
