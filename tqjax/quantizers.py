@@ -24,7 +24,7 @@ partial sum an integer below ``2**24``: exact in float32 in any order, on tensor
 with ``b``. Every operation there is exact or one IEEE-rounded product, so XLA (any backend) and the
 Pallas store kernel (which rotates inside the kernel) get the same codes bit for bit, without a float
 sum whose bits depend on the summation order. The norms (``||n||`` times the grid step, and with norm
-correction over ``||c[codes]||``) stay XLA float32 (:meth:`TurboQuantMSE.grid_norm`,
+correction over ``||c[codes]||``) stay XLA float32 (:func:`grid_norm`,
 :meth:`TurboQuantMSE.stored_norm`) on integer inputs that both paths share.
 
 Exact QJL signs. :class:`TurboQuantProd` with a Hadamard kind codes its (b-1)-bit MSE stage as above (``n``,
@@ -160,6 +160,28 @@ def exact_bucketize(z: jax.Array, n2: jax.Array, thresholds: np.ndarray) -> jax.
     return jnp.sum(signed_square[..., None] > limits, axis=-1, dtype=jnp.int32).astype(jnp.uint8)
 
 
+def pm1_matrix(rot) -> np.ndarray:
+    """The unnormalised +-1 matrix ``sqrt(dim) Pi`` of a Hadamard-kind rotation, float32 [dim, dim]."""
+    return np.rint(rot.matrix.astype(np.float64) * math.sqrt(rot.matrix.shape[-1])).astype(np.float32)
+
+
+def exact_rotation(x: jax.Array, bits: int, pm1: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(z, n2, field)``: ``x`` [..., d] snapped to its grid (:func:`snap_to_grid`, ``n``), rotated in integers
+    ``z = n @ pm1^T`` (float32 [..., d]), ``n2 = ||n||**2`` (int32 [...]) and the grid's field (int32 [...]).
+
+    float16 operands, float32 accumulation: ``|n| <= 2**11`` and +-1 are exact in float16, every partial sum an
+    integer below 2**24, exact in any order (one tensor-core pass on a GPU, not HIGHEST's six)."""
+    n, field = snap_to_grid(x.astype(jnp.float32), bits)
+    z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(pm1.T, jnp.float16), preferred_element_type=jnp.float32)
+    n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+    return z, n2, field
+
+
+def grid_norm(n2: jax.Array, field: jax.Array) -> jax.Array:
+    """``||x||`` of a vector on the grid: ``sqrt(||n||**2)`` times the step, float32 [...]."""
+    return jnp.sqrt(n2.astype(jnp.float32)) * grid_step(field)
+
+
 class MSECode(NamedTuple):
     codes: jax.Array  # uint8 [..., d] in [0, 2**bits)
     norm: jax.Array  # float32 [...]
@@ -217,7 +239,7 @@ class TurboQuantMSE:
         self.grid_bits = self.pm1 = self.thresholds = None
         if self.exact:
             self.grid_bits = grid_bits(dim)
-            self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
+            self.pm1 = pm1_matrix(self.rotation)
             b = self.boundaries.astype(np.float64)
             self.thresholds = (b * np.abs(b) * dim).astype(np.float32)
 
@@ -246,16 +268,8 @@ class TurboQuantMSE:
         if not self.exact:
             return self.code_of(*self.rotate_unit(x))
         self._check(x, "x")
-        n, field = snap_to_grid(x.astype(jnp.float32), self.grid_bits)
-        # float16 operands, float32 accumulation: |n| <= 2**11 and +-1 are exact in float16, every partial
-        # sum an integer below 2**24, exact in any order (one tensor-core pass on a GPU, not HIGHEST's six)
-        z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(self.pm1.T, jnp.float16), preferred_element_type=jnp.float32)
-        n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
-        return MSECode(exact_bucketize(z, n2, self.thresholds), self.grid_norm(n2, field))
-
-    def grid_norm(self, n2: jax.Array, field: jax.Array) -> jax.Array:
-        """``||x||`` of a vector on the grid: ``sqrt(||n||**2)`` times the step, float32 [...]."""
-        return jnp.sqrt(n2.astype(jnp.float32)) * grid_step(field)
+        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1)
+        return MSECode(exact_bucketize(z, n2, self.thresholds), grid_norm(n2, field))
 
     def code_of(self, y: jax.Array, norm: jax.Array) -> MSECode:
         """The code of a rotated unit vector ``y`` ``[..., dim]`` (from :meth:`rotate_unit`) and its norm."""
@@ -383,7 +397,7 @@ class TurboQuantProd:
         self.sketch_grid_bits = qjl_grid_bits(dim)
         if self.exact:
             self.grid_bits = grid_bits(dim)
-            self.pm1 = np.rint(self.rotation.matrix.astype(np.float64) * math.sqrt(dim)).astype(np.float32)
+            self.pm1 = pm1_matrix(self.rotation)
 
     def _mse_part(self, codes: jax.Array) -> jax.Array:
         if self.mse is None:
@@ -411,9 +425,7 @@ class TurboQuantProd:
             return ProdCode(f.codes, (sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape [..., {self.dim}], got {x.shape}")
-        n, field = snap_to_grid(x.astype(jnp.float32), self.grid_bits)
-        z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(self.pm1.T, jnp.float16), preferred_element_type=jnp.float32)
-        n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1)
         if self.mse is None:
             codes = jnp.zeros(z.shape, jnp.uint8)
         else:
@@ -426,8 +438,7 @@ class TurboQuantProd:
                             preferred_element_type=jnp.float32)  # integers below 2**24: exact in any order
         w2 = jnp.sum(jnp.square(w_int.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
         gamma = jnp.sqrt(w2.astype(jnp.float32)) * grid_step(w_field) / jnp.maximum(length, 1.0)
-        norm = jnp.sqrt(n2.astype(jnp.float32)) * grid_step(field)
-        return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), norm, gamma)
+        return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), grid_norm(n2, field), gamma)
 
     def qjl_vectors(self, signs: jax.Array, residual_norm: jax.Array) -> jax.Array:
         """``sqrt(pi/2)/d * gamma * (2 signs - 1)``: the sign sketch as the vector the projected query meets."""

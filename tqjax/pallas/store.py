@@ -113,6 +113,7 @@ from tqjax.quantizers import (
     FP16_MAX,
     MSECode,
     fp16_reciprocals,
+    grid_norm,
     round_half_up,
     snap_to_grid,
 )
@@ -604,7 +605,7 @@ def _grid_key_scales(
     for i, part in enumerate(part for part in _key_parts(cfg) if part.kind == "grid"):
         q = codec.quantizers[part.segment]
         code = MSECode(codec.segment_codes(words, cfg.key_segments[part.segment]),
-                       q.grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
+                       grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
         scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
     return _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
 

@@ -406,6 +406,18 @@ def _store_codes(ref, codes: list, bits: int, lane, seg_dim: int, word_start: in
             _store_words(ref, row.cache_at(h, num_pages, block_size, row_words, at), words, run.chunk)
 
 
+def _signed_code(zz, limits: list, firsts: list, mask):
+    """``(up, at, code)`` of a rotated element ``zz`` (f32 integer): ``up`` -1 where ``zz > 0`` else 0, ``at``
+    :func:`_search`'s ``half + count`` on the bits of ``zz * zz`` plus ``[zz <= 0]``, and the code ``at ^ (~up &
+    mask)`` (``half - 1 - count = (half + count) ^ (2 half - 1)`` for ``zz <= 0``)."""
+    _, arith, *_ = _ir()
+    # up: -1 where z > 0, else 0; z * z is |z| z's magnitude (z an integer: no underflow)
+    up = _asm(_types()[0], [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
+    s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
+    at = _search(s_bits, limits, firsts)
+    return up, at, arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), mask))
+
+
 def _search(s_bits, limits: list, firsts: list):
     """``half + count`` for elements with ``s_bits`` = the bits of ``z * z`` plus ``[z <= 0]``, against the row's
     ascending positive limits (bit patterns, ``2**m - 1`` of them; a segment of fewer bits has its list padded
@@ -572,11 +584,8 @@ def _keys_out(rows: list, z: mgpu.FragmentedArray, n2s: list, fields: list, squa
                 zz = vector.extract(pair, [], [e])
                 if j and j % _CHAIN == 0:
                     zz = _after(zz, total)
-                # up: -1 where z > 0, else 0; z * z is |z| z's magnitude (z an integer: no underflow)
-                up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
-                s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
-                at = _search(s_bits, limits, firsts)
-                codes.append(arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), mask)))
+                _, at, code = _signed_code(zz, limits, firsts, mask)
+                codes.append(code)
                 sq = llvm.load(i32, mgpu.utils.getelementptr(sq_ptr, [at], i32))
                 total = arith.addi(total, sq)
         total = _quad(total, "add.u32", lanes)
@@ -639,10 +648,8 @@ def _prod_residual(rows: list, z: mgpu.FragmentedArray, n2s: list, cent_ref, kc_
                 zz = vector.extract(pair, [], [e])
                 if j and j % _CHAIN == 0:  # after the previous elements (as in _keys_out): fewer live registers
                     zz = _after(zz, _bits_i32(top))
-                up = _asm(i32, [zz], "set.gt.s32.f32 $0, $1, 0f00000000;", "=r,f")
-                s_bits = arith.addi(_bits_i32(arith.mulf(zz, zz)), arith.addi(up, _ci(1)))
-                at = _search(s_bits, limits, [_ci(half + top_step), _ci(half)])
-                codes.append(arith.xori(at, arith.andi(arith.xori(up, _ci(-1)), _ci(2 * half - 1))))
+                up, at, code = _signed_code(zz, limits, [_ci(half + top_step), _ci(half)], _ci(2 * half - 1))
+                codes.append(code)
                 mag = llvm.load(i32, mgpu.utils.getelementptr(cent_ptr, [at], i32))
                 # c L with c's sign (+ where z > 0), then w = z - c L: an exact product, one rounded difference
                 cl = arith.xori(_bits_i32(_asm(f32, [_bits_f32(mag), length], "mul.rn.f32 $0, $1, $2;", "=f,f,f")),
