@@ -4,6 +4,8 @@ on the same inputs, with their differences from the reference store.
     python -m experiments.store_compare [--presets turboquant_4bit_nc ...] [--tokens 4096 16384] [--once]
     git show c9b1166:tqjax/pallas/store_mgpu.py > /tmp/store_mgpu_old.py
     python -m experiments.store_compare --against /tmp/store_mgpu_old.py --kernels mosaic --repeats 3
+    git show HEAD:tqjax/pallas/store.py > /tmp/store_old.py
+    python -m experiments.store_compare --against-triton /tmp/store_old.py --kernels triton --repeats 3
 
 For each preset and N (Hk=8, D=128 or ``--head-dim``, block 16, random distinct slots or with ``--slots blocks`` whole
 blocks in a random order, bf16 keys and values): each
@@ -11,7 +13,7 @@ kernel stores into a fresh cache once, and its arrays are compared with ``tqjax.
 on the same device (the count of differing entries per array; for the fp16 key norms also the largest difference in
 ulps), then it is timed as ``decode_sweep`` times a store inside a jitted loop (``experiments.timing.looped_store``,
 16 stores a call, per store). ``--against`` adds other versions of ``store_mgpu.py`` (loaded from files, named after
-them); with ``--repeats R`` every kernel is timed R times, the kernels taking turns, and the median is reported
+them), ``--against-triton`` other versions of ``store.py`` (their ``store_jit``, default launch); with ``--repeats R`` every kernel is timed R times, the kernels taking turns, and the median is reported
 (figures move 10-15% between calls of the lent machines, less within one: compare versions in one call). Bytes: bf16
 K and V read plus the compressed slots written; "of bw" against the copy bandwidth measured in the same run. The
 Mosaic kernel runs on Hopper GPUs only (elsewhere its rows say why not).
@@ -45,10 +47,10 @@ from tqjax.pallas import store_mgpu
 LOOP = 16
 
 
-def kernels(slots, value, others: dict, launches: str = "") -> dict:
+def kernels(slots, value, others: dict, launches: str = "", triton_others: dict | None = None) -> dict:
     """name -> (``(cache, key) -> cache`` (the value and slots fixed), the Mosaic module it runs or None): the
-    Triton store (default launch, and ``launches``: comma-separated tokens/warps), this Mosaic store and those of
-    ``others`` ({name: module})."""
+    Triton store (default launch, and ``launches``: comma-separated tokens/warps), the ``store_jit`` of the store
+    modules in ``triton_others`` ({name: module}), this Mosaic store and those of ``others`` ({name: module})."""
     mosaic = {"mosaic": store_mgpu} | {f"mosaic:{name}": module for name, module in others.items()}
     arithmetic = pallas_store.store_arithmetic(False)
     out = {"triton": (lambda c, key: pallas_store.store_jit(c, key, value, slots, arithmetic=arithmetic), None)}
@@ -56,6 +58,9 @@ def kernels(slots, value, others: dict, launches: str = "") -> dict:
         tokens, warps = map(int, launch.split("/"))
         out[f"triton:t{tokens}/w{warps}"] = (lambda c, key, t=tokens, w=warps: pallas_store.store_jit(
             c, key, value, slots, arithmetic=arithmetic, block_tokens=t, num_warps=w), None)
+    for name, module in (triton_others or {}).items():
+        out[f"triton:{name}"] = (lambda c, key, module=module: module.store_jit(
+            c, key, value, slots, arithmetic=arithmetic), None)
     for name, module in mosaic.items():
         out[name] = (lambda c, key, module=module: module.store_mgpu_jit(c, key, value, slots), module)
     return out
@@ -92,6 +97,8 @@ def main(argv=None) -> None:
                    help="store the first --tokens count with the Mosaic kernel twice per preset and exit (for a "
                         "profiler: ncu -k regex:tq_store_mgpu --launch-skip 1 -c 1 ...)")
     p.add_argument("--against", default="", help="other store_mgpu.py files (comma-separated) to time beside this one")
+    p.add_argument("--against-triton", default="",
+                   help="other store.py files (comma-separated) whose Triton store to time beside this one")
     p.add_argument("--launches", default="", help="Triton store launches (comma-separated tokens/warps) to time "
                    "beside its default")
     p.add_argument("--kernels", default="", help="comma-separated prefixes of the kernels to run (default: all; "
@@ -99,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="times each kernel is timed, in turns (median reported)")
     a = p.parse_args(argv)
     others = load_versions(a.against, "store_mgpu_")
+    triton_others = load_versions(a.against_triton, "store_")
     if jax.default_backend() != "gpu":
         raise SystemExit("store_compare times compiled kernels: it needs a GPU")
     if a.once:  # store_probe's profiling run, through the Mosaic kernel
@@ -125,7 +133,7 @@ def main(argv=None) -> None:
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
             nbytes = n * a.hk * (4 * a.head_dim + cfg.slot_bytes)
             chosen = {}
-            for label, (fn, module) in kernels(slots, v, others, a.launches).items():
+            for label, (fn, module) in kernels(slots, v, others, a.launches, triton_others).items():
                 if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
                     continue
                 if module is not None and (module.unsupported(cfg) is not None or not module.on_hopper()):

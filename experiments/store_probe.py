@@ -103,21 +103,24 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
     add(f"full in-jit (/{STEPS})", in_jit(full))
     if arithmetic != "portable":
         add(f"portable in-jit (/{STEPS})", in_jit(portable))
-    xla_half = jax.jit(lambda key: store_mod._key_features(cfg, key))
+    parts = store_mod._plan(cfg, n, store_mod.DEFAULT_BLOCK_TOKENS, store_mod.PLANNING_SHARED_MEMORY)
+    xla_half = jax.jit(lambda key: store_mod._key_features(cfg, parts, key))
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
-    add(f"xla half in-jit (/{STEPS})", pure_in_jit(lambda key: store_mod._key_features(cfg, key), k))
+    add(f"xla half in-jit (/{STEPS})", pure_in_jit(lambda key: store_mod._key_features(cfg, parts, key), k))
     add(f"sum of key in-jit (/{STEPS})", pure_in_jit(lambda key: key, k))  # pure_in_jit's own cost
-    if any(part.kind == "grid" for part in store_mod._key_parts(cfg)):  # XLA after the kernel
-        nseg = len(key_codec(cfg).segments)
-        stats = jnp.stack([jnp.asarray(rng.integers(1 << 20, 1 << 24, (n, a.hk)), jnp.int32),
-                           jnp.full((n, a.hk), 136, jnp.int32)] * nseg, axis=-1)
+    if any(part.num_stats for part in parts):  # XLA after the kernel
+        columns = []
+        for part in parts:  # (||n||**2, field) per part, and for QJL keys (||w_int||**2, field) as well
+            columns += [jnp.asarray(rng.integers(1 << 20, 1 << 24, (n, a.hk)), jnp.int32),
+                        jnp.full((n, a.hk), 136, jnp.int32)] * (part.num_stats // 2)
+        stats = jnp.stack(columns, axis=-1)
         words = jnp.asarray(rng.integers(0, 1 << 32, (n, a.hk, cfg.key_words), dtype=np.uint64).astype(np.uint32))
 
         def norms(c, key):
-            scales = store_mod._grid_key_scales(c, c.key_scales, stats, words, slots)
+            scales = store_mod._kernel_key_scales(c, parts, c.key_scales, stats, words, slots)
             return dataclasses.replace(c, key_scales=scales)
 
-        add(f"grid norms in-jit (/{STEPS})", in_jit(norms))
+        add(f"kernel norms in-jit (/{STEPS})", in_jit(norms))
     # inside the loop: per call, the host's dispatch hides the launch's effect
     for tokens, warps in (map(int, x.split("/")) for x in a.launches.split(",") if x):
         launch = lambda c, key=k, tokens=tokens, warps=warps: store_mod.store_jit(

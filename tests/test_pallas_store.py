@@ -9,12 +9,16 @@ Triton lowering; the GPU-marked tests run it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cache_helpers import random_cache
+from cache_helpers import on_cpu, random_cache, residual_length_inputs, residual_length_np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from tqjax import reference
 from tqjax.config import PRESETS, TurboQuantConfig
@@ -27,7 +31,8 @@ from tqjax.pallas.store import (
     store_jit,
     store_reference,
 )
-from tqjax.quantizers import quantize_fp8, quantize_values
+from tqjax.platform import Platform
+from tqjax.quantizers import quantize_fp8, quantize_values, residual_length
 
 ALL_PRESETS = sorted(PRESETS)
 _reference_jit = jax.jit(store_reference)  # no donation: the kernel gets the same cache afterwards
@@ -107,6 +112,15 @@ def _check_store(
     written = np.zeros((hk, num_blocks, block_size), bool)
     for s in slots[slots >= 0]:
         written[:, s // block_size, s % block_size] = True
+    # QJL keys coded in the compiled kernel: their residual's scale L is a correctly rounded square root there, as
+    # on the CPU, and an approximate one in XLA's GPU reference (tqjax.quantizers.residual_length)
+    exact_qjl = not interpret and _kernel_kinds(cfg, n, block_tokens) == {"qjl"}
+    moved = np.zeros(written.shape, bool)  # rows whose key codes XLA's GPU reference gives otherwise
+    if exact_qjl:
+        on_gpu_codes = expected["key_codes"]
+        expected["key_codes"] = np.asarray(on_cpu(store_reference, cache, key, value, jnp.asarray(slots)).key_codes)
+        moved = np.any(on_gpu_codes != expected["key_codes"], axis=-1)
+        assert np.mean(moved) < 1e-3, f"{name}: {moved.sum()} rows of QJL key codes differ from XLA's GPU reference"
     for array_name in expected:
         where = f"{name} D={head_dim} bs={block_size} n={n}: {array_name} differs from store_reference"
         if array_name == "key_scales" and not interpret:
@@ -116,11 +130,17 @@ def _check_store(
             # (turboquant_kqjl3v4, N=4099). Codes and value scales stay bit-exact; norms within 1 ulp.
             ulps = np.abs(got[array_name].view(np.int16).astype(np.int32)
                           - expected[array_name].view(np.int16).astype(np.int32))
-            assert ulps.max() <= 1, where
+            assert ulps[~moved].max(initial=0) <= 1, where
         else:
             assert np.array_equal(got[array_name], expected[array_name]), where
         # Slots not written (padding, unused) keep their old random words.
         assert np.array_equal(got[array_name][~written], before[array_name][~written]), array_name
+
+
+def _kernel_kinds(cfg: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int | None = None) -> set[str]:
+    """The kinds of the Triton kernel's key parts for ``n`` tokens (store_mod._plan), on an H100 by default."""
+    parts = store_mod._plan(cfg, n, block_tokens, shared_memory or store_mod.PLANNING_SHARED_MEMORY)
+    return {part.kind for part in parts}
 
 
 # ---- bit-exactness ---------------------------------------------------------------------------------
@@ -171,13 +191,61 @@ def test_single_padding_token_leaves_cache_untouched() -> None:
     _check_store("turboquant_k3v4_nc", 128, 16, n=1, num_blocks=3, slots=np.array([-1], np.int32))
 
 
-@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k3p5v4"])
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k3p5v4", "turboquant_kqjl4v4"])
 def test_bit_exact_head_dim_512(name: str) -> None:
-    """At head_dim 512 an MSE key segment is too wide for the kernel's rotation (its +-1 matrix would not
+    """At head_dim 512 an MSE or QJL key is too wide for the kernel's rotation (its +-1 matrix would not
     fit shared memory): XLA computes the codes and the kernel packs them; the split preset's 256-dim
     segments still rotate in the kernel."""
-    assert store_mod._rotates_in_kernel(_config(name, 512)) == (name == "turboquant_k3p5v4")
+    assert _kernel_kinds(_config(name, 512), 21, 16) == ({"grid"} if name == "turboquant_k3p5v4" else {"words"})
     _check_store(name, 512, 16, n=21, hk=2, block_tokens=16)
+
+
+@pytest.mark.parametrize(
+    "name, head_dim, platform, kinds",
+    [
+        ("turboquant_kqjl4v4", 128, Platform("cuda", "sm90"), {"qjl"}),
+        ("turboquant_kqjl3v4", 256, Platform("cuda", "sm90"), {"qjl"}),
+        ("turboquant_kqjl3v4", 256, Platform("cuda", "sm89"), {"words"}),
+        ("turboquant_4bit_nc", 256, Platform("cuda", "sm80"), {"grid"}),
+        ("turboquant_4bit_nc", 256, Platform("cuda", "sm86"), {"words"}),
+        ("turboquant_kqjl4v4", 128, Platform("rocm", "gfx942"), {"qjl"}),
+        ("turboquant_k3v4_nc", 256, Platform("rocm", "gfx942"), {"words"}),
+        ("turboquant_k3p5v4", 512, Platform("rocm", "gfx950"), {"grid"}),
+        ("turboquant_k8v4", 256, Platform("rocm", "gfx942"), {"fp8"}),
+    ],
+)
+def test_exact_keys_where_their_rotation_fits_shared_memory(name: str, head_dim: int, platform, kinds) -> None:
+    """The kernel rotates (and sketches) a key itself where one part's +-1 matrix and operand fit the GPU's shared
+    memory (store_mod.rotation_shared_memory, an upper bound of the sm_90 static counts); elsewhere XLA's words."""
+    assert _kernel_kinds(_config(name, head_dim), 4096, 32, platform.shared_memory_per_block) == kinds
+    # a batch of one gets a 16-row tile, the smallest a rotation takes: the same plan
+    assert _kernel_kinds(_config(name, head_dim), 1, 32, platform.shared_memory_per_block) == kinds
+
+
+def test_store_plans_for_the_platform_it_runs_on(monkeypatch) -> None:
+    """store() asks the platform for its shared memory: a QJL key at head_dim 256 takes XLA's words on an sm_89 GPU
+    (99 KB), bit-exact all the same (interpret mode, with the platform simulated)."""
+    planned = []
+    plan = store_mod._plan
+    monkeypatch.setattr(store_mod, "detect_platform", lambda: Platform("cuda", "sm89"))
+    monkeypatch.setattr(store_mod, "_plan", lambda *args: planned.append(plan(*args)) or planned[-1])
+    _check_store("turboquant_kqjl4v4", 256, 16, n=19, hk=2, block_tokens=16)
+    assert {part.kind for part in planned[-1]} == {"words"}
+
+
+@pytest.mark.parametrize("key_bits", [1, 2, 5])
+def test_bit_exact_qjl_keys_of_other_widths(key_bits: int) -> None:
+    """QJL keys without an MSE stage (1 bit), with a 1-bit and a 4-bit one: coded in the kernel, bit-exact."""
+    cfg = dataclasses.replace(_config("turboquant_kqjl4v4", 64), key_bits=key_bits, name=f"prod{key_bits}")
+    assert _kernel_kinds(cfg, 37, 16) == {"qjl"}
+    rng = np.random.default_rng(key_bits)
+    cache = random_cache(cfg, 6, 16, 2, rng)
+    key, value = _inputs(37, 2, 64, jnp.bfloat16, rng)
+    slots = jnp.asarray(_slots(37, cache.num_slots, rng))
+    expected = _to_numpy(_reference_jit(cache, key, value, slots))
+    got = _to_numpy(store(cache, key, value, slots, interpret=True, block_tokens=16, implementation="triton"))
+    for array_name in expected:
+        assert np.array_equal(got[array_name], expected[array_name]), array_name
 
 
 @pytest.mark.parametrize("block_tokens", [4, 32])
@@ -448,8 +516,6 @@ def test_kernel_lowers_for_cuda_with_cuda_arithmetic(name: str) -> None:
 
 
 def test_arithmetic_choice() -> None:
-    from tqjax.platform import Platform
-
     assert store_mod.store_arithmetic(False, Platform("cuda", "sm90")) == "cuda"
     assert store_mod.store_arithmetic(True, Platform("cuda", "sm90")) == "portable"
     assert store_mod.store_arithmetic(False, Platform("cuda", "sm80")) == "portable"  # no hardware fp8
@@ -464,9 +530,11 @@ def test_arithmetic_choice() -> None:
         store(cache, kv, kv, slots, interpret=True, arithmetic="fast")
 
 
-def test_kernel_lowers_for_rocm() -> None:
-    """The same kernel (no inline assembly) passes the Triton lowering for ROCm."""
-    module = _export("rocm", "turboquant_4bit_nc", 128, 45, 16)
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_kqjl4v4"])
+def test_kernel_lowers_for_rocm(name: str) -> None:
+    """The same kernel (no inline assembly; QJL keys' square root from ROCm's device library) passes the Triton
+    lowering for ROCm."""
+    module = _export("rocm", name, 128, 45, 16)
     assert module.count(f"@{_TRITON_CALL}(") == 1
 
 
@@ -492,6 +560,33 @@ def test_gpu_bit_exact(name: str, head_dim: int, block_size: int, n: int, block_
 def test_gpu_bit_exact_portable_arithmetic(name: str) -> None:
     """The portable conversions (ROCm's, no PTX), compiled for this GPU."""
     _check_store(name, 128, 16, n=4099, hk=4, block_tokens=32, seed=5, interpret=False, arithmetic="portable")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton kernel)")
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_gpu_residual_length_in_a_triton_kernel(dim: int) -> None:
+    """The QJL keys' scale L in a compiled Triton kernel (the store's ``_qjl_codes``: libdevice's square root) is the
+    correctly rounded one, as on the CPU, on every integer below 2**22, random ones up to 2**30 and those next to
+    the 13-bit rounding's ties."""
+    n2 = residual_length_inputs(np.random.default_rng(dim))
+    rows = -(-n2.size // 1024)
+    rows += -rows % 64
+    padded = np.zeros(rows * 1024, np.int32)
+    padded[: n2.size] = n2
+
+    def kernel(n2_ref, out_ref):
+        out_ref[...] = residual_length(n2_ref[...], dim)
+
+    got = pl.pallas_call(
+        kernel,
+        grid=(rows // 64,),
+        in_specs=[pl.BlockSpec((64, 1024), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((64, 1024), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, 1024), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+    )(jnp.asarray(padded.reshape(rows, 1024)))
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1)[: n2.size], residual_length_np(n2, dim))
 
 
 @pytest.mark.parametrize("outliers", ["first half", "second half", "even channels"])

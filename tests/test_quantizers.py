@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from cache_helpers import snap_to_grid_np
+from cache_helpers import residual_length_inputs, residual_length_np, snap_to_grid_np
 from once_per_run import computed_once
 from scipy import integrate
 
@@ -30,6 +30,7 @@ from tqjax.quantizers import (
     dequantize_values,
     quantize_fp8,
     quantize_values,
+    residual_length,
 )
 
 D = 128
@@ -357,6 +358,16 @@ def test_prod_encoding_products_run_at_their_precision() -> None:
     assert precisions(q.dequantize, q.quantize(x)) == [("HIGHEST", "HIGHEST")] * 2
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_residual_length_is_the_correctly_rounded_root_to_13_bits(dim: int) -> None:
+    """:func:`residual_length` (a float32 square root, then 13 significant bits by integer bit arithmetic) against
+    numpy's IEEE float32 root rounded by frexp, ties to even, on every integer below 2**22, random ones up to 2**30
+    and those next to the rounding's ties."""
+    n2 = residual_length_inputs(np.random.default_rng(dim))
+    got = np.asarray(jax.jit(residual_length, static_argnums=1)(jnp.asarray(n2), dim))
+    np.testing.assert_array_equal(got, residual_length_np(n2, dim))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_exact_prod_code_is_its_definition(bits: int, dim: int) -> None:
@@ -391,9 +402,7 @@ def test_exact_prod_code_is_its_definition(bits: int, dim: int) -> None:
     else:
         codes, c = np.zeros(x.shape, np.uint8), np.zeros(x.shape)
     np.testing.assert_array_equal(code.codes, codes)
-    length = np.sqrt(n2.astype(np.float32) * np.float32(dim)).astype(np.float64)  # IEEE sqrt of float32
-    m, e = np.frexp(length)
-    length = np.ldexp(np.rint(m * 2.0**13), e - 13)  # 13 significant bits, ties to even
+    length = residual_length_np(n2, dim).astype(np.float64)  # IEEE sqrt of float32, 13 significant bits
     p = c * length[:, None]
     assert np.all(p == p.astype(np.float32))  # c L exact in float32
     w = (z - p).astype(np.float32)  # the float64 difference is exact (< 53 bits span): rounded once

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cache_helpers import random_cache
+from cache_helpers import on_cpu, random_cache
 from test_pallas_store import _inputs, _slots, _to_numpy
 
 import tqjax
@@ -231,13 +231,6 @@ def test_store_chooses_triton_off_hopper() -> None:
 # ---- GPU ---------------------------------------------------------------------------------------------
 
 
-def _on_cpu(fn, *args):
-    """``fn(*args)`` jitted on the CPU: the reference with IEEE float32 square roots and divisions."""
-    cpu = jax.devices("cpu")[0]
-    with jax.default_device(cpu):
-        return jax.jit(fn)(*jax.device_put(args, cpu))
-
-
 def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pad_every: int = 5,
            slots: np.ndarray | None = None, head_dim: int = 128) -> None:
     """The kernel's cache equals the reference's computed on the CPU, bit for bit, and XLA's GPU reference's but
@@ -250,7 +243,7 @@ def _check(name: str, n: int, block_size: int, *, hk: int = 2, seed: int = 0, pa
     if slots is None:
         slots = _slots(n, cache.num_slots, rng, pad_every=pad_every)
     before = _to_numpy(cache)
-    expected = _to_numpy(_on_cpu(store_reference, cache, key, value, jnp.asarray(slots)))
+    expected = _to_numpy(on_cpu(store_reference, cache, key, value, jnp.asarray(slots)))
     on_gpu = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
     got = _to_numpy(store_mgpu.store_mgpu_jit(cache, key, value, jnp.asarray(slots)))
     written = np.zeros((hk, num_blocks, block_size), bool)
@@ -376,7 +369,7 @@ def test_gpu_store_defaults_to_mosaic_where_it_runs() -> None:
     cache = random_cache(_config("turboquant_4bit_nc"), 8, 16, 2, rng)
     key, value = _inputs(40, 2, 128, jnp.bfloat16, rng)
     slots = jnp.asarray(_slots(40, cache.num_slots, rng))
-    expected = _to_numpy(_on_cpu(store_reference, cache, key, value, slots))
+    expected = _to_numpy(on_cpu(store_reference, cache, key, value, slots))
     got = _to_numpy(store(cache, key, value, slots))
     for array in expected:
         assert np.array_equal(got[array], expected[array]), array

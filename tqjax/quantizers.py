@@ -165,14 +165,16 @@ def pm1_matrix(rot) -> np.ndarray:
     return np.rint(rot.matrix.astype(np.float64) * math.sqrt(rot.matrix.shape[-1])).astype(np.float32)
 
 
-def exact_rotation(x: jax.Array, bits: int, pm1: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+def exact_rotation(x: jax.Array, bits: int, matrix_t) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(z, n2, field)``: ``x`` [..., d] snapped to its grid (:func:`snap_to_grid`, ``n``), rotated in integers
-    ``z = n @ pm1^T`` (float32 [..., d]), ``n2 = ||n||**2`` (int32 [...]) and the grid's field (int32 [...]).
+    ``z = n @ M^T`` (float32 [..., d]), ``n2 = ||n||**2`` (int32 [...]) and the grid's field (int32 [...]).
 
-    float16 operands, float32 accumulation: ``|n| <= 2**11`` and +-1 are exact in float16, every partial sum an
-    integer below 2**24, exact in any order (one tensor-core pass on a GPU, not HIGHEST's six)."""
+    ``matrix_t``: ``M^T`` [d, d], the transposed +-1 matrix (:func:`pm1_matrix`), numpy or a jax array (the Pallas
+    store passes its float16 ref's block). float16 operands, float32 accumulation: ``|n| <= 2**11`` and +-1 are exact
+    in float16, every partial sum an integer below 2**24, exact in any order (one tensor-core pass on a GPU, not
+    HIGHEST's six)."""
     n, field = snap_to_grid(x.astype(jnp.float32), bits)
-    z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(pm1.T, jnp.float16), preferred_element_type=jnp.float32)
+    z = jnp.matmul(n.astype(jnp.float16), jnp.asarray(matrix_t, jnp.float16), preferred_element_type=jnp.float32)
     n2 = jnp.sum(jnp.square(n.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
     return z, n2, field
 
@@ -268,7 +270,7 @@ class TurboQuantMSE:
         if not self.exact:
             return self.code_of(*self.rotate_unit(x))
         self._check(x, "x")
-        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1)
+        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1.T)
         return MSECode(exact_bucketize(z, n2, self.thresholds), grid_norm(n2, field))
 
     def code_of(self, y: jax.Array, norm: jax.Array) -> MSECode:
@@ -359,6 +361,27 @@ def residual_length(n2: jax.Array, dim: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def exact_sketch(w: jax.Array, bits: int, sketch_t) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(positive, w2, field)``: the residual ``w`` [..., d] float32 snapped to its grid (:func:`snap_to_grid`,
+    ``w_int``, ``bits`` = :func:`qjl_grid_bits`), the signs ``S_int w_int >= 0`` (bool [..., d]), ``||w_int||**2``
+    (int32 [...]) and the grid's field (int32 [...]).
+
+    ``sketch_t``: ``S_int^T`` [d, d] (:func:`qjl_sketch_matrix`), numpy or a jax array. float16 operands (integers
+    up to ``2**bits`` and :data:`QJL_CLIP`), float32 accumulation: every partial sum an integer below 2**24, exact in
+    any order."""
+    w_int, field = snap_to_grid(w, bits)
+    sketch_t = jnp.asarray(sketch_t, jnp.float16)
+    sketch = jnp.matmul(w_int.astype(jnp.float16), sketch_t, preferred_element_type=jnp.float32)
+    w2 = jnp.sum(jnp.square(w_int.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
+    return sketch >= 0, w2, field
+
+
+def residual_grid_norm(w2: jax.Array, field: jax.Array, length: jax.Array) -> jax.Array:
+    """``gamma = ||r||``, float32 [...], of a residual on its grid: ``sqrt(f32(||w_int||**2))`` times the step, over
+    ``max(L, 1)`` (:func:`residual_length`; ``w = L r``)."""
+    return jnp.sqrt(w2.astype(jnp.float32)) * grid_step(field) / jnp.maximum(length, 1.0)
+
+
 class TurboQuantProd:
     """TurboQuant_prod over ``[..., dim]``: (bits-1)-bit MSE + 1-bit QJL on the residual (bits >= 1).
 
@@ -425,7 +448,7 @@ class TurboQuantProd:
             return ProdCode(f.codes, (sketch >= 0).astype(jnp.uint8), f.norm, f.residual_norm)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape [..., {self.dim}], got {x.shape}")
-        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1)
+        z, n2, field = exact_rotation(x, self.grid_bits, self.pm1.T)
         if self.mse is None:
             codes = jnp.zeros(z.shape, jnp.uint8)
         else:
@@ -433,12 +456,9 @@ class TurboQuantProd:
         length = residual_length(n2, self.dim)
         # w = L r: an exact product (11 x 13 significant bits) and one rounded difference, the same in any compiler
         w = z - self._mse_part(codes) * length[..., None]
-        w_int, w_field = snap_to_grid(w, self.sketch_grid_bits)
-        sketch = jnp.matmul(w_int.astype(jnp.float16), jnp.asarray(self.sketch_matrix.T, jnp.float16),
-                            preferred_element_type=jnp.float32)  # integers below 2**24: exact in any order
-        w2 = jnp.sum(jnp.square(w_int.astype(jnp.int32)), axis=-1, dtype=jnp.int32)
-        gamma = jnp.sqrt(w2.astype(jnp.float32)) * grid_step(w_field) / jnp.maximum(length, 1.0)
-        return ProdCode(codes, (sketch >= 0).astype(jnp.uint8), grid_norm(n2, field), gamma)
+        positive, w2, w_field = exact_sketch(w, self.sketch_grid_bits, self.sketch_matrix.T)
+        gamma = residual_grid_norm(w2, w_field, length)
+        return ProdCode(codes, positive.astype(jnp.uint8), grid_norm(n2, field), gamma)
 
     def qjl_vectors(self, signs: jax.Array, residual_norm: jax.Array) -> jax.Array:
         """``sqrt(pi/2)/d * gamma * (2 signs - 1)``: the sign sketch as the vector the projected query meets."""

@@ -7,43 +7,49 @@ output, so XLA reuses the old buffers and never copies a cache.
 
 Two kernels sit behind :func:`store` (``implementation``, :func:`choose_implementation`): this module's (Triton
 lowering: CUDA, ROCm, interpret mode; every preset) and, on Hopper GPUs, :mod:`tqjax.pallas.store_mgpu`'s
-(Mosaic GPU: MSE keys of one 3- or 4-bit segment and split keys at head_dim 128, 4-bit keys and values at 64,
-bf16 inputs; 1.4-1.7x faster at 16k tokens on the H200, same call, docs/PERFORMANCE.md), which is the default
-where it runs.
+(Mosaic GPU: MSE, split and QJL keys at head_dim 128, and at 64 all but the split ones, bf16 inputs; 1.4-1.7x
+faster than this kernel at 16k tokens on the H200, docs/PERFORMANCE.md), which is the default where it runs.
 
 What runs where
 ---------------
 
-* **MSE and split keys with a Hadamard rotation of at most 256 dims (every preset but ``k8v4`` and the
-  QJL ones, up to head_dim 256; split presets up to 512): all in the kernel.** :meth:`tqjax.quantizers.TurboQuantMSE.quantize` codes these exactly (its module
-  docstring): the kernel reads the bf16 key, snaps each vector to its fixed-point grid, rotates the
-  integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation of
-  integers below ``2**24``: exact in any order), and buckets ``z |z|`` against ``||n||**2 b |b| dim``
-  (correctly rounded products; a binary search over these sorted limits, ``_search_codes``): the
-  reference's codes, bit for bit, with no XLA op before the kernel (split keys read each segment's
-  run of channels from the raw key; calibrated outlier channels that are not one run are gathered by
-  XLA first, one feature per segment).
-  It also writes two int32 per vector and segment (``||n||**2``, the grid's exponent field) and the
-  packed key words once more, row by row; after the kernel XLA turns them into the fp16 key norms with
-  the quantizer's own functions (``grid_norm`` and ``stored_norm`` of the unpacked codes: the
-  reference's float32 ops on the same integers) and scatters them into ``key_scales`` (a few bytes per
-  vector, in place).
-* **QJL (``prod``) keys, wider Hadamard segments (``MAX_KERNEL_ROTATION_DIM``: the kernel's +-1 matrix
-  would not fit its shared memory) and Haar rotations: XLA encodes the key before the kernel** with
-  the reference's own function (``KeyCodec.encode``: the rotation, the QJL residual and its sketch, the
+* **MSE, split and QJL keys with a Hadamard rotation that fits shared memory: all in the kernel.**
+  :meth:`tqjax.quantizers.TurboQuantMSE.quantize` and :meth:`tqjax.quantizers.TurboQuantProd.quantize` code these
+  exactly (the quantizers' module docstring): the kernel reads the bf16 key, snaps each vector to its fixed-point
+  grid, rotates the integers with one float16 tensor-core product against the +-1 matrix (float32 accumulation
+  of integers below ``2**24``: exact in any order; :func:`tqjax.quantizers.exact_rotation`), and buckets
+  ``z |z|`` against ``||n||**2 b |b| dim`` (correctly rounded products; a binary search over these sorted
+  limits, ``_search_codes``): the reference's codes, bit for bit, with no XLA op before the kernel (split keys
+  read each segment's run of channels from the raw key; calibrated outlier channels that are not one run are
+  gathered by XLA first, one feature per segment). QJL keys go on (``_qjl_codes``): the residual
+  ``w = z - c[codes] L`` (``L``, :func:`tqjax.quantizers.residual_length`, a correctly rounded square root
+  rounded to 13 bits; ``c L`` exact), snapped to its grid and sketched by a second float16 product against
+  ``S_int`` (:func:`tqjax.quantizers.exact_sketch`: integers again, exact), its signs packed as a 1-bit field.
+  The kernel also writes int32 statistics per vector (``||n||**2`` and the grid's exponent field per segment;
+  for QJL keys also ``||w_int||**2`` and the residual grid's field) and, for MSE and split keys, the packed key
+  words once more, row by row; after the kernel XLA turns them into the fp16 key norms (and QJL's ``gamma``)
+  with the quantizers' own functions (``grid_norm``, ``stored_norm`` of the unpacked codes,
+  ``residual_grid_norm``: the reference's float32 ops on the same integers) and scatters them into
+  ``key_scales`` (a few bytes per vector, in place).
+
+  "Fits": one part's float16 ``[dim, dim]`` matrix and a ``[T, dim]`` operand, :func:`rotation_shared_memory`,
+  within the GPU's shared memory per program (:attr:`tqjax.platform.Platform.shared_memory_per_block`; a QJL
+  key's two matrices are read one after the other). So head_dim 128 runs in the kernel on every GPU (49 KB at
+  most, AMD's 64 KB included), 256 on Hopper and A100 (147 KB) but not on GPUs of 99 KB (sm86, sm89) or AMD's
+  64 KB, and 512 nowhere but as the split presets' two 256-dim segments. Interpret mode plans as a Hopper GPU.
+* **Wider Hadamard segments and Haar rotations: XLA encodes the key before the kernel** with
+  the reference's own function (``KeyCodec.encode``: the rotation, a QJL residual and its sketch, the
   codes, the packing and the fp16 norms), so the words are the reference's bits; the kernel copies the
-  packed words (``Wk / 32`` of the bytes a float32 feature would take) into the pages. (QJL keys with a
-  Hadamard rotation are coded on integers, exact in any summation order, and the Mosaic GPU store,
-  :mod:`tqjax.pallas.store_mgpu`, codes them in its kernel on Hopper; a Haar rotation's float sketch
-  depends on how a compiler orders its sums, so only XLA computes it.)
+  packed words (``Wk / 32`` of the bytes a float32 feature would take) into the pages. (A Haar rotation's float
+  codes and sketch depend on how a compiler orders its sums, so only XLA computes them.)
 * **The kernel, in every case:** float8 e4m3 conversion of raw keys (``arithmetic``: the hardware's,
   or integer bit arithmetic; both round to nearest even, bit-exact with XLA's convert), the complete
   value quantization (fp16 clamp, min/max, fp16 scale and zero, reciprocal, rounded codes, clip), bit
   packing of every field it computes into uint32 words, and the scatter of words and scales into the
   pages ``[h, slot // block_size, slot % block_size, word]`` with per-dimension ref indexing (the
   Triton lowering multiplies by the strides, in int64 for arrays over 4 GiB; no flat offset is formed
-  here). Inputs are read once; only the packed cache words (and, for exact keys, the statistics and a
-  row-major copy of the key words) are written.
+  here). Inputs are read once; only the packed cache words (and, for exact keys, the statistics and, for
+  MSE and split keys, a row-major copy of the key words) are written.
 
 Grid: ``(cdiv(N, T), Hk)``, one program per tile of ``T`` tokens and one KV head
 ----------------------------------------------------------------------------------
@@ -112,10 +118,13 @@ from tqjax.quantizers import (
     FP8_E4M3_MAX,
     FP16_MAX,
     MSECode,
+    exact_rotation,
+    exact_sketch,
     fp16_reciprocals,
     grid_norm,
+    residual_grid_norm,
+    residual_length,
     round_half_up,
-    snap_to_grid,
 )
 from tqjax.reference import _slot_writer, check_store_inputs
 
@@ -230,35 +239,46 @@ def _fp8_codes(x: jax.Array, arithmetic: str) -> jax.Array:
 class _KeyPart:
     """One run of a key's packed words. ``kind``: "fp8" (the raw key, converted in the kernel), "grid"
     (exact Hadamard codes of one segment, rotated and bucketized in the kernel, ``dim`` channels,
-    ``bits`` per code) or "words" (``dim`` words packed by XLA, copied by the kernel); read from feature
-    ``feature``, written from word ``word_start``."""
+    ``bits`` per code), "qjl" (exact QJL keys: the ``bits``-bit MSE codes from ``word_start`` and the
+    sketch's signs from ``sign_word_start``, all in the kernel) or "words" (``dim`` words packed by XLA,
+    copied by the kernel); read from feature ``feature``."""
 
     kind: str
     feature: int
     dim: int
     bits: int
     word_start: int
-    # "grid" parts (exact Hadamard codes, tqjax.quantizers): grid bits and squared boundaries t_j
+    # "grid" and "qjl" parts (exact Hadamard codes, tqjax.quantizers): grid bits and squared boundaries t_j
     grid_bits: int = 0
     thresholds: tuple[float, ...] = ()
     segment: int = 0  # "grid": the key segment (its quantizer)
     column: int = 0  # "grid": the segment's first channel in its feature (the raw key, when contiguous)
+    sign_word_start: int = 0  # "qjl": the signs' first word
+    sketch_grid_bits: int = 0  # "qjl": the residual's grid (tqjax.quantizers.qjl_grid_bits)
+
+    @property
+    def num_stats(self) -> int:
+        """int32 statistics a row of this part leaves for XLA's norms: (||n||**2, field), and for "qjl"
+        also (||w_int||**2, the residual's field)."""
+        return {"grid": 2, "qjl": 4}.get(self.kind, 0)
+
+    @property
+    def num_tables(self) -> int:
+        """Constant inputs of this part: the rotation's ``M^T``; for "qjl" also ``S_int^T`` and, with MSE
+        codes, the centroids."""
+        return {"grid": 1, "qjl": 2 + (self.bits > 0)}.get(self.kind, 0)
 
 
-def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
+def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int) -> tuple[_KeyPart, ...]:
+    """The kernel's plan for ``config``'s keys: exact Hadamard codes ("grid", "qjl") in the kernel where every
+    quantizer is exact and its rotation fits ``shared_memory`` bytes at ``tile`` rows
+    (:func:`rotation_shared_memory`); otherwise fp8 or XLA's packed words."""
     codec = key_codec(config)
     if config.key_format == "fp8":
         return (_KeyPart("fp8", 0, config.head_dim, 8, 0),)
-    if _rotates_in_kernel(config):
-        parts = []
-        raw = _reads_raw_key(config)
-        for i, seg in enumerate(codec.segments):
-            q = codec.quantizers[i]
-            parts.append(_KeyPart(
-                "grid", 0 if raw else i, seg.dim, seg.bits, seg.word_start, grid_bits=q.grid_bits,
-                thresholds=tuple(map(float, q.thresholds)), segment=i, column=seg.channel_run if raw else 0,
-            ))
-        return tuple(parts)
+    exact = _exact_parts(config)
+    if exact and max(rotation_shared_memory(part.dim, tile) for part in exact) <= shared_memory:
+        return exact
     # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
     parts, start = [], 0
     for k in reversed(range(config.key_words.bit_length())):
@@ -268,18 +288,58 @@ def _key_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
     return tuple(parts)
 
 
-#: The widest key segment the kernel rotates itself: its float16 +-1 matrix [dim, dim] sits in shared
-#: memory (128 KB at 256; at 512, 512 KB, more than an H100/H200 block can have: the static view,
-#: ``experiments.static_sass``, counts 540-557 KB). Wider segments get their codes from XLA.
-MAX_KERNEL_ROTATION_DIM = 256
-
-
-def _rotates_in_kernel(config: TurboQuantConfig) -> bool:
-    """MSE/split keys whose every segment takes the exact Hadamard path and fits the kernel's rotation."""
+def _exact_parts(config: TurboQuantConfig) -> tuple[_KeyPart, ...]:
+    """MSE, split and QJL keys whose every quantizer takes the exact Hadamard path: their "grid" or "qjl" parts
+    (read from the raw key, or from XLA's gather of each segment's channels: :func:`_reads_raw_key`); else ()."""
     codec = key_codec(config)
-    return config.key_format in ("mse", "split") and all(
-        q.exact and q.dim <= MAX_KERNEL_ROTATION_DIM for q in codec.quantizers.values()
+    if config.key_format == "prod":
+        p = codec.prod
+        if not p.exact:
+            return ()
+        return (_KeyPart(
+            "qjl", 0, p.dim, p.bits - 1, 0, grid_bits=p.grid_bits,
+            thresholds=tuple(map(float, p.mse.thresholds)) if p.mse is not None else (),
+            sign_word_start=codec.segments[-1].word_start, sketch_grid_bits=p.sketch_grid_bits,
+        ),)
+    if config.key_format not in ("mse", "split") or not all(q.exact for q in codec.quantizers.values()):
+        return ()
+    raw = _reads_raw_key(config)
+    return tuple(
+        _KeyPart(
+            "grid", 0 if raw else i, seg.dim, seg.bits, seg.word_start, grid_bits=codec.quantizers[i].grid_bits,
+            thresholds=tuple(map(float, codec.quantizers[i].thresholds)), segment=i,
+            column=seg.channel_run if raw else 0,
+        )
+        for i, seg in enumerate(codec.segments)
     )
+
+
+def _part_tables(config: TurboQuantConfig, part: _KeyPart) -> list[jax.Array]:
+    """The constant inputs of ``part`` (:attr:`_KeyPart.num_tables`): float16 ``M^T`` [dim, dim]; for "qjl"
+    also float16 ``S_int^T`` [dim, dim] and the float32 centroids [2**bits]."""
+    codec = key_codec(config)
+    if part.kind == "grid":
+        return [jnp.asarray(codec.quantizers[part.segment].pm1.T, jnp.float16)]
+    if part.kind == "qjl":
+        p = codec.prod
+        tables = [jnp.asarray(p.pm1.T, jnp.float16), jnp.asarray(p.sketch_matrix.T, jnp.float16)]
+        return tables + ([jnp.asarray(p.mse.centroids)] if part.bits else [])
+    return []
+
+
+#: The shared memory per program the kernel plans for where no GPU says how much it has (interpret mode, lowering
+#: ahead of time): an H100's or H200's (:attr:`tqjax.platform.Platform.shared_memory_per_block`).
+PLANNING_SHARED_MEMORY = 227 * 1024
+
+
+def rotation_shared_memory(dim: int, tile: int) -> int:
+    """Bytes of shared memory the kernel's products of one part take: its float16 [dim, dim] matrix and a
+    [tile, dim] operand, as float32 to be safe. An upper bound of the sm_90 static counts
+    (``experiments.static_sass``: 40960 B at dim 128 and 32 rows, 139264 at 256 and 16 rows, every exact preset,
+    the QJL keys' two matrices in turn); the parts of a split key run one after the other and reuse it. At dim
+    512, 1 MB: such keys take XLA's words everywhere; at 256, 147 KB: in the kernel on Hopper and A100, not on
+    GPUs with 99 KB (sm86, sm89) or AMD's 64 KB."""
+    return 2 * dim * dim + 4 * tile * dim
 
 
 def _reads_raw_key(config: TurboQuantConfig) -> bool:
@@ -289,20 +349,34 @@ def _reads_raw_key(config: TurboQuantConfig) -> bool:
     return all(seg.channel_run is not None for seg in key_codec(config).segments)
 
 
-def _key_features(config: TurboQuantConfig, key: jax.Array) -> tuple[list[jax.Array], jax.Array | None]:
+def _key_features(
+    config: TurboQuantConfig, parts: tuple[_KeyPart, ...], key: jax.Array
+) -> tuple[list[jax.Array], jax.Array | None]:
     """The XLA half of the key encoding: what the kernel does not compute of ``KeyCodec.encode``:
-    ``(features, new_key_scales)``. fp8 and exact Hadamard keys: the raw key channels, no scales (the
-    kernel's statistics give them); other keys: ``KeyCodec.encode`` itself (words and fp16 scales), on
-    the same shapes as the reference, so every value here has the reference's bits."""
+    ``(features, new_key_scales)``. fp8 and exact keys (``parts`` of :func:`_key_parts`): the raw key channels,
+    no scales (the kernel's statistics give them); other keys: ``KeyCodec.encode`` itself (words and fp16
+    scales), on the same shapes as the reference, so every value here has the reference's bits."""
     codec = key_codec(config)
-    if config.key_format == "fp8":
+    if parts[0].kind == "fp8":
         return [key], None  # converted to fp8 in the kernel
-    if _rotates_in_kernel(config):  # snapped, rotated and bucketized in the kernel; norms after it
+    if parts[0].kind in ("grid", "qjl"):  # snapped, rotated, bucketized (and sketched) in the kernel; norms after it
         if _reads_raw_key(config):
             return [key], None
         return [take_channels(key, seg) for seg in codec.segments], None
-    words, scales = codec.encode(key)  # QJL keys, wide segments, Haar rotations: the reference's words
+    words, scales = codec.encode(key)  # wide segments, Haar rotations: the reference's words
     return [words], scales
+
+
+def _tile(n: int, block_tokens: int, parts: tuple[_KeyPart, ...]) -> int:
+    """Tokens per program: ``block_tokens`` or the batch's next power of two, at least 16 for an in-kernel rotation
+    (its tensor-core product needs 16 rows)."""
+    tile = min(block_tokens, pl.next_power_of_2(n))
+    return max(tile, 16) if any(part.num_stats for part in parts) else tile
+
+
+def _plan(config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int) -> tuple[_KeyPart, ...]:
+    """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have."""
+    return _key_parts(config, max(16, min(block_tokens, pl.next_power_of_2(n))), shared_memory)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -322,9 +396,11 @@ def _store_kernel(
     value_bits: int,
     arithmetic: str,
 ):
-    num_grid = sum(part.kind == "grid" for part in parts)
+    num_tables = sum(part.num_tables for part in parts)
+    has_stats = any(part.num_stats for part in parts)
+    has_words_copy = any(part.kind == "grid" for part in parts)
     slot_ref, reciprocals_ref, *rest = refs
-    matrix_refs, rest = rest[:num_grid], rest[num_grid:]
+    table_refs, rest = rest[:num_tables], rest[num_tables:]
     feature_refs, rest = rest[:num_features], rest[num_features:]
     if has_new_key_scales:
         new_key_scales_ref, value_ref, *rest = rest
@@ -332,8 +408,8 @@ def _store_kernel(
         new_key_scales_ref = None
         value_ref, *rest = rest
     outs = rest[num_cache:]  # aliased to the inputs rest[:num_cache]; only the outputs are written
-    if num_grid:
-        *outs, grid_ref, words_ref = outs
+    words_ref = outs.pop() if has_words_copy else None
+    stats_ref = outs.pop() if has_stats else None
     if num_cache == 4:
         key_codes_ref, key_scales_ref, value_codes_ref, value_scales_ref = outs
     else:
@@ -388,19 +464,28 @@ def _store_kernel(
                 start += words.shape[1]
 
         # ---- keys
-        grid_index = 0
+        tables = iter(table_refs)
+        stats_column = 0
         for part in parts:
             if part.kind == "words":  # packed by XLA
                 put(key_codes_ref, part.word_start, feature_refs[part.feature][rows(part.word_start, part.dim)])
                 continue
             x = load(feature_refs[part.feature], part.dim, part.column)
             if part.kind == "fp8":
-                codes = _fp8_codes(x, arithmetic)
-            else:
-                codes, stats = _grid_codes(x, matrix_refs[grid_index][...], part)
-                put_row(grid_ref, 2 * grid_index, stats)
-                grid_index += 1
-            put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref if part.kind == "grid" else None)
+                put_fields(key_codes_ref, part.word_start, _fp8_codes(x, arithmetic), part.bits)
+                continue
+            if part.kind == "grid":
+                codes, stats = _grid_codes(x, next(tables)[...], part)
+                put_fields(key_codes_ref, part.word_start, codes, part.bits, words_ref)
+            else:  # "qjl"
+                matrix_ref, sketch_ref = next(tables), next(tables)
+                centroids_ref = next(tables) if part.bits else None
+                codes, signs, stats = _qjl_codes(x, matrix_ref, sketch_ref, centroids_ref, part)
+                if part.bits:
+                    put_fields(key_codes_ref, part.word_start, codes, part.bits)
+                put_fields(key_codes_ref, part.sign_word_start, signs, 1)
+            put_row(stats_ref, stats_column, stats)
+            stats_column += part.num_stats
         if has_new_key_scales:
             put(key_scales_ref, 0, load(new_key_scales_ref, key_scales_ref.shape[-1]))
 
@@ -419,22 +504,50 @@ def _store_kernel(
         put(value_scales_ref, 0, jnp.where(pair == 0, scale[:, None], zero[:, None]))
 
 
+def _columns(*values: jax.Array) -> jax.Array:
+    """int32 [T] vectors side by side as [T, len(values)] (a power of two: the kernel's row stores)."""
+    col = jax.lax.broadcasted_iota(jnp.int32, (values[0].shape[0], len(values)), 1)
+    out = values[-1][:, None]
+    for i in reversed(range(len(values) - 1)):
+        out = jnp.where(col == i, values[i][:, None], out)
+    return out
+
+
 def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.Array, jax.Array]:
     """The exact Hadamard code of key rows ``x`` [T, dim] (``TurboQuantMSE.quantize``, in the kernel).
 
     ``matrix_t`` is ``M^T`` [dim, dim] float16 (+-1). Returns the codes [T, dim] uint32 and int32 [T, 2]
-    rows ``(||n||**2, grid field)`` for the norms XLA forms after the kernel. The rotation is one float16
-    tensor-core product of integers ``|n| <= 2**g`` with float32 accumulation: every partial sum is an
-    integer below ``2**24``, exact; the rest is integer arithmetic and correctly rounded products
-    (``tqjax.quantizers.exact_bucketize``).
+    rows ``(||n||**2, grid field)`` for the norms XLA forms after the kernel. The rotation
+    (:func:`tqjax.quantizers.exact_rotation`) is one float16 tensor-core product of integers, exact; the
+    search compares correctly rounded products (``tqjax.quantizers.exact_bucketize``).
     """
-    n, field = snap_to_grid(x.astype(jnp.float32), part.grid_bits)
-    z = jnp.dot(n.astype(jnp.float16), matrix_t, preferred_element_type=jnp.float32)
-    whole = n.astype(jnp.int32)
-    n2 = jnp.sum(whole * whole, axis=1)
+    z, n2, field = exact_rotation(x, part.grid_bits, matrix_t)
     codes = _search_codes(z * jnp.abs(z), n2.astype(jnp.float32)[:, None], part.thresholds)
-    col = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 2), 1)
-    return codes, jnp.where(col == 0, n2[:, None], field[:, None])
+    return codes, _columns(n2, field)
+
+
+def _qjl_codes(
+    x: jax.Array, matrix_ref, sketch_ref, centroids_ref, part: _KeyPart
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """The exact QJL code of key rows ``x`` [T, dim] (``TurboQuantProd.quantize``, in the kernel).
+
+    ``matrix_ref`` ``M^T`` and ``sketch_ref`` ``S_int^T`` are float16 [dim, dim] (each read where its product needs
+    it: one matrix in shared memory at a time); ``centroids_ref`` the MSE stage's
+    float32 centroids [2**bits] (None without MSE codes). Returns the MSE codes [T, dim] uint32 (None without),
+    the signs [T, dim] uint32 and int32 [T, 4] rows ``(||n||**2, field, ||w_int||**2, the residual's field)``
+    for the norm and ``gamma`` XLA forms after the kernel. Both products are float16 tensor-core products of
+    integers (exact); ``L`` is a correctly rounded square root (libdevice's ``sqrt.rn`` on CUDA) rounded to 13
+    bits, ``c L`` exact, ``w = z - c L`` one rounded difference: the reference's ``w``, bit for bit.
+    """
+    z, n2, field = exact_rotation(x, part.grid_bits, matrix_ref[...])
+    length = residual_length(n2, part.dim)
+    codes = None
+    w = z
+    if part.bits:
+        codes = _search_codes(z * jnp.abs(z), n2.astype(jnp.float32)[:, None], part.thresholds)
+        w = z - centroids_ref[codes.astype(jnp.int32)] * length[:, None]
+    positive, w2, w_field = exact_sketch(w, part.sketch_grid_bits, sketch_ref[...])
+    return codes, positive.astype(jnp.uint32), _columns(n2, field, w2, w_field)
 
 
 def _search_codes(signed_square: jax.Array, scale: jax.Array, thresholds: tuple[float, ...]) -> jax.Array:
@@ -497,12 +610,15 @@ def _store_impl(
     num_warps: int = 4,
     num_stages: int = 1,
     arithmetic: str = "portable",
+    shared_memory: int = PLANNING_SHARED_MEMORY,
 ) -> PagedKVCache:
     if key.shape[0] == 0:
         return cache
-    features, new_key_scales = _key_features(cache.config, key)
+    parts = _plan(cache.config, key.shape[0], block_tokens, shared_memory)
+    features, new_key_scales = _key_features(cache.config, parts, key)
     return _store_call(
         cache,
+        parts,
         features,
         new_key_scales,
         value,
@@ -517,6 +633,7 @@ def _store_impl(
 
 def _store_call(
     cache: PagedKVCache,
+    parts: tuple[_KeyPart, ...],
     features: list[jax.Array],
     new_key_scales: jax.Array | None,
     value: jax.Array,
@@ -528,33 +645,31 @@ def _store_call(
     num_stages: int,
     arithmetic: str = "portable",
 ) -> PagedKVCache:
-    """The kernel half: ``pallas_call`` on the XLA half's ``features`` (``[N, Hk, dim]``: the raw key
-    channels for fp8 and exact Hadamard keys, packed key words uint32 ``[N, Hk, Wk]`` otherwise) and
-    ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None where the kernel's statistics give them, or without
-    key scales). Exact Hadamard keys get their fp16 norms after the kernel, from its integer
-    statistics, by the quantizer's own XLA functions (so bit for bit the reference's)."""
+    """The kernel half of ``parts`` (:func:`_key_parts`): ``pallas_call`` on the XLA half's ``features``
+    (``[N, Hk, dim]``: the raw key channels for fp8 and exact keys, packed key words uint32 ``[N, Hk, Wk]``
+    otherwise) and ``new_key_scales`` ``[N, Hk, nk]`` fp16 (None where the kernel's statistics give them, or
+    without key scales). Exact keys get their fp16 norms after the kernel, from its integer statistics, by the
+    quantizers' own XLA functions (so bit for bit the reference's)."""
     cfg = cache.config
     n = value.shape[0]
-    parts = _key_parts(cfg)
-    grid_parts = [part for part in parts if part.kind == "grid"]
-    tile = min(block_tokens, pl.next_power_of_2(n))
-    if grid_parts:
-        tile = max(tile, 16)  # the rotation is a tensor-core product: at least 16 rows
+    num_stats = sum(part.num_stats for part in parts)
+    has_words_copy = any(part.kind == "grid" for part in parts)
+    tile = _tile(n, block_tokens, parts)
     cache_in = [cache.key_codes] + ([cache.key_scales] if cache.key_scales is not None else []) + [
         cache.value_codes,
         cache.value_scales,
     ]
-    codec = key_codec(cfg)
-    matrices = [jnp.asarray(codec.quantizers[part.segment].pm1.T, jnp.float16) for part in grid_parts]
-    inputs = [slot_mapping.astype(jnp.int32), jnp.asarray(fp16_reciprocals()), *matrices, *features]
+    tables = [table for part in parts for table in _part_tables(cfg, part)]
+    inputs = [slot_mapping.astype(jnp.int32), jnp.asarray(fp16_reciprocals()), *tables, *features]
     if new_key_scales is not None:
         inputs.append(new_key_scales)
     inputs.append(value)
     first_cache = len(inputs)
     inputs += cache_in
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache_in]
-    if grid_parts:  # per token and head: (||n||**2, grid field) per segment, and the packed key words
-        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, 2 * len(grid_parts)), jnp.int32))
+    if num_stats:  # per token and head: the integer statistics of every rotated part (_KeyPart.num_stats)
+        out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, num_stats), jnp.int32))
+    if has_words_copy:  # and the packed key words, row by row (the norm correction's codes)
         out_shape.append(jax.ShapeDtypeStruct((n, cache.num_kv_heads, cfg.key_words), jnp.uint32))
     kernel = functools.partial(
         _store_kernel,
@@ -579,38 +694,51 @@ def _store_call(
         interpret=interpret,
         name=f"tqjax_store_{cfg.name}_d{cfg.head_dim}_t{tile}",
     )(*inputs)
-    if grid_parts:
-        *out, stats, words = out
+    out = list(out)
+    words = out.pop() if has_words_copy else None
+    stats = out.pop() if num_stats else None
     if cache.key_scales is not None:
         key_codes, key_scales, value_codes, value_scales = out
     else:
         (key_codes, value_codes, value_scales), key_scales = out, None
-    if grid_parts:
-        key_scales = _grid_key_scales(cache, key_scales, stats, words, slot_mapping)
+    if num_stats:
+        key_scales = _kernel_key_scales(cache, parts, key_scales, stats, words, slot_mapping)
     return PagedKVCache(
         key_codes=key_codes, key_scales=key_scales, value_codes=value_codes, value_scales=value_scales, config=cfg
     )
 
 
-def _grid_key_scales(
-    cache: PagedKVCache, key_scales: jax.Array, stats: jax.Array, words: jax.Array, slot_mapping: jax.Array
+def _kernel_key_scales(
+    cache: PagedKVCache,
+    parts: tuple[_KeyPart, ...],
+    key_scales: jax.Array,
+    stats: jax.Array,
+    words: jax.Array | None,
+    slot_mapping: jax.Array,
 ) -> jax.Array:
-    """XLA after the kernel, for exact Hadamard keys: their fp16 norms from the kernel's integer
-    ``stats`` [N, Hk, 2 * segments] int32 and row-major packed ``words`` [N, Hk, Wk] uint32, by the
-    quantizer's own functions (bit for bit the reference's), scattered into ``key_scales`` at
+    """XLA after the kernel, for exact (MSE, split and QJL) ``parts``: their fp16 norms from the kernel's integer
+    ``stats`` [N, Hk, sum of num_stats] int32 (and, for MSE keys, the row-major packed ``words`` [N, Hk, Wk]
+    uint32), by the quantizers' own functions (bit for bit the reference's), scattered into ``key_scales`` at
     ``slot_mapping`` in place."""
     cfg = cache.config
     codec = key_codec(cfg)
-    scales = []
-    for i, part in enumerate(part for part in _key_parts(cfg) if part.kind == "grid"):
-        q = codec.quantizers[part.segment]
-        code = MSECode(codec.segment_codes(words, cfg.key_segments[part.segment]),
-                       grid_norm(stats[..., 2 * i], stats[..., 2 * i + 1]))
-        scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
+    scales, column = [], 0
+    for part in parts:
+        if not part.num_stats:
+            continue
+        n2, field = stats[..., column], stats[..., column + 1]
+        if part.kind == "grid":
+            q = codec.quantizers[part.segment]
+            code = MSECode(codec.segment_codes(words, cfg.key_segments[part.segment]), grid_norm(n2, field))
+            scales.append(fp16_norm(q.stored_norm(code)))  # as KeyCodec.encode: the reference's ops
+        else:  # "qjl": (norm, gamma), as TurboQuantProd.quantize and KeyCodec.encode
+            gamma = residual_grid_norm(stats[..., column + 2], stats[..., column + 3], residual_length(n2, part.dim))
+            scales += [fp16_norm(grid_norm(n2, field)), fp16_norm(gamma)]
+        column += part.num_stats
     return _slot_writer(cache, slot_mapping)(key_scales, jnp.stack(scales, axis=-1))
 
 
-_STATIC = ("interpret", "block_tokens", "num_warps", "num_stages", "arithmetic")
+_STATIC = ("interpret", "block_tokens", "num_warps", "num_stages", "arithmetic", "shared_memory")
 
 #: Jitted kernel entry point; donates (and updates in place) the cache. Prefer :func:`store`, which
 #: validates the inputs first.
@@ -710,4 +838,5 @@ def store(
         num_warps=num_warps,
         num_stages=num_stages,
         arithmetic=arithmetic,
+        shared_memory=detect_platform().shared_memory_per_block or PLANNING_SHARED_MEMORY,
     )
