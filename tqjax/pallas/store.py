@@ -367,16 +367,16 @@ def _key_features(
     return [words], scales
 
 
-def _tile(n: int, block_tokens: int, parts: tuple[_KeyPart, ...]) -> int:
+def _tile(n: int, block_tokens: int, rotates: bool) -> int:
     """Tokens per program: ``block_tokens`` or the batch's next power of two, at least 16 for an in-kernel rotation
     (its tensor-core product needs 16 rows)."""
     tile = min(block_tokens, pl.next_power_of_2(n))
-    return max(tile, 16) if any(part.num_stats for part in parts) else tile
+    return max(tile, 16) if rotates else tile
 
 
 def _plan(config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int) -> tuple[_KeyPart, ...]:
     """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have."""
-    return _key_parts(config, max(16, min(block_tokens, pl.next_power_of_2(n))), shared_memory)
+    return _key_parts(config, _tile(n, block_tokens, rotates=True), shared_memory)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -654,7 +654,7 @@ def _store_call(
     n = value.shape[0]
     num_stats = sum(part.num_stats for part in parts)
     has_words_copy = any(part.kind == "grid" for part in parts)
-    tile = _tile(n, block_tokens, parts)
+    tile = _tile(n, block_tokens, rotates=num_stats > 0)
     cache_in = [cache.key_codes] + ([cache.key_scales] if cache.key_scales is not None else []) + [
         cache.value_codes,
         cache.value_scales,
