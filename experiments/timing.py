@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -138,5 +139,6 @@ def load_versions(paths: str, prefix: str) -> dict:
         name = os.path.basename(path).removesuffix(".py")
         spec = importlib.util.spec_from_file_location(prefix + name, path)
         out[name] = importlib.util.module_from_spec(spec)
+        sys.modules[prefix + name] = out[name]  # a dataclass looks its module up there
         spec.loader.exec_module(out[name])
     return out

@@ -25,6 +25,9 @@ What runs where
   ``w = z - c[codes] L`` (``L``, :func:`tqjax.quantizers.residual_length`, a correctly rounded square root
   rounded to 13 bits; ``c L`` exact), snapped to its grid and sketched by a second float16 product against
   ``S_int`` (:func:`tqjax.quantizers.exact_sketch`: integers again, exact), its signs packed as a 1-bit field.
+  QJL keys are coded so only where the kernel's square root is IEEE's (``_sqrt_rn``: ``arithmetic="cuda"``, PTX
+  ``sqrt.rn``, and interpret mode); a compiled kernel with the portable arithmetic (ROCm's) takes XLA's words for
+  them, since a Triton ``jnp.sqrt`` is not correctly rounded (H200: ``L`` moved for 0.08% of inputs).
   The kernel also writes int32 statistics per vector (``||n||**2`` and the grid's exponent field per segment;
   for QJL keys also ``||w_int||**2`` and the residual grid's field) and, for MSE and split keys, the packed key
   words once more, row by row; after the kernel XLA turns them into the fp16 key norms (and QJL's ``gamma``)
@@ -269,7 +272,7 @@ class _KeyPart:
         return {"grid": 1, "qjl": 2 + (self.bits > 0)}.get(self.kind, 0)
 
 
-def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int) -> tuple[_KeyPart, ...]:
+def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int, exact_sqrt: bool) -> tuple[_KeyPart, ...]:
     """The kernel's plan for ``config``'s keys: exact Hadamard codes ("grid", "qjl") in the kernel where every
     quantizer is exact and its rotation fits ``shared_memory`` bytes at ``tile`` rows
     (:func:`rotation_shared_memory`); otherwise fp8 or XLA's packed words."""
@@ -277,6 +280,8 @@ def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int) -> tuple
     if config.key_format == "fp8":
         return (_KeyPart("fp8", 0, config.head_dim, 8, 0),)
     exact = _exact_parts(config)
+    if not exact_sqrt and any(part.kind == "qjl" for part in exact):
+        exact = ()  # QJL keys need a correctly rounded square root in the kernel (_sqrt_rn)
     if exact and max(rotation_shared_memory(part.dim, tile) for part in exact) <= shared_memory:
         return exact
     # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
@@ -374,9 +379,27 @@ def _tile(n: int, block_tokens: int, rotates: bool) -> int:
     return max(tile, 16) if rotates else tile
 
 
-def _plan(config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int) -> tuple[_KeyPart, ...]:
-    """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have."""
-    return _key_parts(config, _tile(n, block_tokens, rotates=True), shared_memory)
+def _plan(
+    config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int, interpret: bool, arithmetic: str
+) -> tuple[_KeyPart, ...]:
+    """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have; QJL keys in the kernel
+    where its square root is correctly rounded (:func:`_sqrt_rn`: interpret mode, or ``arithmetic="cuda"``)."""
+    exact_sqrt = interpret or arithmetic == "cuda"
+    return _key_parts(config, _tile(n, block_tokens, rotates=True), shared_memory, exact_sqrt)
+
+
+def _sqrt_rn(x: jax.Array, arithmetic: str) -> jax.Array:
+    """IEEE's correctly rounded float32 square root in the kernel: "cuda", ``sqrt.rn.f32`` in PTX; otherwise
+    ``jnp.sqrt``, which is IEEE's in interpret mode (XLA's CPU root) but not in a compiled Triton kernel (the H200:
+    libdevice's root moved :func:`tqjax.quantizers.residual_length` for 0.08% of inputs), where the plan
+    (:func:`_plan`) keeps QJL keys out of the kernel."""
+    if arithmetic == "cuda":
+        (r,) = pltriton.elementwise_inline_asm(
+            "sqrt.rn.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+        )
+        return r
+    return jnp.sqrt(x)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -480,7 +503,7 @@ def _store_kernel(
             else:  # "qjl"
                 matrix_ref, sketch_ref = next(tables), next(tables)
                 centroids_ref = next(tables) if part.bits else None
-                codes, signs, stats = _qjl_codes(x, matrix_ref, sketch_ref, centroids_ref, part)
+                codes, signs, stats = _qjl_codes(x, matrix_ref, sketch_ref, centroids_ref, part, arithmetic)
                 if part.bits:
                     put_fields(key_codes_ref, part.word_start, codes, part.bits)
                 put_fields(key_codes_ref, part.sign_word_start, signs, 1)
@@ -527,7 +550,7 @@ def _grid_codes(x: jax.Array, matrix_t: jax.Array, part: _KeyPart) -> tuple[jax.
 
 
 def _qjl_codes(
-    x: jax.Array, matrix_ref, sketch_ref, centroids_ref, part: _KeyPart
+    x: jax.Array, matrix_ref, sketch_ref, centroids_ref, part: _KeyPart, arithmetic: str
 ) -> tuple[jax.Array | None, jax.Array, jax.Array]:
     """The exact QJL code of key rows ``x`` [T, dim] (``TurboQuantProd.quantize``, in the kernel).
 
@@ -536,11 +559,11 @@ def _qjl_codes(
     float32 centroids [2**bits] (None without MSE codes). Returns the MSE codes [T, dim] uint32 (None without),
     the signs [T, dim] uint32 and int32 [T, 4] rows ``(||n||**2, field, ||w_int||**2, the residual's field)``
     for the norm and ``gamma`` XLA forms after the kernel. Both products are float16 tensor-core products of
-    integers (exact); ``L`` is a correctly rounded square root (libdevice's ``sqrt.rn`` on CUDA) rounded to 13
+    integers (exact); ``L`` is a correctly rounded square root (:func:`_sqrt_rn`) rounded to 13
     bits, ``c L`` exact, ``w = z - c L`` one rounded difference: the reference's ``w``, bit for bit.
     """
     z, n2, field = exact_rotation(x, part.grid_bits, matrix_ref[...])
-    length = residual_length(n2, part.dim)
+    length = residual_length(n2, part.dim, functools.partial(_sqrt_rn, arithmetic=arithmetic))
     codes = None
     w = z
     if part.bits:
@@ -614,7 +637,7 @@ def _store_impl(
 ) -> PagedKVCache:
     if key.shape[0] == 0:
         return cache
-    parts = _plan(cache.config, key.shape[0], block_tokens, shared_memory)
+    parts = _plan(cache.config, key.shape[0], block_tokens, shared_memory, interpret, arithmetic)
     features, new_key_scales = _key_features(cache.config, parts, key)
     return _store_call(
         cache,
