@@ -103,8 +103,7 @@ def probe(a, name: str, n: int, rng, bw: float, rows: list, iters: int, reps: in
     add(f"full in-jit (/{STEPS})", in_jit(full))
     if arithmetic != "portable":
         add(f"portable in-jit (/{STEPS})", in_jit(portable))
-    parts = store_mod._plan(cfg, n, store_mod.DEFAULT_BLOCK_TOKENS, store_mod.PLANNING_SHARED_MEMORY, interpret,
-                            arithmetic)
+    parts = store_mod._plan(cfg, n, store_mod.DEFAULT_BLOCK_TOKENS, store_mod.PLANNING_SHARED_MEMORY)
     xla_half = jax.jit(lambda key: store_mod._key_features(cfg, parts, key))
     add("xla half", time_fn(xla_half, [(k,)], iters=iters, reps=reps))
     add(f"xla half in-jit (/{STEPS})", pure_in_jit(lambda key: store_mod._key_features(cfg, parts, key), k))

@@ -107,7 +107,7 @@ def _check_store(
     expected = _to_numpy(_reference_jit(cache, key, value, jnp.asarray(slots)))
     # QJL keys coded in the compiled kernel: their residual's scale L is a correctly rounded square root there, as
     # on the CPU, and an approximate one in XLA's GPU reference (tqjax.quantizers.residual_length)
-    exact_qjl = not interpret and _kernel_kinds(cfg, n, block_tokens, arithmetic=arithmetic) == {"qjl"}
+    exact_qjl = not interpret and _kernel_kinds(cfg, n, block_tokens) == {"qjl"}
     if exact_qjl:  # before the store, which donates the cache
         on_cpu_codes = np.asarray(on_cpu(store_reference, cache, key, value, jnp.asarray(slots)).key_codes)
     got = _to_numpy(  # the Triton kernel, also where the Mosaic store would be the default (tests/test_store_mgpu.py)
@@ -140,14 +140,9 @@ def _check_store(
         assert np.array_equal(got[array_name][~written], before[array_name][~written]), array_name
 
 
-def _kernel_kinds(cfg: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int | None = None,
-                  arithmetic: str | None = None) -> set[str]:
-    """The kinds of the Triton kernel's key parts for ``n`` tokens (store_mod._plan), on an H100 by default;
-    interpret mode unless an ``arithmetic`` is given (a compiled kernel's: None is this GPU's default)."""
-    interpret = jax.default_backend() != "gpu" and arithmetic is None
-    arithmetic = arithmetic or store_mod.store_arithmetic(interpret)
-    parts = store_mod._plan(cfg, n, block_tokens, shared_memory or store_mod.PLANNING_SHARED_MEMORY, interpret,
-                            arithmetic)
+def _kernel_kinds(cfg: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int | None = None) -> set[str]:
+    """The kinds of the Triton kernel's key parts for ``n`` tokens (store_mod._plan), on an H100 by default."""
+    parts = store_mod._plan(cfg, n, block_tokens, shared_memory or store_mod.PLANNING_SHARED_MEMORY)
     return {part.kind for part in parts}
 
 
@@ -216,7 +211,8 @@ def test_bit_exact_head_dim_512(name: str) -> None:
         ("turboquant_kqjl3v4", 256, Platform("cuda", "sm89"), {"words"}),
         ("turboquant_4bit_nc", 256, Platform("cuda", "sm80"), {"grid"}),
         ("turboquant_4bit_nc", 256, Platform("cuda", "sm86"), {"words"}),
-        ("turboquant_kqjl4v4", 128, Platform("rocm", "gfx942"), {"words"}),  # no IEEE square root there
+        ("turboquant_kqjl4v4", 128, Platform("rocm", "gfx942"), {"qjl"}),
+        ("turboquant_kqjl3v4", 256, Platform("rocm", "gfx942"), {"words"}),
         ("turboquant_4bit_nc", 128, Platform("rocm", "gfx942"), {"grid"}),
         ("turboquant_k3v4_nc", 256, Platform("rocm", "gfx942"), {"words"}),
         ("turboquant_k3p5v4", 512, Platform("rocm", "gfx950"), {"grid"}),
@@ -226,10 +222,10 @@ def test_bit_exact_head_dim_512(name: str) -> None:
 def test_exact_keys_where_their_rotation_fits_shared_memory(name: str, head_dim: int, platform, kinds) -> None:
     """The kernel rotates (and sketches) a key itself where one part's +-1 matrix and operand fit the GPU's shared
     memory (store_mod.rotation_shared_memory, an upper bound of the sm_90 static counts); elsewhere XLA's words."""
-    memory, arithmetic = platform.shared_memory_per_block, store_mod.store_arithmetic(False, platform)
-    assert _kernel_kinds(_config(name, head_dim), 4096, 32, memory, arithmetic) == kinds
+    memory = platform.shared_memory_per_block
+    assert _kernel_kinds(_config(name, head_dim), 4096, 32, memory) == kinds
     # a batch of one gets a 16-row tile, the smallest a rotation takes: the same plan
-    assert _kernel_kinds(_config(name, head_dim), 1, 32, memory, arithmetic) == kinds
+    assert _kernel_kinds(_config(name, head_dim), 1, 32, memory) == kinds
 
 
 def test_store_plans_for_the_platform_it_runs_on(monkeypatch) -> None:
@@ -574,11 +570,13 @@ def test_gpu_bit_exact_portable_arithmetic(name: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton kernel)")
+@pytest.mark.parametrize("arithmetic", ["cuda", "portable"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
-def test_gpu_residual_length_in_a_triton_kernel(dim: int) -> None:
-    """The QJL keys' scale L in a compiled Triton kernel (the store's ``_qjl_codes``: ``sqrt.rn`` in PTX) is the
-    correctly rounded one, as on the CPU (libdevice's ``jnp.sqrt`` there is not: 0.08% of these moved on the H200), on every integer below 2**22, random ones up to 2**30 and those next to
-    the 13-bit rounding's ties."""
+def test_gpu_residual_length_in_a_triton_kernel(dim: int, arithmetic: str) -> None:
+    """The QJL keys' scale L in a compiled Triton kernel (the store's ``_qjl_codes``: ``sqrt.rn`` in PTX, or the
+    portable arithmetic's integer correction of ``jnp.sqrt``) is the correctly rounded one, as on the CPU
+    (libdevice's ``jnp.sqrt`` alone is not: 0.08% of these moved on the H200), on every integer below 2**22, random
+    ones up to 2**30 and those next to the 13-bit rounding's ties."""
     n2 = residual_length_inputs(np.random.default_rng(dim))
     rows = -(-n2.size // 1024)
     rows += -rows % 64
@@ -586,7 +584,7 @@ def test_gpu_residual_length_in_a_triton_kernel(dim: int) -> None:
     padded[: n2.size] = n2
 
     def kernel(n2_ref, out_ref):
-        out_ref[...] = residual_length(n2_ref[...], dim, functools.partial(store_mod._sqrt_rn, arithmetic="cuda"))
+        out_ref[...] = residual_length(n2_ref[...], dim, functools.partial(store_mod._sqrt_rn, arithmetic=arithmetic))
 
     got = pl.pallas_call(
         kernel,

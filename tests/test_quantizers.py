@@ -27,6 +27,7 @@ from tqjax.quantizers import (
     FP8_E4M3_MAX,
     FP16_MAX,
     MSECode,
+    correctly_rounded_sqrt,
     dequantize_values,
     quantize_fp8,
     quantize_values,
@@ -366,6 +367,28 @@ def test_residual_length_is_the_correctly_rounded_root_to_13_bits(dim: int) -> N
     n2 = residual_length_inputs(np.random.default_rng(dim))
     got = np.asarray(jax.jit(residual_length, static_argnums=1)(jnp.asarray(n2), dim))
     np.testing.assert_array_equal(got, residual_length_np(n2, dim))
+
+
+@pytest.mark.parametrize("ulps", [-3, -2, -1, 0, 1, 2, 3])
+def test_correctly_rounded_sqrt_from_a_root_some_ulps_off(ulps: int) -> None:
+    """:func:`correctly_rounded_sqrt` (integer steps, the portable store kernel's root) gives numpy's IEEE float32
+    root from a root ``ulps`` representable numbers off (crossing powers of two, where an ulp doubles), on zero,
+    2**21 random positive normal numbers of every exponent, every integer below 2**20 and the values next to
+    powers of 4 (roots next to powers of 2)."""
+    rng = np.random.default_rng(ulps + 10)
+    random = rng.integers(0x00800000, 0x7F800000, size=1 << 21).astype(np.int32).view(np.float32)
+    fours = np.float32(4.0) ** np.arange(-62, 64, dtype=np.float32)
+    near = np.stack([np.nextafter(fours, np.float32(0)), fours, np.nextafter(fours, np.float32(np.inf))])
+    x = np.concatenate([[np.float32(0)], random, np.arange(1 << 20, dtype=np.float32), near.ravel()])
+
+    def off(y: jax.Array) -> jax.Array:  # jnp.sqrt moved by ulps representable numbers
+        bits = jax.lax.bitcast_convert_type(jnp.sqrt(y), jnp.int32)
+        return jax.lax.bitcast_convert_type(jnp.where(y > 0, bits + ulps, bits), jnp.float32)
+
+    got = np.asarray(jax.jit(lambda y: correctly_rounded_sqrt(y, off))(jnp.asarray(x)))
+    want = np.sqrt(x)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} roots wrong, e.g. sqrt({x[bad[:3]]}) = {got[bad[:3]]}, not {want[bad[:3]]}"
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

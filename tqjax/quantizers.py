@@ -350,6 +350,47 @@ def qjl_matrix(dim: int, seed: int) -> np.ndarray:
     return s
 
 
+def _square_exceeds(high: jax.Array, low: jax.Array, a: jax.Array) -> jax.Array:
+    """``high 2**26 + low > a**2`` for int32 ``0 <= low < 2**26``, ``0 < a < 2**25 + 2**13``, in int32 arithmetic:
+    ``a = ah 2**13 + al``, so ``a**2 = ah**2 2**26 + 2 ah al 2**13 + al**2`` in digits of base ``2**26`` (every
+    partial result below ``2**27``)."""
+    ah, al = a >> 13, a & 0x1FFF
+    cross = 2 * ah * al
+    sq_low = al * al + ((cross & 0x1FFF) << 13)
+    sq_high = ah * ah + (cross >> 13) + (sq_low >> 26)
+    sq_low = sq_low & 0x3FFFFFF
+    return (high > sq_high) | ((high == sq_high) & (low > sq_low))
+
+
+def correctly_rounded_sqrt(x: jax.Array, root=jnp.sqrt, ulps: int = 3) -> jax.Array:
+    """IEEE's square root of float32 ``x`` [...] (each zero or a positive normal number), correctly rounded, from
+    ``root(x)``, any float32 within ``ulps`` units in the last place of it (OpenCL allows a single-precision root 3;
+    a compiled Triton ``jnp.sqrt`` was off by one for 0.08% of :func:`residual_length`'s inputs on the H200).
+
+    Integer arithmetic only (int32: no float64, no fused multiply-add), so the same on every backend: with
+    ``x = mant 4**k``, ``mant`` an integer in ``[2**24, 2**26)``, the root is ``S 2**(k - 11)`` for the integer
+    ``S`` with ``(2S - 1)**2 < mant 2**24 < (2S + 1)**2`` (never equal: an odd square against an even number). ``S``
+    starts from ``root(x)`` and each step moves it by one towards that interval (:func:`_square_exceeds`: 50-bit
+    squares in digits of ``2**26``); past a power of two an ulp is two units of ``S``, so ``2 ulps`` steps."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    p = ((bits >> 23) & 0xFF) - 150  # x = m 2**p, m = the 24-bit significand
+    m = (bits & 0x7FFFFF) | 0x800000
+    odd = (p & 1) == 1
+    mant = jnp.where(odd, m << 1, m << 2)  # in [2**24, 2**26)
+    k = jnp.where(odd, p - 1, p - 2) >> 1  # x = mant 4**k
+    high, low = mant >> 2, (mant & 3) << 24  # mant 2**24 in digits of 2**26
+
+    def pow2(e: jax.Array) -> jax.Array:
+        return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+    s = (root(x) * pow2(11 - k)).astype(jnp.int32)  # an integer-valued float: its root's S
+    for _ in range(2 * ulps):
+        up = _square_exceeds(high, low, 2 * s + 1)
+        down = ~_square_exceeds(high, low, 2 * s - 1)
+        s = s + up.astype(jnp.int32) - down.astype(jnp.int32)
+    return jnp.where(x == 0, np.float32(0), s.astype(jnp.float32) * pow2(k - 11))
+
+
 def residual_length(n2: jax.Array, dim: int, sqrt=jnp.sqrt) -> jax.Array:
     """``L = sqrt(dim ||n||**2)`` rounded to 13 significant bits (to nearest, ties to even), float32 [...]: the
     scale of the rotated grid vector, ``y = z / L``. With 13 bits, ``c L`` is exact in float32 for every centroid

@@ -7,8 +7,9 @@ output, so XLA reuses the old buffers and never copies a cache.
 
 Two kernels sit behind :func:`store` (``implementation``, :func:`choose_implementation`): this module's (Triton
 lowering: CUDA, ROCm, interpret mode; every preset) and, on Hopper GPUs, :mod:`tqjax.pallas.store_mgpu`'s
-(Mosaic GPU: MSE, split and QJL keys at head_dim 128, and at 64 all but the split ones, bf16 inputs; 1.4-1.7x
-faster than this kernel at 16k tokens on the H200, docs/PERFORMANCE.md), which is the default where it runs.
+(Mosaic GPU: MSE, split and QJL keys at head_dim 128, and at 64 all but the split ones, bf16 inputs; at 16k
+tokens on the H200 1.4-1.7x faster than this kernel for MSE and split keys, 2.6-2.7x for QJL keys,
+docs/PERFORMANCE.md), which is the default where it runs.
 
 What runs where
 ---------------
@@ -25,9 +26,9 @@ What runs where
   ``w = z - c[codes] L`` (``L``, :func:`tqjax.quantizers.residual_length`, a correctly rounded square root
   rounded to 13 bits; ``c L`` exact), snapped to its grid and sketched by a second float16 product against
   ``S_int`` (:func:`tqjax.quantizers.exact_sketch`: integers again, exact), its signs packed as a 1-bit field.
-  QJL keys are coded so only where the kernel's square root is IEEE's (``_sqrt_rn``: ``arithmetic="cuda"``, PTX
-  ``sqrt.rn``, and interpret mode); a compiled kernel with the portable arithmetic (ROCm's) takes XLA's words for
-  them, since a Triton ``jnp.sqrt`` is not correctly rounded (H200: ``L`` moved for 0.08% of inputs).
+  The square root is IEEE's (``_sqrt_rn``: ``arithmetic="cuda"``, PTX ``sqrt.rn``; the portable arithmetic,
+  ROCm's, corrects ``jnp.sqrt`` by integer steps, :func:`tqjax.quantizers.correctly_rounded_sqrt`: a compiled
+  Triton ``jnp.sqrt`` is not correctly rounded, and moved ``L`` for 0.08% of inputs on the H200).
   The kernel also writes int32 statistics per vector (``||n||**2`` and the grid's exponent field per segment;
   for QJL keys also ``||w_int||**2`` and the residual grid's field) and, for MSE and split keys, the packed key
   words once more, row by row; after the kernel XLA turns them into the fp16 key norms (and QJL's ``gamma``)
@@ -121,6 +122,7 @@ from tqjax.quantizers import (
     FP8_E4M3_MAX,
     FP16_MAX,
     MSECode,
+    correctly_rounded_sqrt,
     exact_rotation,
     exact_sketch,
     fp16_reciprocals,
@@ -272,7 +274,7 @@ class _KeyPart:
         return {"grid": 1, "qjl": 2 + (self.bits > 0)}.get(self.kind, 0)
 
 
-def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int, exact_sqrt: bool) -> tuple[_KeyPart, ...]:
+def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int) -> tuple[_KeyPart, ...]:
     """The kernel's plan for ``config``'s keys: exact Hadamard codes ("grid", "qjl") in the kernel where every
     quantizer is exact and its rotation fits ``shared_memory`` bytes at ``tile`` rows
     (:func:`rotation_shared_memory`); otherwise fp8 or XLA's packed words."""
@@ -280,8 +282,6 @@ def _key_parts(config: TurboQuantConfig, tile: int, shared_memory: int, exact_sq
     if config.key_format == "fp8":
         return (_KeyPart("fp8", 0, config.head_dim, 8, 0),)
     exact = _exact_parts(config)
-    if not exact_sqrt and any(part.kind == "qjl" for part in exact):
-        exact = ()  # QJL keys need a correctly rounded square root in the kernel (_sqrt_rn)
     if exact and max(rotation_shared_memory(part.dim, tile) for part in exact) <= shared_memory:
         return exact
     # XLA's packed words (KeyCodec.encode), in runs of power-of-two lengths (the kernel's tiles)
@@ -379,27 +379,23 @@ def _tile(n: int, block_tokens: int, rotates: bool) -> int:
     return max(tile, 16) if rotates else tile
 
 
-def _plan(
-    config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int, interpret: bool, arithmetic: str
-) -> tuple[_KeyPart, ...]:
-    """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have; QJL keys in the kernel
-    where its square root is correctly rounded (:func:`_sqrt_rn`: interpret mode, or ``arithmetic="cuda"``)."""
-    exact_sqrt = interpret or arithmetic == "cuda"
-    return _key_parts(config, _tile(n, block_tokens, rotates=True), shared_memory, exact_sqrt)
+def _plan(config: TurboQuantConfig, n: int, block_tokens: int, shared_memory: int) -> tuple[_KeyPart, ...]:
+    """:func:`_key_parts` for ``n`` tokens, at the tile an in-kernel rotation would have."""
+    return _key_parts(config, _tile(n, block_tokens, rotates=True), shared_memory)
 
 
 def _sqrt_rn(x: jax.Array, arithmetic: str) -> jax.Array:
     """IEEE's correctly rounded float32 square root in the kernel: "cuda", ``sqrt.rn.f32`` in PTX; otherwise
-    ``jnp.sqrt``, which is IEEE's in interpret mode (XLA's CPU root) but not in a compiled Triton kernel (the H200:
-    libdevice's root moved :func:`tqjax.quantizers.residual_length` for 0.08% of inputs), where the plan
-    (:func:`_plan`) keeps QJL keys out of the kernel."""
+    :func:`tqjax.quantizers.correctly_rounded_sqrt` of ``jnp.sqrt`` (integer steps that correct a root within 3
+    ulps: a compiled Triton ``jnp.sqrt`` is not correctly rounded, and moved
+    :func:`tqjax.quantizers.residual_length` for 0.08% of inputs on the H200)."""
     if arithmetic == "cuda":
         (r,) = pltriton.elementwise_inline_asm(
             "sqrt.rn.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
         )
         return r
-    return jnp.sqrt(x)
+    return correctly_rounded_sqrt(x)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -637,7 +633,7 @@ def _store_impl(
 ) -> PagedKVCache:
     if key.shape[0] == 0:
         return cache
-    parts = _plan(cache.config, key.shape[0], block_tokens, shared_memory, interpret, arithmetic)
+    parts = _plan(cache.config, key.shape[0], block_tokens, shared_memory)
     features, new_key_scales = _key_features(cache.config, parts, key)
     return _store_call(
         cache,
