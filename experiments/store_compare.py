@@ -47,12 +47,14 @@ from tqjax.pallas import store_mgpu
 LOOP = 16
 
 
-def kernels(slots, value, others: dict, launches: str = "", triton_others: dict | None = None) -> dict:
+def kernels(slots, value, others: dict, launches: str = "", triton_others: dict | None = None,
+            arithmetic: str | None = None) -> dict:
     """name -> (``(cache, key) -> cache`` (the value and slots fixed), the Mosaic module it runs or None): the
     Triton store (default launch, and ``launches``: comma-separated tokens/warps), the ``store_jit`` of the store
-    modules in ``triton_others`` ({name: module}), this Mosaic store and those of ``others`` ({name: module})."""
+    modules in ``triton_others`` ({name: module}), this Mosaic store and those of ``others`` ({name: module}).
+    ``arithmetic``: the Triton stores' (None: this GPU's default)."""
     mosaic = {"mosaic": store_mgpu} | {f"mosaic:{name}": module for name, module in others.items()}
-    arithmetic = pallas_store.store_arithmetic(False)
+    arithmetic = arithmetic or pallas_store.store_arithmetic(False)
     out = {"triton": (lambda c, key: pallas_store.store_jit(c, key, value, slots, arithmetic=arithmetic), None)}
     for launch in filter(None, launches.split(",")):
         tokens, warps = map(int, launch.split("/"))
@@ -101,6 +103,8 @@ def main(argv=None) -> None:
                    help="other store.py files (comma-separated) whose Triton store to time beside this one")
     p.add_argument("--launches", default="", help="Triton store launches (comma-separated tokens/warps) to time "
                    "beside its default")
+    p.add_argument("--arithmetic", choices=pallas_store.ARITHMETIC, default=None,
+                   help="the Triton stores' conversions (default: this GPU's; 'portable' is ROCm's)")
     p.add_argument("--kernels", default="", help="comma-separated prefixes of the kernels to run (default: all; "
                    "'mosaic' runs this Mosaic store and the --against ones)")
     p.add_argument("--repeats", type=int, default=1, help="times each kernel is timed, in turns (median reported)")
@@ -133,7 +137,7 @@ def main(argv=None) -> None:
             ref = {x: np.asarray(y) for x, y in ref.arrays().items()}
             nbytes = n * a.hk * (4 * a.head_dim + cfg.slot_bytes)
             chosen = {}
-            for label, (fn, module) in kernels(slots, v, others, a.launches, triton_others).items():
+            for label, (fn, module) in kernels(slots, v, others, a.launches, triton_others, a.arithmetic).items():
                 if a.kernels and not any(label.startswith(k) for k in a.kernels.split(",")):
                     continue
                 if module is not None and (module.unsupported(cfg) is not None or not module.on_hopper()):

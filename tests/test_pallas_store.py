@@ -538,8 +538,8 @@ def test_arithmetic_choice() -> None:
 
 @pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_kqjl4v4"])
 def test_kernel_lowers_for_rocm(name: str) -> None:
-    """The same kernel (no inline assembly; QJL keys' square root from ROCm's device library) passes the Triton
-    lowering for ROCm."""
+    """The same kernel (no inline assembly; QJL keys coded in it, their square root ROCm's device library's corrected
+    by integer steps) passes the Triton lowering for ROCm."""
     module = _export("rocm", name, 128, 45, 16)
     assert module.count(f"@{_TRITON_CALL}(") == 1
 
