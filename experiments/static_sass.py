@@ -15,6 +15,13 @@ instructions by opcode, and ``/elem``: the count times the threads over one step
 (the loop body dominates the counts: the kernel is one loop over the sequence's pages), i.e. static
 instructions per key element per step, comparable across launches.
 
+``--target gfx942`` (or another AMD architecture: ``gfx90a``, ``gfx950``) is the ROCm view instead: the kernels
+lowered for ROCm (the portable store arithmetic; the decode's lookup "poly", ROCm's default, unless the variant
+names another), compiled by Triton's AMD backend for that architecture (wavefronts of 64), and counted from the
+AMDGPU assembly's own summary: vector registers (VGPR and AGPR), scalar registers, scratch (spills), the waves a
+SIMD holds (occupancy), shared memory (LDS) and the instruction count. No AMD GPU exists here, so this is the
+only check that the ROCm kernels compile past the Triton IR, and of what they cost.
+
 A proxy, not a measurement: the Triton here is PyPI's, not the one XLA bundles on the GPU machine
 (on the H200 with jax 0.11.2 the tuned 4bit_nc kernel used 240 registers; Triton 3.9 here gives
 about 165), and counts are static, not executed. Time the variants that look better on the GPU.
@@ -30,8 +37,9 @@ import sys
 import tempfile
 
 
-def capture(variants: list[str], out_dir: str) -> list[dict]:
-    """Lower each variant's decode kernel for CUDA and write its Triton IR; returns the manifest."""
+def capture(variants: list[str], out_dir: str, platform: str = "cuda") -> list[dict]:
+    """Lower each variant's kernel for ``platform`` ("cuda" or "rocm") and write its Triton IR; returns the
+    manifest."""
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import lowering
@@ -52,11 +60,13 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
     try:
         for v in variants:
             if v.startswith("store:"):
-                manifest.append(_capture_store(v, out_dir, len(manifest), captured))
+                manifest.append(_capture_store(v, out_dir, len(manifest), captured, platform))
                 continue
             name, dot_mode, block_tokens, num_warps, *flags = v.split("/")
             precision = decode.SPLIT_QUERY if "tf32" in flags else decode.SPLIT_F16
-            lookup = "prmt" if "prmt" in flags else "poly" if dot_mode == "fma" else "poly_fma"
+            if platform == "rocm" and "prmt" in flags:
+                raise ValueError(f"{v}: the prmt lookup is inline PTX, CUDA only")
+            lookup = "prmt" if "prmt" in flags else "poly" if dot_mode == "fma" or platform == "rocm" else "poly_fma"
             cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
             cache = tqjax.PagedKVCache.allocate(cfg, 64, 16, 8)
             args = (jnp.zeros((4, 32, 128), jnp.bfloat16), cache, jnp.zeros((4, 16), jnp.int32),
@@ -71,7 +81,7 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
 
             captured.clear()
             jax.export.export(
-                jax.jit(f), platforms=["cuda"],
+                jax.jit(f), platforms=[platform],
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
             )(*args)
             path = os.path.join(out_dir, f"k{len(manifest)}.ttir")
@@ -83,9 +93,10 @@ def capture(variants: list[str], out_dir: str) -> list[dict]:
     return manifest
 
 
-def _capture_store(variant: str, out_dir: str, index: int, captured: list[str]) -> dict:
+def _capture_store(variant: str, out_dir: str, index: int, captured: list[str], platform: str = "cuda") -> dict:
     """``store:preset/block_tokens/num_warps[/head_dim][/cuda]``: the store kernel's Triton IR (Hk=8, D=128
-    unless given, 4 tiles of tokens; ``cuda``: ``arithmetic="cuda"``, else "portable")."""
+    unless given, 4 tiles of tokens; ``cuda``: ``arithmetic="cuda"``, else "portable"), lowered for
+    ``platform``."""
     import jax
     import jax.numpy as jnp
 
@@ -106,12 +117,51 @@ def _capture_store(variant: str, out_dir: str, index: int, captured: list[str]) 
 
     captured.clear()
     jax.export.export(
-        jax.jit(f), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        jax.jit(f), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(cache, kv, kv, jnp.arange(n, dtype=jnp.int32))
     path = os.path.join(out_dir, f"k{index}.ttir")
     with open(path, "w") as fh:
         fh.write(captured[-1])
     return {"variant": variant, "path": path, "num_warps": int(num_warps), "block_tokens": int(block_tokens)}
+
+
+#: The AMDGPU assembly's summary lines (``; NumVgprs: 118``) that :func:`amdgpu_usage` reads.
+AMDGPU_FIELDS = ("NumVgprs", "NumAgprs", "TotalNumVgprs", "TotalNumSgprs", "ScratchSize", "Occupancy")
+
+
+def amdgpu_usage(asm: str) -> dict[str, int]:
+    """The resource summary Triton's AMD backend leaves in a kernel's assembly (``; NumVgprs: 118`` and so on:
+    :data:`AMDGPU_FIELDS`), and ``instructions``: the lines that are machine instructions (scalar, vector, LDS and
+    memory: ``s_``, ``v_``, ``ds_``, ``global_``, ``buffer_``, ``flat_``, ``scratch_``)."""
+    import re
+
+    out = {}
+    for field in AMDGPU_FIELDS:
+        m = re.search(rf"^\s*; {field}: (\d+)\s*$", asm, re.MULTILINE)
+        if m is None:
+            raise ValueError(f"no '; {field}:' line in the assembly")
+        out[field] = int(m.group(1))
+    out["instructions"] = sum(
+        1 for ln in asm.splitlines() if re.match(r"\s+(s|v|ds|global|buffer|flat|scratch)_\w+", ln))
+    return out
+
+
+def compile_and_count_amd(manifest: list[dict], arch: str) -> None:
+    """(Runs under the Triton environment.) Compile each IR for the AMD architecture ``arch`` and print one row per
+    variant: :func:`amdgpu_usage` and the shared memory (LDS)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    print(f"triton {triton.__version__}, target {arch} (wave64), counts from the AMDGPU assembly's summary")
+    print(f"{'variant':36s} {'vgpr':>5s} {'agpr':>5s} {'sgpr':>5s} {'scratch':>7s} {'waves/SIMD':>10s} {'lds':>6s} "
+          f"{'instr':>6s}")
+    for item in manifest:
+        kernel = triton.compile(item["path"], target=GPUTarget("hip", arch, 64),
+                                options={"num_warps": item["num_warps"], "num_stages": 1})
+        u = amdgpu_usage(kernel.asm["amdgcn"])
+        print(f"{item['variant']:36s} {u['NumVgprs']:>5d} {u['NumAgprs']:>5d} {u['TotalNumSgprs']:>5d} "
+              f"{u['ScratchSize']:>7d} {u['Occupancy']:>10d} {kernel.metadata.shared:>6d} {u['instructions']:>6d}")
 
 
 def compile_and_count(manifest: list[dict]) -> None:
@@ -151,21 +201,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="turboquant_4bit_nc/mma/32/2,turboquant_4bit_nc/mma_t/32/2")
     ap.add_argument("--triton-python", help="a Python with `triton` installed (compiles the captured IR)")
+    ap.add_argument("--target", default="sm_90",
+                    help="sm_90 (CUDA), or an AMD architecture such as gfx942: the ROCm lowering and Triton's AMD backend")
     ap.add_argument("--compile-manifest", help=argparse.SUPPRESS)  # the second process's entry
     args = ap.parse_args()
+    amd = args.target.startswith("gfx")
+    if not amd and args.target != "sm_90":
+        ap.error(f"--target must be sm_90 or an AMD gfx architecture, got {args.target!r}")
     if args.compile_manifest:
         with open(args.compile_manifest) as fh:
-            compile_and_count(json.load(fh))
+            manifest = json.load(fh)
+        compile_and_count_amd(manifest, args.target) if amd else compile_and_count(manifest)
         return
     if not args.triton_python:
         ap.error("--triton-python is required (a separate environment with `pip install triton`)")
     out_dir = tempfile.mkdtemp(prefix="tq_sass_")
-    manifest = capture(args.variants.split(","), out_dir)
+    manifest = capture(args.variants.split(","), out_dir, "rocm" if amd else "cuda")
     path = os.path.join(out_dir, "manifest.json")
     with open(path, "w") as fh:
         json.dump(manifest, fh)
     here = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([args.triton_python, os.path.join(here, "static_sass.py"), "--compile-manifest", path], check=True)
+    subprocess.run([args.triton_python, os.path.join(here, "static_sass.py"), "--compile-manifest", path,
+                    "--target", args.target], check=True)
     print(f"IR and cubins: {out_dir}")
 
 
