@@ -211,7 +211,10 @@ def main() -> None:
     if args.compile_manifest:
         with open(args.compile_manifest) as fh:
             manifest = json.load(fh)
-        compile_and_count_amd(manifest, args.target) if amd else compile_and_count(manifest)
+        if amd:
+            compile_and_count_amd(manifest, args.target)
+        else:
+            compile_and_count(manifest)
         return
     if not args.triton_python:
         ap.error("--triton-python is required (a separate environment with `pip install triton`)")
@@ -223,7 +226,7 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([args.triton_python, os.path.join(here, "static_sass.py"), "--compile-manifest", path,
                     "--target", args.target], check=True)
-    print(f"IR and cubins: {out_dir}")
+    print(f"IR{'' if amd else ' and cubins'}: {out_dir}")
 
 
 if __name__ == "__main__":
