@@ -50,6 +50,7 @@ import numpy as np
 import tqjax
 from experiments.timing import (
     copy_bandwidth,
+    copy_time,
     device_description,
     launch_floor,
     looped_decode,
@@ -308,7 +309,7 @@ def main(argv=None) -> None:
 
 def sweep_store(a, rng, bw):
     """Store kernel: tokens/s and GB/s (bf16 K/V read + compressed slots written) for several N."""
-    out = []
+    out, copies = [], {}
     store = store_fn()
     for name in a.presets:
         cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
@@ -332,9 +333,14 @@ def sweep_store(a, rng, bw):
             t = time_fn(step, [()], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
             t_loop = time_fn(loop_step, [()], iters=5 if ON_GPU else 1, reps=5 if ON_GPU else 1) / STORE_LOOP
             nbytes = n * a.hk * (a.head_dim * 2 * 2 + cfg.slot_bytes)
+            # a copy of the same bytes, timed the same two ways: what any kernel moving them costs at this size
+            if nbytes not in copies:
+                copies[nbytes] = copy_time(nbytes, STORE_LOOP, iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 1)
+            c, c_loop = copies[nbytes]
             out.append({"preset": name, "tokens": n, "time_us": t * 1e6, "tokens_per_s": n / t,
                         "gbps": nbytes / t / 1e9, "bw_frac": nbytes / t / bw, "in_jit_time_us": t_loop * 1e6,
-                        "in_jit_bw_frac": nbytes / t_loop / bw})
+                        "in_jit_bw_frac": nbytes / t_loop / bw, "copy_time_us": c * 1e6,
+                        "copy_in_jit_time_us": c_loop * 1e6})
     return out
 
 
@@ -390,11 +396,15 @@ def report(a, rows, store_rows, dev, bw, floor):
     if store_rows:
         write_csv(a, store_rows, "store.csv", store_rows[0])
         print("\n== store kernel" + ("" if ON_GPU else " (XLA reference path on CPU)"))
+        print("(copy: x -> x * 1.000001 over the store's bytes, read + written, timed the same way; x copy: the store's"
+              " time over the copy's)")
         print(f"{'preset':24s} {'N':>6s} {'time us':>9s} {'Mtok/s':>8s} {'GB/s':>6s} {'of bw':>6s} "
-              f"{'in-jit us':>10s} {'of bw':>6s}")
+              f"{'in-jit us':>10s} {'of bw':>6s} {'copy us':>8s} {'x copy':>6s} {'in-jit copy':>11s} {'x copy':>6s}")
         for s in store_rows:
             print(f"{s['preset']:24s} {s['tokens']:6d} {s['time_us']:9.1f} {s['tokens_per_s'] / 1e6:8.2f} "
-                  f"{s['gbps']:6.0f} {s['bw_frac']:6.0%} {s['in_jit_time_us']:10.1f} {s['in_jit_bw_frac']:6.0%}")
+                  f"{s['gbps']:6.0f} {s['bw_frac']:6.0%} {s['in_jit_time_us']:10.1f} {s['in_jit_bw_frac']:6.0%} "
+                  f"{s['copy_time_us']:8.1f} {s['time_us'] / s['copy_time_us']:6.2f} "
+                  f"{s['copy_in_jit_time_us']:11.1f} {s['in_jit_time_us'] / s['copy_in_jit_time_us']:6.2f}")
     plot(a, rows, dev)
     print(f"\nresults: {a.out}/decode.csv" + (", store.csv" if store_rows else "") + ", decode.json"
           + (", decode.png" if rows else ""))

@@ -59,6 +59,30 @@ def in_turns(fns: dict, repeats: int, timer: Callable) -> dict:
     return times
 
 
+def copy_time(nbytes: int, steps: int, *, iters: int = 20, reps: int = 5) -> tuple[float, float]:
+    """Seconds for a copy of ``nbytes`` (bytes read plus bytes written, counted as :func:`copy_bandwidth` counts
+    them: ``x -> x * 1.000001`` over ``nbytes / 8`` float32 elements): a jitted call, and a step of a jitted loop of
+    ``steps`` (each step's input through an optimization barrier, so XLA runs one copy a step). A kernel that moves
+    ``nbytes`` cannot be expected to beat it: at a few tens of MB the launch and the ramp of a grid are a large part
+    of a copy's time too, which the bandwidth of :func:`copy_bandwidth` (gigabytes) leaves out."""
+    n = max(nbytes // 8, 1)
+    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(2)]
+    call = jax.jit(lambda x: x * 1.000001)
+    t_call = time_fn(call, [(x,) for x in xs], iters=iters, reps=reps)
+    t_loop = time_fn(looped_copy(steps), [(x,) for x in xs], iters=max(iters // 4, 1), reps=reps) / steps
+    return t_call, t_loop
+
+
+def looped_copy(steps: int) -> Callable:
+    """``x -> x * 1.000001 ** steps``, jitted, one multiplication a step of a loop: each step's input passes an
+    optimization barrier, so XLA neither fuses the steps into one pass nor folds the constants."""
+
+    def body(i, x):
+        return jax.lax.optimization_barrier(x) * 1.000001
+
+    return jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, x))
+
+
 def looped_store(store: Callable, steps: int) -> Callable:
     """``(cache, key) -> cache``, jitted, donating the cache: ``store(cache, key)`` ``steps`` times in one
     loop (a store's GPU time without the host's per-call dispatch). Each step passes the key through an

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tqjax
-from experiments.timing import in_turns, looped_decode, looped_store, on_cache
+from experiments.timing import copy_time, in_turns, looped_copy, looped_decode, looped_store, on_cache
 from tqjax import reference
 
 
@@ -64,6 +64,23 @@ def test_looped_store_keeps_the_key_encoding_in_the_loop() -> None:
     # the plain loop (the key a loop invariant) loses them: what the barrier is for
     plain = jax.jit(lambda c, k: jax.lax.fori_loop(0, 4, lambda i, c: store(c, k), c))
     assert _loop_bodies(plain.lower(cache, key).compile().as_text()).count(" dot(") == 0
+
+
+def test_looped_copy_runs_one_pass_a_step() -> None:
+    """The store's copy reference: a loop of ``steps`` multiplications over the array, none merged into another."""
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(1000), jnp.float32)
+    looped = looped_copy(5)
+    want = np.asarray(x)
+    for _ in range(5):
+        want = want * np.float32(1.000001)
+    np.testing.assert_array_equal(np.asarray(looped(x)), want)
+    body = _loop_bodies(looped.lower(x).compile().as_text())
+    assert body.count(" multiply(") == 1  # a loop (not unrolled), one pass over the array a step
+
+
+def test_copy_time_is_positive_for_both_timings() -> None:
+    t_call, t_loop = copy_time(1 << 16, 4, iters=2, reps=1)
+    assert t_call > 0 and t_loop > 0
 
 
 def test_in_turns_interleaves_the_functions() -> None:
