@@ -40,6 +40,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -50,8 +51,9 @@ import numpy as np
 import tqjax
 from experiments.timing import (
     copy_bandwidth,
-    copy_time,
+    copy_fns,
     device_description,
+    in_turns,
     launch_floor,
     looped_decode,
     looped_store,
@@ -309,7 +311,7 @@ def main(argv=None) -> None:
 
 def sweep_store(a, rng, bw):
     """Store kernel: tokens/s and GB/s (bf16 K/V read + compressed slots written) for several N."""
-    out, copies = [], {}
+    out = []
     store = store_fn()
     for name in a.presets:
         cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, a.head_dim)
@@ -330,13 +332,18 @@ def sweep_store(a, rng, bw):
                 cache[0] = looped(cache[0], k)
                 return cache[0].key_codes
 
-            t = time_fn(step, [()], iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 3)
-            t_loop = time_fn(loop_step, [()], iters=5 if ON_GPU else 1, reps=5 if ON_GPU else 1) / STORE_LOOP
             nbytes = n * a.hk * (a.head_dim * 2 * 2 + cfg.slot_bytes)
-            # a copy of the same bytes, timed the same two ways: what any kernel moving them costs at this size
-            if nbytes not in copies:
-                copies[nbytes] = copy_time(nbytes, STORE_LOOP, iters=20 if ON_GPU else 3, reps=5 if ON_GPU else 1)
-            c, c_loop = copies[nbytes]
+            # a copy of the same bytes, timed the same two ways and in turns with the store (at a few MB both move by
+            # 20-50% between runs): what any kernel moving these bytes costs at this size
+            copy_call, copy_loop, copy_args = copy_fns(nbytes, STORE_LOOP)
+            iters, loop_iters = (20, 5) if ON_GPU else (3, 1)
+            times = in_turns({
+                "store": lambda step=step: time_fn(step, [()], iters=iters, reps=1),
+                "store_loop": lambda f=loop_step: time_fn(f, [()], iters=loop_iters, reps=1) / STORE_LOOP,
+                "copy": lambda f=copy_call, xs=copy_args: time_fn(f, xs, iters=iters, reps=1),
+                "copy_loop": lambda f=copy_loop, xs=copy_args: time_fn(f, xs, iters=loop_iters, reps=1) / STORE_LOOP,
+            }, 5 if ON_GPU else 1, lambda f: f())
+            t, t_loop, c, c_loop = (statistics.median(times[k]) for k in ("store", "store_loop", "copy", "copy_loop"))
             out.append({"preset": name, "tokens": n, "time_us": t * 1e6, "tokens_per_s": n / t,
                         "gbps": nbytes / t / 1e9, "bw_frac": nbytes / t / bw, "in_jit_time_us": t_loop * 1e6,
                         "in_jit_bw_frac": nbytes / t_loop / bw, "copy_time_us": c * 1e6,

@@ -59,18 +59,22 @@ def in_turns(fns: dict, repeats: int, timer: Callable) -> dict:
     return times
 
 
-def copy_time(nbytes: int, steps: int, *, iters: int = 20, reps: int = 5) -> tuple[float, float]:
-    """Seconds for a copy of ``nbytes`` (bytes read plus bytes written, counted as :func:`copy_bandwidth` counts
-    them: ``x -> x * 1.000001`` over ``nbytes / 8`` float32 elements): a jitted call, and a step of a jitted loop of
-    ``steps`` (each step's input through an optimization barrier, so XLA runs one copy a step). A kernel that moves
+def copy_fns(nbytes: int, steps: int) -> tuple[Callable, Callable, list[tuple]]:
+    """A copy of ``nbytes`` (bytes read plus bytes written, counted as :func:`copy_bandwidth` counts them: ``x -> x *
+    1.000001`` over ``nbytes / 8`` float32 elements) as ``(call, loop, arg_sets)`` for :func:`time_fn`: a jitted call,
+    and :func:`looped_copy` of ``steps`` (its time over ``steps`` is a copy's in a jitted loop). A kernel that moves
     ``nbytes`` cannot be expected to beat it: at a few tens of MB the launch and the ramp of a grid are a large part
     of a copy's time too, which the bandwidth of :func:`copy_bandwidth` (gigabytes) leaves out."""
     n = max(nbytes // 8, 1)
     xs = [jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(2)]
-    call = jax.jit(lambda x: x * 1.000001)
-    t_call = time_fn(call, [(x,) for x in xs], iters=iters, reps=reps)
-    t_loop = time_fn(looped_copy(steps), [(x,) for x in xs], iters=max(iters // 4, 1), reps=reps) / steps
-    return t_call, t_loop
+    return jax.jit(lambda x: x * 1.000001), looped_copy(steps), [(x,) for x in xs]
+
+
+def copy_time(nbytes: int, steps: int, *, iters: int = 20, reps: int = 5) -> tuple[float, float]:
+    """Seconds for :func:`copy_fns`' copy of ``nbytes``: a jitted call, and a step of a jitted loop of ``steps``."""
+    call, loop, args = copy_fns(nbytes, steps)
+    return (time_fn(call, args, iters=iters, reps=reps),
+            time_fn(loop, args, iters=max(iters // 4, 1), reps=reps) / steps)
 
 
 def looped_copy(steps: int) -> Callable:
