@@ -70,13 +70,6 @@ def copy_fns(nbytes: int, steps: int) -> tuple[Callable, Callable, list[tuple]]:
     return jax.jit(lambda x: x * 1.000001), looped_copy(steps), [(x,) for x in xs]
 
 
-def copy_time(nbytes: int, steps: int, *, iters: int = 20, reps: int = 5) -> tuple[float, float]:
-    """Seconds for :func:`copy_fns`' copy of ``nbytes``: a jitted call, and a step of a jitted loop of ``steps``."""
-    call, loop, args = copy_fns(nbytes, steps)
-    return (time_fn(call, args, iters=iters, reps=reps),
-            time_fn(loop, args, iters=max(iters // 4, 1), reps=reps) / steps)
-
-
 def looped_copy(steps: int) -> Callable:
     """``x -> x * 1.000001 ** steps``, jitted, one multiplication a step of a loop: each step's input passes an
     optimization barrier, so XLA neither fuses the steps into one pass nor folds the constants."""
@@ -122,12 +115,10 @@ def looped_decode(decode: Callable, steps: int) -> Callable:
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (x -> x * 1 + 0)."""
-    n = nbytes // 4
-    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(2)]
-    f = jax.jit(lambda x: x * 1.000001)
-    t = time_fn(f, [(x,) for x in xs], iters=10, reps=5)
-    return 2 * n * 4 / t
+    """Device copy bandwidth in bytes/s over an array of ``nbytes``, counting bytes read plus bytes written
+    (:func:`copy_fns`' jitted call, ``x -> x * 1.000001``)."""
+    call, _, args = copy_fns(2 * nbytes, 1)
+    return 2 * nbytes / time_fn(call, args, iters=10, reps=5)
 
 
 def on_cache(decode: Callable, cache, block_tables: jax.Array, seq_lens: jax.Array, **static) -> Callable:
