@@ -132,8 +132,10 @@ AMDGPU_FIELDS = ("NumVgprs", "NumAgprs", "TotalNumVgprs", "TotalNumSgprs", "Scra
 
 def amdgpu_usage(asm: str) -> dict[str, int]:
     """The resource summary Triton's AMD backend leaves in a kernel's assembly (``; NumVgprs: 118`` and so on:
-    :data:`AMDGPU_FIELDS`), and ``instructions``: the lines that are machine instructions (scalar, vector, LDS and
-    memory: ``s_``, ``v_``, ``ds_``, ``global_``, ``buffer_``, ``flat_``, ``scratch_``)."""
+    :data:`AMDGPU_FIELDS`), ``instructions``: the lines that are machine instructions (scalar, vector, LDS and
+    memory: ``s_``, ``v_``, ``ds_``, ``global_``, ``buffer_``, ``flat_``, ``scratch_``), and ``mfma``: {opcode: count}
+    of the matrix instructions among them (``v_mfma_*``; none where the products became vector FMAs)."""
+    import collections
     import re
 
     out = {}
@@ -144,6 +146,7 @@ def amdgpu_usage(asm: str) -> dict[str, int]:
         out[field] = int(m.group(1))
     out["instructions"] = sum(
         1 for ln in asm.splitlines() if re.match(r"\s+(s|v|ds|global|buffer|flat|scratch)_\w+", ln))
+    out["mfma"] = dict(collections.Counter(re.findall(r"^\s+(v_mfma_\w+)", asm, re.MULTILINE)))
     return out
 
 
@@ -155,13 +158,14 @@ def compile_and_count_amd(manifest: list[dict], arch: str) -> None:
 
     print(f"triton {triton.__version__}, target {arch} (wave64), counts from the AMDGPU assembly's summary")
     print(f"{'variant':36s} {'vgpr':>5s} {'agpr':>5s} {'sgpr':>5s} {'scratch':>7s} {'waves/SIMD':>10s} {'lds':>6s} "
-          f"{'instr':>6s}")
+          f"{'instr':>6s}  matrix instructions")
     for item in manifest:
         kernel = triton.compile(item["path"], target=GPUTarget("hip", arch, 64),
                                 options={"num_warps": item["num_warps"], "num_stages": 1})
         u = amdgpu_usage(kernel.asm["amdgcn"])
         print(f"{item['variant']:36s} {u['NumVgprs']:>5d} {u['NumAgprs']:>5d} {u['TotalNumSgprs']:>5d} "
-              f"{u['ScratchSize']:>7d} {u['Occupancy']:>10d} {kernel.metadata.shared:>6d} {u['instructions']:>6d}")
+              f"{u['ScratchSize']:>7d} {u['Occupancy']:>10d} {kernel.metadata.shared:>6d} {u['instructions']:>6d}  "
+              + (", ".join(f"{op} {n}" for op, n in sorted(u["mfma"].items())) or "none"))
 
 
 def compile_and_count(manifest: list[dict]) -> None:

@@ -18,6 +18,8 @@ _ASM = """\
 \ts_waitcnt lgkmcnt(0)
 \tv_lshlrev_b32_e32 v1, 2, v0
 \tds_write_b32 v1, v2
+\tv_mfma_f32_16x16x16_f16 a[0:3], v[4:5], v[6:7], 0
+\tv_mfma_f32_16x16x16_f16 a[0:3], v[8:9], v[10:11], a[0:3]
 \tglobal_load_dword v3, v1, s[2:3]
 \ts_branch .LBB0_0
 \t.loc\t1 0 0 is_stmt 0                 ; :0:0
@@ -36,8 +38,10 @@ _ASM = """\
 def test_amdgpu_usage_reads_the_summary_and_counts_instructions() -> None:
     assert amdgpu_usage(_ASM) == {
         "NumVgprs": 118, "NumAgprs": 0, "TotalNumVgprs": 118, "TotalNumSgprs": 50, "ScratchSize": 0, "Occupancy": 4,
-        "instructions": 7,  # the s_, v_, ds_ and global_ lines; not the directives, labels or comments
+        "instructions": 9,  # the s_, v_, ds_ and global_ lines; not the directives, labels or comments
+        "mfma": {"v_mfma_f32_16x16x16_f16": 2},
     }
+    assert amdgpu_usage(_ASM.replace("v_mfma_f32_16x16x16_f16", "v_fma_f32"))["mfma"] == {}
 
 
 def test_amdgpu_usage_says_which_line_is_missing() -> None:
