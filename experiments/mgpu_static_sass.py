@@ -179,17 +179,20 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
 
 def loop_range(instrs: list[tuple[int, str]], labels: dict[str, int],
                markers: tuple[str, ...] = ("HGMMA", "tnspA")) -> tuple[int, int]:
-    """The main loop's first and last addresses: the range of the predicated backward branch (the loop's back
-    edge) that holds every marker (both products: the score product's ``HGMMA``, the value product's ``tnspA``
-    one), from the branch target to the branch, both included; the largest if several. Out-of-line blocks
-    (a barrier wait's retry) jump back into the loop with unpredicated branches and are not loops."""
+    """The main loop's first and last addresses: the range of the backward branch (the loop's back edge:
+    predicated, or unpredicated after the loop's exit test) that holds every marker (both products: the score
+    product's ``HGMMA``, the value product's ``tnspA`` one) and no ``EXIT``, from the branch target to the branch,
+    both included; the largest if several. Out-of-line blocks (a barrier wait's retry) lie after the kernel's
+    ``EXIT`` and jump back into the loop: their ranges hold the ``EXIT``, and they are not loops."""
     best: tuple[int, int] | None = None
     for addr, text in instrs:
         m = _BRANCH.search(text)
-        if not m or not text.startswith("@") or labels.get(m.group(1), addr + 1) > addr:
+        if not m or labels.get(m.group(1), addr + 1) > addr:
             continue
         start = labels[m.group(1)]
         body = [t for a, t in instrs if start <= a <= addr]
+        if any(opcode(t) == "EXIT" for t in body):
+            continue
         if all(any(k in t for t in body) for k in markers) and (best is None or addr - start > best[1] - best[0]):
             best = (start, addr)
     if best is None:

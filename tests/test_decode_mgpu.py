@@ -43,6 +43,7 @@ from tqjax.pallas.decode_mgpu import (
     key_word_asm,
     lazy_maximum,
     merge_kernel_pieces,
+    narrow,
     odd_table,
     on_hopper,
     paged_decode_mgpu,
@@ -53,6 +54,7 @@ from tqjax.pallas.decode_mgpu import (
     query_bound,
     query_columns,
     query_matrix,
+    query_row,
     resident_programs,
     table_words,
     tile_order,
@@ -332,8 +334,9 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     the inverse powers (times the factor) equal, hi + lo times them within 1e-6 of the row's largest magnitude (the
     kernel's float32 sums of D products: ~sqrt(D) roundings of 2**-24; the split itself keeps 2**-22), each row's
     bound (its largest magnitude before the matrix times query_bound) scaled into [2**13, 2**14) and its hi part
-    below 2**14, the rows past the group zero; rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of
-    the matrix's longest column (the bound met where that column is flat: Hadamard rotations). Program 0's piece
+    below 2**14, the rows past the group zero (16 rows, groups of at most 4: 8, each head's parts side by side);
+    rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of the matrix's longest column (the bound met
+    where that column is flat: Hadamard rotations). Program 0's piece
     table equal to piece_table_reference's. Every case in the default variant (the columns its rule gives: 1, 2 or 4
     here); groups of 3 and 7 in the others (the table shared, whole rows, 8 warps), the outer products (the table apart,
     2 column blocks) in groups of 3."""
@@ -356,14 +359,15 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     got = decode_prologue(q, lens, cfg, interpret=True, table_apart=table_apart, form=form, num_warps=num_warps,
                           columns=columns, **kw)
     ref = decode_prologue_reference(q, lens, cfg, **kw)
+    heads = 4 if narrow(g) else 8
     for q16, qinv, _, _ in (got, ref):
-        chex.assert_shape(q16, (b, hk, 16, w.shape[1]))
+        chex.assert_shape(q16, (b, hk, 2 * heads, w.shape[1]))
         chex.assert_shape(qinv, (b, hk, 32))
         assert q16.dtype == jnp.float16 and qinv.dtype == jnp.float32
-        hi, lo = np.asarray(q16[:, :, :8], np.float64), np.asarray(q16[:, :, 8:], np.float64)
+        hi, lo = (np.asarray(q16[:, :, [query_row(r, part, g) for r in range(heads)]], np.float64) for part in (0, 1))
         inv = np.asarray(qinv, np.float64)
         np.testing.assert_array_equal(inv[..., :8], inv[..., 8:16])
-        x = (hi + lo) * inv[..., :8, None] / factor
+        x = (hi + lo) * inv[..., :heads, None] / factor
         top = np.abs(want).max(axis=-1, keepdims=True)
         assert np.all(np.abs(x[:, :, :g] - want) <= 1e-6 * top), np.abs(x[:, :, :g] - want).max(axis=-1) / top[..., 0]
         assert not hi[:, :, g:].any() and not lo[:, :, g:].any()
@@ -416,24 +420,28 @@ def test_decode_prologue_lowers_to_triton(platform):
 
 def _emulated_kernel(cache):
     """A stand-in for decode_mgpu._build_call on the CPU: the kernel's contract in jnp (float32, exact softmax). Piece
-    j of the table (sequence b, pages [first, end), slot) and KV head h: the logits of the 8 query rows, ``(hi + lo) *
-    qinv`` (base 2, the scale in qinv) times the key tile (each segment's score vectors in tile_order's columns), over
-    the piece's tokens below the sequence's length; outputs normalised within the piece, row i channel
+    j of the table (sequence b, pages [first, end), slot) and KV head h: the logits of the 8 query rows (groups of
+    at most 4: 4, then zeros), ``(hi + lo) * qinv`` (base 2, the scale in qinv; the parts' rows as query_row says)
+    times the key tile (each segment's score vectors in tile_order's columns), over the piece's tokens below the
+    sequence's length; outputs normalised within the piece, row i channel
     value_channel_order[i] (3-bit values: value3_channel_order), at [slot * Hk + h]; log-sum-exps (base 2) at
     [slot * Hk + h, 0]. MSE, split and float8 keys (not QJL)."""
     from tqjax import reference
     from tqjax.codec import value_codec
 
-    def build(cfg, hk, block_size, n_pieces, stages, softcap, waves=1):
+    def build(cfg, hk, block_size, n_pieces, stages, softcap, waves=1, group=8):
         assert softcap is None and cfg.key_format != "prod"
         order = (value3_channel_order if cfg.value_bits == 3 else value_channel_order)(cfg.head_dim)
+        heads = 4 if narrow(group) else 8
 
         def call(work, tables, lens, q16, qinv, *arrays):
             kw, ks, vw, vs, _ = reference._gather_sequences(cache, tables, lens)  # [Hk, B, L, ...]
             vecs = key_codec(cfg).score_vectors(kw, ks)
             ktile = jnp.concatenate([v[..., tile_order(cfg, i)] for i, v in enumerate(vecs)], axis=-1)
             v = value_codec(cfg).decode(vw, vs)  # [Hk, B, L, D]
-            q = (q16[:, :, :8].astype(jnp.float32) + q16[:, :, 8:].astype(jnp.float32)) * qinv[:, :, :8, None]
+            hi, lo = (q16[:, :, [query_row(r, part, group) for r in range(heads)]].astype(jnp.float32)
+                      for part in (0, 1))
+            q = (hi + lo) * qinv[:, :, :heads, None]
             logits = jnp.einsum("bhrc,hblc->bhrl", q, ktile, precision=jax.lax.Precision.HIGHEST)
             tok = jnp.arange(logits.shape[-1])
             o = jnp.zeros(((n_pieces + 1) * hk, cfg.head_dim, 8), jnp.float32)
@@ -448,8 +456,8 @@ def _emulated_kernel(cache):
                 out = jnp.einsum("hrl,hld->hrd", p, v[:, b], precision=jax.lax.Precision.HIGHEST)
                 out = out / jnp.where(den > 0, den, 1.0)
                 at = slot * hk + jnp.arange(hk)
-                o = o.at[at].set(jnp.swapaxes(out[..., order], 1, 2))  # row i: channel order[i]
-                lse = lse.at[at, 0].set(jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log2(den[..., 0]), -jnp.inf))
+                o = o.at[at, :, :heads].set(jnp.swapaxes(out[..., order], 1, 2))  # row i: channel order[i]
+                lse = lse.at[at, 0, :heads].set(jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log2(den[..., 0]), -jnp.inf))
             return o, lse
 
         return call

@@ -68,6 +68,32 @@ def test_main_loop_is_the_back_edge_around_both_products():
         loop_range(*parse_sass(LISTING.replace("tnspA", "")))
 
 
+# The loop as ptxas also lays it out: the exit test a forward branch at the bottom, the back edge unpredicated.
+ROTATED = """
+tq_decode_mgpu_mosaic_gpu_kernel:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_11:
+        /*0010*/                   HGMMA.64x8x16.F32 R24, R28, gdesc[UR16], RZ, !UPT ;
+        /*0020*/              @!P1 BRA `(.L_x_5) ;
+.L_x_12:
+        /*0030*/                   HGMMA.64x8x16.F32 R24, gdesc[UR28].tnspA, RZ, !UPT ;
+        /*0040*/              @!P1 BRA `(.L_x_10) ;
+        /*0050*/                   BRA `(.L_x_11) ;
+.L_x_10:
+        /*0060*/                   EXIT ;
+.L_x_5:
+        /*0070*/                   SYNCS.PHASECHK.TRANS64 P1, [R3+URZ+0xd000], R0 ;
+        /*0080*/              @!P1 BRA `(.L_x_5) ;
+        /*0090*/                   BRA `(.L_x_12) ;
+"""
+
+
+def test_main_loop_may_end_in_an_unpredicated_back_edge():
+    """The unpredicated back edge 0x0050 -> .L_x_11 after the loop's exit test; the retry's branch back into the
+    loop (from after the EXIT) is not the loop."""
+    assert loop_range(*parse_sass(ROTATED)) == (0x10, 0x50)
+
+
 # A program's start: its table column (params only), the sequence's length at the column's b, a TMA copy of the
 # query at b, the block table's entries at the length (through uniform registers), a branch on the length, then the
 # page copies; loads whose addresses come from elsewhere in between.
