@@ -714,9 +714,11 @@ def test_probability_factor_leaves_room_for_lazy_probabilities(bits):
 
 
 def test_lazy_maximum_where_it_was_faster():
-    """The lazy maximum for 4-bit values, split keys included (not 3-bit values: 152 registers at B=1)."""
-    lazy = {name: lazy_maximum(tqjax.TurboQuantConfig.from_cache_dtype(name, 128)) for name in tqjax.PRESETS}
-    assert lazy == {name: name != "turboquant_3bit_nc" for name in tqjax.PRESETS}
+    """The lazy maximum for 4-bit values, split keys included, and for 3-bit values in the narrow form (groups of at
+    most 4); not for 3-bit values in 16 columns (142-152 registers at B=1)."""
+    for group in range(1, 9):
+        lazy = {name: lazy_maximum(tqjax.TurboQuantConfig.from_cache_dtype(name, 128), group) for name in tqjax.PRESETS}
+        assert lazy == {name: name != "turboquant_3bit_nc" or group <= 4 for name in tqjax.PRESETS}, group
 
 
 def test_unsupported_names_the_reason():

@@ -35,8 +35,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
 - the softmax statistics reduce across the warpgroup only for the maximum, and that lazily: the probabilities
   are taken against the running maximum unless a logit exceeds it by more than :data:`LAZY_MAX_BITS` (the
   barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
-  where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for 3-bit values, which
-  take it every step). The
+  where the logits climb) does the step take the maximum (:func:`lazy_maximum`: not for 3-bit values in 16
+  columns, which take it every step). The
   denominators and the value zero-point terms accumulate per thread (its two token rows' sum) and are summed
   across the warpgroup once at the end;
 - the output and log-sum-exps are written through the value tiles' shared memory after the loop;
@@ -157,14 +157,17 @@ def value_constants(bits: int, lazy: bool = False) -> tuple[float, int, int]:
     raise ValueError(f"value bits must be 3 or 4, got {bits}")
 
 
-def lazy_maximum(config: TurboQuantConfig) -> bool:
-    """Whether the kernel takes the softmax maximum lazily for ``config`` (raised only where a logit exceeds the
-    running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the warpgroup every step): for
-    4-bit values, split keys included since their scales are carried as words (128 registers; H200, B=32, 16k
-    tokens on 32776 pages, kernels in turns: k3p5v4 325.1 against 336.4 us eager). Not 3-bit values: 332.0 against
-    343.9 us there, but ptxas then gives 152 registers at B=1 on caches of 2048-8192 pages (3 programs a
-    multiprocessor; docs/data/decode_mgpu_lazy_all_h200_2026-11-30_s23.log)."""
-    return config.value_bits == 4
+def lazy_maximum(config: TurboQuantConfig, group: int = HALF) -> bool:
+    """Whether the kernel takes the softmax maximum lazily for ``config`` and groups of ``group`` query heads (raised
+    only where a logit exceeds the running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the
+    warpgroup every step): for 4-bit values, split keys included since their scales are carried as words (128
+    registers; H200, B=32, 16k tokens on 32776 pages, kernels in turns: k3p5v4 325.1 against 336.4 us eager), and
+    3-bit values in the narrow form (:func:`narrow`, 127-128 registers at every shape compiled; H200, in turns:
+    B=32, 16k 300.2 against 305.8 us, B=8, 128k 586.5 against 596.4, B=128, 4k 320.7 against 325.3;
+    docs/data/decode_mgpu_lazy3_h200_2026-12-03_s43.log). Not 3-bit values in 16 columns: 332.0 against 343.9 us,
+    but ptxas then gives 142-152 registers at B=1 on caches of 2048-8192 pages (3 programs a multiprocessor;
+    docs/data/decode_mgpu_lazy_all_h200_2026-11-30_s23.log)."""
+    return config.value_bits == 4 or narrow(group)
 
 
 def on_hopper() -> bool:
@@ -1083,7 +1086,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
     # split keys: two segments of d / 2 channels (4+3 or 3+2 bits), each with its table and norm: two key tiles,
     # two score products into their own sums (scaled by their norms), K = d / 2 each
     split_keys = cfg.key_format == "split"
-    lazy_max = lazy_maximum(cfg)
+    lazy_max = lazy_maximum(cfg, group)
     kd = d // 2 if split_keys else d  # channels of a key tile
     words = d // 8  # 4-bit codes: one word per 8 channels
     value_words = 3 * d // 32 if cfg.value_bits == 3 else words
