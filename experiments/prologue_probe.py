@@ -40,7 +40,7 @@ def run(points: list[tuple[int, int]], variants: list[str], preset: str, launche
     import numpy as np
 
     import tqjax
-    from tqjax.pallas.decode_mgpu import decode_prologue
+    from tqjax.pallas.decode_mgpu import decode_prologue, query_row
 
     cpu = jax.default_backend() == "cpu"
     hq, hk, d = 32, 8, 128
@@ -58,7 +58,9 @@ def run(points: list[tuple[int, int]], variants: list[str], preset: str, launche
                 got = jax.block_until_ready(decode_prologue(q, lens, cfg, table_apart=apart, form=form,
                                                             num_warps=warps, columns=columns, **kw))
             q16, qinv = (np.asarray(x, np.float64) for x in got[:2])
-            rows = (q16[:, :, :8] + q16[:, :, 8:]) * qinv[..., :8, None]
+            heads = q16.shape[2] // 2  # 4 in the narrow form, else 8
+            hi, lo = (q16[:, :, [query_row(r, part, hq // hk) for r in range(heads)]] for part in (0, 1))
+            rows = (hi + lo) * qinv[..., :heads, None]
             if want is None:
                 want = (rows, np.asarray(got[2]), np.asarray(got[3]))
             err = float(np.max(np.abs(rows - want[0]) / np.maximum(np.abs(want[0]).max(axis=-1, keepdims=True),

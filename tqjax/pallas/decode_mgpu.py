@@ -99,13 +99,13 @@ from tqjax.pallas.pieces import (
 )
 
 __all__ = [
-    "LAZY_MAX_BITS", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "decode_prologue",
+    "LAZY_MAX_BITS", "NARROW", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "decode_prologue",
     "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
-    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "odd_table", "on_hopper",
-    "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order", "qjl_word_asm",
-    "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "resident_programs", "smem_load", "table_words",
-    "tile_order", "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm",
-    "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
+    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "narrow", "odd_table",
+    "on_hopper", "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order",
+    "qjl_word_asm", "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "query_row", "resident_programs",
+    "smem_load", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported", "value3_channel_order",
+    "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
