@@ -35,8 +35,9 @@ tests do), and the CUDA plugin's ``MosaicGpuCompile`` runs the same pipeline as 
 ``MOSAIC_GPU_DUMP_PTX``) in a child process, with a stub ``libcuda.so.1`` (built here) that reports one compute
 capability 9.0 device and refuses to load the module; the plugin registers its NVPTX target when its client starts
 on a GPU, so the child calls the plugin's own ``EnsureLLVMNVPTXTargetIsRegistered`` (not exported: found with
-``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the predicated backward branch around both
-products' ``HGMMA``s; its instructions run once per 64-token step in every warp, except a branch taken by one warp
+``nm``). Then ``ptxas -v`` and ``nvdisasm`` on the PTX. The main loop is the backward branch around both products'
+``HGMMA``s whose range holds no ``EXIT`` (:func:`loop_range`: predicated, or unpredicated after a forward exit test;
+it assumes the kernel's ``EXIT`` lies after the loop and the barrier waits' retries after it); its instructions run once per 64-token step in every warp, except a branch taken by one warp
 (the page copies). ``--loads`` adds the global loads before the loop with their depth (:func:`load_depths`: the
 round trips to memory a program waits for in turn before its first page copy;
 docs/data/static_sass_cpu_2026-12-01_s30.log). ``--live`` adds the general registers live at the loop's head and at

@@ -29,7 +29,9 @@ import tqjax
 from tqjax.codec import key_codec
 from tqjax.pallas import pieces
 from tqjax.pallas.decode_mgpu import (
+    HALF,
     LAZY_MAX_BITS,
+    NARROW,
     VALUE_EXP_MAX,
     copy_shape,
     decode_prologue,
@@ -359,7 +361,7 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     got = decode_prologue(q, lens, cfg, interpret=True, table_apart=table_apart, form=form, num_warps=num_warps,
                           columns=columns, **kw)
     ref = decode_prologue_reference(q, lens, cfg, **kw)
-    heads = 4 if narrow(g) else 8
+    heads = NARROW if narrow(g) else HALF
     for q16, qinv, _, _ in (got, ref):
         chex.assert_shape(q16, (b, hk, 2 * heads, w.shape[1]))
         chex.assert_shape(qinv, (b, hk, 32))
@@ -432,7 +434,7 @@ def _emulated_kernel(cache):
     def build(cfg, hk, block_size, n_pieces, stages, softcap, waves=1, group=8):
         assert softcap is None and cfg.key_format != "prod"
         order = (value3_channel_order if cfg.value_bits == 3 else value_channel_order)(cfg.head_dim)
-        heads = 4 if narrow(group) else 8
+        heads = NARROW if narrow(group) else HALF
 
         def call(work, tables, lens, q16, qinv, *arrays):
             kw, ks, vw, vs, _ = reference._gather_sequences(cache, tables, lens)  # [Hk, B, L, ...]
@@ -889,8 +891,9 @@ def test_matches_reference(head_dim, block_size, group):
 @pytest.mark.gpu
 @needs_hopper
 def test_groups_not_a_power_of_two(name, group):
-    """Groups of 3, 5, 6 and 7 query heads: the query kernel's rows past the group zero, the merge keeping all 8
-    rows (a power of 2) and the wrapper the group's (4- and 3-bit value channel orders, QJL keys)."""
+    """Groups of 3, 5, 6 and 7 query heads: the query kernel's rows past the group zero, the merge keeping a power
+    of 2 of the kernel's rows (a group of 3, in the narrow form: 4; 5-7: all 8) and the wrapper the group's (4- and
+    3-bit value channel orders, QJL keys)."""
     lens = [0, 1, 65, 333, 1500]
     q, cache, tables, lens = make_case(name, head_dim=128, block_size=16, hk=2, group=group, lens=lens,
                                        seed=group)
@@ -1050,13 +1053,13 @@ def ramped_keys_case(name: str, ramps, *, head_dim: int = 128, block_size: int =
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3p5v4"])
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3p5v4", "turboquant_3bit_nc"])
 def test_lazy_maximum_where_logits_climb_fall_and_jump(name):
     """The running maximum is raised only where a logit exceeds it by more than LAZY_MAX_BITS (log2 units).
     Keys whose gain climbs 1.5 every 64 tokens push the maximum up ~5 at most steps (each must be raised, or
     probabilities up to 2**60 overflow float16: inf); falling gains never raise it after the first step;
     a sawtooth jumps by 7 and falls back. Also k8v4 (one value tile, stored after the wait for every warp's
-    value product) and a split preset."""
+    value product), a split preset and 3-bit values (lazy in the narrow form, groups of at most 4)."""
     ramps = [lambda t: 1 + 1.5 * t / 64, lambda t: 16 - 1.5 * t / 64, lambda t: 1 + 1.5 * ((t // 64) % 5)]
     q, cache, tables, lens = ramped_keys_case(name, ramps)
     for num_splits in (1, 3):

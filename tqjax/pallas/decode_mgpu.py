@@ -31,7 +31,7 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   sweeps' Hq=32, Hk=8) take 8 columns instead, each head's high and low parts side by side (:func:`query_row`), so
   that a thread's pair of columns is one head's: their sum is that head's logit (:func:`_fold_pairs`) and the
   softmax and the output run on one value a row, every lane a real head's, where the 8 folded columns were half
-  padding (6-14% fewer loop instructions a step, 5-12% faster on the H200);
+  padding (7-11% fewer loop instructions in ptxas's code, 5-12% faster on the H200);
 - the softmax statistics reduce across the warpgroup only for the maximum, and that lazily: the probabilities
   are taken against the running maximum unless a logit exceeds it by more than :data:`LAZY_MAX_BITS` (the
   barrier that commits the probability tile votes on it, ``bar.red.or``); only then (the first step, and
@@ -162,7 +162,8 @@ def lazy_maximum(config: TurboQuantConfig, group: int = HALF) -> bool:
     only where a logit exceeds the running maximum by more than :data:`LAZY_MAX_BITS`; else the maximum across the
     warpgroup every step): for 4-bit values, split keys included since their scales are carried as words (128
     registers; H200, B=32, 16k tokens on 32776 pages, kernels in turns: k3p5v4 325.1 against 336.4 us eager), and
-    3-bit values in the narrow form (:func:`narrow`, 127-128 registers at every shape compiled; H200, in turns:
+    3-bit values in the narrow form (:func:`narrow`, 127-128 registers at every shape compiled,
+    docs/data/static_sass_narrow_cpu_2026-12-03_s43.log; H200, in turns:
     B=32, 16k 300.2 against 305.8 us, B=8, 128k 586.5 against 596.4, B=128, 4k 320.7 against 325.3;
     docs/data/decode_mgpu_lazy3_h200_2026-12-03_s43.log). Not 3-bit values in 16 columns: 332.0 against 343.9 us,
     but ptxas then gives 142-152 registers at B=1 on caches of 2048-8192 pages (3 programs a multiprocessor;
@@ -777,6 +778,7 @@ def _fold_pairs(x: mgpu.FragmentedArray) -> mgpu.FragmentedArray:
     ir, arith, _, _, vector = _ir()
     f32 = ir.F32Type.get()
     regs = np.array(x.registers, dtype=object)
+    assert regs.shape[1] == 1, regs.shape  # one 8-column block
     out = np.empty(mgpu.WGMMA_ROW_LAYOUT.registers_shape(x.shape[:1]), dtype=object)
     # a row register's index is the WGMMA register's without the column block (the order Mosaic's broadcast keeps)
     for k, reg in enumerate(regs.flat):
@@ -1034,7 +1036,7 @@ def _commit_and_vote(s: mgpu.FragmentedArray, m: mgpu.FragmentedArray, bits: int
     barrier also votes: int32 1 in every thread if any thread's logit of ``s`` (float32 [64, 8], WGMMA layout)
     exceeds its column's ``m`` (float32 [8], WGMMA column layout) plus ``bits``, else 0 (``bar.red.or``). The narrow
     form: ``s`` per-lane rows [64], ``m`` a per-lane scalar (:func:`_fold_pairs`)."""
-    ir, arith, llvm, _, vector = _ir()
+    ir, arith, llvm, *_ = _ir()
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     (m_reg,) = np.array(m.registers, dtype=object).flat  # the thread's two columns (narrow: its query head)
     tops = [arith.addf(x, arith.constant(f32, float(bits))) for x in _elements(m_reg)]
@@ -1241,7 +1243,7 @@ def _build_call(cfg: TurboQuantConfig, hk: int, block_size: int, pieces: int, st
                        lse_ref, q_smem, small_smem, kw_smem, vw_smem, tiles_or_out, p_smem, q_bar, kw_bar, vw_bar,
                        *pv_bar):  # pv_bar: the lazy maximum's (every warp done with the value product)
         # the value tiles, and after the loop the output and the log-sum-exps in the same shared memory; the
-        # reductions' scratch (64 float32) and the query's inverse powers (32) in one 1 KB buffer
+        # reductions' scratch (64 float32) and the query's inverse powers (32) in one 384-byte buffer
         v16_smem, (o_smem, lse_smem) = tiles_or_out
         red_smem, qinv_smem = small_smem.at[pl.ds(0, 64)], small_smem.at[pl.ds(64, 4 * HALF)]
         # KV head h of piece j (tqjax.pallas.pieces.piece_table): pages [first_page, end_page) of sequence b's block
