@@ -1128,14 +1128,17 @@ def test_small_and_large_value_scales(name):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("name, head_dim", [(n, 128) for n in MOSAIC_PRESETS]
-                         + [("turboquant_3bit_nc", 64), ("turboquant_4bit_nc", 64), ("turboquant_3bit_nc", 256)])
+                         + [("turboquant_3bit_nc", 64), ("turboquant_4bit_nc", 64), ("turboquant_3bit_nc", 256),
+                            ("turboquant_kqjl4v4", 256)])
 def test_gpu_registers_let_the_programs_share_a_multiprocessor(name, head_dim, capfd, monkeypatch):
     """The splits assume ``programs_per_core`` programs of 128 threads resident a multiprocessor (65536 registers,
     given per warp in units of 256: 128 a thread for 4 programs, 168 for 3). ptxas chooses the count (Mosaic
     cannot cap it), and with the step's scales carried converted it moved with constants of the kernel: 135 for
     ``3bit_nc`` at D=128 on the H200 whenever the cache's page count was not a power of two (3 programs resident,
     8% slower at B=32, 16k tokens), 136 at block size 32 (docs/PERFORMANCE.md, "The decode's registers move with
-    the cache's page count"). Caches of 4096 and 40000 pages, two batches and split counts, this toolchain."""
+    the cache's page count"). Caches of 4096 and 40000 pages, two batches and split counts, this toolchain. No
+    spills: `kqjl4v4` at D=256 compiles to 255 registers in the narrow form (groups of 4, as here; CPU, ptxas 13.0,
+    docs/data/static_sass_narrow_cpu_2026-12-03_s43.log), the most a thread can have."""
     config = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     limit = 65536 // (128 * programs_per_core(config)) // 8 * 8
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
@@ -1149,8 +1152,10 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name, head_dim, c
             jax.block_until_ready(paged_decode_mgpu(q, cache, tables, lens, num_splits=splits))
             report = capfd.readouterr()
             registers = [int(r) for r in re.findall(r"Used (\d+) registers", report.out + report.err)]
+            spills = [int(r) for r in re.findall(r"(\d+) bytes spill stores", report.out + report.err)]
             where = f"{name} D={head_dim}, B={batch} and {splits or 'default'} splits, a cache of {pages} pages"
             assert registers, f"{where}: no ptxas report (was the kernel compiled here?)"
+            assert spills and not any(spills), f"{where}: ptxas spilled {max(spills, default=None)} bytes a thread"
             assert max(registers) <= limit, (
                 f"{where}: the Mosaic decode compiled to {max(registers)} registers a thread, above {limit}: fewer "
                 f"than programs_per_core = {programs_per_core(config)} programs fit a multiprocessor")
