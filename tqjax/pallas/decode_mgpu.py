@@ -1486,10 +1486,12 @@ def _split_query(x: jax.Array, top: jax.Array, bound: float) -> tuple[jax.Array,
     hi = lax.optimization_barrier(x.astype(jnp.float16))  # keep XLA from dropping the rounding
     lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
     inv = _pow2(ex - _F16_TOP)[..., 0]
-    if narrow(g):  # rows 2r, 2r + 1
-        q16 = jnp.stack([hi[:, :, :NARROW], lo[:, :, :NARROW]], axis=3).reshape(*x.shape[:2], 2 * NARROW, -1)
-    else:
-        q16 = jnp.concatenate([hi, lo], axis=2)
+    heads = NARROW if narrow(g) else HALF
+    src = [0] * (2 * heads)  # q16 row query_row(r, part) is row part * heads + r of the parts stacked
+    for part in range(2):
+        for r in range(heads):
+            src[query_row(r, part, g)] = part * heads + r
+    q16 = jnp.concatenate([hi[:, :, :heads], lo[:, :, :heads]], axis=2)[:, :, np.array(src)]
     return q16, jnp.concatenate([inv] * 4, axis=2)
 
 
