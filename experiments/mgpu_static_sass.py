@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import inspect
 import os
 import re
 import subprocess
@@ -354,13 +355,18 @@ def same_code(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
     return {a: [b for b in codes if b != a and codes[b] == codes[a]] for a in codes}
 
 
-def assumed_programs(module, kind: str, preset: str, head_dim: int) -> int:
+def assumed_programs(module, kind: str, preset: str, head_dim: int, group: int = 4) -> int:
     """The programs a multiprocessor that ``module`` (a decode_mgpu.py or store_mgpu.py) launches or chooses its
-    splits for at this preset and head_dim: fewer resident run a second wave."""
+    splits for at this preset, head_dim and (the decode's) group of query heads: fewer resident run a second
+    wave."""
     config = TurboQuantConfig.from_cache_dtype(f"turboquant_{preset}", head_dim)
-    if kind == "store" and not hasattr(module, "programs_per_core"):  # versions before QJL keys
-        return module.PROGRAMS_PER_CORE[head_dim]
-    return module.programs_per_core(config)
+    if kind == "store":
+        if not hasattr(module, "programs_per_core"):  # versions before QJL keys
+            return module.PROGRAMS_PER_CORE[head_dim]
+        return module.programs_per_core(config)
+    if "group" not in inspect.signature(module.programs_per_core).parameters:  # versions before D=64's 5 programs
+        return module.programs_per_core(config)
+    return module.programs_per_core(config, group)
 
 
 def program_warps(module, kind: str, head_dim: int) -> int:
@@ -423,7 +429,7 @@ def main(argv=None) -> None:
                 fit = programs_per_sm(r["registers"], r["smem"], warps) if r["smem"] > 0 else None
                 smem = f"{r['smem']} B, {fit} programs/SM" if fit is not None else "?"
                 if args.check:
-                    want = assumed_programs(modules[label], args.kernel, fields[0], fields[1])
+                    want = assumed_programs(modules[label], args.kernel, fields[0], fields[1], fields[3])
                     if fit is None or fit < want:
                         short.append(f"{point} {label}: {fit} programs fit, {want} assumed")
                         smem += f" (assumes {want}: SHORT)"

@@ -87,7 +87,7 @@ def waves_decode(query, cache, block_tables, seq_lens, *, waves: int):
     :func:`tqjax.pallas.pieces.decode_waves`)."""
     return decode_mgpu.paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=D**-0.5, softcap=None,
                                              num_splits=None, stages=2, resident=decode_mgpu.resident_programs(
-                                                 cache.config), waves=waves)
+                                                 cache.config, query.shape[1] // cache.num_kv_heads), waves=waves)
 
 
 def main(argv=None) -> None:

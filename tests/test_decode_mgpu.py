@@ -781,14 +781,21 @@ def test_lowers_for_cuda(name, head_dim, block_size, group, softcap, splits):
 
 
 def test_programs_a_core_holds():
-    """D=256 programs take 83-107 KB of shared memory, two a core; QJL keys at D=128 fit 3 a core, the others 4:
-    the decode's pieces are cut for that many resident programs (528 at D=128 on 132 cores)."""
+    """D=256 programs take 83-107 KB of shared memory, two a core; QJL keys at D=128 fit 3 a core, the others 4;
+    at D=64 groups of at most 4 fit 5 (but QJL 3-bit keys): the decode's pieces are cut for that many resident
+    programs (528 at D=128 on 132 cores)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype
     assert resident_programs(cfg("turboquant_4bit_nc", 128), num_cores=132) == 528
     assert programs_per_core(cfg("turboquant_4bit_nc", 256)) == 2
     assert programs_per_core(cfg("turboquant_k8v4", 128)) == 4
     assert programs_per_core(cfg("turboquant_kqjl4v4", 128)) == 3
     assert programs_per_core(cfg("turboquant_k3p5v4", 128)) == 4
+    # D=64: 93-96 registers in the narrow form (groups of at most 4), 101-112 in 16 columns; QJL 3-bit keys 109
+    for name in ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_3bit_nc", "turboquant_k3v4_nc",
+                 "turboquant_kqjl4v4"):
+        assert [programs_per_core(cfg(name, 64), group) for group in (1, 4, 5, 8)] == [5, 5, 4, 4], name
+    assert programs_per_core(cfg("turboquant_kqjl3v4", 64), 4) == 4
+    assert resident_programs(cfg("turboquant_4bit_nc", 64), 4, num_cores=132) == 660
 
 
 @pytest.mark.skipif(on_hopper(), reason="checks the refusal off Hopper")
@@ -1128,8 +1135,9 @@ def test_small_and_large_value_scales(name):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("name, head_dim", [(n, 128) for n in MOSAIC_PRESETS]
-                         + [("turboquant_3bit_nc", 64), ("turboquant_4bit_nc", 64), ("turboquant_3bit_nc", 256),
-                            ("turboquant_kqjl4v4", 256)])
+                         + [(n, 64) for n in ("turboquant_3bit_nc", "turboquant_4bit_nc", "turboquant_k8v4",
+                                              "turboquant_k3v4_nc", "turboquant_kqjl4v4", "turboquant_kqjl3v4")]
+                         + [("turboquant_3bit_nc", 256), ("turboquant_kqjl4v4", 256)])
 def test_gpu_registers_let_the_programs_share_a_multiprocessor(name, head_dim, capfd, monkeypatch):
     """The splits assume ``programs_per_core`` programs of 128 threads resident a multiprocessor (65536 registers,
     given per warp in units of 256: 128 a thread for 4 programs, 168 for 3). ptxas chooses the count (Mosaic
@@ -1140,7 +1148,7 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name, head_dim, c
     spills: `kqjl4v4` at D=256 compiles to 255 registers in the narrow form (groups of 4, as here; CPU, ptxas 13.0,
     docs/data/static_sass_narrow_cpu_2026-12-03_s43.log), the most a thread can have."""
     config = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
-    limit = 65536 // (128 * programs_per_core(config)) // 8 * 8
+    limit = 65536 // (128 * programs_per_core(config, 4)) // 8 * 8  # groups of 4: 32 query heads, 8 KV heads
     monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")  # ptxas -v's report, on stdout, for each kernel compiled
     for pages in (4096, 40000):
         cache = tqjax.PagedKVCache.allocate(config, pages, 16, 8)
@@ -1158,4 +1166,4 @@ def test_gpu_registers_let_the_programs_share_a_multiprocessor(name, head_dim, c
             assert spills and not any(spills), f"{where}: ptxas spilled {max(spills, default=None)} bytes a thread"
             assert max(registers) <= limit, (
                 f"{where}: the Mosaic decode compiled to {max(registers)} registers a thread, above {limit}: fewer "
-                f"than programs_per_core = {programs_per_core(config)} programs fit a multiprocessor")
+                f"than programs_per_core = {programs_per_core(config, 4)} programs fit a multiprocessor")

@@ -173,6 +173,8 @@ def test_assumed_programs() -> None:
     assert assumed_programs(decode_mgpu, "decode", "4bit_nc", 128) == 4
     assert assumed_programs(decode_mgpu, "decode", "kqjl4v4", 128) == 3  # the QJL query's shared memory
     assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 256) == 2
+    assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 64, 4) == 5  # the narrow form at D=64
+    assert assumed_programs(decode_mgpu, "decode", "3bit_nc", 64, 8) == 4
 
 
 # nvdisasm -lrm count's form: each instruction followed by the live general, predicate, uniform and uniform

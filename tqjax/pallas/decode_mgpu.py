@@ -1687,22 +1687,30 @@ def decode_prologue_reference(query: jax.Array, seq_lens: jax.Array, config: Tur
 #: docs/data/decode_mgpu_static_sass_split_cpu_2026-11-30_s17.log); D=256: 168-215 registers, 83-108 KB: 2. Not
 #: yet timed: the 3-program kernel's splits were (H200, Hk=8, docs/data/decode_mgpu_splits_h200_2026-11-30_s14.log:
 #: B=8, 32k tokens: 4 splits 259 us, 6 (384 <= 396 = 3 x 132, one wave) 239 us, 8 249 us).
+#: :func:`programs_per_core` makes exceptions to it: D=128 with QJL keys, D=64 in the narrow form.
 PROGRAMS_PER_CORE = {64: 4, 128: 4, 256: 2}
 
 
-def programs_per_core(config: TurboQuantConfig) -> int:
-    """Programs of this kernel resident per multiprocessor for ``config`` (:data:`PROGRAMS_PER_CORE`)."""
+def programs_per_core(config: TurboQuantConfig, group: int = HALF) -> int:
+    """Programs of this kernel resident per multiprocessor for ``config`` and ``group`` query heads a KV head
+    (:data:`PROGRAMS_PER_CORE`), but 3 for QJL keys at D=128 (141-161 registers), and 5 at D=64 in the narrow form
+    (groups of at most 4; ptxas: 93-96 registers, the most 5 programs of 128 threads can have, and 24-29 KB, at 4
+    shapes each of 5 presets, docs/data/static_sass_d64_cpu_2026-12-03_s44.log), for every preset but ``kqjl3v4`` (109).
+    Five programs took the time of four at B=32, 16k tokens and 15-16% less at B=8, 128k (H200,
+    docs/data/decode_mgpu_d64_programs_h200_2026-12-03_s44.log)."""
     if config.key_format == "prod" and config.head_dim == 128:
         return 3
+    if config.head_dim == 64 and narrow(group) and not (config.key_format == "prod" and config.key_bits == 3):
+        return 5
     return PROGRAMS_PER_CORE[config.head_dim]
 
 
-def resident_programs(config: TurboQuantConfig, num_cores: int | None = None) -> int:
+def resident_programs(config: TurboQuantConfig, group: int = HALF, num_cores: int | None = None) -> int:
     """Programs of this kernel the device holds at once: :func:`programs_per_core` times the multiprocessors
     (``num_cores``, default the first device's)."""
     from tqjax.pallas.decode import _device_cores
 
-    return programs_per_core(config) * (num_cores or _device_cores())
+    return programs_per_core(config, group) * (num_cores or _device_cores())
 
 
 def paged_decode_mgpu(
@@ -1745,7 +1753,7 @@ def paged_decode_mgpu_unchecked(query: jax.Array, cache: PagedKVCache, block_tab
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return paged_decode_mgpu_jit(query, cache, block_tables, seq_lens, scale=scale, softcap=softcap,
                                  num_splits=None if num_splits is None else int(num_splits), stages=int(stages),
-                                 resident=resident_programs(cache.config))
+                                 resident=resident_programs(cache.config, group))
 
 
 def tile_order(config: TurboQuantConfig, seg: int) -> np.ndarray:
