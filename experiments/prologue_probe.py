@@ -5,10 +5,11 @@ operands and the piece table, one Triton launch) alone, in variants, timed by Ns
         python -m experiments.prologue_probe [--points 1/4096 32/16384 128/16384] > ncu.txt
     python -m experiments.ncu_times ncu.txt --kernel tq_decode_prologue
 
-A variant is ``shared|apart``/``chunks|outer``/warps[/cN] (``decode_prologue``'s ``table_apart``, ``form``,
-``num_warps``, ``columns`` N, without it the default :func:`~tqjax.pallas.decode_mgpu.query_columns`;
-``apart/chunks/4`` is the default), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128, block 16, a block
-table as wide as the context, 528 resident programs: the H200's). Every variant is compiled, launched
+A variant is ``shared|apart``/``chunks|outer|hadamard``/warps[/cN] (``decode_prologue``'s ``table_apart``,
+``form``, ``num_warps``, ``columns`` N, without it the form's default: :func:`~tqjax.pallas.decode_mgpu.query_columns`
+for the matrix's products, 1 for the Hadamard form; the defaults:
+:func:`~tqjax.pallas.decode_mgpu.prologue_defaults`), each point ``B/context`` (``--preset``, Hq=32, Hk=8, D=128,
+block 16, a block table as wide as the context, 528 resident programs: the H200's). Every variant is compiled, launched
 ``--launches`` times and checked against the first variant's outputs: the table and ``info`` equal, the scaled
 rows ``(hi + lo) * qinv`` within 4e-6 of each row's largest magnitude (two float32 sums in other orders, each within
 ~2e-6 of the exact one); ``VARIANT`` lines name the launches in order, for :mod:`experiments.ncu_times`. On a CPU:
@@ -22,15 +23,16 @@ import re
 
 from experiments.ncu_times import probe_points
 
-VARIANTS = ("apart/chunks/4", "apart/chunks/4/c1", "apart/chunks/4/c2", "apart/chunks/4/c4", "apart/chunks/4/c8",
+VARIANTS = ("apart/chunks/4", "apart/hadamard/4", "apart/hadamard/2", "apart/hadamard/1", "apart/chunks/4/c1",
+            "apart/chunks/4/c2", "apart/chunks/4/c4", "apart/chunks/4/c8",
             "apart/chunks/8", "shared/chunks/4", "apart/outer/4")
 
 
 def parse_variant(text: str) -> tuple[bool, str, int, int | None]:
-    """``shared|apart/chunks|outer/warps[/cN]`` -> (table_apart, form, num_warps, columns or None)."""
-    m = re.fullmatch(r"(shared|apart)/(chunks|outer)/(\d+)(?:/c(\d+))?", text)
+    """``shared|apart/chunks|outer|hadamard/warps[/cN]`` -> (table_apart, form, num_warps, columns or None)."""
+    m = re.fullmatch(r"(shared|apart)/(chunks|outer|hadamard)/(\d+)(?:/c(\d+))?", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"a variant is shared|apart/chunks|outer/warps[/cN], got {text!r}")
+        raise argparse.ArgumentTypeError(f"a variant is shared|apart/chunks|outer|hadamard/warps[/cN], got {text!r}")
     return m.group(1) == "apart", m.group(2), int(m.group(3)), None if m.group(4) is None else int(m.group(4))
 
 

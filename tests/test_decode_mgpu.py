@@ -27,8 +27,9 @@ from test_pallas_decode import RTOL, make_case
 
 import tqjax
 from tqjax.codec import key_codec
-from tqjax.pallas import pieces
+from tqjax.pallas import decode_mgpu, pieces
 from tqjax.pallas.decode_mgpu import (
+    HADAMARD_PAIRS,
     HALF,
     LAZY_MAX_BITS,
     NARROW,
@@ -38,6 +39,7 @@ from tqjax.pallas.decode_mgpu import (
     decode_prologue_reference,
     flat_pages,
     fp8_words_asm,
+    hadamard_form,
     key2_word_asm,
     key3_channel_order,
     key3_word_asm,
@@ -51,6 +53,7 @@ from tqjax.pallas.decode_mgpu import (
     paged_decode_mgpu,
     paged_decode_mgpu_jit,
     programs_per_core,
+    prologue_defaults,
     qjl_channel_order,
     qjl_word_asm,
     query_bound,
@@ -322,14 +325,16 @@ QUERY_CASES = [
 ]
 
 
-PROLOGUE_VARIANTS = [(True, "chunks", 4, None)] + [  # (table_apart, form, num_warps, columns): the default, others
-    (False, "chunks", 8, None), (True, "outer", 4, 2), (True, "chunks", 4, 1), (True, "chunks", 8, 4)]
+PROLOGUE_VARIANTS = [(True, None, None, None)] + [  # (table_apart, form, num_warps, columns): the default, others
+    (False, "chunks", 8, None), (True, "outer", 4, 2), (True, "chunks", 4, 1), (True, "chunks", 8, 4),
+    (True, "chunks", 4, None), (True, "hadamard", None, None), (False, "hadamard", 1, None)]
 
 
 @pytest.mark.parametrize("name,head_dim,hq,hk,dtype,variant",
                          [(*case, PROLOGUE_VARIANTS[0]) for case in QUERY_CASES]
-                         + [(*QUERY_CASES[i], v) for i in (1, 4) for v in PROLOGUE_VARIANTS[1:]
-                            if i == 1 or v[1] != "outer"])  # the outer products: 30-40 s a case on a CPU
+                         + [(*QUERY_CASES[i], v) for i in (1, 4) for v in PROLOGUE_VARIANTS[1:5]
+                            if i == 1 or v[1] != "outer"]  # the outer products: 30-40 s a case on a CPU
+                         + [(*QUERY_CASES[i], v) for i in (0, 2, 3) for v in PROLOGUE_VARIANTS[5:]])
 def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
     operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
@@ -340,8 +345,10 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     rows of magnitudes from 1e-3 to 1e3, an all-zero row and the signs of the matrix's longest column (the bound met
     where that column is flat: Hadamard rotations). Program 0's piece
     table equal to piece_table_reference's. Every case in the default variant (the columns its rule gives: 1, 2 or 4
-    here); groups of 3 and 7 in the others (the table shared, whole rows, 8 warps), the outer products (the table apart,
-    2 column blocks) in groups of 3."""
+    here; the Hadamard form, :func:`hadamard_form`, where the matrix has one: MSE, split and float8 keys); groups of 3
+    and 7 in the others (the table shared, whole rows, 8 warps), the outer products (the table apart, 2 column blocks)
+    in groups of 3; the Hadamard presets also with the dense products and with the Hadamard form beside a shared
+    table."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
@@ -400,6 +407,15 @@ def test_query_bound(name, head_dim):
         assert ratio.max() >= bound * (1 - 1e-6)
 
 
+def test_prologue_defaults_rule():
+    """The prologue's default form and warps: the matrix's products (4 warps) below HADAMARD_PAIRS pairs and where no
+    Hadamard structure exists (QJL keys), else the Hadamard form, 2 warps, 1 from 1024 pairs on."""
+    mse, qjl = (tqjax.TurboQuantConfig.from_cache_dtype(n, 128) for n in ("turboquant_4bit_nc", "turboquant_kqjl4v4"))
+    assert prologue_defaults(mse, 8) == prologue_defaults(mse, HADAMARD_PAIRS - 1) == ("chunks", 4)
+    assert prologue_defaults(mse, HADAMARD_PAIRS) == prologue_defaults(mse, 1023) == ("hadamard", 2)
+    assert prologue_defaults(mse, 1024) == ("hadamard", 1) and prologue_defaults(qjl, 1024) == ("chunks", 4)
+
+
 def test_query_columns_rule():
     """The prologue's column blocks: the most (up to 8, >= 16 columns each) whose programs the device holds at once
     (H200's 528: B=1 8, B=32 2, B=128 1 with Hk=8), fewer for narrow rows, 1 where even that does not fit."""
@@ -408,10 +424,49 @@ def test_query_columns_rule():
     assert query_columns(130, 128, 528) == 4 and query_columns(8, 128, 8) == 1
 
 
-@pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_decode_prologue_lowers_to_triton(platform):
-    """The prologue kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm."""
-    cfg = tqjax.TurboQuantConfig.from_cache_dtype("turboquant_kqjl3v4", 128)
+@pytest.mark.parametrize("name,head_dim,width", [("turboquant_4bit_nc", 128, 128), ("turboquant_3bit_nc", 64, 64),
+                                                  ("turboquant_4bit_nc", 256, 256), ("turboquant_k3p5v4", 128, 64),
+                                                  ("turboquant_k2p5v4", 256, 128), ("turboquant_k8v4", 128, 1),
+                                                  ("turboquant_kqjl4v4", 128, None), ("turboquant_kqjl3v4", 64, None)])
+def test_hadamard_form(name, head_dim, width):
+    """hadamard_form: MSE keys with a Hadamard rotation are one block of D columns, split keys two of D/2, float8 keys
+    D of 1 (a permutation); the codes' gather is a permutation of the channels and, signed and transformed block by
+    block in float64, gives query_matrix (which tile_query makes) within float32 rounding; the kernel's two-contraction
+    transform (_hadamard_rows, jnp here) gives the same within float32 sums. QJL keys (a dense projection) have
+    none, and asking for the form there is an error."""
+    from tqjax.rotation import hadamard_matrix
+
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+    form = hadamard_form(cfg)
+    if width is None:
+        assert form is None
+        with pytest.raises(ValueError, match="Hadamard"):
+            decode_prologue(jnp.ones((1, 4, head_dim)), jnp.ones((1,), jnp.int32), cfg, num_kv_heads=1, factor=1.0,
+                            block_size=16, max_blocks=4, step_pages=4, resident=8, num_splits=None, form="hadamard",
+                            interpret=True)
+        return
+    codes, got_width = form
+    assert got_width == width and codes.dtype == np.int32 and codes.shape == (head_dim,)
+    gather, sign = codes >> 1, 1.0 - 2.0 * (codes & 1)
+    np.testing.assert_array_equal(np.sort(gather), np.arange(head_dim))
+    rng = np.random.default_rng(head_dim)
+    q = rng.standard_normal((5, head_dim))
+    x = (q[:, gather] * sign).reshape(5, head_dim // width, width)
+    want = (x @ hadamard_matrix(width) if width > 1 else x).reshape(5, head_dim)
+    w = np.asarray(query_matrix(cfg), np.float64)
+    np.testing.assert_allclose(q @ w, want, atol=1e-6 * np.abs(want).max())
+    kernel_math = jax.vmap(lambda row: decode_mgpu._hadamard_rows(row, width))(jnp.asarray(q[:, gather] * sign,
+                                                                                           jnp.float32))
+    np.testing.assert_allclose(np.asarray(kernel_math, np.float64), want, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name,platform", [("turboquant_kqjl3v4", "cuda"), ("turboquant_kqjl3v4", "rocm"),
+                                           ("turboquant_4bit_nc", "cuda"), ("turboquant_4bit_nc", "rocm"),
+                                           ("turboquant_k3p5v4", "cuda"), ("turboquant_k8v4", "cuda")])
+def test_decode_prologue_lowers_to_triton(name, platform):
+    """The prologue kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm: the dense
+    products (QJL keys) and the Hadamard form (MSE, split and float8 keys)."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
     exported = jax.export.export(
         jax.jit(lambda q, n: decode_prologue(q, n, cfg, num_kv_heads=4, factor=0.1, block_size=16, max_blocks=64,
                                              step_pages=4, resident=528, num_splits=None)),
@@ -983,6 +1038,27 @@ def test_ragged_batch_in_a_wide_table(name):
     tables = jnp.concatenate([tables, jnp.full_like(tables, 2**30)], axis=1)
     for num_splits in (None, 3):
         _check(q, cache, tables, lens, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("name,head_dim,batch,hk,group", [
+    ("turboquant_4bit_nc", 128, 128, 8, 4),  # 1024 pairs: one warp a prologue program
+    ("turboquant_3bit_nc", 64, 16, 4, 3),  # 64 pairs, a group of 3 (rows padded to 4)
+    ("turboquant_k8v4", 128, 32, 2, 8),  # float8 keys: a permutation
+    ("turboquant_k3p5v4", 128, 16, 4, 7),  # split keys: two blocks of 64
+    ("turboquant_k2p5v4", 256, 64, 1, 1),  # split keys at 256, a group of 1
+])
+def test_hadamard_prologue_decodes(name, head_dim, batch, hk, group):
+    """Batches of at least HADAMARD_PAIRS (sequence, KV head) pairs, where the prologue takes the Hadamard form
+    (prologue_defaults), compiled for the GPU: the decode's output is the reference's (ragged lengths, some empty)."""
+    assert prologue_defaults(tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim), batch * hk)[0] == "hadamard"
+    rng = np.random.default_rng(batch + group)
+    lens = [int(n) for n in rng.integers(0, 300, batch)]
+    lens[1] = 0
+    q, cache, tables, lens = make_case(name, head_dim=head_dim, block_size=16, hk=hk, group=group, lens=lens,
+                                       seed=batch)
+    _check(q, cache, tables, lens)
 
 
 @pytest.mark.gpu

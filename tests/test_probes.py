@@ -50,10 +50,11 @@ def test_prologue_probe_checks_variants_against_the_first(capsys):
     """Interpret mode: the variants' rows within 4e-6 and their tables equal to the first's; a malformed variant is
     refused before anything runs. (The outer products' form costs ~20 s here: tests/test_decode_mgpu.py's
     test_decode_prologue checks it.)"""
-    prologue_probe.main(["--points", "3/512", "--variants", "shared/chunks/8", "apart/chunks/4/c2", "--launches", "1"])
+    prologue_probe.main(["--points", "3/512", "--variants", "shared/chunks/8", "apart/chunks/4/c2", "apart/hadamard/2",
+                         "--launches", "1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("VARIANT")]
-    assert [ln.split()[3] for ln in lines] == ["shared/chunks/8", "apart/chunks/4/c2"]
-    assert float(lines[0].split("err=")[1]) == 0 and float(lines[1].split("err=")[1]) < 4e-6
+    assert [ln.split()[3] for ln in lines] == ["shared/chunks/8", "apart/chunks/4/c2", "apart/hadamard/2"]
+    assert float(lines[0].split("err=")[1]) == 0 and all(float(ln.split("err=")[1]) < 4e-6 for ln in lines[1:])
     with pytest.raises(Exception, match="shared|apart"):
         prologue_probe.main(["--variants", "both/outer/4"])
 

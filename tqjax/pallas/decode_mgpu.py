@@ -99,13 +99,14 @@ from tqjax.pallas.pieces import (
 )
 
 __all__ = [
-    "LAZY_MAX_BITS", "NARROW", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape", "decode_prologue",
-    "decode_prologue_reference", "flat_pages", "fp8_words_asm", "key2_word_asm", "key3_channel_order", "key3_word_asm",
-    "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum", "merge_kernel_pieces", "narrow", "odd_table",
-    "on_hopper", "paged_decode_mgpu", "paged_decode_mgpu_unchecked", "programs_per_core", "qjl_channel_order",
-    "qjl_word_asm", "qjl_word_plan", "query_bound", "query_columns", "query_matrix", "query_row", "resident_programs",
-    "smem_load", "table_words", "tile_order", "tile_query", "tile_unit", "unsupported", "value3_channel_order",
-    "value3_word_asm", "value_channel_order", "value_constants", "value_tile_plan", "value_word_asm",
+    "HADAMARD_PAIRS", "LAZY_MAX_BITS", "NARROW", "PROGRAMS_PER_CORE", "VALUE_EXP_MAX", "copy_shape",
+    "decode_prologue", "decode_prologue_reference", "flat_pages", "fp8_words_asm", "hadamard_form", "key2_word_asm",
+    "key3_channel_order", "key3_word_asm", "key_channel_order", "key_tables", "key_word_asm", "lazy_maximum",
+    "merge_kernel_pieces", "narrow", "odd_table", "on_hopper", "paged_decode_mgpu", "paged_decode_mgpu_unchecked",
+    "programs_per_core", "prologue_defaults", "qjl_channel_order", "qjl_word_asm", "qjl_word_plan", "query_bound",
+    "query_columns", "query_matrix", "query_row", "resident_programs", "smem_load", "table_words", "tile_order",
+    "tile_query", "tile_unit", "unsupported", "value3_channel_order", "value3_word_asm", "value_channel_order",
+    "value_constants", "value_tile_plan", "value_word_asm",
 ]
 
 TOKENS = 64  # tokens per step: the wgmma M of the score product, its K in the value product
@@ -1504,6 +1505,75 @@ def query_matrix(config: TurboQuantConfig) -> np.ndarray:
         return np.asarray(tile_query(config, jnp.eye(config.head_dim, dtype=jnp.float32)))
 
 
+@functools.cache
+def hadamard_form(config: TurboQuantConfig) -> tuple[np.ndarray, int] | None:
+    """The structure of :func:`query_matrix` where it is a signed gather of the query's channels followed by
+    Hadamard transforms: ``(codes, width)`` with ``query_matrix(config) == sum over i of e(g_i) s_i H_rows(i)``,
+    i.e. column block k (``width`` columns, :func:`tile_query`'s segment k) of ``q @ query_matrix`` equal to
+    ``(s * q[g])[k * width:(k + 1) * width] @ H / sqrt(width)`` with ``H`` the +-1 Sylvester matrix of order
+    ``width``; ``codes`` int32 [D'] = ``2 g + (s < 0)``. None where no such structure exists (QJL keys: the
+    projection is dense; ``"haar"`` rotations). MSE keys with a Hadamard rotation: width D (the key tiles' column
+    orders are permutations of the index bits, which a Hadamard matrix takes onto its input side); split keys: D/2;
+    float8 keys: 1 (a permutation)."""
+    from tqjax.rotation import hadamard_matrix
+
+    w = np.asarray(query_matrix(config), np.float64)
+    d, width_all = w.shape
+    for width in (d, d // 2, 1):
+        if width < 1 or width_all % width:
+            continue
+        h = np.round(hadamard_matrix(width) * math.sqrt(width)) if width > 1 else np.ones((1, 1))
+        codes = np.full(width_all, -1, np.int64)
+        ok = True
+        for k in range(width_all // width):
+            block = w[:, k * width:(k + 1) * width] * math.sqrt(width)
+            for i in np.flatnonzero(np.abs(block).max(axis=1) > 0.5):
+                match = np.flatnonzero(np.abs(np.abs(h @ block[i]) - width) < 1e-3 * width)  # +-row i' of h
+                if len(match) != 1 or codes[k * width + match[0]] >= 0:
+                    ok = False
+                    break
+                sign = float(np.sign(h[match[0]] @ block[i]))
+                codes[k * width + match[0]] = 2 * i + (sign < 0)
+            if not ok:
+                break
+        if not ok or (codes < 0).any():
+            continue
+        g, s = codes >> 1, 1.0 - 2.0 * (codes & 1)
+        rebuilt = np.zeros_like(w)
+        for k in range(width_all // width):
+            cols = slice(k * width, (k + 1) * width)
+            np.add.at(rebuilt[:, cols], g[cols], s[cols, None] * h / math.sqrt(width))
+        if np.abs(rebuilt - w).max() <= 1e-6 and np.array_equal(np.sort(g), np.arange(d)):
+            return codes.astype(np.int32), width
+    return None
+
+
+def _sign_pattern(n: int) -> jax.Array:
+    """float32 [n, n]: the +-1 Sylvester--Hadamard matrix of order n (a power of 2 up to 2**8), from iotas:
+    ``(-1)**popcount(i & j)``."""
+    v = lax.broadcasted_iota(jnp.int32, (n, n), 0) & lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    parity = v
+    for shift in (1, 2, 4):
+        parity = parity ^ (parity >> shift)
+    return (1 - 2 * (parity & 1)).astype(jnp.float32)
+
+
+def _hadamard_rows(x: jax.Array, width: int) -> jax.Array:
+    """float32 [..., D'] (gathered, signed query rows) -> the same shape: each ``width`` block times the +-1
+    Hadamard matrix of that order over sqrt(width), as two contractions (H of order w1 w2 is H_w1 (x) H_w2: the block
+    as [w1, w2] times H_w2 on its last axis, then H_w1 on its first), products and sums in float32 (exact signs; the
+    sums in another order than a matrix product's)."""
+    if width == 1:
+        return x
+    w2 = 1 << ((width.bit_length()) // 2)  # width = w1 * w2, w2 >= w1
+    w1 = width // w2
+    y = x.reshape(x.size // width, w1, w2)
+    y = jnp.sum(y[:, :, None, :] * _sign_pattern(w2)[None, None, :, :], axis=3)  # [blocks, w1, w2]
+    if w1 > 1:
+        y = jnp.sum(y[:, None, :, :] * _sign_pattern(w1)[None, :, :, None], axis=2)
+    return y.reshape(x.shape) * jnp.float32(1.0 / math.sqrt(width))
+
+
 def _pow2(k: jax.Array) -> jax.Array:
     """float32 2**k for int32 k in [-126, 127] (the exponent field, no multiplication)."""
     return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
@@ -1532,14 +1602,18 @@ def _bound_exponent(top: jax.Array, bound: float) -> jax.Array:
 
 
 def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: float, bound: float, columns: int,
-                  form: str):
+                  form: str, width: int = 0):
     """Program ``pid``'s share of the query's operands: (sequence, KV head) pair ``pid // columns`` (b * Hk + h), its
-    columns ``[c * cw, (c + 1) * cw)`` with c = ``pid % columns`` and cw = D' / ``columns``."""
+    columns ``[c * cw, (c + 1) * cw)`` with c = ``pid % columns`` and cw = D' / ``columns``. ``w_ref``: the matrix
+    float32 [D, D'], or with ``form="hadamard"`` :func:`hadamard_form`'s int32 codes [D'] (``width``: its block
+    width; one column block)."""
     hk = q16_ref.shape[1]
     bh, c = pid // columns, pid % columns
     b, h = bh // hk, bh % hk
-    d, width = w_ref.shape
-    cw = width // columns
+    if form == "hadamard":
+        _hadamard_query(q_ref, w_ref, q16_ref, qinv_ref, b, h, group=group, factor=factor, bound=bound, width=width)
+        return
+    d, cw = w_ref.shape[0], w_ref.shape[1] // columns
     cols = pl.ds(c * cw, cw)
     q_rows = [q_ref[b, h * group + r, :].astype(jnp.float32) for r in range(group)]
     if form == "chunks":
@@ -1559,7 +1633,7 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: f
             for k, w in enumerate(ws):
                 rows = [x + qs[r][k][:, None] * w for r, x in enumerate(rows)]
         rows = [jnp.sum(x, axis=0) for x in rows]
-    else:  # "outer": a row of the matrix at a time times the rows' scalars, summed in order (no sum across threads)
+    elif form == "outer":  # a matrix row at a time times the rows' scalars, summed in order (no sum across threads)
         rows = [jnp.zeros((cw,), jnp.float32) for _ in range(group)]
         for k in range(d):
             w = w_ref[k, cols]
@@ -1579,6 +1653,32 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: f
     qinv_ref[b, h, :] = inv  # every column's program writes the same
 
 
+def _hadamard_query(q_ref, codes_ref, q16_ref, qinv_ref, b, h, *, group: int, factor: float, bound: float,
+                    width: int):
+    """:func:`_query_kernel`'s Hadamard form for pair (b, h): the group's rows as one [G', D'] tile (G' the power of 2
+    at or above the group; rows past it zero): gathered by :func:`hadamard_form`'s codes, signed, transformed
+    (:func:`_hadamard_rows`), scaled and split; the rows stored by index."""
+    codes = codes_ref[...]
+    gather, sign = codes >> 1, (1 - 2 * (codes & 1)).astype(jnp.float32)
+    gp = pl.next_power_of_2(group)
+    r = lax.broadcasted_iota(jnp.int32, (gp,), 0)
+    x = q_ref[b, (h * group + jnp.minimum(r, group - 1))[:, None], gather[None, :]].astype(jnp.float32) * sign
+    ex = _bound_exponent(jnp.max(jnp.abs(x), axis=1), bound)  # [G'] (the gather holds every channel once)
+    x = _hadamard_rows(x, width) * _pow2(_F16_TOP - ex)[:, None]
+    x = jnp.where((r < group)[:, None], x, 0.0)
+    hi = x.astype(jnp.float16)
+    lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+    heads = q16_ref.shape[2] // 2
+    for part, val in ((0, hi), (1, lo)):
+        q16_ref[b, h, 2 * r + part if heads == NARROW else r + HALF * part, :] = val  # query_row, by vector
+        for rr in range(gp, heads):
+            q16_ref[b, h, query_row(rr, part, group), :] = jnp.zeros((codes.shape[0],), jnp.float16)
+    lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
+    ex_lane = jnp.sum(jnp.where(lane[:, None] == r[None, :], ex[None, :], 0), axis=1)
+    qinv_ref[b, h, :] = jnp.where(lane < group, _pow2(ex_lane - _F16_TOP) * factor,
+                                  2.0 ** -_F16_TOP * factor)  # padding rows: zeros, exponent 0
+
+
 def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_ref, *, table, table_apart: bool,
                      **query):
     batch, hk = q16_ref.shape[0], q16_ref.shape[1]
@@ -1594,6 +1694,17 @@ def _prologue_kernel(q_ref, w_ref, lens_ref, q16_ref, qinv_ref, table_ref, info_
 
 
 _QUERY_COLUMNS = 8  # column blocks a (sequence, KV head) pair's query is cut in, at most
+#: (sequence, KV head) pairs from which the prologue takes the Hadamard form by default (:func:`decode_prologue`)
+HADAMARD_PAIRS = 64
+
+
+def prologue_defaults(config: TurboQuantConfig, pairs: int) -> tuple[str, int]:
+    """:func:`decode_prologue`'s default (form, num_warps) for ``pairs`` (sequence, KV head) pairs: the Hadamard form
+    where :func:`hadamard_form` finds one and there are at least :data:`HADAMARD_PAIRS` pairs, with 2 warps (1 from
+    1024 pairs on), else the matrix's products in chunks with 4."""
+    if hadamard_form(config) is not None and pairs >= HADAMARD_PAIRS:
+        return "hadamard", 2 if pairs < 1024 else 1
+    return "chunks", 4
 
 
 def query_columns(pairs: int, width: int, resident: int) -> int:
@@ -1612,7 +1723,7 @@ def query_columns(pairs: int, width: int, resident: int) -> int:
 def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantConfig, *, num_kv_heads: int,
                     factor: float, block_size: int, max_blocks: int, step_pages: int, resident: int,
                     num_splits: int | None, waves: int = WAVES, fill: float = FILL, table_apart: bool = True,
-                    form: str = "chunks", columns: int | None = None, num_warps: int = 4,
+                    form: str | None = None, columns: int | None = None, num_warps: int | None = None,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What the decode needs before its kernel, in one launch of a Triton kernel (CUDA, ROCm, interpret mode), one
     program per (sequence, KV head) and block of columns: query [B, Hq, D] (any float dtype), seq_lens [B] int32 ->
@@ -1634,22 +1745,47 @@ def decode_prologue(query: jax.Array, seq_lens: jax.Array, config: TurboQuantCon
     are the fastest timed): ``table_apart=False``, KV head 0's programs make the table's shares too;
     ``form="outer"``, the products a matrix row at a time times the rows' scalars (no sum across threads;
     ``"chunks"``: in [chunk, D'] tiles summed after; outer 19 us at B=1); ``num_warps`` a program's warps (4: B=1
-    5.0 us against 5.4 for 8 with 4 column blocks, B=128 22.7 against 36.5 with whole rows)."""
-    if form not in ("chunks", "outer"):
-        raise ValueError(f"form must be 'chunks' or 'outer', got {form!r}")
+    5.0 us against 5.4 for 8 with 4 column blocks, B=128 22.7 against 36.5 with whole rows).
+
+    ``form="hadamard"`` (:func:`hadamard_form`: MSE, split and float8 keys) makes no products with the matrix: a
+    program per pair gathers its group's rows by the codes, signs them and runs each block's Hadamard transform as
+    two small contractions (:func:`_hadamard_rows`), reading 2 D' bytes of codes where the matrix is 4 D D'. The
+    default form where the structure exists and the batch has at least :data:`HADAMARD_PAIRS` pairs (fewer pairs
+    take the matrix's column blocks, whose programs' chains are shorter); its default warps 2, 1 from 1024 pairs on.
+    H200, ``4bit_nc``, Hk=8, under ncu (docs/data/prologue_hadamard_h200_2026-12-03_s45.log), chunks/4 against
+    hadamard at its default warps: B=1 3.7 against 5.3 us (4 warps: 4.6), B=4 4.7 against 5.7 (4.9), B=8 7.0 against
+    5.5, B=16 6.2 against 5.4, B=32 7.3 against 6.0, B=64 14.2 against 7.5, B=128 20.4 against 9.8 (1k tokens; 22.3
+    against 10.5 at 16k)."""
+    structure = hadamard_form(config)
+    default_form, default_warps = prologue_defaults(config, query.shape[0] * num_kv_heads)
+    form = default_form if form is None else form
+    if num_warps is None:
+        num_warps = default_warps if form == default_form else 4 if form != "hadamard" else 2
+    if form not in ("chunks", "outer", "hadamard"):
+        raise ValueError(f"form must be 'chunks', 'outer' or 'hadamard', got {form!r}")
+    if form == "hadamard" and structure is None:
+        raise ValueError(f"form='hadamard' needs a query matrix of Hadamard blocks; {config} has none (hadamard_form)")
     b, hq, _ = query.shape
-    w = jnp.asarray(query_matrix(config))
-    width = w.shape[1]
-    if columns is None:
-        columns = query_columns(b * num_kv_heads, width, resident) if table_apart else 1
+    if form == "hadamard":
+        w, block = jnp.asarray(structure[0]), structure[1]
+        width = w.shape[0]
+        if columns is None:
+            columns = 1
+    else:
+        w, block = jnp.asarray(query_matrix(config)), 0
+        width = w.shape[1]
+        if columns is None:
+            columns = query_columns(b * num_kv_heads, width, resident) if table_apart else 1
     if columns < 1 or columns & (columns - 1) or width // columns < 16 or (columns > 1 and not table_apart):
         raise ValueError(f"columns={columns} must be a power of 2 leaving >= 16 of the {width} columns a program "
                          "(and needs table_apart)")
+    if form == "hadamard" and columns != 1:
+        raise ValueError(f"form='hadamard' makes a pair's columns in one program, got columns={columns}")
     table, table_shapes = table_program(b, num_kv_heads=num_kv_heads, block_size=block_size, max_blocks=max_blocks,
                                         step_pages=step_pages, resident=resident, num_splits=num_splits,
                                         waves=waves, fill=fill)
     kernel = functools.partial(_prologue_kernel, table=table, table_apart=table_apart, group=hq // num_kv_heads,
-                               factor=factor, bound=query_bound(config), columns=columns, form=form)
+                               factor=factor, bound=query_bound(config), columns=columns, form=form, width=block)
     return pl.pallas_call(
         kernel,
         grid=(b * num_kv_heads * columns + (b if table_apart else 0),),
