@@ -47,7 +47,8 @@ own (``docs/PERFORMANCE.md``, "What would fix it", item 1). Mosaic GPU lets the 
   the last piece skip the body);
 - the query's operands (rotated, in the key tiles' column order, split into float16 high and low parts of
   power-of-2 scaled rows, and the inverse powers) and the piece table come from one small Triton kernel before
-  the decode (:func:`decode_prologue`, a program per sequence and KV head; XLA took five kernels for the query).
+  the decode (:func:`decode_prologue`, a program per sequence and KV head; XLA took five kernels for the query; for
+  Hadamard rotations from 64 pairs on, :func:`hadamard_form`, the transform itself instead of the matrix's products).
 
 Contract: the same as :func:`tqjax.reference.paged_decode_reference` (block tables, ragged and empty
 sequences, split-KV with a log-sum-exp merge, logit softcap). Supported caches: :func:`unsupported`
