@@ -408,12 +408,15 @@ def test_query_bound(name, head_dim):
 
 
 def test_prologue_defaults_rule():
-    """The prologue's default form and warps: the matrix's products (4 warps) below HADAMARD_PAIRS pairs and where no
-    Hadamard structure exists (QJL keys), else the Hadamard form, 2 warps, 1 from 1024 pairs on."""
+    """The prologue's default form and warps: the matrix's products below HADAMARD_PAIRS pairs and where no Hadamard
+    structure exists (QJL keys), 4 warps, 2 from 64 to 1023 pairs; else the Hadamard form, 2 warps, 1 from 1024 pairs
+    on."""
     mse, qjl = (tqjax.TurboQuantConfig.from_cache_dtype(n, 128) for n in ("turboquant_4bit_nc", "turboquant_kqjl4v4"))
     assert prologue_defaults(mse, 8) == prologue_defaults(mse, HADAMARD_PAIRS - 1) == ("chunks", 4)
     assert prologue_defaults(mse, HADAMARD_PAIRS) == prologue_defaults(mse, 1023) == ("hadamard", 2)
-    assert prologue_defaults(mse, 1024) == ("hadamard", 1) and prologue_defaults(qjl, 1024) == ("chunks", 4)
+    assert prologue_defaults(mse, 1024) == ("hadamard", 1)
+    assert prologue_defaults(qjl, 63) == prologue_defaults(qjl, 1024) == ("chunks", 4)
+    assert prologue_defaults(qjl, 64) == prologue_defaults(qjl, 1023) == ("chunks", 2)
 
 
 def test_query_columns_rule():
@@ -1042,17 +1045,19 @@ def test_ragged_batch_in_a_wide_table(name):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("name,head_dim,batch,hk,group", [
-    ("turboquant_4bit_nc", 128, 128, 8, 4),  # 1024 pairs: one warp a prologue program
-    ("turboquant_3bit_nc", 64, 16, 4, 3),  # 64 pairs, a group of 3 (rows padded to 4)
-    ("turboquant_k8v4", 128, 32, 2, 8),  # float8 keys: a permutation
-    ("turboquant_k3p5v4", 128, 16, 4, 7),  # split keys: two blocks of 64
-    ("turboquant_k2p5v4", 256, 64, 1, 1),  # split keys at 256, a group of 1
+@pytest.mark.parametrize("name,head_dim,batch,hk,group,form", [
+    ("turboquant_4bit_nc", 128, 128, 8, 4, ("hadamard", 1)),  # 1024 pairs: one warp a prologue program
+    ("turboquant_3bit_nc", 64, 16, 4, 3, ("hadamard", 2)),  # 64 pairs, a group of 3 (rows padded to 4)
+    ("turboquant_k8v4", 128, 32, 2, 8, ("hadamard", 2)),  # float8 keys: a permutation
+    ("turboquant_k3p5v4", 128, 16, 4, 7, ("hadamard", 2)),  # split keys: two blocks of 64
+    ("turboquant_k2p5v4", 256, 64, 1, 1, ("hadamard", 2)),  # split keys at 256, a group of 1
+    ("turboquant_kqjl4v4", 128, 16, 4, 4, ("chunks", 2)),  # QJL keys: the matrix's products, 2 warps
 ])
-def test_hadamard_prologue_decodes(name, head_dim, batch, hk, group):
-    """Batches of at least HADAMARD_PAIRS (sequence, KV head) pairs, where the prologue takes the Hadamard form
-    (prologue_defaults), compiled for the GPU: the decode's output is the reference's (ragged lengths, some empty)."""
-    assert prologue_defaults(tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim), batch * hk)[0] == "hadamard"
+def test_large_batch_prologue_decodes(name, head_dim, batch, hk, group, form):
+    """Batches of at least 64 (sequence, KV head) pairs, where the prologue takes the Hadamard form or (QJL keys) the
+    matrix's products with 2 warps (prologue_defaults), compiled for the GPU: the decode's output is the reference's
+    (ragged lengths, some empty)."""
+    assert prologue_defaults(tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim), batch * hk) == form
     rng = np.random.default_rng(batch + group)
     lens = [int(n) for n in rng.integers(0, 300, batch)]
     lens[1] = 0

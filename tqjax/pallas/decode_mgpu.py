@@ -1702,10 +1702,12 @@ HADAMARD_PAIRS = 64
 def prologue_defaults(config: TurboQuantConfig, pairs: int) -> tuple[str, int]:
     """:func:`decode_prologue`'s default (form, num_warps) for ``pairs`` (sequence, KV head) pairs: the Hadamard form
     where :func:`hadamard_form` finds one and there are at least :data:`HADAMARD_PAIRS` pairs, with 2 warps (1 from
-    1024 pairs on), else the matrix's products in chunks with 4."""
+    1024 pairs on), else the matrix's products in chunks with 4 warps, 2 from 64 to 1023 pairs (QJL keys, H200, under
+    ncu: B=8, Hk=8 6.5 us against 7.2, B=32 11.2 against 13.4, B=128 36.2 against 30.3;
+    docs/data/prologue_qjl_warps_h200_2026-12-03_s45.log)."""
     if hadamard_form(config) is not None and pairs >= HADAMARD_PAIRS:
         return "hadamard", 2 if pairs < 1024 else 1
-    return "chunks", 4
+    return "chunks", 2 if 64 <= pairs < 1024 else 4
 
 
 def query_columns(pairs: int, width: int, resident: int) -> int:
