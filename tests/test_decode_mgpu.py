@@ -334,7 +334,8 @@ PROLOGUE_VARIANTS = [(True, None, None, None)] + [  # (table_apart, form, num_wa
                          [(*case, PROLOGUE_VARIANTS[0]) for case in QUERY_CASES]
                          + [(*QUERY_CASES[i], v) for i in (1, 4) for v in PROLOGUE_VARIANTS[1:5]
                             if i == 1 or v[1] != "outer"]  # the outer products: 30-40 s a case on a CPU
-                         + [(*QUERY_CASES[i], v) for i in (0, 2, 3) for v in PROLOGUE_VARIANTS[5:]])
+                         + [(*QUERY_CASES[i], v) for i in (0, 2, 3) for v in PROLOGUE_VARIANTS[5:]]
+                         + [(*QUERY_CASES[4], v) for v in PROLOGUE_VARIANTS[6:]])  # D=256, 7 rows: 4 tiles of 2
 def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     """The prologue kernel (interpret mode) and its jnp reference (XLA's composition, the former path): the query's
     operands against float64 ``q @ query_matrix`` (tile_query on the identity, checked against tile_query itself):
@@ -348,7 +349,7 @@ def test_decode_prologue(name, head_dim, hq, hk, dtype, variant):
     here; the Hadamard form, :func:`hadamard_form`, where the matrix has one: MSE, split and float8 keys); groups of 3
     and 7 in the others (the table shared, whole rows, 8 warps), the outer products (the table apart, 2 column blocks)
     in groups of 3; the Hadamard presets also with the dense products and with the Hadamard form beside a shared
-    table."""
+    table, a group of 7 at D=256 too (its rows in tiles of 2, :data:`decode_mgpu._HADAMARD_TILE`)."""
     cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
     rng = np.random.default_rng(head_dim + hq)
     b, g, factor = 3, hq // hk, 0.0625 * 1.4426950408889634
@@ -463,18 +464,23 @@ def test_hadamard_form(name, head_dim, width):
     np.testing.assert_allclose(np.asarray(kernel_math, np.float64), want, atol=2e-6 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("name,platform", [("turboquant_kqjl3v4", "cuda"), ("turboquant_kqjl3v4", "rocm"),
-                                           ("turboquant_4bit_nc", "cuda"), ("turboquant_4bit_nc", "rocm"),
-                                           ("turboquant_k3p5v4", "cuda"), ("turboquant_k8v4", "cuda")])
-def test_decode_prologue_lowers_to_triton(name, platform):
+@pytest.mark.parametrize("name,head_dim,hq,hk,platform", [
+    ("turboquant_kqjl3v4", 128, 12, 4, "cuda"), ("turboquant_kqjl3v4", 128, 12, 4, "rocm"),
+    ("turboquant_4bit_nc", 128, 12, 4, "cuda"), ("turboquant_4bit_nc", 128, 12, 4, "rocm"),
+    ("turboquant_k3p5v4", 128, 12, 4, "cuda"), ("turboquant_k8v4", 128, 12, 4, "cuda"),
+    ("turboquant_3bit_nc", 256, 16, 2, "cuda"),  # the Hadamard form's rows in 4 tiles of 2
+])
+def test_decode_prologue_lowers_to_triton(name, head_dim, hq, hk, platform):
     """The prologue kernel passes the Pallas Triton lowering (export, on the CPU) for CUDA and ROCm: the dense
-    products (QJL keys) and the Hadamard form (MSE, split and float8 keys)."""
-    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, 128)
+    products (QJL keys, the default) and the Hadamard form (MSE, split and float8 keys, asked for: below
+    HADAMARD_PAIRS pairs the default is the dense products)."""
+    cfg = tqjax.TurboQuantConfig.from_cache_dtype(name, head_dim)
+    form = "hadamard" if hadamard_form(cfg) is not None else None
     exported = jax.export.export(
-        jax.jit(lambda q, n: decode_prologue(q, n, cfg, num_kv_heads=4, factor=0.1, block_size=16, max_blocks=64,
-                                             step_pages=4, resident=528, num_splits=None)),
+        jax.jit(lambda q, n: decode_prologue(q, n, cfg, num_kv_heads=hk, factor=0.1, block_size=16, max_blocks=64,
+                                             step_pages=4, resident=528, num_splits=None, form=form)),
         platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(jax.ShapeDtypeStruct((2, 12, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2,), jnp.int32))
+    )(jax.ShapeDtypeStruct((2, hq, head_dim), jnp.bfloat16), jax.ShapeDtypeStruct((2,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
@@ -1051,6 +1057,8 @@ def test_ragged_batch_in_a_wide_table(name):
     ("turboquant_k8v4", 128, 32, 2, 8, ("hadamard", 2)),  # float8 keys: a permutation
     ("turboquant_k3p5v4", 128, 16, 4, 7, ("hadamard", 2)),  # split keys: two blocks of 64
     ("turboquant_k2p5v4", 256, 64, 1, 1, ("hadamard", 2)),  # split keys at 256, a group of 1
+    ("turboquant_3bit_nc", 256, 32, 2, 8, ("hadamard", 2)),  # D=256, a group of 8: rows in 4 tiles of 2
+    ("turboquant_4bit_nc", 128, 16, 4, 8, ("hadamard", 2)),  # a group of 8 at 128: 2 tiles of 4
     ("turboquant_kqjl4v4", 128, 16, 4, 4, ("chunks", 2)),  # QJL keys: the matrix's products, 2 warps
 ])
 def test_large_batch_prologue_decodes(name, head_dim, batch, hk, group, form):

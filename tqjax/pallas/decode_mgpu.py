@@ -1654,28 +1654,40 @@ def _query_kernel(q_ref, w_ref, q16_ref, qinv_ref, pid, *, group: int, factor: f
     qinv_ref[b, h, :] = inv  # every column's program writes the same
 
 
+#: Elements of the largest product :func:`_hadamard_rows` forms at once in the prologue (rows x D' x w2): the group's
+#: rows go through it in tiles of at most this many (D=128: 4 rows, 8192, the size timed; D=256: 2; D=64: 16).
+_HADAMARD_TILE = 8192
+
+
 def _hadamard_query(q_ref, codes_ref, q16_ref, qinv_ref, b, h, *, group: int, factor: float, bound: float,
                     width: int):
-    """:func:`_query_kernel`'s Hadamard form for pair (b, h): the group's rows as one [G', D'] tile (G' the power of 2
-    at or above the group; rows past it zero): gathered by :func:`hadamard_form`'s codes, signed, transformed
-    (:func:`_hadamard_rows`), scaled and split; the rows stored by index."""
+    """:func:`_query_kernel`'s Hadamard form for pair (b, h): the group's rows (padded to G', the power of 2 at or
+    above the group; rows past it zero) in tiles of R rows (R x D' x w2 <= :data:`_HADAMARD_TILE`), each gathered by
+    :func:`hadamard_form`'s codes, signed, transformed (:func:`_hadamard_rows`), scaled, split and stored by row
+    index."""
     codes = codes_ref[...]
     gather, sign = codes >> 1, (1 - 2 * (codes & 1)).astype(jnp.float32)
+    dp = codes.shape[0]
     gp = pl.next_power_of_2(group)
-    r = lax.broadcasted_iota(jnp.int32, (gp,), 0)
-    x = q_ref[b, (h * group + jnp.minimum(r, group - 1))[:, None], gather[None, :]].astype(jnp.float32) * sign
-    ex = _bound_exponent(jnp.max(jnp.abs(x), axis=1), bound)  # [G'] (the gather holds every channel once)
-    x = _hadamard_rows(x, width) * _pow2(_F16_TOP - ex)[:, None]
-    x = jnp.where((r < group)[:, None], x, 0.0)
-    hi = x.astype(jnp.float16)
-    lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+    w2 = 1 << (width.bit_length() // 2)
+    rows = max(1, min(gp, _HADAMARD_TILE // (dp * w2)))
     heads = q16_ref.shape[2] // 2
-    for part, val in ((0, hi), (1, lo)):
-        q16_ref[b, h, 2 * r + part if heads == NARROW else r + HALF * part, :] = val  # query_row, by vector
-        for rr in range(gp, heads):
-            q16_ref[b, h, query_row(rr, part, group), :] = jnp.zeros((codes.shape[0],), jnp.float16)
     lane = lax.broadcasted_iota(jnp.int32, (4 * HALF,), 0) % HALF
-    ex_lane = jnp.sum(jnp.where(lane[:, None] == r[None, :], ex[None, :], 0), axis=1)
+    ex_lane = jnp.zeros((4 * HALF,), jnp.int32)
+    for r0 in range(0, gp, rows):
+        r = r0 + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+        x = q_ref[b, (h * group + jnp.minimum(r, group - 1))[:, None], gather[None, :]].astype(jnp.float32) * sign
+        ex = _bound_exponent(jnp.max(jnp.abs(x), axis=1), bound)  # [R] (the gather holds every channel once)
+        x = _hadamard_rows(x, width) * _pow2(_F16_TOP - ex)[:, None]
+        x = jnp.where((r < group)[:, None], x, 0.0)
+        hi = x.astype(jnp.float16)
+        lo = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+        for part, val in ((0, hi), (1, lo)):
+            q16_ref[b, h, 2 * r + part if heads == NARROW else r + HALF * part, :] = val  # query_row, by vector
+        ex_lane += jnp.sum(jnp.where(lane[:, None] == r[None, :], ex[None, :], 0), axis=1)
+    for part in (0, 1):
+        for rr in range(gp, heads):
+            q16_ref[b, h, query_row(rr, part, group), :] = jnp.zeros((dp,), jnp.float16)
     qinv_ref[b, h, :] = jnp.where(lane < group, _pow2(ex_lane - _F16_TOP) * factor,
                                   2.0 ** -_F16_TOP * factor)  # padding rows: zeros, exponent 0
 
